@@ -1,0 +1,20 @@
+"""Exceptions with messages meant for the person running a cohort."""
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field and what is allowed.
+
+    Raised before anything is launched so that a bad config never costs a cluster allocation.
+    """
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+class FrameRejected(ValueError):
+    """A student's exchange frame is invalid (shape, step, batch hash, non-finite values, unknown sender).
+
+    Rejection is per frame: the other students' frames for the same step are unaffected.
+    """
