@@ -1,0 +1,271 @@
+"""Experiment configuration: one YAML file, validated into typed objects before anything runs.
+
+Every problem is reported as a :class:`~rdml_dist.errors.ConfigError` naming the dotted field
+(``mimicry.alpha``, ``students.1.model``) and what is allowed, so a bad file never reaches a
+cluster.
+"""
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rdml_dist.errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "digits_renyi.yaml"
+STUDENT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizerConfig(_Strict):
+    """SGD (Nesterov by default, as in the DML/RDML papers) or Adam/AdamW."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class LRScheduleConfig(_Strict):
+    """Learning-rate schedule stepped once per epoch."""
+
+    name: Literal["constant", "cosine", "multistep"] = "cosine"
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class DataConfig(_Strict):
+    """Which data set, where it lives, and the robustness settings (label noise, hidden labels)."""
+
+    name: str = "digits"
+    root: str | None = None
+    download: bool = False
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    label_noise: float = Field(0.0, ge=0, lt=1)
+    unlabeled_fraction: float = Field(0.0, ge=0, lt=1)
+    augment: bool | None = None
+    image_size: int | None = Field(None, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class StudentConfig(_Strict):
+    """One member of the cohort: a registry model name or ``package.module:function``."""
+
+    model: str
+    name: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    optimizer: OptimizerConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_safe_label(cls, value: str | None) -> str | None:
+        if value is not None and not STUDENT_NAME_PATTERN.match(value):
+            raise ValueError("must be 1-63 letters, digits, '_', '.' or '-' (it becomes a metric label)")
+        return value
+
+
+class AlphaScheduleConfig(_Strict):
+    """α over training: constant, or cosine-annealed from ``mimicry.alpha`` to ``floor``."""
+
+    kind: Literal["constant", "cosine"] = "constant"
+    floor: float = Field(0.0, ge=0)
+
+
+class MimicryConfig(_Strict):
+    """The mutual-learning term: L_k = CE + λ·τ²·1/(K−1)·Σ_{j≠k} D(q_j ‖ q_k)."""
+
+    divergence: Literal["renyi", "kl", "js", "mse_logits"] = "renyi"
+    alpha: float = Field(2.0, ge=0, allow_inf_nan=False)
+    alpha_schedule: AlphaScheduleConfig = Field(default_factory=AlphaScheduleConfig)
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False)
+    warmup_epochs: float = Field(0.0, ge=0)
+    burn_in_epochs: float = Field(0.0, ge=0)
+    mode: Literal["pairwise", "ensemble"] = "pairwise"
+    update: Literal["simultaneous"] = "simultaneous"
+
+    @model_validator(mode="after")
+    def _floor_below_alpha(self) -> "MimicryConfig":
+        if self.alpha_schedule.kind == "cosine" and self.alpha_schedule.floor > self.alpha:
+            raise ValueError(f"alpha_schedule.floor ({self.alpha_schedule.floor}) must not exceed alpha ({self.alpha})")
+        return self
+
+
+class TrainingConfig(_Strict):
+    """Epochs, batch and optimisation shared by all students unless a student overrides its optimizer."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    drop_last: bool = False
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
+    eval_batch_size: int = Field(512, ge=1)
+    last_epochs_reported: int = Field(5, ge=1)
+
+
+class RayConfig(_Strict):
+    """How the cohort is placed on a Ray cluster (ignored by the local engine)."""
+
+    address: str | None = None
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    gpus_per_student: float | None = Field(None, ge=0)
+    cpus_per_student: float = Field(1.0, gt=0)
+    placement_timeout_s: float = Field(60.0, gt=0)
+    max_restarts: int = Field(3, ge=0)
+    exchange_timeout_s: float = Field(300.0, gt=0)
+
+
+class RuntimeConfig(_Strict):
+    """Where it runs and where results go."""
+
+    engine: Literal["local", "ray"] = "ray"
+    run_dir: str = "runs/{name}"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(None, ge=1)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment: data, cohort, training, mimicry and runtime."""
+
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    students: list[StudentConfig] = Field(min_length=1)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    mimicry: MimicryConfig = Field(default_factory=MimicryConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _student_names_unique(self) -> "ExperimentConfig":
+        names = self.student_names()
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"student names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+    def student_names(self) -> list[str]:
+        """Explicit names, or ``<model>-<index>`` (factory references reduced to the function name)."""
+        return [
+            student.name or f"{re.sub(r'[^A-Za-z0-9_.-]', '_', student.model.rsplit(':', 1)[-1])}-{index}"
+            for index, student in enumerate(self.students)
+        ]
+
+    def resolved_run_dir(self) -> Path:
+        """``runtime.run_dir`` with ``{name}`` replaced by the experiment name."""
+        return Path(self.runtime.run_dir.replace("{name}", self.name))
+
+
+def _field_path(location: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in location) or "config"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown field (check the spelling; see the config reference in the README)"
+    if error["type"] == "missing":
+        return "required field is missing"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def parse_config(raw: Any) -> ExperimentConfig:
+    """Validate a mapping into an :class:`ExperimentConfig` (types and ranges only, no file system)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config", f"must be a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = error.errors()
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ConfigError(_field_path(first["loc"]), _describe(first) + more) from None
+
+
+def check_resources(config: ExperimentConfig) -> None:
+    """Checks that need imports or the file system: model names/factories exist, data is where it is said to be."""
+    from rdml_dist.data import check_data_spec
+    from rdml_dist.models import check_model_name
+
+    for index, student in enumerate(config.students):
+        check_model_name(student.model, field=f"students.{index}.model")
+    check_data_spec(data_spec(config), field="data")
+
+
+def data_spec(config: ExperimentConfig) -> "Any":
+    """The data layer's plain description of ``config.data``."""
+    from rdml_dist.data import DataSpec
+
+    return DataSpec(**config.data.model_dump())
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML; list items by index) to a raw mapping."""
+    for override in overrides:
+        path, separator, text = override.partition("=")
+        if not separator or not path:
+            raise ConfigError("--set", f"{override!r} must look like key.path=value")
+        value = yaml.safe_load(text)
+        node: Any = raw
+        parts = path.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            node = _child(node, part, ".".join(parts[: depth + 1]))
+        _assign(node, parts[-1], value, path)
+    return raw
+
+
+def _child(node: Any, key: str, path: str) -> Any:
+    if isinstance(node, list):
+        index = _list_index(node, key, path)
+        return node[index]
+    if not isinstance(node, dict):
+        raise ConfigError(path, "cannot descend into a non-mapping value")
+    return node.setdefault(key, {})
+
+
+def _assign(node: Any, key: str, value: Any, path: str) -> None:
+    if isinstance(node, list):
+        node[_list_index(node, key, path)] = value
+    elif isinstance(node, dict):
+        node[key] = value
+    else:
+        raise ConfigError(path, "cannot set a field inside a non-mapping value")
+
+
+def _list_index(node: list[Any], key: str, path: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(path, f"list index must be 0..{len(node) - 1}, got {key!r}")
+    return int(key)
+
+
+def read_raw_config(path: str | Path | None) -> dict[str, Any]:
+    """The YAML mapping of ``path``, or of the packaged default experiment when ``path`` is None."""
+    if path is None:
+        text = resources.files("rdml_dist.configs").joinpath(DEFAULT_CONFIG_NAME).read_text()
+        source = f"packaged {DEFAULT_CONFIG_NAME}"
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError("config", f"file not found: {file}")
+        text, source = file.read_text(), str(file)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError("config", f"{source} is not valid YAML ({error})") from None
+    return raw if raw is not None else {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override, validate and check an experiment: the one entry point used before launching."""
+    raw = apply_overrides(read_raw_config(path), overrides or [])
+    config = parse_config(raw)
+    check_resources(config)
+    return config

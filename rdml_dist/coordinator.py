@@ -1,0 +1,265 @@
+"""The transport-free coordinator core: collect frames, validate, compute mimicry gradients, keep cohort state.
+
+Plain Python and torch, no Ray and no sockets: the in-process trainer calls it directly, the Ray
+actor (and any other transport) is a thin adapter that adds waiting. It is the single source of
+cohort state: the step, the members and which are live, per-student losses and timings.
+"""
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from rdml_dist.config import ExperimentConfig
+from rdml_dist.data import batch_plan, indices_hash
+from rdml_dist.divergence import mimicry_gradients
+from rdml_dist.errors import FrameRejected
+from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
+from rdml_dist.schedules import alpha_at, mimicry_weight_at
+
+
+@dataclass
+class StepRecord:
+    """One student's numbers for one step (a row of ``steps.csv``)."""
+
+    step: int
+    epoch: int
+    student: str
+    ce_loss: float
+    mimicry_loss: float
+    divergence: float
+    alpha: float
+    weight: float
+    correct: int
+    labelled: int
+    wait_seconds: float
+    coordinator_seconds: float
+    compute_seconds: float = math.nan
+    round_trip_seconds: float = math.nan
+
+
+@dataclass
+class EpochEvaluation:
+    """Validation accuracy of each student and of the cohort ensemble (mean of probabilities)."""
+
+    epoch: int
+    accuracy: dict[str, float]
+    ensemble_accuracy: float
+    members: list[str] = field(default_factory=list)
+
+
+class CohortCoordinator:
+    """Per-step barrier logic and the batched mimicry computation, without any transport."""
+
+    def __init__(self, config: ExperimentConfig, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.config = config
+        self.members: list[str] = config.student_names()
+        self.live: set[str] = set()
+        self.clock = clock
+        self.info: dict[str, StudentInfo] = {}
+        self.step = 0
+        self._pending: dict[str, LogitsFrame] = {}
+        self._arrivals: dict[str, float] = {}
+        self._excluded: set[str] = set()
+        self._plan_cache: tuple[int, list[str]] | None = None
+        self._eval_frames: dict[int, dict[str, EvalFrame]] = {}
+        self.records: dict[int, dict[str, StepRecord]] = {}
+        self.evaluations: dict[int, EpochEvaluation] = {}
+
+    # -- membership -------------------------------------------------------------------------
+    def register(self, info: StudentInfo) -> None:
+        """Admit a student; its data must agree with the students already registered."""
+        if info.name not in self.members:
+            raise FrameRejected(f"unknown student {info.name!r} (members: {', '.join(self.members)})")
+        for other in self.info.values():
+            for attribute in ("num_train", "num_val", "num_classes", "steps_per_epoch"):
+                if getattr(info, attribute) != getattr(other, attribute):
+                    raise FrameRejected(
+                        f"student {info.name!r} has {attribute}={getattr(info, attribute)} but "
+                        f"{other.name!r} has {getattr(other, attribute)}: students must load the same data"
+                    )
+        self.info[info.name] = info
+        self.live.add(info.name)
+
+    def mark_dead(self, name: str) -> None:
+        """Stop waiting for a student; mimicry then averages over the remaining live peers."""
+        self.live.discard(name)
+        self._pending.pop(name, None)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        if not self.info:
+            raise RuntimeError("no student has registered yet")
+        return next(iter(self.info.values())).steps_per_epoch
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    # -- validation -------------------------------------------------------------------------
+    def expected_hash(self, step: int) -> str:
+        """The hash of the batch every student must use at ``step``, from the shared batch plan."""
+        epoch = self.epoch_of(step)
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            num_train = next(iter(self.info.values())).num_train
+            training = self.config.training
+            plan = batch_plan(num_train, training.batch_size, self.config.seed, epoch, training.drop_last)
+            self._plan_cache = (epoch, [indices_hash(indices) for indices in plan])
+        return self._plan_cache[1][step % self.steps_per_epoch]
+
+    def _validate(self, frame: LogitsFrame) -> None:
+        if frame.student not in self.members:
+            raise FrameRejected(f"unknown student {frame.student!r}")
+        if frame.student not in self.live:
+            raise FrameRejected(f"student {frame.student!r} is not a live member (register first)")
+        if frame.step != self.step:
+            raise FrameRejected(f"frame from {frame.student!r} is for step {frame.step}, cohort is at step {self.step}")
+        if frame.student in self._pending:
+            raise FrameRejected(f"duplicate frame from {frame.student!r} for step {frame.step}")
+        expected = self.expected_hash(frame.step)
+        if frame.batch_hash != expected:
+            raise FrameRejected(
+                f"frame from {frame.student!r} at step {frame.step} has batch hash {frame.batch_hash}, expected {expected}"
+            )
+        logits = frame.logits
+        num_classes = self.info[frame.student].num_classes
+        if logits.dim() != 2 or logits.shape[1] != num_classes:
+            raise FrameRejected(f"logits from {frame.student!r} have shape {tuple(logits.shape)}, expected B×{num_classes}")
+        for other in self._pending.values():
+            if other.logits.shape != logits.shape:
+                raise FrameRejected(
+                    f"logits from {frame.student!r} have shape {tuple(logits.shape)} but {other.student!r} sent "
+                    f"{tuple(other.logits.shape)}"
+                )
+        if not bool(torch.isfinite(logits).all()) or not math.isfinite(frame.ce_loss):
+            raise FrameRejected(f"frame from {frame.student!r} at step {frame.step} holds NaN or infinite values")
+
+    # -- the step barrier -----------------------------------------------------------------
+    def submit(self, frame: LogitsFrame) -> None:
+        """Accept a valid frame for the current step, or exclude its sender from the step and raise."""
+        try:
+            self._validate(frame)
+        except FrameRejected:
+            if frame.student in self.live and frame.step == self.step and frame.student not in self._pending:
+                self._excluded.add(frame.student)
+            raise
+        self._pending[frame.student] = frame
+        self._arrivals[frame.student] = self.clock()
+        self._record_timing(frame.student, frame.previous)
+
+    def waiting_for(self) -> list[str]:
+        """Live members whose frame for the current step has not arrived (and who were not excluded)."""
+        return [name for name in self.members if name in self.live and name not in self._pending and name not in self._excluded]
+
+    def is_complete(self) -> bool:
+        return bool(self._pending) and not self.waiting_for()
+
+    def compute(self) -> dict[str, MimicryReply]:
+        """Mimicry gradients for every student of the current step in one batched call; advance the step."""
+        if not self.is_complete():
+            raise RuntimeError(f"step {self.step} is still waiting for {', '.join(self.waiting_for())}")
+        started = self.clock()
+        names = [name for name in self.members if name in self._pending]
+        frames = [self._pending[name] for name in names]
+        mimicry = self.config.mimicry
+        progress = self.step / self.steps_per_epoch
+        alpha = alpha_at(mimicry, progress, self.config.training.epochs)
+        weight = mimicry_weight_at(mimicry, progress)
+        result = mimicry_gradients(
+            torch.stack([frame.logits for frame in frames]),
+            alpha=alpha,
+            temperature=mimicry.temperature,
+            mode=mimicry.mode,
+            divergence=mimicry.divergence,
+        )
+        scale = weight * mimicry.temperature**2
+        elapsed = self.clock() - started
+        last_arrival = max(self._arrivals[name] for name in names)
+        replies: dict[str, MimicryReply] = {}
+        step_records: dict[str, StepRecord] = {}
+        for position, (name, frame) in enumerate(zip(names, frames)):
+            divergence_value = float(result.losses[position])
+            replies[name] = MimicryReply(
+                step=self.step,
+                grad=result.grads[position] * scale,
+                mimicry_loss=scale * divergence_value,
+                alpha=alpha,
+                weight=weight,
+                live_students=len(names),
+            )
+            step_records[name] = StepRecord(
+                step=self.step,
+                epoch=self.epoch_of(self.step),
+                student=name,
+                ce_loss=frame.ce_loss,
+                mimicry_loss=scale * divergence_value,
+                divergence=divergence_value,
+                alpha=alpha,
+                weight=weight,
+                correct=frame.correct,
+                labelled=frame.labelled,
+                wait_seconds=last_arrival - self._arrivals[name],
+                coordinator_seconds=elapsed,
+            )
+        self.records[self.step] = step_records
+        self.step += 1
+        self._pending.clear()
+        self._arrivals.clear()
+        self._excluded.clear()
+        return replies
+
+    def _record_timing(self, student: str, timing: StepTiming | None) -> None:
+        """Attach a student's own measurement of an earlier step (compute, round trip) to that step's record."""
+        if timing is None:
+            return
+        record = self.records.get(timing.step, {}).get(student)
+        if record is not None:
+            record.compute_seconds = timing.compute_seconds
+            record.round_trip_seconds = timing.round_trip_seconds
+
+    def pop_records(self, before_step: int) -> list[StepRecord]:
+        """Hand over (and forget) the records of all steps before ``before_step``, in step order."""
+        done = sorted(step for step in self.records if step < before_step)
+        return [record for step in done for record in self.records.pop(step).values()]
+
+    # -- evaluation -----------------------------------------------------------------------
+    def submit_eval(self, frame: EvalFrame) -> EpochEvaluation | None:
+        """Collect validation logits; once every live student has sent them, score students and ensemble."""
+        if frame.student not in self.live:
+            raise FrameRejected(f"evaluation from {frame.student!r}, which is not a live member")
+        frames = self._eval_frames.setdefault(frame.epoch, {})
+        for other in frames.values():
+            if other.logits.shape != frame.logits.shape or not torch.equal(other.labels, frame.labels):
+                raise FrameRejected(
+                    f"validation output of {frame.student!r} does not match {other.student!r}'s (shape or labels)"
+                )
+        if not bool(torch.isfinite(frame.logits).all()):
+            raise FrameRejected(f"validation logits of {frame.student!r} hold NaN or infinite values")
+        frames[frame.student] = frame
+        self._record_timing(frame.student, frame.previous)
+        if any(name not in frames for name in self.live):
+            return None
+        evaluation = score_epoch(frame.epoch, [frames[name] for name in self.members if name in frames])
+        self.evaluations[frame.epoch] = evaluation
+        del self._eval_frames[frame.epoch]
+        return evaluation
+
+    def state(self) -> dict[str, object]:
+        """A snapshot of cohort state for progress displays and health checks."""
+        return {
+            "step": self.step,
+            "members": list(self.members),
+            "live": [name for name in self.members if name in self.live],
+            "waiting_for": self.waiting_for() if self.info else [],
+            "evaluations": {epoch: asdict(evaluation) for epoch, evaluation in self.evaluations.items()},
+        }
+
+
+def score_epoch(epoch: int, frames: Sequence[EvalFrame]) -> EpochEvaluation:
+    """Accuracy of each student's argmax and of the mean of the students' probabilities."""
+    labels = frames[0].labels
+    accuracy = {frame.student: float((frame.logits.argmax(-1) == labels).float().mean()) for frame in frames}
+    ensemble = torch.stack([frame.logits.softmax(-1) for frame in frames]).mean(0)
+    ensemble_accuracy = float((ensemble.argmax(-1) == labels).float().mean())
+    return EpochEvaluation(epoch, accuracy, ensemble_accuracy, [frame.student for frame in frames])

@@ -1,0 +1,87 @@
+"""CIFAR-10/100 read from the standard python-pickle layout.
+
+Our own reader rather than torchvision's class, which insists on md5 sums; torchvision is only
+used to download when the user asks for it.
+"""
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import datasets
+
+from rdml_dist.data.spec import DataSpec
+from rdml_dist.data.split import Dataset, make_split
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where one CIFAR variant keeps its files and how to read them."""
+
+    name: str
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    downloader: type[datasets.CIFAR10]
+
+
+CIFAR10 = CifarLayout(
+    name="cifar10",
+    folder="cifar-10-batches-py",
+    train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+    test_files=("test_batch",),
+    label_key="labels",
+    num_classes=10,
+    mean=(0.4914, 0.4822, 0.4465),
+    std=(0.2470, 0.2435, 0.2616),
+    downloader=datasets.CIFAR10,
+)
+CIFAR100 = CifarLayout(
+    name="cifar100",
+    folder="cifar-100-python",
+    train_files=("train",),
+    test_files=("test",),
+    label_key="fine_labels",
+    num_classes=100,
+    mean=(0.5071, 0.4865, 0.4409),
+    std=(0.2673, 0.2564, 0.2762),
+    downloader=datasets.CIFAR100,
+)
+
+
+def cifar_files(layout: CifarLayout, root: Path) -> list[Path]:
+    """Every file the reader opens, for checking a root before anything is launched."""
+    return [root / layout.folder / name for name in layout.train_files + layout.test_files]
+
+
+def _read(layout: CifarLayout, root: Path, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels: list[np.ndarray] = []
+    labels: list[int] = []
+    for name in names:
+        with open(root / layout.folder / name, "rb") as handle:
+            entry = pickle.load(handle, encoding="latin1")
+        pixels.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry[layout.label_key])
+    return torch.from_numpy(np.concatenate(pixels)), torch.tensor(labels, dtype=torch.int64)
+
+
+def load_cifar(layout: CifarLayout, spec: DataSpec, seed: int, field: str) -> Dataset:
+    """Official train split for training, test split for validation; crop+flip on by default."""
+    root = Path(str(spec.root))
+    if spec.download:
+        layout.downloader(root, train=True, download=True)
+    stats = (layout.mean, layout.std)
+    return Dataset(
+        train=make_split(*_read(layout, root, layout.train_files), stats, augment=True),
+        val=make_split(*_read(layout, root, layout.test_files), stats),
+        num_classes=layout.num_classes,
+        in_channels=3,
+        image_size=32,
+        name=layout.name,
+    )

@@ -1,0 +1,74 @@
+"""The messages students and the coordinator exchange, independent of the transport that carries them."""
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class StudentInfo:
+    """What a student tells the coordinator when it joins; must agree across the cohort."""
+
+    name: str
+    num_train: int
+    num_val: int
+    num_classes: int
+    steps_per_epoch: int
+    node_id: str = ""
+    gpu_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepTiming:
+    """A student's own measurement of one completed step: its compute and its exchange round trip."""
+
+    step: int
+    compute_seconds: float
+    round_trip_seconds: float
+
+
+@dataclass
+class LogitsFrame:
+    """One student's output for one training step.
+
+    ``step`` is the global step (epoch·steps_per_epoch + step in epoch) and ``batch_hash`` the
+    hash of the batch's sample indices: the coordinator rejects a frame whose step or batch
+    differs from the cohort's. ``previous`` reports the student's last completed step as it
+    measured it (the coordinator cannot see the transport's cost or the backward pass).
+    """
+
+    student: str
+    step: int
+    batch_hash: str
+    logits: Tensor
+    ce_loss: float
+    correct: int
+    labelled: int
+    previous: StepTiming | None = None
+
+
+@dataclass
+class MimicryReply:
+    """The coordinator's answer: the full mimicry gradient w.r.t. the student's logits.
+
+    ``grad`` already includes λ·τ², so the student adds it to its cross-entropy backward and
+    needs to know nothing about the divergence, α or the peers.
+    """
+
+    step: int
+    grad: Tensor
+    mimicry_loss: float
+    alpha: float
+    weight: float
+    live_students: int
+
+
+@dataclass
+class EvalFrame:
+    """A student's validation logits for one epoch; the labels let the coordinator check consistency."""
+
+    student: str
+    epoch: int
+    logits: Tensor
+    labels: Tensor
+    previous: StepTiming | None = None

@@ -1,0 +1,199 @@
+"""One cohort member: its model, optimizer and data, and the two halves of a simultaneous step.
+
+The same class runs inside the in-process trainer and inside a Ray actor, so both engines
+follow the same trajectory. A step is split in two around the exchange: :meth:`Student.forward`
+produces the logits frame (keeping the autograd graph), :meth:`Student.apply` receives the
+mimicry gradient w.r.t. those logits, adds it to the cross-entropy backward and steps.
+"""
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rdml_dist.config import ExperimentConfig, OptimizerConfig, data_spec
+from rdml_dist.data import augment_seed, batch_plan, indices_hash, load_dataset
+from rdml_dist.frames import EvalFrame, LogitsFrame, StepTiming, StudentInfo
+from rdml_dist.models import build_model
+
+
+def student_seed(seed: int, index: int) -> int:
+    """Each student's own initialisation/dropout seed, derived from the experiment seed."""
+    return seed * 1_000_003 + index
+
+
+def resolve_device(preference: str) -> torch.device:
+    """``auto`` takes the GPU when one is visible (Ray sets CUDA_VISIBLE_DEVICES per actor)."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device is 'cuda' but no CUDA device is visible to this process")
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def build_optimizer(parameters: Iterator[nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
+    """SGD (Nesterov by default, as in the papers) or Adam/AdamW from the config."""
+    if config.name == "sgd":
+        return torch.optim.SGD(
+            parameters,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov and config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
+    optimizer_class = torch.optim.Adam if config.name == "adam" else torch.optim.AdamW
+    return optimizer_class(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: ExperimentConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch learning-rate schedule."""
+    schedule = config.training.lr_schedule
+    if schedule.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.training.epochs)
+    if schedule.name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=schedule.milestones, gamma=schedule.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _epoch: 1.0)
+
+
+class Student:
+    """A cohort member that loads its own data and computes the same batch plan as its peers."""
+
+    def __init__(self, config: ExperimentConfig, index: int, device: torch.device | None = None) -> None:
+        self.config = config
+        self.index = index
+        self.name = config.student_names()[index]
+        self.device = device or resolve_device(config.runtime.device)
+        self.dataset = load_dataset(data_spec(config), config.seed)
+        student_config = config.students[index]
+        self._rng_state = torch.Generator().manual_seed(student_seed(config.seed, index)).get_state()
+        with self._own_rng():
+            self.model = build_model(
+                student_config.model,
+                num_classes=self.dataset.num_classes,
+                in_channels=self.dataset.in_channels,
+                image_size=self.dataset.image_size,
+                options=student_config.options,
+                field=f"students.{index}.model",
+            ).to(self.device)
+        self.optimizer = build_optimizer(self.model.parameters(), student_config.optimizer or config.training.optimizer)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, config)
+        self.epoch = 0
+        self._pending: tuple[int, Tensor, Tensor, float] | None = None
+        self._last_timing: StepTiming | None = None
+
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Run with this student's private CPU RNG stream (dropout, init), whatever else shares the process."""
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self._rng_state)
+        try:
+            yield
+        finally:
+            self._rng_state = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+    def info(self) -> StudentInfo:
+        """Registration data the coordinator cross-checks between students."""
+        return StudentInfo(
+            name=self.name,
+            num_train=len(self.dataset.train),
+            num_val=len(self.dataset.val),
+            num_classes=self.dataset.num_classes,
+            steps_per_epoch=len(self.plan(0)),
+        )
+
+    def plan(self, epoch: int) -> list[Tensor]:
+        """The epoch's batches of training indices, identical in every student."""
+        training = self.config.training
+        return batch_plan(len(self.dataset.train), training.batch_size, self.config.seed, epoch, training.drop_last)
+
+    def forward(self, epoch: int, step_in_epoch: int, global_step: int, indices: Tensor) -> LogitsFrame:
+        """Forward one batch; keep the graph for :meth:`apply` and return the frame to exchange."""
+        started = time.perf_counter()
+        self.model.train()
+        images, labels = self.dataset.train.batch(indices, augment_seed(self.config.seed, epoch, step_in_epoch))
+        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        with self._own_rng():
+            logits = self.model(images)
+        labelled_mask = labels >= 0
+        labelled = int(labelled_mask.sum())
+        ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")[labelled_mask].sum() / max(labelled, 1)
+        correct = int((logits.detach().argmax(-1) == labels)[labelled_mask].sum())
+        elapsed = time.perf_counter() - started
+        self._pending = (global_step, logits, ce, elapsed)
+        return LogitsFrame(
+            student=self.name,
+            step=global_step,
+            batch_hash=indices_hash(indices),
+            logits=logits.detach().float().cpu(),
+            ce_loss=float(ce.detach()),
+            correct=correct,
+            labelled=labelled,
+            previous=self._last_timing,
+        )
+
+    def apply(self, mimicry_grad: Tensor, round_trip_seconds: float = 0.0) -> None:
+        """Backward CE plus the received mimicry gradient on the pending logits, then step.
+
+        ``round_trip_seconds`` is the exchange as the caller measured it; with the compute time
+        it travels to the coordinator in the next frame.
+        """
+        if self._pending is None:
+            raise RuntimeError(f"student {self.name}: apply() called without a pending forward()")
+        step, logits, ce, forward_seconds = self._pending
+        self._pending = None
+        started = time.perf_counter()
+        grad = mimicry_grad.to(device=logits.device, dtype=logits.dtype)
+        self.optimizer.zero_grad(set_to_none=True)
+        (ce + (logits * grad).sum()).backward()
+        self.optimizer.step()
+        self._last_timing = StepTiming(step, forward_seconds + time.perf_counter() - started, round_trip_seconds)
+
+    def end_epoch(self) -> None:
+        """Advance the per-epoch learning-rate schedule."""
+        self.lr_scheduler.step()
+        self.epoch += 1
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> EvalFrame:
+        """Validation logits for the whole split (the coordinator scores students and the ensemble)."""
+        self.model.eval()
+        size = len(self.dataset.val)
+        chunk = self.config.training.eval_batch_size
+        outputs, labels = [], []
+        for start in range(0, size, chunk):
+            images, batch_labels = self.dataset.val.batch(torch.arange(start, min(start + chunk, size)))
+            outputs.append(self.model(images.to(self.device)).float().cpu())
+            labels.append(batch_labels)
+        return EvalFrame(
+            student=self.name,
+            epoch=epoch,
+            logits=torch.cat(outputs),
+            labels=torch.cat(labels),
+            previous=self._last_timing,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this student exactly: weights, optimizer, schedule, RNG, epoch."""
+        return {
+            "name": self.name,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "rng_state": self._rng_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict` (a checkpoint of the same student)."""
+        if state["name"] != self.name:
+            raise ValueError(f"checkpoint belongs to student {state['name']!r}, not {self.name!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self._rng_state = state["rng_state"]
+        self.epoch = state["epoch"]
