@@ -137,11 +137,15 @@ class CohortCoordinator:
 
     # -- the step barrier -----------------------------------------------------------------
     def submit(self, frame: LogitsFrame) -> None:
-        """Accept a valid frame for the current step, or exclude its sender from the step and raise."""
+        """Accept a valid frame for the current step, or exclude its sender from the step and raise.
+
+        Excluding the sender lets its peers' step complete without it: a bad frame never
+        poisons the peers' targets nor blocks them at the barrier.
+        """
         try:
             self._validate(frame)
         except FrameRejected:
-            if frame.student in self.live and frame.step == self.step and frame.student not in self._pending:
+            if frame.student in self.live and frame.student not in self._pending:
                 self._excluded.add(frame.student)
             raise
         self._pending[frame.student] = frame

@@ -1,0 +1,45 @@
+"""The command line: validation messages, overrides, and a short local training run."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rdml_dist.cli import main
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("students.0.model=resnet33", "students.0.model"),
+        ("mimicry.alpha=-0.5", "mimicry.alpha"),
+        ("mimicry.temperature=0", "mimicry.temperature"),
+        ("data.name=cifar100", "data.root"),
+    ],
+)
+def test_bad_config_fails_with_one_line_before_training(
+    override: str, field: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    code = main(["train", "--engine", "local", "--run-dir", str(run_dir), "--set", override])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"rdml-dist: invalid config: {field}:")
+    assert not run_dir.exists()
+
+
+def test_validate_reports_the_cohort(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate"]) == 0
+    assert "valid (3 students: mlp, cnn, resnet20; renyi, alpha=2.0" in capsys.readouterr().out
+
+
+def test_train_default_locally_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    overrides = ["--set", "training.epochs=1", "--set", "students.2.model=mlp", "--set", "runtime.torch_threads=1"]
+    assert main(["train", "--engine", "local", "--no-progress", "--run-dir", str(run_dir), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble" in out and "final acc" in out
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["engine"] == "local" and len(results["epochs"]) == 1
+    assert {path.name for path in (run_dir / "checkpoints").iterdir()} == {"mlp.pt", "cnn.pt", "resnet20.pt"}

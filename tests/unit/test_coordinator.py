@@ -1,0 +1,162 @@
+"""The transport-free coordinator core: barrier bookkeeping, frame validation, batched mimicry, scoring."""
+
+import pytest
+import torch
+
+from rdml_dist.config import parse_config
+from rdml_dist.coordinator import CohortCoordinator, score_epoch
+from rdml_dist.data import batch_plan, indices_hash
+from rdml_dist.divergence import mimicry_gradients
+from rdml_dist.errors import FrameRejected
+from rdml_dist.frames import EvalFrame, LogitsFrame, StepTiming, StudentInfo
+
+NUM_TRAIN, BATCH, CLASSES = 20, 8, 4
+
+
+class FakeClock:
+    """Deterministic time so that wait times are exact."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def coordinator(clock: FakeClock) -> CohortCoordinator:
+    config = parse_config(
+        {
+            "students": [{"model": "mlp", "name": name} for name in ("a", "b", "c")],
+            "training": {"batch_size": BATCH, "epochs": 2},
+            "mimicry": {"alpha": 2.0, "temperature": 2.0, "weight": 0.5},
+        }
+    )
+    core = CohortCoordinator(config, clock=clock)
+    for name in ("a", "b", "c"):
+        core.register(StudentInfo(name, NUM_TRAIN, 5, CLASSES, steps_per_epoch=3))
+    return core
+
+
+def frame(name: str, step: int = 0, logits: torch.Tensor | None = None, **changes: object) -> LogitsFrame:
+    """A valid frame for ``step`` (the right batch hash), with ``changes`` applied on top."""
+    plan = batch_plan(NUM_TRAIN, BATCH, seed=0, epoch=step // 3)
+    values = dict(student=name, step=step, batch_hash=indices_hash(plan[step % 3]), logits=logits, ce_loss=1.0, correct=1, labelled=BATCH)
+    values.update(changes)
+    return LogitsFrame(**values)
+
+
+def logits_for(seed: int, rows: int = BATCH) -> torch.Tensor:
+    return torch.randn(rows, CLASSES, generator=torch.Generator().manual_seed(seed))
+
+
+def test_step_barrier_and_batched_replies(coordinator: CohortCoordinator, clock: FakeClock) -> None:
+    outputs = {name: logits_for(seed) for seed, name in enumerate("abc")}
+    for arrival, name in zip((0.0, 0.3, 1.0), "abc"):
+        clock.now = arrival
+        assert not coordinator.is_complete()
+        coordinator.submit(frame(name, 0, outputs[name]))
+    assert coordinator.waiting_for() == [] and coordinator.is_complete()
+    replies = coordinator.compute()
+    expected = mimicry_gradients(torch.stack([outputs[n] for n in "abc"]), alpha=2.0, temperature=2.0)
+    for position, name in enumerate("abc"):
+        assert torch.allclose(replies[name].grad, expected.grads[position] * 0.5 * 4)
+        assert replies[name].mimicry_loss == pytest.approx(float(expected.losses[position]) * 0.5 * 4)
+        assert replies[name].live_students == 3
+    assert coordinator.step == 1
+    waits = {record.student: record.wait_seconds for record in coordinator.records[0].values()}
+    assert waits == pytest.approx({"a": 1.0, "b": 0.7, "c": 0.0})
+
+
+@pytest.mark.parametrize(
+    "changes,reason",
+    [
+        ({"step": 1}, "cohort is at step 0"),
+        ({"batch_hash": "0" * 16}, "batch hash"),
+        ({"logits": torch.full((BATCH, CLASSES), float("nan"))}, "NaN"),
+        ({"logits": torch.zeros(BATCH, CLASSES + 1)}, "expected B×4"),
+        ({"ce_loss": float("inf")}, "NaN or infinite"),
+    ],
+)
+def test_bad_frame_is_rejected_without_blocking_peers(coordinator: CohortCoordinator, changes: dict, reason: str) -> None:
+    coordinator.submit(frame("a", 0, logits_for(0)))
+    with pytest.raises(FrameRejected, match=reason):
+        coordinator.submit(frame("b", **{"logits": logits_for(1), **changes}))
+    coordinator.submit(frame("c", 0, logits_for(2)))
+    assert coordinator.is_complete()
+    replies = coordinator.compute()
+    assert sorted(replies) == ["a", "c"] and replies["a"].live_students == 2
+    pair = mimicry_gradients(torch.stack([logits_for(0), logits_for(2)]), alpha=2.0, temperature=2.0)
+    assert torch.allclose(replies["a"].grad, pair.grads[0] * 2.0)
+
+
+def test_unknown_duplicate_and_mismatched_shapes(coordinator: CohortCoordinator) -> None:
+    with pytest.raises(FrameRejected, match="unknown student 'z'"):
+        coordinator.submit(frame("z", 0, logits_for(0)))
+    coordinator.submit(frame("a", 0, logits_for(0)))
+    with pytest.raises(FrameRejected, match="duplicate"):
+        coordinator.submit(frame("a", 0, logits_for(0)))
+    with pytest.raises(FrameRejected, match="but 'a' sent"):
+        coordinator.submit(frame("b", 0, logits_for(1, rows=BATCH - 1)))
+
+
+def test_registration_must_agree(coordinator: CohortCoordinator) -> None:
+    with pytest.raises(FrameRejected, match="num_train=21"):
+        coordinator.register(StudentInfo("a", NUM_TRAIN + 1, 5, CLASSES, 3))
+    with pytest.raises(FrameRejected, match="unknown student"):
+        coordinator.register(StudentInfo("d", NUM_TRAIN, 5, CLASSES, 3))
+
+
+def test_dead_student_is_not_waited_for(coordinator: CohortCoordinator) -> None:
+    coordinator.submit(frame("a", 0, logits_for(0)))
+    coordinator.submit(frame("b", 0, logits_for(1)))
+    assert coordinator.waiting_for() == ["c"]
+    coordinator.mark_dead("c")
+    assert coordinator.is_complete() and sorted(coordinator.compute()) == ["a", "b"]
+    with pytest.raises(FrameRejected, match="not a live member"):
+        coordinator.submit(frame("c", 1, logits_for(2)))
+
+
+def test_student_timings_attach_to_the_step_they_measure(coordinator: CohortCoordinator) -> None:
+    for name in "abc":
+        coordinator.submit(frame(name, 0, logits_for(0)))
+    coordinator.compute()
+    coordinator.submit(frame("a", 1, logits_for(0), previous=StepTiming(0, compute_seconds=0.25, round_trip_seconds=0.5)))
+    record = coordinator.records[0]["a"]
+    assert (record.compute_seconds, record.round_trip_seconds) == (0.25, 0.5)
+    assert [r.student for r in coordinator.pop_records(1)] == ["a", "b", "c"] and 0 not in coordinator.records
+
+
+def test_epoch_scoring_uses_the_mean_of_probabilities(coordinator: CohortCoordinator) -> None:
+    labels = torch.tensor([0, 1])
+    # a is right on sample 0 only, b on sample 1 only; c is confidently wrong on both but less sure than a/b are right.
+    outputs = {
+        "a": torch.tensor([[9.0, 0, 0, 0], [0, 0, 1.0, 0]]),
+        "b": torch.tensor([[0, 0, 1.0, 0], [0, 9.0, 0, 0]]),
+        "c": torch.tensor([[0, 0, 0, 2.0], [0, 0, 0, 2.0]]),
+    }
+    results = [coordinator.submit_eval(EvalFrame(name, 0, outputs[name], labels)) for name in "abc"]
+    assert results[:2] == [None, None]
+    scored = results[2]
+    assert scored.accuracy == {"a": 0.5, "b": 0.5, "c": 0.0}
+    assert scored.ensemble_accuracy == 1.0
+    coordinator.submit_eval(EvalFrame("a", 1, outputs["a"], labels))
+    with pytest.raises(FrameRejected, match="does not match"):
+        coordinator.submit_eval(EvalFrame("b", 1, outputs["b"], torch.tensor([1, 1])))
+
+
+def test_score_epoch_single_student() -> None:
+    scored = score_epoch(3, [EvalFrame("a", 3, torch.eye(3), torch.tensor([0, 1, 1]))])
+    assert scored.accuracy["a"] == pytest.approx(2 / 3) and scored.ensemble_accuracy == pytest.approx(2 / 3)
+
+
+def test_state_snapshot(coordinator: CohortCoordinator) -> None:
+    coordinator.submit(frame("b", 0, logits_for(0)))
+    state = coordinator.state()
+    assert state["step"] == 0 and state["live"] == ["a", "b", "c"] and state["waiting_for"] == ["a", "c"]
+    assert state["members"] == ["a", "b", "c"]
