@@ -2,10 +2,9 @@
 
 import argparse
 import sys
-from pathlib import Path
 
 from rdml_dist.config import ExperimentConfig, load_config
-from rdml_dist.engines.loopback import keep_local_ray_on_loopback
+from rdml_dist.engines import train_cohort
 from rdml_dist.errors import ConfigError
 
 
@@ -39,17 +38,7 @@ def _engine_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _train(config: ExperimentConfig, show_progress: bool) -> int:
-    run_dir = config.resolved_run_dir()
-    if config.runtime.engine == "local":
-        from rdml_dist.engines.local import train_local
-
-        run = train_local(config, run_dir, show_progress)
-    else:
-        if config.runtime.ray.address is None:
-            keep_local_ray_on_loopback()
-        from rdml_dist.engines.ray_engine import train_ray
-
-        run = train_ray(config, run_dir, show_progress)
+    run = train_cohort(config, show_progress=show_progress)
     print(run.finish())
     print(f"\nresults: {run.path / 'results.json'}  table: {run.path / 'results.txt'}  checkpoints: {run.path / 'checkpoints'}")
     return 0
