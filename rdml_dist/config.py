@@ -120,7 +120,6 @@ class RayConfig(_Strict):
     gpus_per_student: float | None = Field(None, ge=0)
     cpus_per_student: float = Field(1.0, gt=0)
     placement_timeout_s: float = Field(60.0, gt=0)
-    max_restarts: int = Field(3, ge=0)
     exchange_timeout_s: float = Field(300.0, gt=0)
 
 

@@ -140,12 +140,13 @@ class CohortCoordinator:
         """Accept a valid frame for the current step, or exclude its sender from the step and raise.
 
         Excluding the sender lets its peers' step complete without it: a bad frame never
-        poisons the peers' targets nor blocks them at the barrier.
+        poisons the peers' targets nor blocks them at the barrier. A stale frame (an earlier
+        step, e.g. a retried call) is rejected without excluding its sender from the current step.
         """
         try:
             self._validate(frame)
         except FrameRejected:
-            if frame.student in self.live and frame.student not in self._pending:
+            if frame.student in self.live and frame.student not in self._pending and frame.step >= self.step:
                 self._excluded.add(frame.student)
             raise
         self._pending[frame.student] = frame

@@ -12,6 +12,10 @@ class ConfigError(ValueError):
         self.problem = problem
         super().__init__(f"{field}: {problem}")
 
+    def __reduce__(self) -> tuple[type["ConfigError"], tuple[str, str]]:
+        """Survive pickling, so an error raised inside a Ray actor reaches the driver as itself."""
+        return (type(self), (self.field, self.problem))
+
 
 class FrameRejected(ValueError):
     """A student's exchange frame is invalid (shape, step, batch hash, non-finite values, unknown sender).

@@ -31,17 +31,17 @@ def connect(address: str | None, cpus_needed: float) -> bool:
     """Join ``address`` (auto, HOST:PORT, ray://…) or start a local Ray; True if we started it.
 
     A local Ray declares at least ``cpus_needed`` logical CPUs so a cohort larger than the
-    machine's core count still starts (each student then runs one torch thread). Workers get
-    the driver's working directory on their path, so ``package.module:function`` factories
+    machine's core count still starts (each student then runs one torch thread). Its workers
+    get the driver's working directory on their path, so ``package.module:function`` factories
     next to the config import in the actors. Whether a local Ray stays on loopback is decided
     when ray is imported: see :func:`rdml_dist.engines.loopback.keep_local_ray_on_loopback`.
     """
     if ray.is_initialized():
+        return False  # a session this process already opened (tests, notebooks) is used as it is
+    if address:
+        ray.init(address=address, log_to_driver=True)  # a job's own runtime_env (working_dir) applies
         return False
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        return False
     ray.init(
         num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)),
         include_dashboard=False,
@@ -86,7 +86,7 @@ class RayCohort:
         self.config = config
         self.group = group
         payload = config.model_dump(mode="json")
-        self.coordinator = CoordinatorActor.options(max_restarts=0).remote(payload)
+        self.coordinator = CoordinatorActor.remote(payload)
         threads = config.runtime.torch_threads or max(1, int(bundle["CPU"]))
         self.students = [
             StudentActor.options(
@@ -97,8 +97,12 @@ class RayCohort:
             for index in range(len(config.students))
         ]
         self.names = config.student_names()
-        infos = ray.get([student.info.remote() for student in self.students])
-        ray.get([self.coordinator.register.remote(info) for info in infos])
+        try:
+            infos = ray.get([student.info.remote() for student in self.students])
+            ray.get([self.coordinator.register.remote(info) for info in infos])
+        except BaseException:
+            self.shutdown()  # a student that cannot start must not leave the cohort's actors and reservation behind
+            raise
         self.infos = {info.name: info for info in infos}
         self.steps_per_epoch = infos[0].steps_per_epoch
 

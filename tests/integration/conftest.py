@@ -1,0 +1,137 @@
+"""Shared helpers for the integration tests: real Ray processes, all on loopback, stopped afterwards.
+
+The loopback switch must be set before anything imports ``ray`` (Ray reads it once, at import),
+so it runs first, before every other import in this directory.
+"""
+
+from rdml_dist.engines.loopback import keep_local_ray_on_loopback
+
+keep_local_ray_on_loopback()
+
+import contextlib  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+
+from rdml_dist.config import ExperimentConfig, parse_config  # noqa: E402
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration carries the ``integration`` marker (``-m "not integration"`` skips it)."""
+    for item in items:
+        if "tests/integration" in str(item.path).replace("\\", "/"):
+            item.add_marker(pytest.mark.integration)
+
+
+def wait_until_stopped(node: Any, timeout_s: float = 15.0) -> None:
+    """Fail if any process of a Ray node we started outlives its shutdown."""
+    deadline = time.monotonic() + timeout_s
+    while node.any_processes_alive():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Ray processes of node {node.unique_id} still alive after shutdown")
+        time.sleep(0.1)
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
+    """Poll ``predicate`` (Ray releases resources and placement groups asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting until {what}")
+        time.sleep(0.1)
+
+
+def cohort_released() -> bool:
+    """No placement group is left and every resource of the cluster is available again."""
+    groups = [group for group in ray.util.placement_group_table().values() if group["state"] != "REMOVED"]
+    total, available = ray.cluster_resources(), ray.available_resources()
+    return not groups and all(available.get(key, 0) == total[key] for key in ("CPU", "GPU") if key in total)
+
+
+def assert_loopback_nodes(expected: int) -> list[dict[str, Any]]:
+    """The live Ray nodes, checked to be ``expected`` many and all bound to a 127.x address."""
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    assert len(nodes) == expected, nodes
+    for node in nodes:
+        assert node["NodeManagerAddress"].startswith("127."), f"Ray node left loopback: {node['NodeManagerAddress']}"
+    return nodes
+
+
+@contextlib.contextmanager
+def local_ray(**init_args: Any) -> Iterator[None]:
+    """One single-node Ray session on loopback; every process it started is stopped on exit."""
+    assert not ray.is_initialized(), "a previous test module left Ray running"
+    assert not ray._private.ray_constants.ENABLE_RAY_CLUSTER, (
+        "ray was imported before keep_local_ray_on_loopback() ran (or RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is set): "
+        "a local Ray would bind to the external address"
+    )
+    ray.init(include_dashboard=False, log_to_driver=False, **init_args)
+    node = ray._private.worker._global_node
+    try:
+        assert_loopback_nodes(1)
+        yield
+    finally:
+        ray.shutdown()
+        wait_until_stopped(node)
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    """A shared single-node session with 4 logical CPUs (more than the cores: each student runs one torch thread)."""
+    with local_ray(num_cpus=4):
+        yield
+
+
+def make_config(run_dir: Path, students: list[dict[str, Any]], **sections: Any) -> ExperimentConfig:
+    """A small digits experiment: one torch thread per student, results under ``run_dir``.
+
+    ``sections`` are merged one level deep into the defaults (``training={...}``, ``ray={...}``
+    goes to ``runtime.ray``).
+    """
+    raw: dict[str, Any] = {
+        "name": "integration",
+        "seed": 0,
+        "data": {"name": "digits", "val_fraction": 0.2},
+        "students": students,
+        "training": {
+            "epochs": 1,
+            "batch_size": 64,
+            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5.0e-4},
+            "lr_schedule": {"name": "cosine"},
+            "last_epochs_reported": 1,
+        },
+        "mimicry": {"divergence": "renyi", "alpha": 2.0, "temperature": 1.0, "weight": 1.0, "mode": "pairwise"},
+        "runtime": {
+            "engine": "ray",
+            "run_dir": str(run_dir),
+            "device": "auto",
+            "torch_threads": 1,
+            "ray": {"placement_timeout_s": 60, "exchange_timeout_s": 120},
+        },
+    }
+    for section, values in sections.items():
+        if section == "ray":
+            raw["runtime"]["ray"].update(values)
+        elif section == "runtime":
+            raw["runtime"].update(values)
+        elif isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return parse_config(raw)
+
+
+def read_steps(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run's ``steps.csv``."""
+    with (run_dir / "steps.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
