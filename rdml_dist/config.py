@@ -13,7 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rdml_dist.data import DataSpec, check_data_spec
 from rdml_dist.errors import ConfigError
+from rdml_dist.models import check_model_name
 
 DEFAULT_CONFIG_NAME = "digits_renyi.yaml"
 STUDENT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -191,18 +193,13 @@ def parse_config(raw: Any) -> ExperimentConfig:
 
 def check_resources(config: ExperimentConfig) -> None:
     """Checks that need imports or the file system: model names/factories exist, data is where it is said to be."""
-    from rdml_dist.data import check_data_spec
-    from rdml_dist.models import check_model_name
-
     for index, student in enumerate(config.students):
-        check_model_name(student.model, field=f"students.{index}.model")
+        check_model_name(student.model, field=f"students.{index}.model", options=student.options)
     check_data_spec(data_spec(config), field="data")
 
 
-def data_spec(config: ExperimentConfig) -> "Any":
+def data_spec(config: ExperimentConfig) -> DataSpec:
     """The data layer's plain description of ``config.data``."""
-    from rdml_dist.data import DataSpec
-
     return DataSpec(**config.data.model_dump())
 
 
