@@ -1,6 +1,6 @@
 """The messages students and the coordinator exchange, independent of the transport that carries them."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -14,8 +14,6 @@ class StudentInfo:
     num_val: int
     num_classes: int
     steps_per_epoch: int
-    node_id: str = ""
-    gpu_ids: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -105,12 +105,8 @@ class StudentActor:
         self.student = Student(self.config, index, resolve_device(self.config.runtime.device))
 
     def info(self) -> StudentInfo:
-        """Registration data plus where Ray placed this actor (node and GPU ids)."""
-        info = self.student.info()
-        context = ray.get_runtime_context()
-        info.node_id = context.get_node_id()
-        info.gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()]
-        return info
+        """Registration data for the coordinator (where the actor runs is :meth:`placement`)."""
+        return self.student.info()
 
     def placement(self) -> dict[str, Any]:
         """Node, GPU ids, CUDA_VISIBLE_DEVICES and torch device, for placement checks."""

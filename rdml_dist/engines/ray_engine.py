@@ -103,7 +103,6 @@ class RayCohort:
         except BaseException:
             self.shutdown()  # a student that cannot start must not leave the cohort's actors and reservation behind
             raise
-        self.infos = {info.name: info for info in infos}
         self.steps_per_epoch = infos[0].steps_per_epoch
 
     def placements(self) -> dict[str, dict[str, Any]]:
@@ -112,11 +111,10 @@ class RayCohort:
 
     def run_epoch(self, epoch: int, bar: tqdm) -> None:
         """Start the epoch on every student and wait, advancing the progress bar from the coordinator's step."""
-        pending = {student.run_epoch.remote(epoch, self.coordinator): name for student, name in zip(self.students, self.names)}
+        pending = [student.run_epoch.remote(epoch, self.coordinator) for student in self.students]
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_SECONDS)
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_SECONDS)
             for reference in done:
-                pending.pop(reference)
                 ray.get(reference)  # re-raises a student's failure with its traceback
             step = ray.get(self.coordinator.state.remote())["step"]
             bar.update(max(step - bar.n, 0))
