@@ -5,7 +5,7 @@ import sys
 
 from rdml_dist.config import ExperimentConfig, load_config
 from rdml_dist.engines import train_cohort
-from rdml_dist.errors import ConfigError
+from rdml_dist.errors import ClusterError, ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{source}: valid ({len(config.students)} students: {', '.join(config.student_names())}; "
               f"{config.mimicry.divergence}, alpha={config.mimicry.alpha}; engine {config.runtime.engine})")
         return 0
-    return _train(config, show_progress=not args.no_progress)
+    try:
+        return _train(config, show_progress=not args.no_progress)
+    except ClusterError as error:
+        print(f"rdml-dist: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

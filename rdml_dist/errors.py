@@ -22,3 +22,7 @@ class FrameRejected(ValueError):
 
     Rejection is per frame: the other students' frames for the same step are unaffected.
     """
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot run the cohort (unreachable, refuses us, too small); the message says what to do."""

@@ -4,8 +4,6 @@ Images never pass through here: each student actor loads its own data; the drive
 epochs, shows progress, and collects step records, scores and checkpoints.
 """
 
-import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,37 +16,15 @@ from tqdm import tqdm
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.engines.progress import describe_epoch
 from rdml_dist.engines.ray_actors import CoordinatorActor, StudentActor
+from rdml_dist.engines.ray_cluster import connect
+from rdml_dist.errors import ClusterError
 from rdml_dist.run_directory import RunDirectory
 
 POLL_SECONDS = 0.25
 
 
-class CohortDoesNotFit(RuntimeError):
+class CohortDoesNotFit(ClusterError):
     """The cluster cannot hold the cohort's placement group within the timeout."""
-
-
-def connect(address: str | None, cpus_needed: float) -> bool:
-    """Join ``address`` (auto, HOST:PORT, ray://…) or start a local Ray; True if we started it.
-
-    A local Ray declares at least ``cpus_needed`` logical CPUs so a cohort larger than the
-    machine's core count still starts (each student then runs one torch thread). Its workers
-    get the driver's working directory on their path, so ``package.module:function`` factories
-    next to the config import in the actors. Whether a local Ray stays on loopback is decided
-    when ray is imported: see :func:`rdml_dist.engines.loopback.keep_local_ray_on_loopback`.
-    """
-    if ray.is_initialized():
-        return False  # a session this process already opened (tests, notebooks) is used as it is
-    if address:
-        ray.init(address=address, log_to_driver=True)  # a job's own runtime_env (working_dir) applies
-        return False
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}}
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)),
-        include_dashboard=False,
-        runtime_env=runtime_env,
-        log_to_driver=True,
-    )
-    return True
 
 
 def student_resources(config: ExperimentConfig) -> dict[str, float]:
@@ -127,7 +103,8 @@ class RayCohort:
 
 def train_ray(config: ExperimentConfig, run_dir: Path, show_progress: bool = True) -> RunDirectory:
     """Train the cohort as Ray actors; returns the finished run directory."""
-    started_ray = connect(config.runtime.ray.address, len(config.students) * config.runtime.ray.cpus_per_student)
+    connection = connect(config.runtime.ray.address, len(config.students) * config.runtime.ray.cpus_per_student)
+    print(f"rdml-dist: {connection.description}", flush=True)
     try:
         bundle = student_resources(config)
         cohort = RayCohort(config, reserve_cohort(config, bundle), bundle)
@@ -136,7 +113,7 @@ def train_ray(config: ExperimentConfig, run_dir: Path, show_progress: bool = Tru
         finally:
             cohort.shutdown()
     finally:
-        if started_ray:
+        if connection.started:
             ray.shutdown()
 
 

@@ -1,0 +1,76 @@
+"""Run ``rdml-dist`` as a real child process, the way a user does, with every Ray process on loopback."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RDML_DIST = [str(Path(sys.executable).parent / "rdml-dist")]
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """The test's environment without a cluster address, on loopback, no usage statistics."""
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    environment.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), environment.get("PYTHONPATH")]))
+    environment.update(extra)
+    return environment
+
+
+def write_config(path: Path, run_dir: Path, **sections: Any) -> Path:
+    """A two-student digits experiment (one epoch, one torch thread each) written as YAML to ``path``."""
+    raw: dict[str, Any] = {
+        "name": "cli",
+        "seed": 0,
+        "data": {"name": "digits"},
+        "students": [{"name": "mlp", "model": "mlp"}, {"name": "cnn", "model": "small_cnn"}],
+        "training": {"epochs": 1, "batch_size": 256, "optimizer": {"lr": 0.05}, "last_epochs_reported": 1},
+        "runtime": {"engine": "ray", "run_dir": str(run_dir), "torch_threads": 1},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_cli(args: list[str], cwd: Path, timeout_s: float, **environment: str) -> subprocess.CompletedProcess[str]:
+    """Run ``rdml-dist ARGS`` to completion (killed, with its process group, after ``timeout_s``)."""
+    process = subprocess.Popen(
+        [*RDML_DIST, *args], cwd=cwd, env=child_environment(**environment), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"rdml-dist {' '.join(args)} did not finish within {timeout_s} s:\n{stdout}\n{stderr}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs of live processes whose command line contains ``text`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command_line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command_line:
+            found.append(int(entry.name))
+    return found
