@@ -22,6 +22,11 @@ def _ray_cli() -> str:
     return str(Path(sys.executable).parent / "ray")
 
 
+def head_processes(port: int) -> list[int]:
+    """Every process of the head node at PORT (the GCS server names its port alone, the others the address)."""
+    return sorted({*processes_mentioning(f"127.0.0.1:{port}"), *processes_mentioning(f"--gcs_server_port={port}")})
+
+
 @contextlib.contextmanager
 def head_node(port: int) -> Iterator[list[int]]:
     """A real ``ray start --head`` on 127.0.0.1:PORT (one CPU); yields its processes and kills them on exit."""
@@ -34,14 +39,19 @@ def head_node(port: int) -> Iterator[list[int]]:
     address = f"127.0.0.1:{port}"
     try:
         assert CURRENT_CLUSTER_FILE.read_text().strip() == address
-        yield processes_mentioning(address)
+        yield head_processes(port)
     finally:
-        for pid in processes_mentioning(address):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not processes_mentioning(address), "the head node's processes are gone")
+        kill_head(port)
         if CURRENT_CLUSTER_FILE.exists() and CURRENT_CLUSTER_FILE.read_text().strip() == address:
             CURRENT_CLUSTER_FILE.unlink()
+
+
+def kill_head(port: int) -> None:
+    """SIGKILL the head node, as a crash would: Ray's current-cluster file is left behind."""
+    for pid in head_processes(port):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not head_processes(port), "the head node's processes are gone")
 
 
 def _train_without_address(tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -60,20 +70,18 @@ def _assert_trained_on_its_own_ray(result: subprocess.CompletedProcess[str], tmp
 @pytest.mark.timeout(300)
 def test_plain_train_starts_its_own_ray_beside_a_running_cluster(tmp_path: Path) -> None:
     port = free_port()
-    with head_node(port) as head_processes:
+    with head_node(port) as processes:
         result = _train_without_address(tmp_path)
         _assert_trained_on_its_own_ray(result, tmp_path, f"127.0.0.1:{port}")
         # The user's cluster was neither joined nor stopped.
-        assert all(Path(f"/proc/{pid}").exists() for pid in head_processes)
+        assert all(Path(f"/proc/{pid}").exists() for pid in processes)
 
 
 @pytest.mark.timeout(300)
 def test_plain_train_ignores_a_stale_current_cluster_file(tmp_path: Path) -> None:
     port = free_port()
     with head_node(port):
-        for pid in processes_mentioning(f"127.0.0.1:{port}"):
-            os.kill(pid, signal.SIGKILL)  # the cluster dies without `ray stop`: its address file stays behind
-        wait_until(lambda: not processes_mentioning(f"127.0.0.1:{port}"), "the killed cluster is gone")
+        kill_head(port)  # the cluster dies without `ray stop`: its address file stays behind
         assert CURRENT_CLUSTER_FILE.read_text().strip() == f"127.0.0.1:{port}"
         result = _train_without_address(tmp_path)
         _assert_trained_on_its_own_ray(result, tmp_path, f"127.0.0.1:{port}")
