@@ -3,9 +3,11 @@
 import argparse
 import sys
 
-from rdml_dist.config import ExperimentConfig, load_config
-from rdml_dist.engines import train_cohort
+from rdml_dist.config import load_config
+from rdml_dist.engines import resume_cohort, train_cohort
+from rdml_dist.engines.failure_policy import RunFailed
 from rdml_dist.errors import ClusterError, ConfigError
+from rdml_dist.run_directory import RunDirectory
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
         )
     train.add_argument("--engine", choices=["local", "ray"], help="override runtime.engine")
     train.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:10001 (default: start a local one)")
-    train.add_argument("--run-dir", help="override runtime.run_dir")
+    train.add_argument("--run-dir", help="override runtime.run_dir (a path or a URI such as s3://bucket/runs/x)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped, crashed or killed run from its latest checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same run directory")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
     return parser
 
@@ -37,15 +41,37 @@ def _engine_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def _train(config: ExperimentConfig, show_progress: bool) -> int:
-    run = train_cohort(config, show_progress=show_progress)
+def _report(run: RunDirectory) -> int:
     print(run.finish())
-    print(f"\nresults: {run.path / 'results.json'}  table: {run.path / 'results.txt'}  checkpoints: {run.path / 'checkpoints'}")
+    where = run.storage.describe
+    print(f"\nresults: {where('results.json')}  table: {where('results.txt')}  checkpoints: {where('checkpoints')}")
     return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    if args.config or args.overrides or args.engine or args.run_dir or args.overwrite:
+        print("rdml-dist: --resume continues a run with the config it started with; "
+              "drop CONFIG, --set, --engine, --run-dir and --overwrite", file=sys.stderr)
+        return 2
+    try:
+        return _report(resume_cohort(args.resume, args.address, show_progress=not args.no_progress))
+    except ConfigError as error:
+        print(f"rdml-dist: cannot resume: {error}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _command(args)
+    except (ClusterError, RunFailed) as error:
+        print(f"rdml-dist: {error}", file=sys.stderr)
+        return 1
+
+
+def _command(args: argparse.Namespace) -> int:
+    if getattr(args, "resume", None):
+        return _resume(args)
     try:
         config = load_config(args.config, _engine_overrides(args))
     except ConfigError as error:
@@ -57,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{config.mimicry.divergence}, alpha={config.mimicry.alpha}; engine {config.runtime.engine})")
         return 0
     try:
-        return _train(config, show_progress=not args.no_progress)
-    except ClusterError as error:
-        print(f"rdml-dist: {error}", file=sys.stderr)
-        return 1
+        run = train_cohort(config, show_progress=not args.no_progress, overwrite=args.overwrite)
+    except ConfigError as error:
+        print(f"rdml-dist: invalid config: {error}", file=sys.stderr)
+        return 2
+    return _report(run)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Every problem is reported as a :class:`~rdml_dist.errors.ConfigError` naming the
 cluster.
 """
 
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,8 @@ from rdml_dist.errors import ConfigError
 from rdml_dist.models import check_model_name
 
 DEFAULT_CONFIG_NAME = "digits_renyi.yaml"
+DEFAULT_STORAGE = "~/rdml_results"
+RAY_JOB_ENVIRONMENT = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a job's entrypoint
 STUDENT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -125,14 +128,40 @@ class RayConfig(_Strict):
     exchange_timeout_s: float = Field(300.0, gt=0)
 
 
+class CoordinatorConfig(_Strict):
+    """The coordinator's own bundle in the cohort's placement group."""
+
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0, le=1)
+
+
+class CheckpointConfig(_Strict):
+    """Cohort checkpoints: at every epoch end, and every ``every_steps`` steps when set; the last ``keep`` are kept."""
+
+    every_steps: int | None = Field(None, ge=1)
+    keep: int = Field(2, ge=1)
+
+
+class FaultConfig(_Strict):
+    """What a failure costs: a cohort rollback (default), the live students carrying on, or the run."""
+
+    on_student_failure: Literal["restart_cohort", "continue", "fail"] = "restart_cohort"
+    max_failures: int = Field(3, ge=0)
+    nan_lr_backoff: float = Field(1.0, gt=0, le=1)
+
+
 class RuntimeConfig(_Strict):
-    """Where it runs and where results go."""
+    """Where it runs, where results go, and how failures are survived."""
 
     engine: Literal["local", "ray"] = "ray"
-    run_dir: str = "runs/{name}"
+    storage: str = DEFAULT_STORAGE
+    run_dir: str = "{storage}/{name}"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, ge=1)
     ray: RayConfig = Field(default_factory=RayConfig)
+    coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    fault: FaultConfig = Field(default_factory=FaultConfig)
 
 
 class ExperimentConfig(_Strict):
@@ -161,9 +190,25 @@ class ExperimentConfig(_Strict):
             for index, student in enumerate(self.students)
         ]
 
-    def resolved_run_dir(self) -> Path:
-        """``runtime.run_dir`` with ``{name}`` replaced by the experiment name."""
-        return Path(self.runtime.run_dir.replace("{name}", self.name))
+    def resolved_run_dir(self) -> str:
+        """This run's location: an absolute local path or a URI (``runtime.run_dir`` with its placeholders filled).
+
+        A relative path is taken from the current directory, except inside a Ray job, whose
+        working directory is a temporary copy deleted with the session: there it is an error.
+        """
+        location = self.runtime.run_dir.replace("{storage}", self.runtime.storage).replace("{name}", self.name)
+        if "://" in location:
+            return location
+        path = Path(location).expanduser()
+        if not path.is_absolute():
+            if os.environ.get(RAY_JOB_ENVIRONMENT):
+                raise ConfigError(
+                    "runtime.run_dir",
+                    f"{location!r} is relative, and this driver runs as a Ray job whose working directory is "
+                    "temporary; use an absolute path on shared storage or a URI (default runtime.storage: ~/rdml_results)",
+                )
+            path = Path.cwd() / path
+        return str(path)
 
 
 def _field_path(location: tuple[Any, ...]) -> str:

@@ -19,6 +19,8 @@ from rdml_dist.errors import FrameRejected
 from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
 from rdml_dist.schedules import alpha_at, mimicry_weight_at
 
+NON_FINITE = "non_finite"  # the rejection reason that sends a student back to its last checkpoint
+
 
 @dataclass
 class StepRecord:
@@ -72,13 +74,14 @@ class CohortCoordinator:
     def register(self, info: StudentInfo) -> None:
         """Admit a student; its data must agree with the students already registered."""
         if info.name not in self.members:
-            raise FrameRejected(f"unknown student {info.name!r} (members: {', '.join(self.members)})")
+            raise FrameRejected(f"unknown student {info.name!r} (members: {', '.join(self.members)})", "unknown_student")
         for other in self.info.values():
             for attribute in ("num_train", "num_val", "num_classes", "steps_per_epoch"):
                 if getattr(info, attribute) != getattr(other, attribute):
                     raise FrameRejected(
                         f"student {info.name!r} has {attribute}={getattr(info, attribute)} but "
-                        f"{other.name!r} has {getattr(other, attribute)}: students must load the same data"
+                        f"{other.name!r} has {getattr(other, attribute)}: students must load the same data",
+                        "data_mismatch",
                     )
         self.info[info.name] = info
         self.live.add(info.name)
@@ -87,6 +90,27 @@ class CohortCoordinator:
         """Stop waiting for a student; mimicry then averages over the remaining live peers."""
         self.live.discard(name)
         self._pending.pop(name, None)
+        self._arrivals.pop(name, None)
+
+    def revive(self, name: str) -> None:
+        """A restarted student rejoins; it takes part from the next step it submits."""
+        if name not in self.info:
+            raise FrameRejected(f"student {name!r} never registered", "unknown_student")
+        self.live.add(name)
+
+    def restore(self, step: int) -> None:
+        """Go back (or forward, after a coordinator restart) to the start of ``step``: a cohort checkpoint.
+
+        In-flight frames, the records of later steps and the evaluations of unfinished epochs are dropped.
+        """
+        self.step = step
+        self._pending.clear()
+        self._arrivals.clear()
+        self._excluded.clear()
+        self.records = {kept: rows for kept, rows in self.records.items() if kept < step}
+        finished_epochs = step // self.steps_per_epoch
+        self.evaluations = {epoch: scores for epoch, scores in self.evaluations.items() if epoch < finished_epochs}
+        self._eval_frames = {epoch: frames for epoch, frames in self._eval_frames.items() if epoch < finished_epochs}
 
     @property
     def steps_per_epoch(self) -> int:
@@ -110,30 +134,32 @@ class CohortCoordinator:
 
     def _validate(self, frame: LogitsFrame) -> None:
         if frame.student not in self.members:
-            raise FrameRejected(f"unknown student {frame.student!r}")
+            raise FrameRejected(f"unknown student {frame.student!r}", "unknown_student")
         if frame.student not in self.live:
-            raise FrameRejected(f"student {frame.student!r} is not a live member (register first)")
+            raise FrameRejected(f"student {frame.student!r} is not a live member (register first)", "not_live")
         if frame.step != self.step:
-            raise FrameRejected(f"frame from {frame.student!r} is for step {frame.step}, cohort is at step {self.step}")
+            raise FrameRejected(f"frame from {frame.student!r} is for step {frame.step}, cohort is at step {self.step}", "wrong_step")
         if frame.student in self._pending:
-            raise FrameRejected(f"duplicate frame from {frame.student!r} for step {frame.step}")
+            raise FrameRejected(f"duplicate frame from {frame.student!r} for step {frame.step}", "duplicate")
         expected = self.expected_hash(frame.step)
         if frame.batch_hash != expected:
             raise FrameRejected(
-                f"frame from {frame.student!r} at step {frame.step} has batch hash {frame.batch_hash}, expected {expected}"
+                f"frame from {frame.student!r} at step {frame.step} has batch hash {frame.batch_hash}, expected {expected}",
+                "batch_mismatch",
             )
         logits = frame.logits
         num_classes = self.info[frame.student].num_classes
         if logits.dim() != 2 or logits.shape[1] != num_classes:
-            raise FrameRejected(f"logits from {frame.student!r} have shape {tuple(logits.shape)}, expected B×{num_classes}")
+            raise FrameRejected(f"logits from {frame.student!r} have shape {tuple(logits.shape)}, expected B×{num_classes}", "wrong_shape")
         for other in self._pending.values():
             if other.logits.shape != logits.shape:
                 raise FrameRejected(
                     f"logits from {frame.student!r} have shape {tuple(logits.shape)} but {other.student!r} sent "
-                    f"{tuple(other.logits.shape)}"
+                    f"{tuple(other.logits.shape)}",
+                    "wrong_shape",
                 )
         if not bool(torch.isfinite(logits).all()) or not math.isfinite(frame.ce_loss):
-            raise FrameRejected(f"frame from {frame.student!r} at step {frame.step} holds NaN or infinite values")
+            raise FrameRejected(f"frame from {frame.student!r} at step {frame.step} holds NaN or infinite values", NON_FINITE)
 
     # -- the step barrier -----------------------------------------------------------------
     def submit(self, frame: LogitsFrame) -> None:
@@ -158,7 +184,8 @@ class CohortCoordinator:
         return [name for name in self.members if name in self.live and name not in self._pending and name not in self._excluded]
 
     def is_complete(self) -> bool:
-        return bool(self._pending) and not self.waiting_for()
+        """Every live member has either sent its frame or been excluded from this step (and someone arrived)."""
+        return bool(self._pending or self._excluded) and not self.waiting_for()
 
     def compute(self) -> dict[str, MimicryReply]:
         """Mimicry gradients for every student of the current step in one batched call; advance the step."""
@@ -166,6 +193,9 @@ class CohortCoordinator:
             raise RuntimeError(f"step {self.step} is still waiting for {', '.join(self.waiting_for())}")
         started = self.clock()
         names = [name for name in self.members if name in self._pending]
+        if not names:  # every live student's frame was refused: the step passes without an exchange
+            self._advance()
+            return {}
         frames = [self._pending[name] for name in names]
         mimicry = self.config.mimicry
         progress = self.step / self.steps_per_epoch
@@ -208,11 +238,14 @@ class CohortCoordinator:
                 coordinator_seconds=elapsed,
             )
         self.records[self.step] = step_records
+        self._advance()
+        return replies
+
+    def _advance(self) -> None:
         self.step += 1
         self._pending.clear()
         self._arrivals.clear()
         self._excluded.clear()
-        return replies
 
     def _record_timing(self, student: str, timing: StepTiming | None) -> None:
         """Attach a student's own measurement of an earlier step (compute, round trip) to that step's record."""

@@ -21,6 +21,22 @@ class FrameRejected(ValueError):
     """A student's exchange frame is invalid (shape, step, batch hash, non-finite values, unknown sender).
 
     Rejection is per frame: the other students' frames for the same step are unaffected.
+    ``reason`` is a short fixed code (``non_finite``, ``wrong_step`` …) a transport can map to a
+    status code and a student can act on.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type["FrameRejected"], tuple[str, str]]:
+        return (type(self), (str(self), self.reason))
+
+
+class CohortStepFailed(RuntimeError):
+    """The coordinator could not complete a step (its computation raised, or the cohort is rolling back).
+
+    Every student waiting at that step receives it at once, instead of waiting out the exchange timeout.
     """
 
 

@@ -1,47 +1,30 @@
-"""The run directory: resolved config, per-step log, per-epoch results (JSON + table), checkpoints.
+"""The run directory: resolved config, per-step log, per-epoch results (JSON + table) and fault events.
 
-Every file that is rewritten during a run is written atomically (temporary file + rename), so
-a crash never leaves a truncated results file or checkpoint behind.
+It lives in the run's :class:`~rdml_dist.storage.Storage` (local, shared or object store) and
+every file is replaced all at once, so a crash never leaves a truncated file behind. Checkpoints
+live beside these files and are managed by :mod:`rdml_dist.checkpoints`.
 """
 
 import csv
+import io
 import json
 import math
-import os
-import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, fields
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import torch
 import yaml
 
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.coordinator import EpochEvaluation, StepRecord
+from rdml_dist.storage import Storage
 
 STEP_LOG = "steps.csv"
 RESULTS_JSON = "results.json"
 RESULTS_TABLE = "results.txt"
 CONFIG_FILE = "config.yaml"
-CHECKPOINTS = "checkpoints"
 PLACEMENTS_JSON = "placements.json"
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temporary file in the same directory and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -91,25 +74,46 @@ def _json_safe(value: Any) -> Any:
 
 
 class RunDirectory:
-    """Owns one run's files; engines feed it step records, evaluations and student states."""
+    """Owns one run's files in its storage; the epoch loop feeds it step records, evaluations and fault events.
 
-    def __init__(self, path: Path, config: ExperimentConfig, engine: str) -> None:
-        self.path = path
+    Step rows are kept in memory and ``steps.csv`` is rewritten whole (atomically) at every
+    checkpoint, so the files always describe a prefix of the run that a checkpoint can continue.
+    """
+
+    def __init__(self, storage: Storage, config: ExperimentConfig, engine: str, resume_from: dict[str, Any] | None = None) -> None:
+        self.storage = storage
         self.config = config
         self.engine = engine
+        self.rows: list[StepRecord] = []
         self.epochs: list[dict[str, Any]] = []
-        path.mkdir(parents=True, exist_ok=True)
-        config_text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode()
-        atomic_write(path / CONFIG_FILE, lambda handle: handle.write(config_text))
-        self._step_log = (path / STEP_LOG).open("w", newline="")
-        self._step_writer = csv.writer(self._step_log)
-        self._step_writer.writerow([column.name for column in fields(StepRecord)])
+        self.events: list[dict[str, Any]] = []
+        if resume_from is None:
+            config_text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode()
+            storage.write_bytes(CONFIG_FILE, config_text)
+        else:
+            self.rows = [row for row in read_step_log(storage) if row.step < resume_from["step"]]
+            self.epochs = list(resume_from["epochs"])
+            self.events = list(resume_from["events"])
 
-    def record_epoch(self, epoch: int, records: list[StepRecord], evaluation: EpochEvaluation, seconds: float) -> dict[str, Any]:
-        """Append the epoch's steps to the log and rewrite ``results.json``; returns the epoch entry."""
-        for record in records:
-            self._step_writer.writerow(list(asdict(record).values()))
-        self._step_log.flush()
+    @property
+    def location(self) -> str:
+        return self.storage.describe()
+
+    def add_records(self, records: list[StepRecord]) -> None:
+        self.rows.extend(records)
+
+    def add_events(self, events: list[dict[str, Any]]) -> None:
+        """Fault events (failures, rollbacks, non-finite losses): kept in ``results.json`` and in every manifest."""
+        self.events.extend(events)
+
+    def rollback(self, manifest: dict[str, Any]) -> None:
+        """Forget the steps and epochs after a checkpoint the cohort went back to (fault events stay)."""
+        self.rows = [row for row in self.rows if row.step < manifest["step"]]
+        self.epochs = list(manifest["epochs"])
+
+    def record_epoch(self, epoch: int, evaluation: EpochEvaluation, seconds: float) -> dict[str, Any]:
+        """Summarise the epoch's steps with its scores and rewrite ``results.json``; returns the epoch entry."""
+        records = [row for row in self.rows if row.epoch == epoch]
         training = summarize_training(records)
         entry = {
             "epoch": epoch,
@@ -126,6 +130,28 @@ class RunDirectory:
         self.write_results()
         return entry
 
+    def manifest(self, step: int, live: list[str]) -> dict[str, Any]:
+        """The cohort part of a checkpoint: position, members, and the results written so far."""
+        return _json_safe({
+            "step": step,
+            "epochs_done": len(self.epochs),
+            "members": self.config.student_names(),
+            "live": live,
+            "engine": self.engine,
+            "epochs": self.epochs,
+            "events": self.events,
+        })
+
+    def write_progress(self) -> None:
+        """Rewrite ``steps.csv`` and ``results.json`` from memory (before a checkpoint's manifest)."""
+        lines = io.StringIO()
+        writer = csv.writer(lines)
+        writer.writerow([column.name for column in fields(StepRecord)])
+        for row in self.rows:
+            writer.writerow(list(asdict(row).values()))
+        self.storage.write_bytes(STEP_LOG, lines.getvalue().encode())
+        self.write_results()
+
     def summary(self) -> dict[str, Any]:
         """Final, best and last-k-mean validation accuracy per student and for the ensemble (the papers' score)."""
         last_k = self.config.training.last_epochs_reported
@@ -134,15 +160,24 @@ class RunDirectory:
         timing_keys = ("compute_seconds", "round_trip_seconds", "wait_seconds", "exchange_overhead_seconds")
         result = {}
         for name, accuracies in series.items():
+            known = [value for value in accuracies if value is not None and not math.isnan(value)]
             result[name] = {
                 "final_val_accuracy": accuracies[-1] if accuracies else math.nan,
-                "best_val_accuracy": max(accuracies, default=math.nan),
-                f"mean_last_{last_k}_val_accuracy": _mean(accuracies[-last_k:]),
+                "best_val_accuracy": max(known, default=math.nan),
+                f"mean_last_{last_k}_val_accuracy": _mean(known[-last_k:]),
             }
             if name != "ensemble":
                 for key in timing_keys:
-                    result[name][f"mean_{key}"] = _mean(entry["students"][name].get(key, math.nan) for entry in self.epochs)
+                    values = (entry["students"][name].get(key) for entry in self.epochs)
+                    result[name][f"mean_{key}"] = _mean(math.nan if value is None else value for value in values)
         return result
+
+    def fault_counts(self) -> dict[str, int]:
+        """How many of each fault event the run went through."""
+        counts: dict[str, int] = defaultdict(int)
+        for event in self.events:
+            counts[event["kind"]] += 1
+        return dict(counts)
 
     def write_results(self) -> None:
         document = {
@@ -151,27 +186,28 @@ class RunDirectory:
             "students": self.config.student_names(),
             "epochs": self.epochs,
             "summary": self.summary(),
+            "faults": {"counts": self.fault_counts(), "events": self.events},
         }
-        text = json.dumps(_json_safe(document), indent=2).encode()
-        atomic_write(self.path / RESULTS_JSON, lambda handle: handle.write(text))
+        self.storage.write_bytes(RESULTS_JSON, json.dumps(_json_safe(document), indent=2).encode())
 
     def write_placements(self, placements: dict[str, dict[str, Any]]) -> None:
         """Record where each student ran (node, GPU ids, device) in ``placements.json``."""
-        text = json.dumps(placements, indent=2).encode()
-        atomic_write(self.path / PLACEMENTS_JSON, lambda handle: handle.write(text))
-
-    def save_checkpoint(self, student: str, state: dict[str, Any]) -> Path:
-        """Atomically replace ``checkpoints/<student>.pt`` with the given state."""
-        target = self.path / CHECKPOINTS / f"{student}.pt"
-        atomic_write(target, lambda handle: torch.save(state, handle))
-        return target
+        self.storage.write_bytes(PLACEMENTS_JSON, json.dumps(placements, indent=2).encode())
 
     def finish(self) -> str:
-        """Write the readable table, close the step log, and return the table."""
+        """Write the readable table and return it."""
         table = format_table(self.summary(), self.config.training.last_epochs_reported)
-        atomic_write(self.path / RESULTS_TABLE, lambda handle: handle.write((table + "\n").encode()))
-        self._step_log.close()
+        self.storage.write_bytes(RESULTS_TABLE, (table + "\n").encode())
         return table
+
+
+def read_step_log(storage: Storage) -> list[StepRecord]:
+    """The rows of a run's ``steps.csv`` as records (empty when the run wrote none yet)."""
+    if not storage.exists(STEP_LOG):
+        return []
+    columns = fields(StepRecord)
+    reader = csv.DictReader(io.StringIO(storage.read_bytes(STEP_LOG).decode()))
+    return [StepRecord(**{column.name: column.type(row[column.name]) for column in columns}) for row in reader]
 
 
 def format_table(summary: dict[str, dict[str, float]], last_k: int) -> str:

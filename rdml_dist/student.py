@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rdml_dist.checkpoints import CheckpointStore, to_cpu
 from rdml_dist.config import ExperimentConfig, OptimizerConfig, data_spec
 from rdml_dist.data import augment_seed, batch_plan, indices_hash, load_dataset
 from rdml_dist.frames import EvalFrame, LogitsFrame, StepTiming, StudentInfo
@@ -70,6 +71,8 @@ class Student:
         self.dataset = load_dataset(data_spec(config), config.seed)
         student_config = config.students[index]
         self._rng_state = torch.Generator().manual_seed(student_seed(config.seed, index)).get_state()
+        self._cuda_rng_state = self._initial_cuda_rng_state()
+        self._carried_cuda_rng_state: Tensor | None = None
         with self._own_rng():
             self.model = build_model(
                 student_config.model,
@@ -82,19 +85,39 @@ class Student:
         self.optimizer = build_optimizer(self.model.parameters(), student_config.optimizer or config.training.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config)
         self.epoch = 0
+        self.steps_per_epoch = len(self.plan(0))
+        self._epoch_plan: tuple[int, list[Tensor]] | None = None
         self._pending: tuple[int, Tensor, Tensor, float] | None = None
         self._last_timing: StepTiming | None = None
 
+    def _initial_cuda_rng_state(self) -> Tensor | None:
+        """The student's own CUDA generator state, seeded like its CPU stream (None on a CPU student)."""
+        if self.device.type != "cuda":
+            return None
+        with torch.cuda.device(self.device):
+            outer = torch.cuda.get_rng_state()
+            torch.cuda.manual_seed(student_seed(self.config.seed, self.index))
+            state = torch.cuda.get_rng_state()
+            torch.cuda.set_rng_state(outer)
+        return state
+
     @contextlib.contextmanager
     def _own_rng(self) -> Iterator[None]:
-        """Run with this student's private CPU RNG stream (dropout, init), whatever else shares the process."""
+        """Run with this student's private RNG streams (dropout, init): the CPU one and, on a GPU, its CUDA one."""
         outer = torch.get_rng_state()
         torch.set_rng_state(self._rng_state)
+        outer_cuda = None
+        if self._cuda_rng_state is not None:
+            outer_cuda = torch.cuda.get_rng_state(self.device)
+            torch.cuda.set_rng_state(self._cuda_rng_state, self.device)
         try:
             yield
         finally:
             self._rng_state = torch.get_rng_state()
             torch.set_rng_state(outer)
+            if outer_cuda is not None:
+                self._cuda_rng_state = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(outer_cuda, self.device)
 
     def info(self) -> StudentInfo:
         """Registration data the coordinator cross-checks between students."""
@@ -103,13 +126,20 @@ class Student:
             num_train=len(self.dataset.train),
             num_val=len(self.dataset.val),
             num_classes=self.dataset.num_classes,
-            steps_per_epoch=len(self.plan(0)),
+            steps_per_epoch=self.steps_per_epoch,
         )
 
     def plan(self, epoch: int) -> list[Tensor]:
         """The epoch's batches of training indices, identical in every student."""
         training = self.config.training
         return batch_plan(len(self.dataset.train), training.batch_size, self.config.seed, epoch, training.drop_last)
+
+    def forward_step(self, global_step: int) -> LogitsFrame:
+        """:meth:`forward` on the batch the shared plan assigns to ``global_step``."""
+        epoch, step_in_epoch = divmod(global_step, self.steps_per_epoch)
+        if self._epoch_plan is None or self._epoch_plan[0] != epoch:
+            self._epoch_plan = (epoch, self.plan(epoch))
+        return self.forward(epoch, step_in_epoch, global_step, self._epoch_plan[1][step_in_epoch])
 
     def forward(self, epoch: int, step_in_epoch: int, global_step: int, indices: Tensor) -> LogitsFrame:
         """Forward one batch; keep the graph for :meth:`apply` and return the frame to exchange."""
@@ -153,10 +183,27 @@ class Student:
         self.optimizer.step()
         self._last_timing = StepTiming(step, forward_seconds + time.perf_counter() - started, round_trip_seconds)
 
+    def discard_pending(self) -> None:
+        """Forget the forward whose frame was refused (no gradient will come for it)."""
+        self._pending = None
+
     def end_epoch(self) -> None:
         """Advance the per-epoch learning-rate schedule."""
         self.lr_scheduler.step()
         self.epoch += 1
+
+    def advance_to_epoch(self, epoch: int) -> None:
+        """Bring an older restored state's epoch counter and learning-rate schedule up to the cohort's ``epoch``."""
+        while self.epoch < epoch:
+            self.end_epoch()
+
+    def back_off_learning_rate(self, factor: float) -> None:
+        """Scale this student's learning rates (after a non-finite loss), keeping the schedule's shape."""
+        if factor == 1.0:
+            return
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        self.lr_scheduler.base_lrs = [lr * factor for lr in self.lr_scheduler.base_lrs]
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> EvalFrame:
@@ -178,22 +225,48 @@ class Student:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue this student exactly: weights, optimizer, schedule, RNG, epoch."""
-        return {
+        """Everything needed to continue this student exactly, as CPU tensors whatever the device.
+
+        Weights, optimizer, schedule, epoch and both RNG streams (the CUDA one is kept even on a
+        CPU student that restored a GPU checkpoint, so moving back to a GPU loses nothing).
+        """
+        return to_cpu({
             "name": self.name,
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "rng_state": self._rng_state,
-        }
+            "cuda_rng_state": self._cuda_rng_state if self._cuda_rng_state is not None else self._carried_cuda_rng_state,
+        })
+
+    def restore_from(self, checkpoints: CheckpointStore, step: int, cohort_epoch: int) -> None:
+        """Load this student's file of the cohort checkpoint at ``step`` and catch up with the cohort's epoch."""
+        self.load_state_dict(checkpoints.load_student(step, self.name))
+        self.advance_to_epoch(cohort_epoch)
+
+    def recover_from_non_finite(self, checkpoints: CheckpointStore, restore_step: int, step: int, cause: str) -> dict[str, Any]:
+        """Go back to the last checkpoint after a non-finite loss or logits (its peers never saw them).
+
+        The learning rate is scaled by ``runtime.fault.nan_lr_backoff`` (1: unchanged). Returns the fault event.
+        """
+        self.restore_from(checkpoints, restore_step, step // self.steps_per_epoch)
+        self.back_off_learning_rate(self.config.runtime.fault.nan_lr_backoff)
+        return {"kind": "non_finite", "student": self.name, "step": step, "cause": cause,
+                "action": f"restored its checkpoint of step {restore_step}"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (a checkpoint of the same student)."""
+        """Restore from :meth:`state_dict` (a checkpoint of the same student), onto this student's device."""
         if state["name"] != self.name:
             raise ValueError(f"checkpoint belongs to student {state['name']!r}, not {self.name!r}")
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # moves the optimizer state to the parameters' device
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self._rng_state = state["rng_state"]
+        self._rng_state = state["rng_state"].cpu()
+        saved_cuda = state.get("cuda_rng_state")
+        if self.device.type == "cuda":
+            self._cuda_rng_state = saved_cuda.cpu() if saved_cuda is not None else self._initial_cuda_rng_state()
+        else:
+            self._carried_cuda_rng_state = saved_cuda
         self.epoch = state["epoch"]
+        self._pending = None

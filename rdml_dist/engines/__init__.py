@@ -4,22 +4,34 @@ from pathlib import Path
 
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.engines.loopback import keep_local_ray_on_loopback
+from rdml_dist.engines.session import RunSession, new_session, resume_session
 from rdml_dist.run_directory import RunDirectory
 
 
-def train_cohort(config: ExperimentConfig, run_dir: str | Path | None = None, show_progress: bool = True) -> RunDirectory:
+def train_cohort(
+    config: ExperimentConfig, run_dir: str | Path | None = None, show_progress: bool = True, overwrite: bool = False
+) -> RunDirectory:
     """Train ``config``'s cohort with its ``runtime.engine``; returns the run directory (call ``finish()``).
 
-    ``run_dir`` defaults to ``runtime.run_dir``. The Ray engine joins ``runtime.ray.address``
-    or starts a local Ray on loopback (Ray is imported only when this engine is used).
+    ``run_dir`` (a path or URI) defaults to ``runtime.run_dir``. The Ray engine joins
+    ``runtime.ray.address`` or starts a local Ray on loopback (Ray is imported only when this engine is used).
     """
-    target = Path(run_dir) if run_dir is not None else config.resolved_run_dir()
-    if config.runtime.engine == "local":
-        from rdml_dist.engines.local import train_local
+    return run_session(new_session(config, run_dir, overwrite), show_progress)
 
-        return train_local(config, target, show_progress)
-    if config.runtime.ray.address is None:
+
+def resume_cohort(location: str, address: str | None = None, show_progress: bool = True) -> RunDirectory:
+    """Continue a stopped, crashed or killed run from its latest complete cohort checkpoint."""
+    return run_session(resume_session(location, address), show_progress)
+
+
+def run_session(session: RunSession, show_progress: bool = True) -> RunDirectory:
+    """Hand an opened run to its engine."""
+    if session.config.runtime.engine == "local":
+        from rdml_dist.engines.local import run_local
+
+        return run_local(session, show_progress)
+    if session.config.runtime.ray.address is None:
         keep_local_ray_on_loopback()
-    from rdml_dist.engines.ray_engine import train_ray
+    from rdml_dist.engines.ray_engine import run_ray
 
-    return train_ray(config, target, show_progress)
+    return run_ray(session, show_progress)

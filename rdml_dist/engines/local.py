@@ -1,53 +1,88 @@
-"""The reference in-process cohort trainer: every student in this process, the same math as the Ray engine.
+"""The reference in-process cohort: every student in this process, the same math and loop as the Ray engine.
 
 Students exchange nothing over a transport: their frames go straight into the same
 :class:`~rdml_dist.coordinator.CohortCoordinator` that the Ray coordinator actor wraps, so the
 two engines follow the same trajectory for the same config and seed.
 """
 
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.coordinator import CohortCoordinator
-from rdml_dist.engines.progress import describe_epoch
+from rdml_dist.coordinator import NON_FINITE, CohortCoordinator, EpochEvaluation, StepRecord
+from rdml_dist.engines.loop import train_loop
+from rdml_dist.engines.session import RunSession, new_session
+from rdml_dist.errors import FrameRejected
 from rdml_dist.run_directory import RunDirectory
 from rdml_dist.student import Student
 
 
-def train_local(config: ExperimentConfig, run_dir: Path, show_progress: bool = True) -> RunDirectory:
-    """Train the cohort in this process; returns the finished run directory."""
-    if config.runtime.torch_threads:
-        torch.set_num_threads(config.runtime.torch_threads)
-    students = [Student(config, index) for index in range(len(config.students))]
-    coordinator = CohortCoordinator(config)
-    for student in students:
-        coordinator.register(student.info())
-    run = RunDirectory(run_dir, config, engine="local")
-    steps_per_epoch = coordinator.steps_per_epoch
-    with tqdm(total=config.training.epochs * steps_per_epoch, disable=not show_progress, unit="step") as bar:
-        for epoch in range(config.training.epochs):
-            started = time.perf_counter()
-            plans = [student.plan(epoch) for student in students]
-            for step_in_epoch in range(steps_per_epoch):
-                global_step = coordinator.step
-                for student, plan in zip(students, plans):
-                    coordinator.submit(student.forward(epoch, step_in_epoch, global_step, plan[step_in_epoch]))
-                replies = coordinator.compute()
-                for student in students:
-                    student.apply(replies[student.name].grad)
-                bar.update(1)
-            evaluation = None
-            for student in students:
-                student.end_epoch()
-                evaluation = coordinator.submit_eval(student.evaluate(epoch)) or evaluation
-            if evaluation is None:
-                raise RuntimeError(f"epoch {epoch} was not scored: the coordinator still waits for an evaluation")
-            entry = run.record_epoch(epoch, coordinator.pop_records(coordinator.step), evaluation, time.perf_counter() - started)
-            for student in students:
-                run.save_checkpoint(student.name, student.state_dict())
-            bar.set_postfix_str(describe_epoch(entry))
-    return run
+class LocalCohort:
+    """All students and the coordinator core in this process (no failures to survive but non-finite losses)."""
+
+    def __init__(self, config: ExperimentConfig, checkpoints: CheckpointStore) -> None:
+        if config.runtime.torch_threads:
+            torch.set_num_threads(config.runtime.torch_threads)
+        self.checkpoints = checkpoints
+        self.students = [Student(config, index) for index in range(len(config.students))]
+        self.coordinator = CohortCoordinator(config)
+        for student in self.students:
+            self.coordinator.register(student.info())
+        self.steps_per_epoch = self.coordinator.steps_per_epoch
+
+    def run_steps(self, start: int, end: int, restore_step: int, on_progress: Callable[[int], None]) -> list[dict[str, Any]]:
+        events = []
+        for step in range(start, end):
+            accepted = []
+            for student in self.students:
+                try:
+                    self.coordinator.submit(student.forward_step(step))
+                    accepted.append(student)
+                except FrameRejected as rejected:
+                    if rejected.reason != NON_FINITE:
+                        raise
+                    events.append(student.recover_from_non_finite(self.checkpoints, restore_step, step, str(rejected)))
+            replies = self.coordinator.compute()
+            for student in accepted:
+                student.apply(replies[student.name].grad)
+            on_progress(step + 1)
+        return events
+
+    def evaluate(self, epoch: int) -> EpochEvaluation:
+        evaluation = None
+        for student in self.students:
+            student.end_epoch()
+            evaluation = self.coordinator.submit_eval(student.evaluate(epoch)) or evaluation
+        if evaluation is None:
+            raise RuntimeError(f"epoch {epoch} was not scored: the coordinator still waits for an evaluation")
+        return evaluation
+
+    def pop_records(self, before_step: int) -> list[StepRecord]:
+        return self.coordinator.pop_records(before_step)
+
+    def save_checkpoint(self, step: int) -> None:
+        for student in self.students:
+            self.checkpoints.save_student(step, student.name, student.state_dict())
+
+    def restore(self, step: int) -> None:
+        for student in self.students:
+            student.restore_from(self.checkpoints, step, step // self.steps_per_epoch)
+        self.coordinator.restore(step)
+
+    def live_members(self) -> list[str]:
+        return [student.name for student in self.students]
+
+
+def run_local(session: RunSession, show_progress: bool = True) -> RunDirectory:
+    """Train an opened run in this process; returns its run directory."""
+    cohort = LocalCohort(session.config, session.checkpoints)
+    return train_loop(session.config, cohort, session.run, session.checkpoints, session.start, show_progress)
+
+
+def train_local(config: ExperimentConfig, run_dir: str | Path, show_progress: bool = True) -> RunDirectory:
+    """Train ``config``'s cohort in this process, whatever its ``runtime.engine`` says (the reference trainer)."""
+    return run_local(new_session(config, run_dir), show_progress)

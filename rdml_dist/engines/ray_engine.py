@@ -1,26 +1,36 @@
-"""The Ray engine's driver: connect to a cluster, gang-schedule the cohort, run epochs, write the run directory.
+"""The Ray engine's cohort: gang-scheduled actors, and the driver's side of surviving their failures.
 
-Images never pass through here: each student actor loads its own data; the driver only starts
-epochs, shows progress, and collects step records, scores and checkpoints.
+Images never pass through the driver, and neither do weights: each student actor loads its own
+data and writes its own checkpoints to the run's storage. The driver starts chunks of steps,
+polls the actors, hands every failure to the :class:`FailurePolicy` and carries out its decision.
 """
 
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from tqdm import tqdm
 
+from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.engines.progress import describe_epoch
-from rdml_dist.engines.ray_actors import CoordinatorActor, StudentActor
+from rdml_dist.coordinator import EpochEvaluation, StepRecord
+from rdml_dist.engines.failure_policy import Decision, Failure, FailurePolicy
+from rdml_dist.engines.loop import CohortRollback, train_loop
+from rdml_dist.engines.ray_actors import STORAGE_MARKER, CoordinatorActor, StudentActor
 from rdml_dist.engines.ray_cluster import connect
-from rdml_dist.errors import ClusterError
+from rdml_dist.engines.session import RunSession, new_session
+from rdml_dist.errors import ClusterError, CohortStepFailed
+from rdml_dist.frames import StudentInfo
 from rdml_dist.run_directory import RunDirectory
+from rdml_dist.storage import Storage
 
 POLL_SECONDS = 0.25
+RESTART_TIMEOUT_S = 120.0
+COORDINATOR_BUNDLE = 0
 
 
 class CohortDoesNotFit(ClusterError):
@@ -39,77 +49,236 @@ def student_resources(config: ExperimentConfig) -> dict[str, float]:
     return bundle
 
 
+def coordinator_resources(config: ExperimentConfig) -> dict[str, float]:
+    """The coordinator's own bundle: its CPUs and, optionally, a GPU fraction."""
+    settings = config.runtime.coordinator
+    return {"CPU": settings.cpus, **({"GPU": settings.gpus} if settings.gpus > 0 else {})}
+
+
 def reserve_cohort(config: ExperimentConfig, bundle: dict[str, float]) -> PlacementGroup:
-    """Gang-schedule the whole cohort: the placement group is ready whole, or we fail with a clear message."""
+    """Gang-schedule coordinator and students in one placement group: ready whole, or a clear failure."""
     settings = config.runtime.ray
-    group = placement_group([dict(bundle) for _ in config.students], strategy=settings.placement_strategy)
+    bundles = [coordinator_resources(config), *(dict(bundle) for _ in config.students)]
+    group = placement_group(bundles, strategy=settings.placement_strategy)
     ready, _ = ray.wait([group.ready()], timeout=settings.placement_timeout_s)
     if not ready:
         remove_placement_group(group)
         raise CohortDoesNotFit(
-            f"the cluster cannot hold the cohort: {len(config.students)} students × {bundle} with strategy "
-            f"{settings.placement_strategy} did not fit within {settings.placement_timeout_s:.0f} s "
-            f"(cluster total: {ray.cluster_resources()}, available: {ray.available_resources()}); "
-            "add nodes, lower runtime.ray.cpus_per_student/gpus_per_student, or relax runtime.ray.placement_strategy"
+            f"the cluster cannot hold the cohort: a coordinator {bundles[0]} and {len(config.students)} students × "
+            f"{bundle} with strategy {settings.placement_strategy} did not fit within {settings.placement_timeout_s:.0f} s "
+            f"(cluster total: {ray.cluster_resources()}, available: {ray.available_resources()}); add nodes, lower "
+            "runtime.ray.cpus_per_student/gpus_per_student or runtime.coordinator.cpus, or relax runtime.ray.placement_strategy"
         )
     return group
+
+
+def _bundle(group: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
+    return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+
+
+def _cause(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 class RayCohort:
     """The live actors of one run: a coordinator and one student actor per placement-group bundle."""
 
-    def __init__(self, config: ExperimentConfig, group: PlacementGroup, bundle: dict[str, float]) -> None:
+    def __init__(self, config: ExperimentConfig, group: PlacementGroup, bundle: dict[str, float], storage: Storage) -> None:
         self.config = config
         self.group = group
+        self.policy = FailurePolicy(config.runtime.fault)
+        self.checkpoints = CheckpointStore(storage)
+        marker = uuid.uuid4().hex
+        storage.write_bytes(STORAGE_MARKER, marker.encode())  # every student must see it: the storage is shared
         payload = config.model_dump(mode="json")
-        self.coordinator = CoordinatorActor.remote(payload)
+        restarts = -1 if config.runtime.fault.on_student_failure != "fail" else 0
+        self.coordinator = CoordinatorActor.options(
+            num_cpus=config.runtime.coordinator.cpus,
+            num_gpus=config.runtime.coordinator.gpus,
+            max_restarts=restarts,
+            scheduling_strategy=_bundle(group, COORDINATOR_BUNDLE),
+        ).remote(payload)
         threads = config.runtime.torch_threads or max(1, int(bundle["CPU"]))
-        self.students = [
-            StudentActor.options(
+        self.names = config.student_names()
+        self.actors = {
+            name: StudentActor.options(
                 num_cpus=bundle["CPU"],
                 num_gpus=bundle.get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
-            ).remote(payload, index, threads)
-            for index in range(len(config.students))
-        ]
-        self.names = config.student_names()
+                max_restarts=restarts,
+                scheduling_strategy=_bundle(group, COORDINATOR_BUNDLE + 1 + index),
+            ).remote(payload, index, threads, storage.url, marker)
+            for index, name in enumerate(self.names)
+        }
         try:
-            infos = ray.get([student.info.remote() for student in self.students])
-            ray.get([self.coordinator.register.remote(info) for info in infos])
+            self.infos = dict(zip(self.names, ray.get([actor.info.remote() for actor in self.actors.values()])))
+            ray.get([self.coordinator.register.remote(info) for info in self.infos.values()])
+            self.where = self.placements()
         except BaseException:
             self.shutdown()  # a student that cannot start must not leave the cohort's actors and reservation behind
             raise
-        self.steps_per_epoch = infos[0].steps_per_epoch
+        self.steps_per_epoch = next(iter(self.infos.values())).steps_per_epoch
+        self.live = set(self.names)
 
     def placements(self) -> dict[str, dict[str, Any]]:
-        """Where each student runs (node id, GPU ids, device)."""
-        return dict(zip(self.names, ray.get([student.placement.remote() for student in self.students])))
+        """Where each student runs (node id, GPU ids, device, pid)."""
+        return dict(zip(self.names, ray.get([self.actors[name].placement.remote() for name in self.names])))
 
-    def run_epoch(self, epoch: int, bar: tqdm) -> None:
-        """Start the epoch on every student and wait, advancing the progress bar from the coordinator's step."""
-        pending = [student.run_epoch.remote(epoch, self.coordinator) for student in self.students]
+    def coordinator_pid(self) -> int:
+        return ray.get(self.coordinator.state.remote())["pid"]
+
+    def live_members(self) -> list[str]:
+        return [name for name in self.names if name in self.live]
+
+    # -- one chunk of steps, with failures handed to the policy ------------------------------
+    def run_steps(self, start: int, end: int, restore_step: int, on_progress: Callable[[int], None]) -> list[dict[str, Any]]:
+        calls = {
+            self.actors[name].run_steps.remote(start, end, self.coordinator, restore_step): name for name in self.live_members()
+        }
+        events: list[dict[str, Any]] = []
+        rejoining: list[str] = []
+        pending = list(calls)
         while pending:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_SECONDS)
             for reference in done:
-                ray.get(reference)  # re-raises a student's failure with its traceback
-            step = ray.get(self.coordinator.state.remote())["step"]
-            bar.update(max(step - bar.n, 0))
+                try:
+                    events.extend(ray.get(reference))
+                except ray.exceptions.RayActorError as error:
+                    failure = self._student_failure(calls[reference], start, error)
+                    if self.policy.decide(failure) is Decision.CONTINUE:
+                        ray.get(self.coordinator.mark_dead.remote(failure.student))
+                        self.live.discard(failure.student)
+                        rejoining.append(failure.student)
+                        events.append({**failure.event(), "action": "the live students went on"})
+                        continue
+                    self._roll_back(failure, pending)
+                except ray.exceptions.RayTaskError as error:
+                    self._roll_back(self._task_failure(error, start), pending)
+            step = self._coordinator_step(start, pending)
+            on_progress(step)
+        for name in rejoining:
+            self._rejoin(name, restore_step, end)
+        return events
+
+    def _student_failure(self, name: str, step: int, error: BaseException) -> Failure:
+        return Failure("student_died", step, _cause(error), student=name, node=self.where[name]["node_id"])
+
+    def _task_failure(self, error: ray.exceptions.RayTaskError, step: int) -> Failure:
+        """A student's call raised: the coordinator died under it, its computation failed, or a real bug (re-raised)."""
+        if isinstance(error.cause, CohortStepFailed):
+            return Failure("coordinator_error", step, str(error.cause))
+        if isinstance(error.cause, ray.exceptions.RayActorError) or not self._coordinator_alive():
+            return Failure("coordinator_died", step, _cause(error.cause or error))
+        raise error
+
+    def _coordinator_alive(self) -> bool:
+        try:
+            ray.get(self.coordinator.state.remote(), timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+        return True
+
+    def _coordinator_step(self, start: int, pending: list[ray.ObjectRef]) -> int:
+        """The cohort's step for the progress bar; a coordinator that died goes to the policy."""
+        try:
+            return ray.get(self.coordinator.state.remote())["step"]
+        except ray.exceptions.RayActorError as error:
+            self._roll_back(Failure("coordinator_died", start, _cause(error)), pending)
+            raise  # unreachable: _roll_back raises
+
+    def _roll_back(self, failure: Failure, pending: list[ray.ObjectRef]) -> None:
+        """Ask the policy (it may stop the run), stop the chunk on every student, and have the loop roll back."""
+        self.policy.decide(failure)
+        try:
+            ray.get(self.coordinator.abort.remote(failure.describe()), timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # a dead coordinator already failed every waiting student
+        ray.wait(pending, num_returns=len(pending), timeout=self.config.runtime.ray.exchange_timeout_s)
+        raise CohortRollback(failure.event())
+
+    def _wait_until_restarted(self, actor: "ray.actor.ActorHandle", what: str) -> None:
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while True:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=10)
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
+                if time.monotonic() > deadline or isinstance(error, ray.exceptions.ActorDiedError):
+                    raise ClusterError(f"{what} was not restarted within {RESTART_TIMEOUT_S:.0f} s ({_cause(error)})") from None
+                time.sleep(POLL_SECONDS)
+
+    def _rejoin(self, name: str, restore_step: int, cohort_step: int) -> None:
+        """A student restarted under ``continue`` restores its latest checkpoint and rejoins at ``cohort_step``."""
+        self._wait_until_restarted(self.actors[name], f"student {name!r}")
+        info = ray.get(self.actors[name].restore.remote(restore_step, cohort_step // self.steps_per_epoch))
+        ray.get(self.coordinator.revive.remote(info))
+        self.live.add(name)
+        self.where[name] = ray.get(self.actors[name].placement.remote())
+
+    # -- epoch end, checkpoints, rollback -------------------------------------------------------
+    def evaluate(self, epoch: int) -> EpochEvaluation:
+        self._gather({self.actors[name].evaluate.remote(epoch, self.coordinator): name for name in self.live_members()}, epoch)
+        return ray.get(self.coordinator.evaluation.remote(epoch, self.config.runtime.ray.exchange_timeout_s))
+
+    def pop_records(self, before_step: int) -> list[StepRecord]:
+        return ray.get(self.coordinator.pop_records.remote(before_step))
+
+    def save_checkpoint(self, step: int) -> None:
+        self._gather({self.actors[name].save_checkpoint.remote(step): name for name in self.live_members()}, step)
+
+    def _gather(self, calls: dict[ray.ObjectRef, str], step: int) -> list[Any]:
+        """Results of a call on every live student; a student that dies meanwhile sends the cohort back."""
+        try:
+            return ray.get(list(calls))
+        except ray.exceptions.RayActorError as error:
+            name = next((calls[ref] for ref in calls if _failed(ref)), "?")
+            self._roll_back(self._student_failure(name, step, error), list(calls))
+        except ray.exceptions.RayTaskError as error:
+            self._roll_back(self._task_failure(error, step), list(calls))
+        raise AssertionError("unreachable")
+
+    def restore(self, step: int) -> None:
+        """Every student (restarted ones included) and the coordinator go back to the checkpoint of ``step``."""
+        for name, actor in self.actors.items():
+            self._wait_until_restarted(actor, f"student {name!r}")
+        self._wait_until_restarted(self.coordinator, "the coordinator")
+        epoch = step // self.steps_per_epoch
+        infos: list[StudentInfo] = ray.get([self.actors[name].restore.remote(step, epoch) for name in self.names])
+        ray.get(self.coordinator.restore.remote(step, infos))
+        self.live = set(self.names)
+        self.where = self.placements()
 
     def shutdown(self) -> None:
-        for actor in [*self.students, self.coordinator]:
-            ray.kill(actor)
+        for actor in [*self.actors.values(), self.coordinator]:
+            ray.kill(actor, no_restart=True)
         remove_placement_group(self.group)
 
 
-def train_ray(config: ExperimentConfig, run_dir: Path, show_progress: bool = True) -> RunDirectory:
-    """Train the cohort as Ray actors; returns the finished run directory."""
-    connection = connect(config.runtime.ray.address, len(config.students) * config.runtime.ray.cpus_per_student)
+def _failed(reference: ray.ObjectRef) -> bool:
+    ready, _ = ray.wait([reference], timeout=0)
+    if not ready:
+        return False
+    try:
+        ray.get(reference)
+    except ray.exceptions.RayError:
+        return True
+    return False
+
+
+def run_ray(session: RunSession, show_progress: bool = True) -> RunDirectory:
+    """Train an opened run as Ray actors on the requested cluster (or a private local Ray)."""
+    config = session.config
+    cpus_needed = len(config.students) * config.runtime.ray.cpus_per_student + config.runtime.coordinator.cpus
+    connection = connect(config.runtime.ray.address, cpus_needed)
     print(f"rdml-dist: {connection.description}", flush=True)
     try:
         bundle = student_resources(config)
-        cohort = RayCohort(config, reserve_cohort(config, bundle), bundle)
+        cohort = RayCohort(config, reserve_cohort(config, bundle), bundle, session.storage)
         try:
-            return _train(config, cohort, run_dir, show_progress)
+            if session.start is not None:
+                cohort.restore(session.start["step"])
+            session.run.write_placements(cohort.where)
+            return train_loop(config, cohort, session.run, session.checkpoints, session.start, show_progress)
         finally:
             cohort.shutdown()
     finally:
@@ -117,19 +286,6 @@ def train_ray(config: ExperimentConfig, run_dir: Path, show_progress: bool = Tru
             ray.shutdown()
 
 
-def _train(config: ExperimentConfig, cohort: RayCohort, run_dir: Path, show_progress: bool) -> RunDirectory:
-    run = RunDirectory(run_dir, config, engine="ray")
-    run.write_placements(cohort.placements())
-    total = config.training.epochs * cohort.steps_per_epoch
-    with tqdm(total=total, disable=not show_progress, unit="step") as bar:
-        for epoch in range(config.training.epochs):
-            started = time.perf_counter()
-            cohort.run_epoch(epoch, bar)
-            evaluation = ray.get(cohort.coordinator.evaluation.remote(epoch, config.runtime.ray.exchange_timeout_s))
-            records = ray.get(cohort.coordinator.pop_records.remote((epoch + 1) * cohort.steps_per_epoch))
-            entry = run.record_epoch(epoch, records, evaluation, time.perf_counter() - started)
-            states = ray.get([student.state_dict.remote() for student in cohort.students])
-            for name, state in zip(cohort.names, states):
-                run.save_checkpoint(name, state)
-            bar.set_postfix_str(describe_epoch(entry))
-    return run
+def train_ray(config: ExperimentConfig, run_dir: str | Path, show_progress: bool = True) -> RunDirectory:
+    """Train ``config``'s cohort as Ray actors, whatever its ``runtime.engine`` says."""
+    return run_ray(new_session(config, run_dir), show_progress)

@@ -1,0 +1,58 @@
+"""What to do when a student or the coordinator fails: roll the cohort back, carry on without it, or stop.
+
+Modelled on Ray Train's controller: the Ray cohort notices a failure, hands it to the policy,
+and acts on the decision. The policy also keeps the failure budget
+(``runtime.fault.max_failures``), so a run that keeps failing ends with every cause listed.
+"""
+
+import enum
+from dataclasses import asdict, dataclass
+
+from rdml_dist.config import FaultConfig
+
+
+class Decision(enum.Enum):
+    RESTART_COHORT = "restart_cohort"  # every student and the coordinator go back to the latest checkpoint
+    CONTINUE = "continue"  # the live students go on; the restarted student rejoins at the next chunk
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failure as the driver saw it."""
+
+    kind: str  # student_died | coordinator_died | coordinator_error
+    step: int
+    cause: str
+    student: str | None = None
+    node: str | None = None
+
+    def describe(self) -> str:
+        where = f"student {self.student!r} on node {self.node}" if self.student else "the coordinator"
+        what = {"student_died": "died", "coordinator_died": "died", "coordinator_error": "failed"}[self.kind]
+        return f"{where} {what} at step {self.step}: {self.cause}"
+
+    def event(self) -> dict[str, object]:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+class RunFailed(RuntimeError):
+    """The failure policy stopped the run; the message names what failed, where and why."""
+
+
+class FailurePolicy:
+    """Decides per failure and counts them against the budget."""
+
+    def __init__(self, fault: FaultConfig) -> None:
+        self.fault = fault
+        self.failures: list[Failure] = []
+
+    def decide(self, failure: Failure) -> Decision:
+        self.failures.append(failure)
+        if self.fault.on_student_failure == "fail":
+            raise RunFailed(f"{failure.describe()} (runtime.fault.on_student_failure is 'fail')")
+        if len(self.failures) > self.fault.max_failures:
+            causes = "; ".join(f"{number}. {item.describe()}" for number, item in enumerate(self.failures, 1))
+            raise RunFailed(f"{len(self.failures)} failures, more than runtime.fault.max_failures={self.fault.max_failures}: {causes}")
+        if failure.kind == "student_died" and self.fault.on_student_failure == "continue":
+            return Decision.CONTINUE
+        return Decision.RESTART_COHORT

@@ -1,0 +1,82 @@
+"""One storage abstraction for a run's files: a local or shared path, or any fsspec URI (s3://, gs://, …).
+
+fsspec is the file-system layer the PyData stack shares (pandas, Dask, Hugging Face datasets),
+it is pure Python and already a dependency of torch, and every object store is one plugin away
+(``s3fs``, ``gcsfs``, ``adlfs``). Writes are all-or-nothing: on a local or shared POSIX path a
+temporary file is renamed over the target, on an object store a single put is atomic.
+"""
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+import fsspec
+
+from rdml_dist.errors import ConfigError
+
+LOCAL_PROTOCOLS = {"file", "local"}
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through a temporary file in the same directory, fsync it and rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class Storage:
+    """A run's directory on some file system; every path given to its methods is relative to it."""
+
+    def __init__(self, url: str, field: str = "runtime.storage") -> None:
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as error:
+            raise ConfigError(field, f"cannot open {url!r}: {error}") from None
+        self.url = url
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        self.is_local = bool(protocols & LOCAL_PROTOCOLS)
+
+    def path(self, relative: str) -> str:
+        """The full path (or object key) of a file in the run directory."""
+        return f"{self.root.rstrip('/')}/{relative}" if relative else self.root
+
+    def describe(self, relative: str = "") -> str:
+        """Where a file is, as a user would type it (a local path, or the URI)."""
+        if self.is_local:
+            return self.path(relative)
+        return f"{self.url.rstrip('/')}/{relative}" if relative else self.url
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Replace ``relative`` with ``data`` all at once: a reader sees the old file or the new one, never a part."""
+        if self.is_local:
+            atomic_write(Path(self.path(relative)), lambda handle: handle.write(data))
+        else:
+            self.fs.pipe_file(self.path(relative), data)
+
+    def read_bytes(self, relative: str) -> bytes:
+        return self.fs.cat_file(self.path(relative))
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.exists(self.path(relative))
+
+    def list_directories(self, relative: str) -> list[str]:
+        """Names of the sub-directories of ``relative`` (empty if it does not exist)."""
+        if not self.fs.exists(self.path(relative)):
+            return []
+        entries = self.fs.ls(self.path(relative), detail=True)
+        return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry["type"] == "directory")
+
+    def delete(self, relative: str) -> None:
+        """Remove a file or a directory tree; a missing one is not an error."""
+        if self.fs.exists(self.path(relative)):
+            self.fs.rm(self.path(relative), recursive=True)
