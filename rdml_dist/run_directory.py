@@ -190,9 +190,10 @@ class RunDirectory:
         }
         self.storage.write_bytes(RESULTS_JSON, json.dumps(_json_safe(document), indent=2).encode())
 
-    def write_placements(self, placements: dict[str, dict[str, Any]]) -> None:
-        """Record where each student ran (node, GPU ids, device) in ``placements.json``."""
-        self.storage.write_bytes(PLACEMENTS_JSON, json.dumps(placements, indent=2).encode())
+    def write_placements(self, students: dict[str, dict[str, Any]], coordinator: dict[str, Any]) -> None:
+        """Record where each student and the coordinator run (node, GPU ids, device, pid) in ``placements.json``."""
+        document = {"students": students, "coordinator": coordinator}
+        self.storage.write_bytes(PLACEMENTS_JSON, json.dumps(document, indent=2).encode())
 
     def finish(self) -> str:
         """Write the readable table and return it."""

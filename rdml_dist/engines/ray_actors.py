@@ -139,7 +139,7 @@ class Coordinator:
     @ray.method(concurrency_group=CONTROL_GROUP)
     async def state(self) -> dict[str, Any]:
         with self.lock:
-            return {**self.core.state(), "pid": os.getpid()}
+            return {**self.core.state(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
 CoordinatorActor = ray.remote(num_cpus=0, concurrency_groups={CONTROL_GROUP: 4})(Coordinator)

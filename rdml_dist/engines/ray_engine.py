@@ -84,8 +84,16 @@ def _cause(error: BaseException) -> str:
 class RayCohort:
     """The live actors of one run: a coordinator and one student actor per placement-group bundle."""
 
-    def __init__(self, config: ExperimentConfig, group: PlacementGroup, bundle: dict[str, float], storage: Storage) -> None:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        group: PlacementGroup,
+        bundle: dict[str, float],
+        storage: Storage,
+        record_placements: Callable[[dict[str, dict[str, Any]], dict[str, Any]], None],
+    ) -> None:
         self.config = config
+        self.record_placements = record_placements
         self.group = group
         self.policy = FailurePolicy(config.runtime.fault)
         self.checkpoints = CheckpointStore(storage)
@@ -113,7 +121,7 @@ class RayCohort:
         try:
             self.infos = dict(zip(self.names, ray.get([actor.info.remote() for actor in self.actors.values()])))
             ray.get([self.coordinator.register.remote(info) for info in self.infos.values()])
-            self.where = self.placements()
+            self._update_placements()
         except BaseException:
             self.shutdown()  # a student that cannot start must not leave the cohort's actors and reservation behind
             raise
@@ -124,8 +132,11 @@ class RayCohort:
         """Where each student runs (node id, GPU ids, device, pid)."""
         return dict(zip(self.names, ray.get([self.actors[name].placement.remote() for name in self.names])))
 
-    def coordinator_pid(self) -> int:
-        return ray.get(self.coordinator.state.remote())["pid"]
+    def _update_placements(self) -> None:
+        """Learn (again, after restarts) where every student and the coordinator run, and record it."""
+        self.where = self.placements()
+        state = ray.get(self.coordinator.state.remote())
+        self.record_placements(self.where, {"node_id": state["node_id"], "pid": state["pid"]})
 
     def live_members(self) -> list[str]:
         return [name for name in self.names if name in self.live]
@@ -153,7 +164,7 @@ class RayCohort:
                         continue
                     self._roll_back(failure, pending)
                 except ray.exceptions.RayTaskError as error:
-                    self._roll_back(self._task_failure(error, start), pending)
+                    self._decide_and_roll_back(self._task_failure(error, start), pending)
             step = self._coordinator_step(start, pending)
             on_progress(step)
         for name in rejoining:
@@ -183,12 +194,16 @@ class RayCohort:
         try:
             return ray.get(self.coordinator.state.remote())["step"]
         except ray.exceptions.RayActorError as error:
-            self._roll_back(Failure("coordinator_died", start, _cause(error)), pending)
-            raise  # unreachable: _roll_back raises
+            self._decide_and_roll_back(Failure("coordinator_died", start, _cause(error)), pending)
+            raise  # unreachable: rolling back raises
+
+    def _decide_and_roll_back(self, failure: Failure, pending: list[ray.ObjectRef]) -> None:
+        """For failures no policy answers by carrying on: the policy may stop the run, else the cohort rolls back."""
+        self.policy.decide(failure)
+        self._roll_back(failure, pending)
 
     def _roll_back(self, failure: Failure, pending: list[ray.ObjectRef]) -> None:
-        """Ask the policy (it may stop the run), stop the chunk on every student, and have the loop roll back."""
-        self.policy.decide(failure)
+        """Stop the chunk on every student and have the loop take the cohort back to its latest checkpoint."""
         try:
             ray.get(self.coordinator.abort.remote(failure.describe()), timeout=10)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
@@ -213,7 +228,7 @@ class RayCohort:
         info = ray.get(self.actors[name].restore.remote(restore_step, cohort_step // self.steps_per_epoch))
         ray.get(self.coordinator.revive.remote(info))
         self.live.add(name)
-        self.where[name] = ray.get(self.actors[name].placement.remote())
+        self._update_placements()
 
     # -- epoch end, checkpoints, rollback -------------------------------------------------------
     def evaluate(self, epoch: int) -> EpochEvaluation:
@@ -232,9 +247,9 @@ class RayCohort:
             return ray.get(list(calls))
         except ray.exceptions.RayActorError as error:
             name = next((calls[ref] for ref in calls if _failed(ref)), "?")
-            self._roll_back(self._student_failure(name, step, error), list(calls))
+            self._decide_and_roll_back(self._student_failure(name, step, error), list(calls))
         except ray.exceptions.RayTaskError as error:
-            self._roll_back(self._task_failure(error, step), list(calls))
+            self._decide_and_roll_back(self._task_failure(error, step), list(calls))
         raise AssertionError("unreachable")
 
     def restore(self, step: int) -> None:
@@ -246,7 +261,7 @@ class RayCohort:
         infos: list[StudentInfo] = ray.get([self.actors[name].restore.remote(step, epoch) for name in self.names])
         ray.get(self.coordinator.restore.remote(step, infos))
         self.live = set(self.names)
-        self.where = self.placements()
+        self._update_placements()
 
     def shutdown(self) -> None:
         for actor in [*self.actors.values(), self.coordinator]:
@@ -273,11 +288,10 @@ def run_ray(session: RunSession, show_progress: bool = True) -> RunDirectory:
     print(f"rdml-dist: {connection.description}", flush=True)
     try:
         bundle = student_resources(config)
-        cohort = RayCohort(config, reserve_cohort(config, bundle), bundle, session.storage)
+        cohort = RayCohort(config, reserve_cohort(config, bundle), bundle, session.storage, session.run.write_placements)
         try:
             if session.start is not None:
                 cohort.restore(session.start["step"])
-            session.run.write_placements(cohort.where)
             return train_loop(config, cohort, session.run, session.checkpoints, session.start, show_progress)
         finally:
             cohort.shutdown()

@@ -30,7 +30,7 @@ def test_each_student_gets_its_own_gpu_by_default(three_fake_gpus: None, tmp_pat
     run = train_ray(config, tmp_path, show_progress=False)
     run.finish()
 
-    placements = read_json(tmp_path / "placements.json")
+    placements = read_json(tmp_path / "placements.json")["students"]
     assert set(placements) == {"s0", "s1", "s2"}
     gpu_ids = [placement["gpu_ids"] for placement in placements.values()]
     assert all(len(ids) == 1 for ids in gpu_ids), gpu_ids

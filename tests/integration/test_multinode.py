@@ -1,4 +1,4 @@
-"""A simulated two-node cluster on loopback: the cohort is spread over both nodes and still trains."""
+"""A simulated three-node cluster on loopback: coordinator and students spread over the nodes, still training."""
 
 import math
 from collections.abc import Iterator
@@ -21,13 +21,13 @@ from tests.integration.conftest import (
 
 
 @pytest.fixture(scope="module")
-def two_nodes() -> Iterator[Cluster]:
-    """A head and a worker node, one logical CPU each, all on 127.x; the driver joins it."""
+def three_nodes() -> Iterator[Cluster]:
+    """A head and two worker nodes, one logical CPU each, all on 127.x; the driver joins it."""
     assert not ray.is_initialized(), "a previous test module left Ray running"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     nodes = list(cluster.list_all_nodes())
     try:
-        nodes.append(cluster.add_node(num_cpus=1))
+        nodes.extend(cluster.add_node(num_cpus=1) for _ in range(2))
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         yield cluster
@@ -39,17 +39,16 @@ def two_nodes() -> Iterator[Cluster]:
 
 
 @pytest.mark.timeout(120)
-def test_strict_spread_places_one_student_per_node_and_trains(two_nodes: Cluster, tmp_path: Path) -> None:
-    nodes = assert_loopback_nodes(2)
+def test_strict_spread_places_one_student_per_node_and_trains(three_nodes: Cluster, tmp_path: Path) -> None:
+    nodes = assert_loopback_nodes(3)
     students = [{"name": "mlp", "model": "mlp"}, {"name": "cnn", "model": "small_cnn"}]
     config = make_config(tmp_path, students, training={"batch_size": 256}, ray={"placement_strategy": "STRICT_SPREAD"})
     run = train_ray(config, tmp_path, show_progress=False)
     run.finish()
 
     placements = read_json(tmp_path / "placements.json")
-    node_ids = [placements[name]["node_id"] for name in ("mlp", "cnn")]
-    assert node_ids[0] != node_ids[1]
-    assert set(node_ids) == {node["NodeID"] for node in nodes}
+    node_ids = [placements["students"][name]["node_id"] for name in ("mlp", "cnn")] + [placements["coordinator"]["node_id"]]
+    assert set(node_ids) == {node["NodeID"] for node in nodes}  # coordinator and students: one node each
 
     steps_per_epoch = math.ceil(round(1797 * 0.8) / 256)
     rows = read_steps(tmp_path)
@@ -64,7 +63,7 @@ def test_strict_spread_places_one_student_per_node_and_trains(two_nodes: Cluster
 
 
 @pytest.mark.timeout(60)
-def test_strict_spread_with_more_students_than_nodes_does_not_fit(two_nodes: Cluster, tmp_path: Path) -> None:
+def test_strict_spread_with_more_bundles_than_nodes_does_not_fit(three_nodes: Cluster, tmp_path: Path) -> None:
     students = [{"name": f"s{index}", "model": "mlp"} for index in range(3)]
     config = make_config(
         tmp_path,

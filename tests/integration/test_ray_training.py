@@ -76,7 +76,7 @@ def test_ray_engine_reproduces_the_in_process_engine(tmp_path: Path) -> None:
         assert ray_state["epoch"] == local_state["epoch"] == 2
         for key, tensor in local_state["model"].items():
             torch.testing.assert_close(ray_state["model"][key], tensor, atol=1e-4, rtol=0)
-    placements = read_json(tmp_path / "ray" / "placements.json")
+    placements = read_json(tmp_path / "ray" / "placements.json")["students"]
     assert set(placements) == {"mlp", "cnn", "resnet20"}
     assert len({placement["pid"] for placement in placements.values()}) == 3  # one process per student
     assert all(placement["device"] == "cpu" and placement["gpu_ids"] == [] for placement in placements.values())
@@ -99,7 +99,7 @@ def test_cohort_of_eight_fractional_cpu_students_completes(tmp_path: Path) -> No
     results = read_json(tmp_path / "results.json")
     assert set(results["epochs"][0]["students"]) == set(names)
     assert all(0 <= results["summary"][name]["final_val_accuracy"] <= 1 for name in names)
-    assert len({placement["pid"] for placement in read_json(tmp_path / "placements.json").values()}) == 8
+    assert len({placement["pid"] for placement in read_json(tmp_path / "placements.json")["students"].values()}) == 8
     wait_until(cohort_released, "the cohort's placement group and CPUs are released")
 
 
