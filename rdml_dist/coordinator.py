@@ -177,7 +177,7 @@ class CohortCoordinator:
             raise
         self._pending[frame.student] = frame
         self._arrivals[frame.student] = self.clock()
-        self._record_timing(frame.student, frame.previous)
+        self.record_timing(frame.student, frame.previous)
 
     def waiting_for(self) -> list[str]:
         """Live members whose frame for the current step has not arrived (and who were not excluded)."""
@@ -247,8 +247,11 @@ class CohortCoordinator:
         self._arrivals.clear()
         self._excluded.clear()
 
-    def _record_timing(self, student: str, timing: StepTiming | None) -> None:
-        """Attach a student's own measurement of an earlier step (compute, round trip) to that step's record."""
+    def record_timing(self, student: str, timing: StepTiming | None) -> None:
+        """Attach a student's own measurement of an earlier step (compute, round trip) to that step's record.
+
+        It travels in the student's next frame, or on its own at the end of a chunk of steps.
+        """
         if timing is None:
             return
         record = self.records.get(timing.step, {}).get(student)
@@ -275,7 +278,7 @@ class CohortCoordinator:
         if not bool(torch.isfinite(frame.logits).all()):
             raise FrameRejected(f"validation logits of {frame.student!r} hold NaN or infinite values")
         frames[frame.student] = frame
-        self._record_timing(frame.student, frame.previous)
+        self.record_timing(frame.student, frame.previous)
         if any(name not in frames for name in self.live):
             return None
         evaluation = score_epoch(frame.epoch, [frames[name] for name in self.members if name in frames])

@@ -88,7 +88,7 @@ class Student:
         self.steps_per_epoch = len(self.plan(0))
         self._epoch_plan: tuple[int, list[Tensor]] | None = None
         self._pending: tuple[int, Tensor, Tensor, float] | None = None
-        self._last_timing: StepTiming | None = None
+        self.last_timing: StepTiming | None = None  # this student's measurement of its latest step
 
     def _initial_cuda_rng_state(self) -> Tensor | None:
         """The student's own CUDA generator state, seeded like its CPU stream (None on a CPU student)."""
@@ -163,7 +163,7 @@ class Student:
             ce_loss=float(ce.detach()),
             correct=correct,
             labelled=labelled,
-            previous=self._last_timing,
+            previous=self.last_timing,
         )
 
     def apply(self, mimicry_grad: Tensor, round_trip_seconds: float = 0.0) -> None:
@@ -181,7 +181,7 @@ class Student:
         self.optimizer.zero_grad(set_to_none=True)
         (ce + (logits * grad).sum()).backward()
         self.optimizer.step()
-        self._last_timing = StepTiming(step, forward_seconds + time.perf_counter() - started, round_trip_seconds)
+        self.last_timing = StepTiming(step, forward_seconds + time.perf_counter() - started, round_trip_seconds)
 
     def discard_pending(self) -> None:
         """Forget the forward whose frame was refused (no gradient will come for it)."""
@@ -221,7 +221,7 @@ class Student:
             epoch=epoch,
             logits=torch.cat(outputs),
             labels=torch.cat(labels),
-            previous=self._last_timing,
+            previous=self.last_timing,
         )
 
     def state_dict(self) -> dict[str, Any]:

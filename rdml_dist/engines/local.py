@@ -50,6 +50,8 @@ class LocalCohort:
             for student in accepted:
                 student.apply(replies[student.name].grad)
             on_progress(step + 1)
+        for student in self.students:
+            self.coordinator.record_timing(student.name, student.last_timing)
         return events
 
     def evaluate(self, epoch: int) -> EpochEvaluation:

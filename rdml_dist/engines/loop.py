@@ -76,6 +76,7 @@ def train_loop(
         _checkpoint(config, cohort, run, checkpoints, 0)
         restore_step = step = 0
     else:
+        cohort.restore(start["step"])
         restore_step = step = start["step"]
     epoch_started = time.perf_counter()
     with tqdm(total=total, initial=step, disable=not show_progress, unit="step") as bar:

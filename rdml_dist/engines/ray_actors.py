@@ -22,7 +22,7 @@ from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.coordinator import NON_FINITE, CohortCoordinator, EpochEvaluation, StepRecord
 from rdml_dist.errors import CohortStepFailed, FrameRejected
-from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StudentInfo
+from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
 from rdml_dist.storage import Storage
 from rdml_dist.student import Student, resolve_device
 
@@ -88,6 +88,11 @@ class Coordinator:
                 self._complete_if_ready()
         replies = await asyncio.wait_for(asyncio.shield(future), timeout=self.config.runtime.ray.exchange_timeout_s)
         return replies[frame.student]
+
+    async def record_timing(self, student: str, timing: StepTiming | None) -> None:
+        """A student's measurement of the last step of a chunk (no next frame carries it)."""
+        with self.lock:
+            self.core.record_timing(student, timing)
 
     async def submit_eval(self, frame: EvalFrame) -> None:
         with self.lock:
@@ -197,6 +202,7 @@ class StudentActor:
                 events.append(self.student.recover_from_non_finite(self.checkpoints, restore_step, step, str(rejection)))
                 continue
             self.student.apply(reply.grad, time.perf_counter() - sent)
+        ray.get(coordinator.record_timing.remote(self.student.name, self.student.last_timing))
         return events
 
     def evaluate(self, epoch: int, coordinator: "ray.actor.ActorHandle") -> None:

@@ -290,8 +290,6 @@ def run_ray(session: RunSession, show_progress: bool = True) -> RunDirectory:
         bundle = student_resources(config)
         cohort = RayCohort(config, reserve_cohort(config, bundle), bundle, session.storage, session.run.write_placements)
         try:
-            if session.start is not None:
-                cohort.restore(session.start["step"])
             return train_loop(config, cohort, session.run, session.checkpoints, session.start, show_progress)
         finally:
             cohort.shutdown()

@@ -43,4 +43,6 @@ def test_train_default_locally_prints_the_table(tmp_path: Path, capsys: pytest.C
     assert "ensemble" in out and "final acc" in out
     results = json.loads((run_dir / "results.json").read_text())
     assert results["engine"] == "local" and len(results["epochs"]) == 1
-    assert {path.name for path in (run_dir / "checkpoints").iterdir()} == {"mlp.pt", "cnn.pt", "resnet20.pt"}
+    final = run_dir / "checkpoints" / "step-00000023"  # one epoch of ceil(1437 / 64) steps
+    assert {path.name for path in final.iterdir()} == {"mlp.pt", "cnn.pt", "resnet20.pt", "manifest.json"}
+    assert json.loads((final / "manifest.json").read_text())["step"] == 23

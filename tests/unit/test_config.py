@@ -96,7 +96,7 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 def test_default_student_names_and_run_dir() -> None:
     config = parse_config(minimal(name="exp1", students=[{"model": "mlp"}, {"model": "tests.unit.sample_factories:tiny_model"}]))
     assert config.student_names() == ["mlp-0", "tiny_model-1"]
-    assert str(config.resolved_run_dir()) == "runs/exp1"
+    assert config.resolved_run_dir() == str(Path("~/rdml_results/exp1").expanduser())
 
 
 def test_alpha_and_weight_schedules() -> None:

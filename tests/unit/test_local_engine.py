@@ -2,14 +2,18 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig, parse_config
+from rdml_dist.engines import resume_cohort
 from rdml_dist.engines.local import train_local
+from rdml_dist.storage import Storage
 from rdml_dist.student import Student
 
 
@@ -34,7 +38,7 @@ def step_rows(run_dir: Path) -> list[dict[str, str]]:
 def train(config: ExperimentConfig) -> list[dict[str, str]]:
     run = train_local(config, config.resolved_run_dir(), show_progress=False)
     run.finish()
-    return step_rows(run.path)
+    return step_rows(Path(run.location))
 
 
 def assert_same_trajectory(first: list[dict[str, str]], second: list[dict[str, str]], tolerance: float) -> None:
@@ -65,7 +69,8 @@ def test_run_directory_contents(tmp_path: Path) -> None:
     config = tiny_cohort(tmp_path, "contents", epochs=2)
     run = train_local(config, config.resolved_run_dir(), show_progress=False)
     table = run.finish()
-    results = json.loads((run.path / "results.json").read_text())
+    run_dir = Path(run.location)
+    results = json.loads((run_dir / "results.json").read_text())
     assert [entry["epoch"] for entry in results["epochs"]] == [0, 1]
     for entry in results["epochs"]:
         assert set(entry["students"]) == {"mlp", "cnn"}
@@ -74,11 +79,11 @@ def test_run_directory_contents(tmp_path: Path) -> None:
     summary = results["summary"]
     assert summary["ensemble"]["final_val_accuracy"] == results["epochs"][-1]["ensemble_val_accuracy"]
     assert summary["mlp"]["final_val_accuracy"] > 0.5  # well above the 10% of chance on digits
-    assert "ensemble" in table and "mlp" in table and (run.path / "results.txt").read_text().strip() == table
-    rows = step_rows(run.path)
+    assert "ensemble" in table and "mlp" in table and (run_dir / "results.txt").read_text().strip() == table
+    rows = step_rows(run_dir)
     assert len(rows) == 2 * 2 * 12  # students × epochs × ceil(1437 / 128)
     assert all(float(row["compute_seconds"]) > 0 for row in rows)
-    saved = yaml_config(run.path)
+    saved = yaml_config(run_dir)
     assert saved["mimicry"]["alpha"] == config.mimicry.alpha
 
 
@@ -86,18 +91,48 @@ def yaml_config(run_dir: Path) -> dict:
     return yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
-def test_checkpoint_restores_a_student_exactly(tmp_path: Path) -> None:
-    config = tiny_cohort(tmp_path, "ckpt")
-    run = train_local(config, config.resolved_run_dir(), show_progress=False)
-    run.finish()
-    state = torch.load(run.path / "checkpoints" / "cnn.pt", weights_only=False)
-    assert state["epoch"] == 1
-    restored = Student(config, 1)
-    restored.load_state_dict(state)
-    fresh = Student(config, 1)
-    images, _ = restored.dataset.val.batch(torch.arange(16))
-    restored.model.eval(), fresh.model.eval()
-    assert not torch.allclose(restored.model(images), fresh.model(images))
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+    config = tiny_cohort(tmp_path, "whole", epochs=2)
+    whole = train_local(config, tmp_path / "whole", show_progress=False)
+    whole.finish()
+    interrupted = tiny_cohort(tmp_path, "cut", epochs=2)
+    raw = interrupted.model_dump()
+    raw["runtime"]["checkpoint"] = {"every_steps": 5, "keep": 3}
+    train_local(parse_config(raw), tmp_path / "cut", show_progress=False).finish()
+    # As if the driver died after committing step 20: the final checkpoint never got written.
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-00000024")
+    assert CheckpointStore(Storage(str(tmp_path / "cut"))).latest()["step"] == 20
+    resumed = resume_cohort(str(tmp_path / "cut"), show_progress=False)
+    resumed.finish()
+
+    assert _same_except_timing(tmp_path)
+    first, second = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("whole", "cut"))
+    for entry_whole, entry_cut in zip(first["epochs"], second["epochs"], strict=True):
+        assert entry_cut["ensemble_val_accuracy"] == entry_whole["ensemble_val_accuracy"]
+        for name in ("mlp", "cnn"):
+            for key in ("val_accuracy", "train_ce", "train_mimicry", "train_accuracy"):
+                assert entry_cut["students"][name][key] == entry_whole["students"][name][key], (name, key)
+    for name in ("mlp", "cnn"):
+        final_whole = torch.load(tmp_path / "whole" / "checkpoints" / "step-00000024" / f"{name}.pt", weights_only=True)
+        final_cut = torch.load(tmp_path / "cut" / "checkpoints" / "step-00000024" / f"{name}.pt", weights_only=True)
+        assert final_cut["epoch"] == final_whole["epoch"] == 2
+        for key, tensor in final_whole["model"].items():
+            assert torch.equal(final_cut["model"][key], tensor), (name, key)
+
+
+def _same_except_timing(tmp_path: Path) -> bool:
+    """steps.csv of both runs agree in every column but the measured seconds."""
+    timing = {"wait_seconds", "coordinator_seconds", "compute_seconds", "round_trip_seconds"}
+    whole, cut = step_rows(tmp_path / "whole"), step_rows(tmp_path / "cut")
+    return len(whole) == len(cut) and all(
+        {key: value for key, value in a.items() if key not in timing} == {key: value for key, value in b.items() if key not in timing}
+        for a, b in zip(whole, cut)
+    )
+
+
+def test_a_checkpoint_belongs_to_its_student(tmp_path: Path) -> None:
+    config = tiny_cohort(tmp_path, "owner")
+    state = Student(config, 1).state_dict()
     with pytest.raises(ValueError, match="belongs to student 'cnn'"):
         Student(config, 0).load_state_dict(state)
 
