@@ -1,6 +1,6 @@
 """User model factories referenced as ``tests.unit.sample_factories:<name>`` by the model registry tests."""
 
-from torch import nn
+from torch import Tensor, nn
 
 
 def tiny_model(num_classes: int, image_size: int, hidden: int = 8) -> nn.Module:
@@ -16,3 +16,29 @@ def not_a_module() -> str:
 
 
 NOT_CALLABLE = 3
+
+
+class DivergesOnce(nn.Module):
+    """An MLP whose ``diverge_at``-th training forward returns NaN logits, as a blown-up step would.
+
+    The forward counter is process state, not a weight, so after the student restores its
+    checkpoint the same step trains normally: the recovery itself is what is under test.
+    """
+
+    def __init__(self, num_classes: int, image_size: int, diverge_at: int) -> None:
+        super().__init__()
+        self.body = tiny_model(num_classes, image_size, hidden=16)
+        self.diverge_at = diverge_at
+        self.training_forwards = 0
+
+    def forward(self, images: Tensor) -> Tensor:
+        logits = self.body(images)
+        if self.training:
+            self.training_forwards += 1
+            if self.training_forwards == self.diverge_at:
+                return logits * float("nan")
+        return logits
+
+
+def diverges_once(num_classes: int, image_size: int, diverge_at: int = 3) -> nn.Module:
+    return DivergesOnce(num_classes, image_size, diverge_at)
