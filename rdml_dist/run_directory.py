@@ -87,13 +87,15 @@ class RunDirectory:
         self.rows: list[StepRecord] = []
         self.epochs: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
-        if resume_from is None:
-            config_text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode()
-            storage.write_bytes(CONFIG_FILE, config_text)
-        else:
+        if resume_from is not None:
             self.rows = [row for row in read_step_log(storage) if row.step < resume_from["step"]]
             self.epochs = list(resume_from["epochs"])
             self.events = list(resume_from["events"])
+
+    def write_config(self) -> None:
+        """Save the validated config (defaults filled in): what ``--resume`` continues with."""
+        config_text = yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False).encode()
+        self.storage.write_bytes(CONFIG_FILE, config_text)
 
     @property
     def location(self) -> str:

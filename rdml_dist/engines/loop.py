@@ -73,6 +73,7 @@ def train_loop(
     steps_per_epoch = cohort.steps_per_epoch
     total = config.training.epochs * steps_per_epoch
     if start is None:
+        run.write_config()
         _checkpoint(config, cohort, run, checkpoints, 0)
         restore_step = step = 0
     else:

@@ -300,4 +300,4 @@ def run_ray(session: RunSession, show_progress: bool = True) -> RunDirectory:
 
 def train_ray(config: ExperimentConfig, run_dir: str | Path, show_progress: bool = True) -> RunDirectory:
     """Train ``config``'s cohort as Ray actors, whatever its ``runtime.engine`` says."""
-    return run_ray(new_session(config, run_dir), show_progress)
+    return run_ray(new_session(config, run_dir, engine="ray"), show_progress)

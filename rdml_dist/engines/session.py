@@ -28,8 +28,14 @@ class RunSession:
     start: dict[str, Any] | None  # the manifest to continue from; None for a fresh run
 
 
-def new_session(config: ExperimentConfig, run_dir: str | Path | None = None, overwrite: bool = False) -> RunSession:
-    """A fresh run in ``run_dir`` (default: ``runtime.run_dir``), refusing to replace an earlier run unless told to."""
+def new_session(
+    config: ExperimentConfig, run_dir: str | Path | None = None, overwrite: bool = False, engine: str | None = None
+) -> RunSession:
+    """A fresh run in ``run_dir`` (default: ``runtime.run_dir``), refusing to replace an earlier run unless told to.
+
+    Nothing is written yet: the loop writes the run's files once the engine is up, so a cluster
+    that cannot be reached leaves no run directory behind.
+    """
     storage = Storage(str(run_dir) if run_dir is not None else config.resolved_run_dir(), field="runtime.run_dir")
     checkpoints = CheckpointStore(storage)
     if checkpoints.complete_steps():
@@ -40,7 +46,7 @@ def new_session(config: ExperimentConfig, run_dir: str | Path | None = None, ove
                 f"{storage.describe()}`, choose another --run-dir, or pass --overwrite to replace it",
             )
         storage.delete(CHECKPOINTS)
-    run = RunDirectory(storage, config, engine=config.runtime.engine)
+    run = RunDirectory(storage, config, engine=engine or config.runtime.engine)
     return RunSession(config, storage, run, checkpoints, start=None)
 
 

@@ -4,6 +4,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -11,8 +12,8 @@ import torch
 
 from rdml_dist.data import batch_plan, indices_hash
 from rdml_dist.divergence import mimicry_gradients
-from rdml_dist.engines.ray_actors import CoordinatorActor
-from rdml_dist.errors import FrameRejected
+from rdml_dist.engines.ray_actors import CONTROL_GROUP, Coordinator, CoordinatorActor
+from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.frames import LogitsFrame, MimicryReply, StudentInfo
 from tests.integration.conftest import make_config
 
@@ -25,7 +26,7 @@ def _ray(ray_session: None) -> None:
     """Every test here shares the module's Ray session."""
 
 
-def _start(names: list[str], tmp_path: Path) -> "ray.actor.ActorHandle":
+def _start(names: list[str], tmp_path: Path, actor: Any = CoordinatorActor) -> "ray.actor.ActorHandle":
     config = make_config(
         tmp_path,
         [{"name": name, "model": "mlp"} for name in names],
@@ -34,7 +35,7 @@ def _start(names: list[str], tmp_path: Path) -> "ray.actor.ActorHandle":
         mimicry={"alpha": 2.0, "temperature": 2.0, "weight": 0.5},
         ray={"exchange_timeout_s": 20},
     )
-    coordinator = CoordinatorActor.options(max_restarts=0).remote(config.model_dump(mode="json"))
+    coordinator = actor.options(max_restarts=0).remote(config.model_dump(mode="json"))
     steps = len(batch_plan(NUM_TRAIN, BATCH, SEED, 0))
     ray.get(
         [coordinator.register.remote(StudentInfo(name, NUM_TRAIN, 10, CLASSES, steps)) for name in names],
@@ -157,3 +158,49 @@ def test_marking_a_member_dead_releases_the_step_for_the_others(trio: "ray.actor
     _rejected(trio.exchange.remote(_frame("c", 1)), "not a live member")
     replies = ray.get([trio.exchange.remote(_frame(name, 1)) for name in ("a", "b")], timeout=TIMEOUT)
     assert [reply.step for reply in replies] == [1, 1] and all(reply.live_students == 2 for reply in replies)
+
+
+class ComputationFails(Coordinator):
+    """The real coordinator actor whose batched computation raises at step 1 (a bug, an OOM, a bad tensor)."""
+
+    def _compute(self) -> dict[str, MimicryReply]:
+        if self.core.step == 1:
+            raise RuntimeError("CUDA out of memory (simulated inside the computation)")
+        return super()._compute()
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_computation_reaches_every_waiting_student_at_once(tmp_path: Path) -> None:
+    actor = ray.remote(num_cpus=0, concurrency_groups={CONTROL_GROUP: 4})(ComputationFails)
+    coordinator = _start(["a", "b", "c"], tmp_path, actor=actor)
+    try:
+        ray.get([coordinator.exchange.remote(_frame(name, 0)) for name in ("a", "b", "c")], timeout=TIMEOUT)
+        waiting = [coordinator.exchange.remote(_frame(name, 1)) for name in ("a", "b")]
+        _wait_for(coordinator, ["c"])
+        started = time.monotonic()
+        last = coordinator.exchange.remote(_frame("c", 1))
+        for reference in [*waiting, last]:
+            with pytest.raises(ray.exceptions.RayTaskError) as error:
+                ray.get(reference, timeout=TIMEOUT)
+            assert isinstance(error.value.cause, CohortStepFailed)
+            assert "step 1: the coordinator's computation failed: RuntimeError: CUDA out of memory" in str(error.value.cause)
+        assert time.monotonic() - started < 5  # the exchange timeout is 20 s
+        # Until the driver restores the cohort, new frames are refused with the same cause, not left waiting.
+        with pytest.raises(ray.exceptions.RayTaskError, match="computation failed"):
+            ray.get(coordinator.exchange.remote(_frame("a", 2)), timeout=TIMEOUT)
+        infos = [StudentInfo(name, NUM_TRAIN, 10, CLASSES, len(batch_plan(NUM_TRAIN, BATCH, SEED, 0))) for name in "abc"]
+        ray.get(coordinator.restore.remote(0, infos), timeout=TIMEOUT)
+        replies = ray.get([coordinator.exchange.remote(_frame(name, 0)) for name in ("a", "b", "c")], timeout=TIMEOUT)
+        assert [reply.step for reply in replies] == [0, 0, 0]
+    finally:
+        ray.kill(coordinator)
+
+
+@pytest.mark.timeout(60)
+def test_abort_releases_the_waiting_students_for_a_rollback(trio: "ray.actor.ActorHandle") -> None:
+    waiting = [trio.exchange.remote(_frame(name, 0)) for name in ("a", "b")]
+    _wait_for(trio, ["c"])
+    ray.get(trio.abort.remote("student 'c' died at step 0"), timeout=TIMEOUT)
+    for reference in waiting:
+        with pytest.raises(ray.exceptions.RayTaskError, match="student 'c' died at step 0"):
+            ray.get(reference, timeout=TIMEOUT)

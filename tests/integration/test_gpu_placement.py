@@ -16,7 +16,7 @@ from tests.integration.conftest import cohort_released, local_ray, make_config, 
 
 @pytest.fixture(scope="module")
 def three_fake_gpus() -> Iterator[None]:
-    with local_ray(num_cpus=2, num_gpus=3):
+    with local_ray(num_cpus=3, num_gpus=3):  # 3 × 0.5 CPU for the students, 1 for the coordinator
         yield
 
 

@@ -69,10 +69,11 @@ def test_ray_engine_reproduces_the_in_process_engine(tmp_path: Path) -> None:
         for name in ("mlp", "cnn", "resnet20"):
             assert ray_epoch["students"][name]["val_accuracy"] == local_epoch["students"][name]["val_accuracy"]
     assert ray_results["summary"]["ensemble"]["final_val_accuracy"] > 0.5  # far above chance (0.1) after 2 epochs
-    # Checkpoints of the last epoch exist and hold the same weights as the in-process run.
+    # The final cohort checkpoint exists and holds the same weights as the in-process run's.
+    final = f"checkpoints/step-{2 * steps_per_epoch:08d}"
     for name in ("mlp", "cnn", "resnet20"):
-        ray_state = torch.load(tmp_path / "ray" / "checkpoints" / f"{name}.pt", weights_only=False)
-        local_state = torch.load(tmp_path / "local" / "checkpoints" / f"{name}.pt", weights_only=False)
+        ray_state = torch.load(tmp_path / "ray" / final / f"{name}.pt", weights_only=True)
+        local_state = torch.load(tmp_path / "local" / final / f"{name}.pt", weights_only=True)
         assert ray_state["epoch"] == local_state["epoch"] == 2
         for key, tensor in local_state["model"].items():
             torch.testing.assert_close(ray_state["model"][key], tensor, atol=1e-4, rtol=0)
