@@ -154,6 +154,8 @@ class RayCohort:
             for reference in done:
                 try:
                     events.extend(ray.get(reference))
+                except ray.exceptions.RayTaskError as error:  # first: Ray's wrapper may also be a RayActorError
+                    self._decide_and_roll_back(self._task_failure(error, start), pending)
                 except ray.exceptions.RayActorError as error:
                     failure = self._student_failure(calls[reference], start, error)
                     if self.policy.decide(failure) is Decision.CONTINUE:
@@ -163,8 +165,6 @@ class RayCohort:
                         events.append({**failure.event(), "action": "the live students went on"})
                         continue
                     self._roll_back(failure, pending)
-                except ray.exceptions.RayTaskError as error:
-                    self._decide_and_roll_back(self._task_failure(error, start), pending)
             step = self._coordinator_step(start, pending)
             on_progress(step)
         for name in rejoining:
@@ -175,7 +175,10 @@ class RayCohort:
         return Failure("student_died", step, _cause(error), student=name, node=self.where[name]["node_id"])
 
     def _task_failure(self, error: ray.exceptions.RayTaskError, step: int) -> Failure:
-        """A student's call raised: the coordinator died under it, its computation failed, or a real bug (re-raised)."""
+        """A student's call raised: the coordinator died under it, its computation failed, or a real bug (re-raised).
+
+        A student's own death surfaces as a bare actor error, never as a task error.
+        """
         if isinstance(error.cause, CohortStepFailed):
             return Failure("coordinator_error", step, str(error.cause))
         if isinstance(error.cause, ray.exceptions.RayActorError) or not self._coordinator_alive():
@@ -245,11 +248,11 @@ class RayCohort:
         """Results of a call on every live student; a student that dies meanwhile sends the cohort back."""
         try:
             return ray.get(list(calls))
+        except ray.exceptions.RayTaskError as error:  # first: Ray's wrapper may also be a RayActorError
+            self._decide_and_roll_back(self._task_failure(error, step), list(calls))
         except ray.exceptions.RayActorError as error:
             name = next((calls[ref] for ref in calls if _failed(ref)), "?")
             self._decide_and_roll_back(self._student_failure(name, step, error), list(calls))
-        except ray.exceptions.RayTaskError as error:
-            self._decide_and_roll_back(self._task_failure(error, step), list(calls))
         raise AssertionError("unreachable")
 
     def restore(self, step: int) -> None:

@@ -163,8 +163,9 @@ def test_killed_student_under_fail_stops_the_run_naming_student_node_and_cause(t
 
 
 @pytest.mark.timeout(300)
-def test_killed_coordinator_is_restarted_and_the_run_is_unchanged(undisturbed: Path, tmp_path: Path) -> None:
-    background = Background(_config(tmp_path), tmp_path)
+@pytest.mark.parametrize("policy", ["restart_cohort", "continue"])
+def test_killed_coordinator_is_restarted_and_the_run_is_unchanged(undisturbed: Path, tmp_path: Path, policy: str) -> None:
+    background = Background(_config(tmp_path, on_student_failure=policy), tmp_path)
     killed = _kill_after_checkpoint(tmp_path, 4, "coordinator")
     background.join()
     assert background.error is None, background.error
@@ -173,6 +174,16 @@ def test_killed_coordinator_is_restarted_and_the_run_is_unchanged(undisturbed: P
     events = read_json(tmp_path / "results.json")["faults"]["events"]
     assert [event["kind"] for event in events] == ["coordinator_died"]
     assert read_json(tmp_path / "placements.json")["coordinator"]["pid"] != killed
+    wait_until(cohort_released, "the cohort is released")
+
+
+@pytest.mark.timeout(300)
+def test_killed_coordinator_under_fail_stops_the_run(tmp_path: Path) -> None:
+    background = Background(_config(tmp_path, on_student_failure="fail"), tmp_path)
+    _kill_after_checkpoint(tmp_path, 4, "coordinator")
+    background.join()
+    assert isinstance(background.error, RunFailed), background.error
+    assert "the coordinator died at step" in str(background.error)
     wait_until(cohort_released, "the cohort is released")
 
 
