@@ -151,18 +151,6 @@ def test_killed_student_under_continue_rejoins_while_the_others_go_on(undisturbe
 
 
 @pytest.mark.timeout(300)
-def test_killed_student_under_fail_stops_the_run_naming_student_node_and_cause(tmp_path: Path) -> None:
-    background = Background(_config(tmp_path, on_student_failure="fail"), tmp_path)
-    _kill_after_checkpoint(tmp_path, 4, "cnn")
-    background.join()
-    assert isinstance(background.error, RunFailed), background.error
-    node = read_json(tmp_path / "placements.json")["students"]["cnn"]["node_id"]
-    message = str(background.error)
-    assert "student 'cnn'" in message and node in message and "died" in message and "ActorDiedError" in message
-    wait_until(cohort_released, "the cohort is released")
-
-
-@pytest.mark.timeout(300)
 @pytest.mark.parametrize("policy", ["restart_cohort", "continue"])
 def test_killed_coordinator_is_restarted_and_the_run_is_unchanged(undisturbed: Path, tmp_path: Path, policy: str) -> None:
     background = Background(_config(tmp_path, on_student_failure=policy), tmp_path)
@@ -178,12 +166,18 @@ def test_killed_coordinator_is_restarted_and_the_run_is_unchanged(undisturbed: P
 
 
 @pytest.mark.timeout(300)
-def test_killed_coordinator_under_fail_stops_the_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("victim", ["cnn", "coordinator"])
+def test_a_kill_under_fail_stops_the_run_naming_what_died_where_and_why(tmp_path: Path, victim: str) -> None:
     background = Background(_config(tmp_path, on_student_failure="fail"), tmp_path)
-    _kill_after_checkpoint(tmp_path, 4, "coordinator")
+    _kill_after_checkpoint(tmp_path, 4, victim)
     background.join()
     assert isinstance(background.error, RunFailed), background.error
-    assert "the coordinator died at step" in str(background.error)
+    message = str(background.error)
+    if victim == "coordinator":
+        assert "the coordinator died at step" in message and "ActorDiedError" in message
+    else:
+        node = read_json(tmp_path / "placements.json")["students"]["cnn"]["node_id"]
+        assert f"student 'cnn' on node {node} died at step" in message and "ActorDiedError" in message
     wait_until(cohort_released, "the cohort is released")
 
 
