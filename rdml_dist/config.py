@@ -133,6 +133,7 @@ class CoordinatorConfig(_Strict):
 
     cpus: float = Field(1.0, gt=0)
     gpus: float = Field(0.0, ge=0, le=1)
+    on_head_node: bool = False  # a stable address for Prometheus: the coordinator runs on the Ray head
 
 
 class CheckpointConfig(_Strict):
@@ -164,8 +165,17 @@ class RuntimeConfig(_Strict):
     fault: FaultConfig = Field(default_factory=FaultConfig)
 
 
+class MonitoringConfig(_Strict):
+    """Where the coordinator serves its Prometheus metrics (``/metrics``)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)  # 0: any free port (the driver prints the one taken)
+    file_sd: str | None = None  # a Prometheus file_sd JSON file the driver keeps pointing at the coordinator
+
+
 class ExperimentConfig(_Strict):
-    """A whole experiment: data, cohort, training, mimicry and runtime."""
+    """A whole experiment: data, cohort, training, mimicry, runtime and monitoring."""
 
     name: str = "experiment"
     seed: int = 0
@@ -174,6 +184,7 @@ class ExperimentConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     mimicry: MimicryConfig = Field(default_factory=MimicryConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
     @model_validator(mode="after")
     def _student_names_unique(self) -> "ExperimentConfig":

@@ -20,6 +20,9 @@ from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, S
 from rdml_dist.schedules import alpha_at, mimicry_weight_at
 
 NON_FINITE = "non_finite"  # the rejection reason that sends a student back to its last checkpoint
+REJECTION_REASONS = (
+    "unknown_student", "not_live", "wrong_step", "duplicate", "batch_mismatch", "wrong_shape", NON_FINITE, "data_mismatch",
+)
 
 
 @dataclass

@@ -5,6 +5,7 @@ Students exchange nothing over a transport: their frames go straight into the sa
 two engines follow the same trajectory for the same config and seed.
 """
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,12 @@ import torch
 
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.coordinator import NON_FINITE, CohortCoordinator, EpochEvaluation, StepRecord
+from rdml_dist.coordinator import NON_FINITE, EpochEvaluation, StepRecord
 from rdml_dist.engines.loop import train_loop
 from rdml_dist.engines.session import RunSession, new_session
 from rdml_dist.errors import FrameRejected
+from rdml_dist.metered_coordinator import MeteredCoordinator
+from rdml_dist.metrics import CohortMetrics, LockedRegistry, metrics_address, serve
 from rdml_dist.run_directory import RunDirectory
 from rdml_dist.student import Student
 
@@ -29,7 +32,9 @@ class LocalCohort:
             torch.set_num_threads(config.runtime.torch_threads)
         self.checkpoints = checkpoints
         self.students = [Student(config, index) for index in range(len(config.students))]
-        self.coordinator = CohortCoordinator(config)
+        self.lock = threading.Lock()  # held for each step, so a scrape never sees half a step
+        self.registry = LockedRegistry(self.lock)
+        self.coordinator = MeteredCoordinator(config, CohortMetrics.for_config(config, self.registry))
         for student in self.students:
             self.coordinator.register(student.info())
         self.steps_per_epoch = self.coordinator.steps_per_epoch
@@ -37,21 +42,28 @@ class LocalCohort:
     def run_steps(self, start: int, end: int, restore_step: int, on_progress: Callable[[int], None]) -> list[dict[str, Any]]:
         events = []
         for step in range(start, end):
-            accepted = []
-            for student in self.students:
-                try:
-                    self.coordinator.submit(student.forward_step(step))
-                    accepted.append(student)
-                except FrameRejected as rejected:
-                    if rejected.reason != NON_FINITE:
-                        raise
-                    events.append(student.recover_from_non_finite(self.checkpoints, restore_step, step, str(rejected)))
-            replies = self.coordinator.compute()
-            for student in accepted:
-                student.apply(replies[student.name].grad)
+            with self.lock:
+                events.extend(self._step(step, restore_step))
             on_progress(step + 1)
+        with self.lock:
+            for student in self.students:
+                self.coordinator.record_timing(student.name, student.last_timing)
+        return events
+
+    def _step(self, step: int, restore_step: int) -> list[dict[str, Any]]:
+        """One simultaneous step of every student; returns the non-finite recoveries it needed."""
+        events, accepted = [], []
         for student in self.students:
-            self.coordinator.record_timing(student.name, student.last_timing)
+            try:
+                self.coordinator.submit(student.forward_step(step))
+                accepted.append(student)
+            except FrameRejected as rejected:
+                if rejected.reason != NON_FINITE:
+                    raise
+                events.append(student.recover_from_non_finite(self.checkpoints, restore_step, step, str(rejected)))
+        replies = self.coordinator.compute()
+        for student in accepted:
+            student.apply(replies[student.name].grad)
         return events
 
     def evaluate(self, epoch: int) -> EpochEvaluation:
@@ -80,9 +92,18 @@ class LocalCohort:
 
 
 def run_local(session: RunSession, show_progress: bool = True) -> RunDirectory:
-    """Train an opened run in this process; returns its run directory."""
+    """Train an opened run in this process (serving its metrics meanwhile); returns its run directory."""
     cohort = LocalCohort(session.config, session.checkpoints)
-    return train_loop(session.config, cohort, session.run, session.checkpoints, session.start, show_progress)
+    monitoring = session.config.monitoring
+    server = serve(cohort.registry, monitoring.host, monitoring.port) if monitoring.enabled else None
+    try:
+        if server is not None:
+            print(f"rdml-dist: metrics at http://{metrics_address(monitoring.host, server, monitoring.host)}/metrics", flush=True)
+        return train_loop(session.config, cohort, session.run, session.checkpoints, session.start, show_progress)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
 
 def train_local(config: ExperimentConfig, run_dir: str | Path, show_progress: bool = True) -> RunDirectory:

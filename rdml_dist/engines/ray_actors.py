@@ -20,9 +20,11 @@ import torch
 
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.coordinator import NON_FINITE, CohortCoordinator, EpochEvaluation, StepRecord
+from rdml_dist.coordinator import NON_FINITE, EpochEvaluation, StepRecord
 from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
+from rdml_dist.metered_coordinator import MeteredCoordinator
+from rdml_dist.metrics import CohortMetrics, LockedRegistry, metrics_address, serve
 from rdml_dist.storage import Storage
 from rdml_dist.student import Student, resolve_device
 
@@ -31,18 +33,21 @@ STORAGE_MARKER = ".storage-marker"
 
 
 class Coordinator:
-    """Async barrier around :class:`CohortCoordinator`: one batched computation answers all students.
+    """Async barrier around the coordinator core: one batched computation answers all students.
 
     Ray runs each concurrency group on its own event-loop thread, so every touch of the core
     happens under one lock (short, synchronous sections; never held across an ``await``).
     A failed computation, or an abort while the cohort rolls back, fails the step for every
-    waiting student at once.
+    waiting student at once. It also serves the cohort's Prometheus metrics, each scrape taken
+    under the same lock.
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = ExperimentConfig.model_validate(config)
-        self.core = CohortCoordinator(self.config)
         self.lock = threading.Lock()
+        self.registry = LockedRegistry(self.lock)
+        self.core = MeteredCoordinator(self.config, CohortMetrics.for_config(self.config, self.registry))
+        self._metrics_address: str | None = None
         self._step_results: dict[int, asyncio.Future[dict[str, MimicryReply]]] = {}
         self._halted: str | None = None
 
@@ -123,6 +128,20 @@ class Coordinator:
         """A restarted student rejoins the live members (``continue`` policy)."""
         with self.lock:
             self.core.register(info)
+
+    async def student_restarted(self, name: str) -> None:
+        """Count a student's restart (its liveness shows 0 until the cohort is restored)."""
+        with self.lock:
+            self.core.student_restarted(name)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    async def serve_metrics(self) -> str | None:
+        """Start serving ``/metrics`` (once per process) as ``monitoring`` says; returns ``host:port`` or None."""
+        monitoring = self.config.monitoring
+        if monitoring.enabled and self._metrics_address is None:
+            server = serve(self.registry, monitoring.host, monitoring.port)
+            self._metrics_address = metrics_address(monitoring.host, server, ray.util.get_node_ip_address())
+        return self._metrics_address
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     async def evaluation(self, epoch: int, timeout_s: float) -> EpochEvaluation:

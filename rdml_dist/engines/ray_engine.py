@@ -25,12 +25,14 @@ from rdml_dist.engines.ray_cluster import connect
 from rdml_dist.engines.session import RunSession, new_session
 from rdml_dist.errors import ClusterError, CohortStepFailed
 from rdml_dist.frames import StudentInfo
+from rdml_dist.metrics import write_file_sd
 from rdml_dist.run_directory import RunDirectory
 from rdml_dist.storage import Storage
 
 POLL_SECONDS = 0.25
 RESTART_TIMEOUT_S = 120.0
 COORDINATOR_BUNDLE = 0
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 class CohortDoesNotFit(ClusterError):
@@ -50,9 +52,12 @@ def student_resources(config: ExperimentConfig) -> dict[str, float]:
 
 
 def coordinator_resources(config: ExperimentConfig) -> dict[str, float]:
-    """The coordinator's own bundle: its CPUs and, optionally, a GPU fraction."""
+    """The coordinator's own bundle: its CPUs, optionally a GPU fraction, and optionally a place on the head node."""
     settings = config.runtime.coordinator
-    return {"CPU": settings.cpus, **({"GPU": settings.gpus} if settings.gpus > 0 else {})}
+    bundle = {"CPU": settings.cpus, **({"GPU": settings.gpus} if settings.gpus > 0 else {})}
+    if settings.on_head_node:
+        bundle[HEAD_NODE_RESOURCE] = 0.001  # every head node has one unit of this resource
+    return bundle
 
 
 def reserve_cohort(config: ExperimentConfig, bundle: dict[str, float]) -> PlacementGroup:
@@ -121,6 +126,7 @@ class RayCohort:
         try:
             self.infos = dict(zip(self.names, ray.get([actor.info.remote() for actor in self.actors.values()])))
             ray.get([self.coordinator.register.remote(info) for info in self.infos.values()])
+            self.metrics_address = self._serve_metrics()
             self._update_placements()
         except BaseException:
             self.shutdown()  # a student that cannot start must not leave the cohort's actors and reservation behind
@@ -132,11 +138,22 @@ class RayCohort:
         """Where each student runs (node id, GPU ids, device, pid)."""
         return dict(zip(self.names, ray.get([self.actors[name].placement.remote() for name in self.names])))
 
+    def _serve_metrics(self) -> str | None:
+        """Have the coordinator serve its metrics (again, after a restart); keep Prometheus's file_sd current."""
+        try:
+            address = ray.get(self.coordinator.serve_metrics.remote())
+        except ray.exceptions.RayTaskError as error:
+            raise error.cause if isinstance(error.cause, ClusterError) else error
+        if address is not None and self.config.monitoring.file_sd:
+            write_file_sd(self.config.monitoring.file_sd, address, self.config.name)
+        return address
+
     def _update_placements(self) -> None:
         """Learn (again, after restarts) where every student and the coordinator run, and record it."""
         self.where = self.placements()
         state = ray.get(self.coordinator.state.remote())
-        self.record_placements(self.where, {"node_id": state["node_id"], "pid": state["pid"]})
+        coordinator = {"node_id": state["node_id"], "pid": state["pid"], "metrics": self.metrics_address}
+        self.record_placements(self.where, coordinator)
 
     def live_members(self) -> list[str]:
         return [name for name in self.names if name in self.live]
@@ -172,6 +189,7 @@ class RayCohort:
         return events
 
     def _student_failure(self, name: str, step: int, error: BaseException) -> Failure:
+        self.coordinator.student_restarted.remote(name)  # metrics only: nothing waits for it
         return Failure("student_died", step, _cause(error), student=name, node=self.where[name]["node_id"])
 
     def _task_failure(self, error: ray.exceptions.RayTaskError, step: int) -> Failure:
@@ -260,6 +278,7 @@ class RayCohort:
         for name, actor in self.actors.items():
             self._wait_until_restarted(actor, f"student {name!r}")
         self._wait_until_restarted(self.coordinator, "the coordinator")
+        self.metrics_address = self._serve_metrics()
         epoch = step // self.steps_per_epoch
         infos: list[StudentInfo] = ray.get([self.actors[name].restore.remote(step, epoch) for name in self.names])
         ray.get(self.coordinator.restore.remote(step, infos))
@@ -292,6 +311,8 @@ def run_ray(session: RunSession, show_progress: bool = True) -> RunDirectory:
     try:
         bundle = student_resources(config)
         cohort = RayCohort(config, reserve_cohort(config, bundle), bundle, session.storage, session.run.write_placements)
+        if cohort.metrics_address:
+            print(f"rdml-dist: metrics at http://{cohort.metrics_address}/metrics", flush=True)
         try:
             return train_loop(config, cohort, session.run, session.checkpoints, session.start, show_progress)
         finally:

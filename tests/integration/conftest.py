@@ -114,6 +114,7 @@ def make_config(run_dir: Path, students: list[dict[str, Any]], **sections: Any) 
             "torch_threads": 1,
             "ray": {"placement_timeout_s": 60, "exchange_timeout_s": 120},
         },
+        "monitoring": {"port": 0},  # any free port: a killed coordinator's port may not be free yet
     }
     for section, values in sections.items():
         if section == "ray":

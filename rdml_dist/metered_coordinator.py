@@ -1,0 +1,67 @@
+"""The coordinator core with its Prometheus metrics kept current: what every engine's coordinator runs.
+
+The core itself stays free of metrics and transports; this subclass observes each of its
+operations (frames accepted or refused, steps computed, timings, scores, membership) and
+updates :class:`~rdml_dist.metrics.CohortMetrics`.
+"""
+
+import time
+from collections.abc import Callable
+
+from rdml_dist.config import ExperimentConfig
+from rdml_dist.coordinator import CohortCoordinator, EpochEvaluation
+from rdml_dist.errors import FrameRejected
+from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
+from rdml_dist.metrics import CohortMetrics
+
+
+class MeteredCoordinator(CohortCoordinator):
+    """A :class:`CohortCoordinator` that reports to ``metrics`` as it goes."""
+
+    def __init__(self, config: ExperimentConfig, metrics: CohortMetrics, clock: Callable[[], float] = time.perf_counter) -> None:
+        super().__init__(config, clock)
+        self.metrics = metrics
+        self._timed_steps: dict[str, int] = {}  # the last step whose timing each student reported
+
+    def register(self, info: StudentInfo) -> None:
+        super().register(info)
+        self.metrics.membership(self.live)
+
+    def mark_dead(self, name: str) -> None:
+        super().mark_dead(name)
+        self.metrics.membership(self.live)
+
+    def restore(self, step: int) -> None:
+        super().restore(step)
+        self.metrics.rolled_back(step, self.epoch_of(step))
+        self.metrics.membership(self.live)
+
+    def student_restarted(self, name: str) -> None:
+        """The driver saw this student's process die; Ray is restarting it."""
+        self.metrics.restarted(name)
+
+    def submit(self, frame: LogitsFrame) -> None:
+        try:
+            super().submit(frame)
+        except FrameRejected as rejected:
+            self.metrics.frame_rejected(frame.student, rejected.reason)
+            raise
+
+    def compute(self) -> dict[str, MimicryReply]:
+        step = self.step
+        replies = super().compute()
+        batch = next(iter(replies.values())).grad.shape[0] if replies else 0
+        self.metrics.step_computed(step, self.epoch_of(step), self.records.get(step, {}), batch, self.clock())
+        return replies
+
+    def record_timing(self, student: str, timing: StepTiming | None) -> None:
+        super().record_timing(student, timing)
+        if timing is not None and self._timed_steps.get(student) != timing.step:  # reported once, observed once
+            self._timed_steps[student] = timing.step
+            self.metrics.timing_reported(student, timing)
+
+    def submit_eval(self, frame: EvalFrame) -> EpochEvaluation | None:
+        evaluation = super().submit_eval(frame)
+        if evaluation is not None:
+            self.metrics.epoch_scored(evaluation)
+        return evaluation

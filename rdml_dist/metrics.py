@@ -1,0 +1,187 @@
+"""Prometheus metrics of a cohort, kept by the coordinator, which sees every student's every step.
+
+One scrape target covers the whole cohort. Names follow Prometheus conventions: the ``rdml_``
+prefix, base units (``_seconds``), ``_total`` counters, and bounded labels only (``run``,
+``student``, ``model``, ``reason``; never a step number). Losses are exported twice: a gauge
+with the last step's value, and a summary of every step's value, whose ``rate(_sum) /
+rate(_count)`` is the exact mean over any window (the smoothed curve).
+
+Each scrape is taken under the coordinator's lock, so the values of one scrape all belong to
+the same completed step.
+"""
+
+import threading
+from collections.abc import Iterable, Iterator
+import json
+from http.server import HTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, start_http_server
+from prometheus_client.metrics_core import Metric
+
+from rdml_dist.config import ExperimentConfig
+from rdml_dist.coordinator import REJECTION_REASONS, EpochEvaluation, StepRecord
+from rdml_dist.errors import ClusterError
+from rdml_dist.frames import StepTiming
+from rdml_dist.storage import atomic_write
+
+# Per-step times on CPUs and GPUs range from sub-millisecond exchanges to multi-second steps.
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+STUDENT_LABELS = ("run", "student", "model")
+
+
+class LockedRegistry(CollectorRegistry):
+    """A registry whose every collection runs under ``lock``: a scrape never mixes two steps."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        super().__init__(auto_describe=True)
+        self._scrape_lock = lock
+
+    def collect(self) -> Iterator[Metric]:
+        with self._scrape_lock:
+            metrics = list(super().collect())
+        yield from metrics
+
+
+class CohortMetrics:
+    """Every metric of one run, updated from the coordinator's records, scores and membership changes."""
+
+    @classmethod
+    def for_config(cls, config: ExperimentConfig, registry: CollectorRegistry) -> "CohortMetrics":
+        """The metrics of ``config``'s run, labelled with its name and each student's model."""
+        models = {name: student.model for name, student in zip(config.student_names(), config.students)}
+        return cls(config.name, models, registry)
+
+    def __init__(self, run: str, models: dict[str, str], registry: CollectorRegistry) -> None:
+        self.run = run
+        self.models = models
+        self.registry = registry
+        self._last_step_time: dict[str, float] = {}
+        self._epoch_counts: dict[str, tuple[int, int, int]] = {}  # student -> (epoch, correct, labelled)
+
+        def per_student(kind: type, name: str, documentation: str, **options: Any) -> Any:
+            return kind(name, documentation, STUDENT_LABELS, registry=registry, **options)
+
+        def per_cohort(kind: type, name: str, documentation: str, labels: Iterable[str] = (), **options: Any) -> Any:
+            return kind(name, documentation, ("run", *labels), registry=registry, **options)
+
+        self.ce_loss = per_student(Gauge, "rdml_student_cross_entropy_loss", "Cross-entropy loss of the last step")
+        self.mimicry_loss = per_student(Gauge, "rdml_student_mimicry_loss", "Mimicry loss (lambda * tau^2 * divergence) of the last step")
+        self.divergence = per_student(Gauge, "rdml_student_divergence", "Mean divergence to the peers at the last step")
+        self.ce_steps = per_student(Summary, "rdml_student_step_cross_entropy_loss", "Cross-entropy loss of every step")
+        self.mimicry_steps = per_student(Summary, "rdml_student_step_mimicry_loss", "Mimicry loss of every step")
+        self.divergence_steps = per_student(Summary, "rdml_student_step_divergence", "Divergence to the peers of every step")
+        self.train_accuracy = per_student(Gauge, "rdml_student_train_accuracy", "Training accuracy over the current epoch so far")
+        self.val_accuracy = per_student(Gauge, "rdml_student_val_accuracy", "Validation accuracy of the last evaluated epoch")
+        self.steps = per_student(Counter, "rdml_student_steps", "Training steps completed")
+        self.samples = per_student(Counter, "rdml_student_samples", "Training samples processed")
+        self.samples_per_second = per_student(Gauge, "rdml_student_samples_per_second", "Samples of the last step over the time since the one before")
+        self.compute = per_student(Histogram, "rdml_student_compute_seconds", "Forward and backward time of a step", buckets=SECONDS_BUCKETS)
+        self.round_trip = per_student(Histogram, "rdml_student_exchange_round_trip_seconds", "Exchange round trip of a step, as the student measured it", buckets=SECONDS_BUCKETS)
+        self.wait = per_student(Histogram, "rdml_student_straggler_wait_seconds", "Time a student's frame waited for the slowest peer", buckets=SECONDS_BUCKETS)
+        self.live = per_student(Gauge, "rdml_student_live", "1 while the student takes part in the steps, 0 while it is dead or restarting")
+        self.restarts = per_student(Counter, "rdml_student_restarts", "Times the student's process died and was restarted")
+        self.rejected = per_cohort(Counter, "rdml_rejected_frames", "Frames the coordinator refused", ("student", "reason"))
+        self.ensemble_accuracy = per_cohort(Gauge, "rdml_cohort_ensemble_val_accuracy", "Validation accuracy of the cohort ensemble")
+        self.live_students = per_cohort(Gauge, "rdml_cohort_live_students", "Students taking part in the steps")
+        self.alpha = per_cohort(Gauge, "rdml_cohort_alpha", "Current Renyi order alpha")
+        self.weight = per_cohort(Gauge, "rdml_cohort_mimicry_weight", "Current mimicry weight lambda")
+        self.epoch = per_cohort(Gauge, "rdml_cohort_epoch", "Epoch in progress (0-based)")
+        self.step = per_cohort(Gauge, "rdml_cohort_step", "Steps completed by the cohort (the next step's index)")
+        self.coordinator_seconds = per_cohort(Histogram, "rdml_coordinator_computation_seconds", "Batched mimicry computation of a step", buckets=SECONDS_BUCKETS)
+        for student in models:  # every series exists from the start, so rates and sums work before the first event
+            self.live.labels(*self._labels(student)).set(0)
+            self.restarts.labels(*self._labels(student))
+            for reason in REJECTION_REASONS:
+                self.rejected.labels(run, student, reason)
+
+    def _labels(self, student: str) -> tuple[str, str, str]:
+        return (self.run, student, self.models.get(student, "unknown"))
+
+    def step_computed(self, step: int, epoch: int, records: dict[str, StepRecord], batch: int, now: float) -> None:
+        """The cohort finished ``step``: per-student losses, throughput and waits; cohort position."""
+        for name, record in records.items():
+            labels = self._labels(name)
+            self.ce_loss.labels(*labels).set(record.ce_loss)
+            self.mimicry_loss.labels(*labels).set(record.mimicry_loss)
+            self.divergence.labels(*labels).set(record.divergence)
+            self.ce_steps.labels(*labels).observe(record.ce_loss)
+            self.mimicry_steps.labels(*labels).observe(record.mimicry_loss)
+            self.divergence_steps.labels(*labels).observe(record.divergence)
+            self.steps.labels(*labels).inc()
+            self.samples.labels(*labels).inc(batch)
+            self.wait.labels(*labels).observe(record.wait_seconds)
+            previous = self._last_step_time.get(name)
+            if previous is not None and now > previous:
+                self.samples_per_second.labels(*labels).set(batch / (now - previous))
+            self._last_step_time[name] = now
+            counted_epoch, correct, labelled = self._epoch_counts.get(name, (epoch, 0, 0))
+            if counted_epoch != epoch:
+                correct, labelled = 0, 0
+            correct, labelled = correct + record.correct, labelled + record.labelled
+            self._epoch_counts[name] = (epoch, correct, labelled)
+            if labelled:
+                self.train_accuracy.labels(*labels).set(correct / labelled)
+        if records:
+            record = next(iter(records.values()))
+            self.alpha.labels(self.run).set(record.alpha)
+            self.weight.labels(self.run).set(record.weight)
+            self.coordinator_seconds.labels(self.run).observe(record.coordinator_seconds)
+        self.epoch.labels(self.run).set(epoch)
+        self.step.labels(self.run).set(step + 1)
+
+    def timing_reported(self, student: str, timing: StepTiming) -> None:
+        """A student's own measurement of a step: its compute and its exchange round trip."""
+        labels = self._labels(student)
+        self.compute.labels(*labels).observe(timing.compute_seconds)
+        self.round_trip.labels(*labels).observe(timing.round_trip_seconds)
+
+    def frame_rejected(self, student: str, reason: str) -> None:
+        known = student if student in self.models else "unknown"  # a stranger's name must not become a label
+        self.rejected.labels(self.run, known, reason).inc()
+
+    def epoch_scored(self, evaluation: EpochEvaluation) -> None:
+        for name, accuracy in evaluation.accuracy.items():
+            self.val_accuracy.labels(*self._labels(name)).set(accuracy)
+        self.ensemble_accuracy.labels(self.run).set(evaluation.ensemble_accuracy)
+
+    def membership(self, live: Iterable[str]) -> None:
+        """Which students take part now (after a registration, a death, a revival or a restore)."""
+        live = set(live)
+        for name in self.models:
+            self.live.labels(*self._labels(name)).set(1 if name in live else 0)
+        self.live_students.labels(self.run).set(len(live))
+
+    def restarted(self, student: str) -> None:
+        self.restarts.labels(*self._labels(student)).inc()
+        self.live.labels(*self._labels(student)).set(0)
+
+    def rolled_back(self, step: int, epoch: int) -> None:
+        self.step.labels(self.run).set(step)
+        self.epoch.labels(self.run).set(epoch)
+        self._epoch_counts.clear()
+
+
+def serve(registry: CollectorRegistry, host: str, port: int) -> HTTPServer:
+    """Serve ``/metrics`` over HTTP on ``host:port`` (0: any free port) from a daemon thread."""
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as error:
+        raise ClusterError(
+            f"monitoring: cannot serve metrics on {host}:{port} ({error.strerror or error}); choose another "
+            "monitoring.port (0 takes any free port) or set monitoring.enabled: false"
+        ) from None
+    return server
+
+
+def write_file_sd(path: str, address: str, run: str) -> None:
+    """Point a Prometheus ``file_sd_configs`` file at the coordinator (rewritten after it restarts)."""
+    document = [{"targets": [address], "labels": {"run": run}}]
+    atomic_write(Path(path).expanduser(), lambda handle: handle.write(json.dumps(document, indent=2).encode()))
+
+
+def metrics_address(host: str, server: HTTPServer, node_address: str) -> str:
+    """``host:port`` where Prometheus reaches the server (a wildcard bind is reached at the node's address)."""
+    reachable = node_address if host in ("0.0.0.0", "::", "") else host
+    return f"{reachable}:{server.server_address[1]}"
