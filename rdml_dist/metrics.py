@@ -59,6 +59,7 @@ class CohortMetrics:
         self.registry = registry
         self._last_step_time: dict[str, float] = {}
         self._epoch_counts: dict[str, tuple[int, int, int]] = {}  # student -> (epoch, correct, labelled)
+        self._children: dict[tuple[int, str], Any] = {}
 
         def per_student(kind: type, name: str, documentation: str, **options: Any) -> Any:
             return kind(name, documentation, STUDENT_LABELS, registry=registry, **options)
@@ -99,22 +100,29 @@ class CohortMetrics:
     def _labels(self, student: str) -> tuple[str, str, str]:
         return (self.run, student, self.models.get(student, "unknown"))
 
+    def _bound(self, metric: Any, student: str) -> Any:
+        """``metric`` for ``student``'s labels, looked up once (label lookups dominate the per-step cost)."""
+        key = (id(metric), student)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*self._labels(student))
+        return child
+
     def step_computed(self, step: int, epoch: int, records: dict[str, StepRecord], batch: int, now: float) -> None:
         """The cohort finished ``step``: per-student losses, throughput and waits; cohort position."""
         for name, record in records.items():
-            labels = self._labels(name)
-            self.ce_loss.labels(*labels).set(record.ce_loss)
-            self.mimicry_loss.labels(*labels).set(record.mimicry_loss)
-            self.divergence.labels(*labels).set(record.divergence)
-            self.ce_steps.labels(*labels).observe(record.ce_loss)
-            self.mimicry_steps.labels(*labels).observe(record.mimicry_loss)
-            self.divergence_steps.labels(*labels).observe(record.divergence)
-            self.steps.labels(*labels).inc()
-            self.samples.labels(*labels).inc(batch)
-            self.wait.labels(*labels).observe(record.wait_seconds)
+            self._bound(self.ce_loss, name).set(record.ce_loss)
+            self._bound(self.mimicry_loss, name).set(record.mimicry_loss)
+            self._bound(self.divergence, name).set(record.divergence)
+            self._bound(self.ce_steps, name).observe(record.ce_loss)
+            self._bound(self.mimicry_steps, name).observe(record.mimicry_loss)
+            self._bound(self.divergence_steps, name).observe(record.divergence)
+            self._bound(self.steps, name).inc()
+            self._bound(self.samples, name).inc(batch)
+            self._bound(self.wait, name).observe(record.wait_seconds)
             previous = self._last_step_time.get(name)
             if previous is not None and now > previous:
-                self.samples_per_second.labels(*labels).set(batch / (now - previous))
+                self._bound(self.samples_per_second, name).set(batch / (now - previous))
             self._last_step_time[name] = now
             counted_epoch, correct, labelled = self._epoch_counts.get(name, (epoch, 0, 0))
             if counted_epoch != epoch:
@@ -122,7 +130,7 @@ class CohortMetrics:
             correct, labelled = correct + record.correct, labelled + record.labelled
             self._epoch_counts[name] = (epoch, correct, labelled)
             if labelled:
-                self.train_accuracy.labels(*labels).set(correct / labelled)
+                self._bound(self.train_accuracy, name).set(correct / labelled)
         if records:
             record = next(iter(records.values()))
             self.alpha.labels(self.run).set(record.alpha)
@@ -133,9 +141,8 @@ class CohortMetrics:
 
     def timing_reported(self, student: str, timing: StepTiming) -> None:
         """A student's own measurement of a step: its compute and its exchange round trip."""
-        labels = self._labels(student)
-        self.compute.labels(*labels).observe(timing.compute_seconds)
-        self.round_trip.labels(*labels).observe(timing.round_trip_seconds)
+        self._bound(self.compute, student).observe(timing.compute_seconds)
+        self._bound(self.round_trip, student).observe(timing.round_trip_seconds)
 
     def frame_rejected(self, student: str, reason: str) -> None:
         known = student if student in self.models else "unknown"  # a stranger's name must not become a label
