@@ -246,7 +246,8 @@ class RayCohort:
     def _rejoin(self, name: str, restore_step: int, cohort_step: int) -> None:
         """A student restarted under ``continue`` restores its latest checkpoint and rejoins at ``cohort_step``."""
         self._wait_until_restarted(self.actors[name], f"student {name!r}")
-        info = ray.get(self.actors[name].restore.remote(restore_step, cohort_step // self.steps_per_epoch))
+        # The epoch the chunk ending at ``cohort_step`` belongs to: its end (if any) is closed by evaluate().
+        info = ray.get(self.actors[name].restore.remote(restore_step, (cohort_step - 1) // self.steps_per_epoch))
         ray.get(self.coordinator.revive.remote(info))
         self.live.add(name)
         self._update_placements()
