@@ -81,6 +81,29 @@ def local_ray(**init_args: Any) -> Iterator[None]:
         wait_until_stopped(node)
 
 
+@contextlib.contextmanager
+def simulated_cluster(workers: int) -> Iterator[Any]:
+    """A ``ray.cluster_utils.Cluster`` on loopback: a head and ``workers`` nodes, one logical CPU each.
+
+    The driver joins it; every node's processes are stopped on exit.
+    """
+    from ray.cluster_utils import Cluster
+
+    assert not ray.is_initialized(), "a previous test module left Ray running"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    nodes = list(cluster.list_all_nodes())
+    try:
+        nodes.extend(cluster.add_node(num_cpus=1) for _ in range(workers))
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        for node in nodes:
+            wait_until_stopped(node)
+
+
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
     """A shared single-node session with 4 logical CPUs (more than the cores: each student runs one torch thread)."""

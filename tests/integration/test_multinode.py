@@ -5,7 +5,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 from ray.cluster_utils import Cluster
 
 from rdml_dist.engines.ray_engine import CohortDoesNotFit, train_ray
@@ -15,27 +14,16 @@ from tests.integration.conftest import (
     make_config,
     read_json,
     read_steps,
+    simulated_cluster,
     wait_until,
-    wait_until_stopped,
 )
 
 
 @pytest.fixture(scope="module")
 def three_nodes() -> Iterator[Cluster]:
     """A head and two worker nodes, one logical CPU each, all on 127.x; the driver joins it."""
-    assert not ray.is_initialized(), "a previous test module left Ray running"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    nodes = list(cluster.list_all_nodes())
-    try:
-        nodes.extend(cluster.add_node(num_cpus=1) for _ in range(2))
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    with simulated_cluster(workers=2) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        for node in nodes:
-            wait_until_stopped(node)
 
 
 @pytest.mark.timeout(120)

@@ -5,11 +5,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 from ray.cluster_utils import Cluster
 
 from rdml_dist.engines.ray_engine import train_ray
-from tests.integration.conftest import assert_loopback_nodes, make_config, read_json, wait_until, wait_until_stopped
+from tests.integration.conftest import assert_loopback_nodes, make_config, read_json, simulated_cluster, wait_until
 
 STUDENTS = [{"name": "mlp", "model": "mlp"}, {"name": "cnn", "model": "small_cnn"}]
 
@@ -17,19 +16,8 @@ STUDENTS = [{"name": "mlp", "model": "mlp"}, {"name": "cnn", "model": "small_cnn
 @pytest.fixture(scope="module")
 def four_nodes() -> Iterator[Cluster]:
     """A head and three workers with one logical CPU each: one node more than the cohort's three bundles."""
-    assert not ray.is_initialized(), "a previous test module left Ray running"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    nodes = list(cluster.list_all_nodes())
-    try:
-        nodes.extend(cluster.add_node(num_cpus=1) for _ in range(3))
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    with simulated_cluster(workers=3) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        for node in nodes:
-            wait_until_stopped(node)
 
 
 @pytest.mark.timeout(300)
