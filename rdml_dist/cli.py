@@ -1,12 +1,18 @@
-"""``rdml-dist``: validate an experiment config or train a cohort with the local or Ray engine."""
+"""``rdml-dist``: validate a config, train a cohort, run an external student, or show a running cohort."""
 
 import argparse
 import sys
 
-from rdml_dist.config import load_config
+import grpc
+
+from rdml_dist.config import RpcConfig, load_config
 from rdml_dist.engines import resume_cohort, train_cohort
 from rdml_dist.engines.failure_policy import RunFailed
 from rdml_dist.errors import ClusterError, ConfigError
+from rdml_dist.external_student import run_external_student
+from rdml_dist.rpc.auth import resolve_token
+from rdml_dist.rpc.client import CohortClient
+from rdml_dist.rpc.status import render_status
 from rdml_dist.run_directory import RunDirectory
 
 
@@ -27,6 +33,18 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped, crashed or killed run from its latest checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same run directory")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
+    student = commands.add_parser("student", help="run one external student (students[].external) outside Ray, over gRPC")
+    student.add_argument("config", help="the cohort's experiment YAML file")
+    student.add_argument("--name", required=True, help="the student's name in the config")
+    student.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                         help="override a config field (must agree with the cohort's)")
+    status = commands.add_parser("status", help="show a running cohort (members, step, losses, samples/s)")
+    status.add_argument("--watch", action="store_true", help="keep following the cohort until it ends (Ctrl-C stops)")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between updates with --watch (default 2)")
+    for command in (student, status):
+        command.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the cohort service's address")
+        command.add_argument("--token", help="the cohort's bearer token (default: the RDML_RPC_TOKEN variable)")
+        command.add_argument("--ca-file", help="CA certificate of a coordinator serving TLS")
     return parser
 
 
@@ -69,7 +87,45 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _status(args: argparse.Namespace) -> int:
+    rpc = RpcConfig()
+    client = CohortClient(args.coordinator, rpc, resolve_token(rpc, args.token), args.ca_file)
+    try:
+        updates = client.watch(args.interval) if args.watch else iter([client.status(timeout_s=10)])
+        for status in updates:
+            print(render_status(status) + ("\n" if args.watch else ""), flush=True)
+    except grpc.RpcError as error:
+        code = error.code() if isinstance(error, grpc.Call) else None
+        if args.watch and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            print("rdml-dist: the coordinator went away (the run ended or failed)", file=sys.stderr)
+            return 0
+        details = error.details() if isinstance(error, grpc.Call) else str(error)
+        print(f"rdml-dist: cannot read the cohort's status at {args.coordinator}: {code.name if code else ''}: {details}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        client.close()
+    return 0
+
+
+def _student(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    result = run_external_student(config, args.name, args.coordinator, resolve_token(config.rpc, args.token), args.ca_file)
+    print(f"rdml-dist: student {result.student} finished at step {result.steps} ({result.evaluations} evaluations, "
+          f"{result.rejoins} rejoins, {result.recoveries} non-finite recoveries)")
+    return 0
+
+
 def _command(args: argparse.Namespace) -> int:
+    if args.command == "status":
+        return _status(args)
+    if args.command == "student":
+        try:
+            return _student(args)
+        except ConfigError as error:
+            print(f"rdml-dist: invalid config: {error}", file=sys.stderr)
+            return 2
     if getattr(args, "resume", None):
         return _resume(args)
     try:

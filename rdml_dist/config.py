@@ -69,6 +69,7 @@ class StudentConfig(_Strict):
     name: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     optimizer: OptimizerConfig | None = None
+    external: bool = False  # runs outside Ray (``rdml-dist student``) and joins over the gRPC cohort service
 
     @field_validator("name")
     @classmethod
@@ -174,6 +175,31 @@ class MonitoringConfig(_Strict):
     file_sd: str | None = None  # a Prometheus file_sd JSON file the driver keeps pointing at the coordinator
 
 
+class RpcConfig(_Strict):
+    """The coordinator's gRPC cohort service: external students join it, ``rdml-dist status`` asks it.
+
+    Off loopback it needs a token (``token``, or the environment variable ``token_env``) and TLS,
+    or an explicit ``allow_plaintext`` for a private network.
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(50151, ge=0, le=65535)  # 0: any free port (the driver prints the one taken)
+    token: str | None = None
+    token_env: str = "RDML_RPC_TOKEN"
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    allow_plaintext: bool = False
+    max_message_mb: int = Field(256, ge=4, le=2047)
+    join_timeout_s: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _certificate_with_key(self) -> "RpcConfig":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both for TLS, or neither")
+        return self
+
+
 class ExperimentConfig(_Strict):
     """A whole experiment: data, cohort, training, mimicry, runtime and monitoring."""
 
@@ -185,6 +211,7 @@ class ExperimentConfig(_Strict):
     mimicry: MimicryConfig = Field(default_factory=MimicryConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    rpc: RpcConfig = Field(default_factory=RpcConfig)
 
     @model_validator(mode="after")
     def _student_names_unique(self) -> "ExperimentConfig":
@@ -193,6 +220,21 @@ class ExperimentConfig(_Strict):
         if duplicates:
             raise ValueError(f"student names must be unique; repeated: {', '.join(duplicates)}")
         return self
+
+    @model_validator(mode="after")
+    def _external_students_need_the_service(self) -> "ExperimentConfig":
+        if self.external_students() and (not self.rpc.enabled or self.rpc.port == 0):
+            raise ValueError(
+                "external students need the cohort service at a fixed address: set rpc.enabled: true and a "
+                "non-zero rpc.port"
+            )
+        if self.external_students() and len(self.external_students()) == len(self.students):
+            raise ValueError("at least one student must run as a Ray actor (all are external: true)")
+        return self
+
+    def external_students(self) -> list[str]:
+        """Names of the students that run outside Ray and join over gRPC."""
+        return [name for name, student in zip(self.student_names(), self.students) if student.external]
 
     def student_names(self) -> list[str]:
         """Explicit names, or ``<model>-<index>`` (factory references reduced to the function name)."""

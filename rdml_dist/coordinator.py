@@ -22,6 +22,7 @@ from rdml_dist.schedules import alpha_at, mimicry_weight_at
 NON_FINITE = "non_finite"  # the rejection reason that sends a student back to its last checkpoint
 REJECTION_REASONS = (
     "unknown_student", "not_live", "wrong_step", "duplicate", "batch_mismatch", "wrong_shape", NON_FINITE, "data_mismatch",
+    "bad_tensor",
 )
 
 
@@ -72,6 +73,9 @@ class CohortCoordinator:
         self._eval_frames: dict[int, dict[str, EvalFrame]] = {}
         self.records: dict[int, dict[str, StepRecord]] = {}
         self.evaluations: dict[int, EpochEvaluation] = {}
+        self.latest: dict[str, StepRecord] = {}  # each student's newest record, kept for status displays
+        self.samples_per_second: dict[str, float] = {}
+        self._previous_arrival: dict[str, tuple[int, float]] = {}
 
     # -- membership -------------------------------------------------------------------------
     def register(self, info: StudentInfo) -> None:
@@ -79,8 +83,8 @@ class CohortCoordinator:
         if info.name not in self.members:
             raise FrameRejected(f"unknown student {info.name!r} (members: {', '.join(self.members)})", "unknown_student")
         for other in self.info.values():
-            for attribute in ("num_train", "num_val", "num_classes", "steps_per_epoch"):
-                if getattr(info, attribute) != getattr(other, attribute):
+            for attribute in ("num_train", "num_val", "num_classes", "steps_per_epoch", "data_fingerprint"):
+                if other.name != info.name and getattr(info, attribute) != getattr(other, attribute):
                     raise FrameRejected(
                         f"student {info.name!r} has {attribute}={getattr(info, attribute)} but "
                         f"{other.name!r} has {getattr(other, attribute)}: students must load the same data",
@@ -175,12 +179,19 @@ class CohortCoordinator:
         try:
             self._validate(frame)
         except FrameRejected:
-            if frame.student in self.live and frame.student not in self._pending and frame.step >= self.step:
-                self._excluded.add(frame.student)
+            self.exclude(frame.student, frame.step)
             raise
         self._pending[frame.student] = frame
         self._arrivals[frame.student] = self.clock()
         self.record_timing(frame.student, frame.previous)
+
+    def exclude(self, student: str, step: int) -> None:
+        """Leave ``student`` out of the current step after refusing its frame for ``step`` (peers must not wait).
+
+        A stale frame (an earlier step, e.g. a retried call) does not exclude its sender.
+        """
+        if student in self.live and student not in self._pending and step >= self.step:
+            self._excluded.add(student)
 
     def waiting_for(self) -> list[str]:
         """Live members whose frame for the current step has not arrived (and who were not excluded)."""
@@ -241,8 +252,19 @@ class CohortCoordinator:
                 coordinator_seconds=elapsed,
             )
         self.records[self.step] = step_records
+        self.latest.update(step_records)
+        self._measure_throughput(names, frames[0].logits.shape[0])
         self._advance()
         return replies
+
+    def _measure_throughput(self, names: list[str], batch: int) -> None:
+        """Samples per second of each student between its frames of the previous and the current step."""
+        for name in names:
+            arrival = self._arrivals[name]
+            previous = self._previous_arrival.get(name)
+            if previous is not None and previous[0] == self.step - 1 and arrival > previous[1]:
+                self.samples_per_second[name] = batch / (arrival - previous[1])
+            self._previous_arrival[name] = (self.step, arrival)
 
     def _advance(self) -> None:
         self.step += 1

@@ -14,6 +14,7 @@ class StudentInfo:
     num_val: int
     num_classes: int
     steps_per_epoch: int
+    data_fingerprint: str = ""  # labels and a sample of inputs (see rdml_dist.data.fingerprint); "" = not given
 
 
 @dataclass

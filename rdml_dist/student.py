@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from rdml_dist.checkpoints import CheckpointStore, to_cpu
 from rdml_dist.config import ExperimentConfig, OptimizerConfig, data_spec
-from rdml_dist.data import augment_seed, batch_plan, indices_hash, load_dataset
+from rdml_dist.data import augment_seed, batch_plan, data_fingerprint, indices_hash, load_dataset
 from rdml_dist.frames import EvalFrame, LogitsFrame, StepTiming, StudentInfo
 from rdml_dist.models import build_model
 
@@ -86,6 +86,7 @@ class Student:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config)
         self.epoch = 0
         self.steps_per_epoch = len(self.plan(0))
+        self._fingerprint = data_fingerprint(self.dataset)
         self._epoch_plan: tuple[int, list[Tensor]] | None = None
         self._pending: tuple[int, Tensor, Tensor, float] | None = None
         self.last_timing: StepTiming | None = None  # this student's measurement of its latest step
@@ -127,6 +128,7 @@ class Student:
             num_val=len(self.dataset.val),
             num_classes=self.dataset.num_classes,
             steps_per_epoch=self.steps_per_epoch,
+            data_fingerprint=self._fingerprint,
         )
 
     def plan(self, epoch: int) -> list[Tensor]:

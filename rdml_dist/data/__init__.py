@@ -6,6 +6,7 @@ corruption, batch order and augmentation, and ``indices_hash`` lets the coordina
 
 from rdml_dist.data.batch_plan import augment_seed, batch_plan, indices_hash
 from rdml_dist.data.check import check_data_spec
+from rdml_dist.data.fingerprint import data_fingerprint
 from rdml_dist.data.loader import load_dataset
 from rdml_dist.data.registry import SOURCES
 from rdml_dist.data.spec import DataSpec
@@ -19,6 +20,7 @@ __all__ = [
     "augment_seed",
     "batch_plan",
     "check_data_spec",
+    "data_fingerprint",
     "indices_hash",
     "load_dataset",
 ]

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from rdml_dist.config import ExperimentConfig
+from rdml_dist.errors import ConfigError
 from rdml_dist.engines.loopback import keep_local_ray_on_loopback
 from rdml_dist.engines.session import RunSession, new_session, resume_session
 from rdml_dist.run_directory import RunDirectory
@@ -27,6 +28,10 @@ def resume_cohort(location: str, address: str | None = None, show_progress: bool
 def run_session(session: RunSession, show_progress: bool = True) -> RunDirectory:
     """Hand an opened run to its engine."""
     if session.config.runtime.engine == "local":
+        external = [index for index, student in enumerate(session.config.students) if student.external]
+        if external:
+            raise ConfigError(f"students.{external[0]}.external",
+                              "external students join a Ray-engine cohort over gRPC; use runtime.engine: ray")
         from rdml_dist.engines.local import run_local
 
         return run_local(session, show_progress)

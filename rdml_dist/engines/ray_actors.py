@@ -1,30 +1,28 @@
-"""Ray adapters: the async coordinator actor over the coordinator core, and the student actor over Student.
+"""Ray adapters: the async coordinator actor over the step barrier, and the student actor over Student.
 
 The coordinator must be async: each student's ``exchange`` call waits inside the actor until
 every live student of the step has arrived, which a plain (one call at a time) actor would
 deadlock on. Read-only control calls (state, records, scores) have their own concurrency group
-so that step traffic never starves them; everything that resolves a step's future (exchange,
-membership, abort, restore) runs on the default group's event loop, the loop that owns those futures. Both actors are restarted by Ray when their process dies
-(``max_restarts``); a restarted actor starts fresh and the driver restores it from the run's
-latest checkpoint.
+so that step traffic never starves them. Both actors are restarted by Ray when their process
+dies (``max_restarts``); a restarted actor starts fresh and the driver restores it from the
+run's latest checkpoint.
 """
 
-import asyncio
 import os
-import threading
 import time
 from typing import Any
 
 import ray
 import torch
 
+from rdml_dist.barrier import CohortBarrier
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.coordinator import NON_FINITE, EpochEvaluation, StepRecord
-from rdml_dist.errors import CohortStepFailed, FrameRejected
+from rdml_dist.errors import FrameRejected
 from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
-from rdml_dist.metered_coordinator import MeteredCoordinator
-from rdml_dist.metrics import CohortMetrics, LockedRegistry, metrics_address, serve
+from rdml_dist.metrics import metrics_address, serve
+from rdml_dist.rpc.server import CohortServer, start_cohort_server
 from rdml_dist.storage import Storage
 from rdml_dist.student import Student, resolve_device
 
@@ -33,137 +31,79 @@ STORAGE_MARKER = ".storage-marker"
 
 
 class Coordinator:
-    """Async barrier around the coordinator core: one batched computation answers all students.
+    """The coordinator actor: Ray methods over the shared :class:`CohortBarrier`, plus its servers.
 
-    Ray runs each concurrency group on its own event-loop thread, so every touch of the core
-    happens under one lock (short, synchronous sections; never held across an ``await``).
-    A failed computation, or an abort while the cohort rolls back, fails the step for every
-    waiting student at once. It also serves the cohort's Prometheus metrics, each scrape taken
-    under the same lock.
+    Every method that resolves a step's future (exchange, membership, abort, restore) runs on the
+    default group's event loop, and so does the gRPC cohort service started by :meth:`serve_rpc`:
+    Ray students and external students meet at one barrier. It also serves the cohort's
+    Prometheus metrics, each scrape taken under the barrier's lock.
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = ExperimentConfig.model_validate(config)
-        self.lock = threading.Lock()
-        self.registry = LockedRegistry(self.lock)
-        self.core = MeteredCoordinator(self.config, CohortMetrics.for_config(self.config, self.registry))
+        self.barrier = CohortBarrier(self.config)
         self._metrics_address: str | None = None
-        self._step_results: dict[int, asyncio.Future[dict[str, MimicryReply]]] = {}
-        self._halted: str | None = None
-
-    def _step_future(self, step: int) -> "asyncio.Future[dict[str, MimicryReply]]":
-        return self._step_results.setdefault(step, asyncio.get_running_loop().create_future())
-
-    def _compute(self) -> dict[str, MimicryReply]:
-        return self.core.compute()
-
-    def _complete_if_ready(self) -> None:
-        """Run the batched computation once the last live student of the step has arrived."""
-        if self._halted is None and self.core.is_complete():
-            step = self.core.step
-            future = self._step_future(step)
-            try:
-                replies = self._compute()
-            except Exception as error:  # noqa: BLE001 - any failure must reach every waiting student
-                self._halt(f"step {step}: the coordinator's computation failed: {type(error).__name__}: {error}")
-                return
-            future.set_result(replies)
-            self._step_results.pop(step - 1, None)
-
-    def _halt(self, reason: str) -> None:
-        """Refuse further frames and fail every waiting student now, until the driver restores the cohort."""
-        self._halted = reason
-        for future in self._step_results.values():
-            if not future.done():
-                future.set_exception(CohortStepFailed(reason))
+        self._rpc: CohortServer | None = None
 
     async def register(self, info: StudentInfo) -> None:
-        with self.lock:
-            self.core.register(info)
+        self.barrier.register(info)
 
     async def exchange(self, frame: LogitsFrame) -> MimicryReply:
         """Submit one student's logits and wait for its mimicry gradient (the per-step barrier)."""
-        with self.lock:
-            if self._halted is not None:
-                raise CohortStepFailed(self._halted)
-            try:
-                self.core.submit(frame)
-                future = self._step_future(frame.step)
-            finally:
-                self._complete_if_ready()
-        replies = await asyncio.wait_for(asyncio.shield(future), timeout=self.config.runtime.ray.exchange_timeout_s)
-        return replies[frame.student]
+        return await self.barrier.exchange(frame)
 
     async def record_timing(self, student: str, timing: StepTiming | None) -> None:
-        """A student's measurement of the last step of a chunk (no next frame carries it)."""
-        with self.lock:
-            self.core.record_timing(student, timing)
+        self.barrier.record_timing(student, timing)
 
     async def submit_eval(self, frame: EvalFrame) -> None:
-        with self.lock:
-            self.core.submit_eval(frame)
+        self.barrier.submit_eval(frame)
 
     async def mark_dead(self, name: str) -> None:
-        """Stop waiting for ``name``; a step that only waited for it completes now."""
-        with self.lock:
-            self.core.mark_dead(name)
-            self._complete_if_ready()
+        self.barrier.mark_dead(name)
 
     async def abort(self, reason: str) -> None:
-        """Fail the current step for everyone (the driver is about to roll the cohort back)."""
-        with self.lock:
-            self._halt(reason)
+        self.barrier.abort(reason)
 
     async def restore(self, step: int, infos: list[StudentInfo]) -> None:
-        """Start again at a checkpoint's ``step`` with these members (after a rollback or this actor's restart)."""
-        with self.lock:
-            for info in infos:
-                self.core.register(info)
-            self.core.restore(step)
-            self._halt("the cohort was restored to a checkpoint")
-            self._step_results.clear()
-            self._halted = None
+        self.barrier.restore(step, infos)
 
     async def revive(self, info: StudentInfo) -> None:
         """A restarted student rejoins the live members (``continue`` policy)."""
-        with self.lock:
-            self.core.register(info)
+        self.barrier.register(info)
 
     async def student_restarted(self, name: str) -> None:
-        """Count a student's restart (its liveness shows 0 until the cohort is restored)."""
-        with self.lock:
-            self.core.student_restarted(name)
+        self.barrier.student_restarted(name)
+
+    async def serve_rpc(self, token: str | None) -> str | None:
+        """Start the gRPC cohort service (once per process) when ``rpc.enabled``; returns ``host:port`` or None."""
+        if self.config.rpc.enabled and self._rpc is None:
+            self._rpc = await start_cohort_server(self.barrier, token, ray.util.get_node_ip_address())
+        return self._rpc.address if self._rpc is not None else None
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     async def serve_metrics(self) -> str | None:
         """Start serving ``/metrics`` (once per process) as ``monitoring`` says; returns ``host:port`` or None."""
         monitoring = self.config.monitoring
         if monitoring.enabled and self._metrics_address is None:
-            server = serve(self.registry, monitoring.host, monitoring.port)
+            server = serve(self.barrier.registry, monitoring.host, monitoring.port)
             self._metrics_address = metrics_address(monitoring.host, server, ray.util.get_node_ip_address())
         return self._metrics_address
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     async def evaluation(self, epoch: int, timeout_s: float) -> EpochEvaluation:
         """Wait until every live student has evaluated ``epoch`` and return the scores."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with self.lock:
-                if epoch in self.core.evaluations:
-                    return self.core.evaluations[epoch]
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"epoch {epoch} was not scored within {timeout_s} s")
-            await asyncio.sleep(0.01)
+        return await self.barrier.evaluation(epoch, timeout_s)
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     async def pop_records(self, before_step: int) -> list[StepRecord]:
-        with self.lock:
-            return self.core.pop_records(before_step)
+        return self.barrier.pop_records(before_step)
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     async def state(self) -> dict[str, Any]:
-        with self.lock:
-            return {**self.core.state(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        with self.barrier.lock:
+            state = self.barrier.core.state()
+        return {**state, "unregistered": self.barrier.unregistered(), "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
 
 CoordinatorActor = ray.remote(num_cpus=0, concurrency_groups={CONTROL_GROUP: 4})(Coordinator)

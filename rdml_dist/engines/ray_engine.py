@@ -26,6 +26,7 @@ from rdml_dist.engines.session import RunSession, new_session
 from rdml_dist.errors import ClusterError, CohortStepFailed
 from rdml_dist.frames import StudentInfo
 from rdml_dist.metrics import write_file_sd
+from rdml_dist.rpc.auth import check_bind, resolve_token
 from rdml_dist.run_directory import RunDirectory
 from rdml_dist.storage import Storage
 
@@ -63,13 +64,14 @@ def coordinator_resources(config: ExperimentConfig) -> dict[str, float]:
 def reserve_cohort(config: ExperimentConfig, bundle: dict[str, float]) -> PlacementGroup:
     """Gang-schedule coordinator and students in one placement group: ready whole, or a clear failure."""
     settings = config.runtime.ray
-    bundles = [coordinator_resources(config), *(dict(bundle) for _ in config.students)]
+    ray_students = len(config.students) - len(config.external_students())
+    bundles = [coordinator_resources(config), *(dict(bundle) for _ in range(ray_students))]
     group = placement_group(bundles, strategy=settings.placement_strategy)
     ready, _ = ray.wait([group.ready()], timeout=settings.placement_timeout_s)
     if not ready:
         remove_placement_group(group)
         raise CohortDoesNotFit(
-            f"the cluster cannot hold the cohort: a coordinator {bundles[0]} and {len(config.students)} students × "
+            f"the cluster cannot hold the cohort: a coordinator {bundles[0]} and {ray_students} students × "
             f"{bundle} with strategy {settings.placement_strategy} did not fit within {settings.placement_timeout_s:.0f} s "
             f"(cluster total: {ray.cluster_resources()}, available: {ray.available_resources()}); add nodes, lower "
             "runtime.ray.cpus_per_student/gpus_per_student or runtime.coordinator.cpus, or relax runtime.ray.placement_strategy"
@@ -87,7 +89,13 @@ def _cause(error: BaseException) -> str:
 
 
 class RayCohort:
-    """The live actors of one run: a coordinator and one student actor per placement-group bundle."""
+    """The live actors of one run: a coordinator and one student actor per placement-group bundle.
+
+    External students (``students[].external``) have no actor: they join the coordinator's gRPC
+    service from their own processes, and the driver waits for them whenever the coordinator
+    starts (at launch, after its restart). They keep their own snapshots and follow a rollback
+    by themselves, so the driver's calls (chunks, evaluation, checkpoints) go to Ray students only.
+    """
 
     def __init__(
         self,
@@ -96,6 +104,7 @@ class RayCohort:
         bundle: dict[str, float],
         storage: Storage,
         record_placements: Callable[[dict[str, dict[str, Any]], dict[str, Any]], None],
+        token: str | None = None,
     ) -> None:
         self.config = config
         self.record_placements = record_placements
@@ -113,20 +122,25 @@ class RayCohort:
             scheduling_strategy=_bundle(group, COORDINATOR_BUNDLE),
         ).remote(payload)
         threads = config.runtime.torch_threads or max(1, int(bundle["CPU"]))
-        self.names = config.student_names()
-        self.actors = {
-            name: StudentActor.options(
-                num_cpus=bundle["CPU"],
-                num_gpus=bundle.get("GPU", 0),
-                max_restarts=restarts,
-                scheduling_strategy=_bundle(group, COORDINATOR_BUNDLE + 1 + index),
-            ).remote(payload, index, threads, storage.url, marker)
-            for index, name in enumerate(self.names)
-        }
+        self.token = token
+        self.external = config.external_students()
+        self.names = [name for name in config.student_names() if name not in self.external]
+        self.actors: dict[str, ray.actor.ActorHandle] = {}
         try:
+            self.rpc_address = self._serve_rpc()  # before the students start: external ones may join meanwhile
+            self.actors = {
+                name: StudentActor.options(
+                    num_cpus=bundle["CPU"],
+                    num_gpus=bundle.get("GPU", 0),
+                    max_restarts=restarts,
+                    scheduling_strategy=_bundle(group, COORDINATOR_BUNDLE + 1 + position),
+                ).remote(payload, config.student_names().index(name), threads, storage.url, marker)
+                for position, name in enumerate(self.names)
+            }
             self.infos = dict(zip(self.names, ray.get([actor.info.remote() for actor in self.actors.values()])))
             ray.get([self.coordinator.register.remote(info) for info in self.infos.values()])
             self.metrics_address = self._serve_metrics()
+            self._wait_for_external_students()
             self._update_placements()
         except BaseException:
             self.shutdown()  # a student that cannot start must not leave the cohort's actors and reservation behind
@@ -137,6 +151,33 @@ class RayCohort:
     def placements(self) -> dict[str, dict[str, Any]]:
         """Where each student runs (node id, GPU ids, device, pid)."""
         return dict(zip(self.names, ray.get([self.actors[name].placement.remote() for name in self.names])))
+
+    def _serve_rpc(self) -> str | None:
+        """Have the coordinator serve the gRPC cohort service (again, after a restart)."""
+        try:
+            return ray.get(self.coordinator.serve_rpc.remote(self.token))
+        except ray.exceptions.RayTaskError as error:
+            raise error.cause if isinstance(error.cause, ClusterError) else error
+
+    def _wait_for_external_students(self) -> None:
+        """Block until every external student has joined the coordinator, or fail naming the missing ones."""
+        if not self.external:
+            return
+        timeout = self.config.rpc.join_timeout_s
+        print(f"rdml-dist: waiting up to {timeout:.0f} s for external students {', '.join(self.external)} at "
+              f"{self.rpc_address} (rdml-dist student CONFIG --coordinator {self.rpc_address} --name NAME)", flush=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = [name for name in ray.get(self.coordinator.state.remote())["unregistered"] if name in self.external]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"external student(s) {', '.join(missing)} did not join the cohort service at {self.rpc_address} "
+                    f"within {timeout:.0f} s (rpc.join_timeout_s); start each with: rdml-dist student CONFIG "
+                    f"--coordinator {self.rpc_address} --name NAME"
+                )
+            time.sleep(POLL_SECONDS)
 
     def _serve_metrics(self) -> str | None:
         """Have the coordinator serve its metrics (again, after a restart); keep Prometheus's file_sd current."""
@@ -152,8 +193,9 @@ class RayCohort:
         """Learn (again, after restarts) where every student and the coordinator run, and record it."""
         self.where = self.placements()
         state = ray.get(self.coordinator.state.remote())
-        coordinator = {"node_id": state["node_id"], "pid": state["pid"], "metrics": self.metrics_address}
-        self.record_placements(self.where, coordinator)
+        coordinator = {"node_id": state["node_id"], "pid": state["pid"], "metrics": self.metrics_address, "rpc": self.rpc_address}
+        external = {name: {"external": True, "coordinator": self.rpc_address} for name in self.external}
+        self.record_placements({**self.where, **external}, coordinator)
 
     def live_members(self) -> list[str]:
         return [name for name in self.names if name in self.live]
@@ -279,10 +321,12 @@ class RayCohort:
         for name, actor in self.actors.items():
             self._wait_until_restarted(actor, f"student {name!r}")
         self._wait_until_restarted(self.coordinator, "the coordinator")
+        self.rpc_address = self._serve_rpc()
         self.metrics_address = self._serve_metrics()
         epoch = step // self.steps_per_epoch
         infos: list[StudentInfo] = ray.get([self.actors[name].restore.remote(step, epoch) for name in self.names])
         ray.get(self.coordinator.restore.remote(step, infos))
+        self._wait_for_external_students()  # a restarted coordinator knows none of them until they join again
         self.live = set(self.names)
         self._update_placements()
 
@@ -306,12 +350,17 @@ def _failed(reference: ray.ObjectRef) -> bool:
 def run_ray(session: RunSession, show_progress: bool = True) -> RunDirectory:
     """Train an opened run as Ray actors on the requested cluster (or a private local Ray)."""
     config = session.config
+    token = resolve_token(config.rpc)
+    if config.rpc.enabled:
+        check_bind(config.rpc, token)
     cpus_needed = len(config.students) * config.runtime.ray.cpus_per_student + config.runtime.coordinator.cpus
     connection = connect(config.runtime.ray.address, cpus_needed)
     print(f"rdml-dist: {connection.description}", flush=True)
     try:
         bundle = student_resources(config)
-        cohort = RayCohort(config, reserve_cohort(config, bundle), bundle, session.storage, session.run.write_placements)
+        cohort = RayCohort(config, reserve_cohort(config, bundle), bundle, session.storage, session.run.write_placements, token)
+        if cohort.rpc_address:
+            print(f"rdml-dist: cohort service (gRPC) at {cohort.rpc_address}", flush=True)
         if cohort.metrics_address:
             print(f"rdml-dist: metrics at http://{cohort.metrics_address}/metrics", flush=True)
         try:

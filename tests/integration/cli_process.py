@@ -32,6 +32,8 @@ def write_config(path: Path, run_dir: Path, **sections: Any) -> Path:
         "students": [{"name": "mlp", "model": "mlp"}, {"name": "cnn", "model": "small_cnn"}],
         "training": {"epochs": 1, "batch_size": 256, "optimizer": {"lr": 0.05}, "last_epochs_reported": 1},
         "runtime": {"engine": "ray", "run_dir": str(run_dir), "torch_threads": 1},
+        "monitoring": {"port": 0},
+        "rpc": {"port": 0},
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)

@@ -138,6 +138,7 @@ def make_config(run_dir: Path, students: list[dict[str, Any]], **sections: Any) 
             "ray": {"placement_timeout_s": 60, "exchange_timeout_s": 120},
         },
         "monitoring": {"port": 0},  # any free port: a killed coordinator's port may not be free yet
+        "rpc": {"port": 0},
     }
     for section, values in sections.items():
         if section == "ray":

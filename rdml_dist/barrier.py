@@ -1,0 +1,143 @@
+"""The asynchronous step barrier over the coordinator core, shared by every transport.
+
+Each student's exchange waits here until every live student of the step has arrived; the last
+arrival runs the one batched computation that answers them all. The Ray actor methods and the
+gRPC service both call into one :class:`CohortBarrier` on one event loop, so Ray students and
+external students meet at the same barrier. The core is touched only under ``lock`` (short,
+synchronous sections, never held across an ``await``): Ray also calls read-only methods from
+other threads.
+"""
+
+import asyncio
+import threading
+import time
+
+from rdml_dist.config import ExperimentConfig
+from rdml_dist.coordinator import EpochEvaluation, StepRecord
+from rdml_dist.errors import CohortStepFailed
+from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
+from rdml_dist.metered_coordinator import MeteredCoordinator
+from rdml_dist.metrics import CohortMetrics, LockedRegistry
+
+
+class CohortBarrier:
+    """Async barrier around the coordinator core: one batched computation answers all students.
+
+    A failed computation, or an abort while the cohort rolls back, fails the step for every
+    waiting student at once, and frames are refused until the cohort is restored.
+    """
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+        self.lock = threading.Lock()
+        self.registry = LockedRegistry(self.lock)
+        self.core = MeteredCoordinator(config, CohortMetrics.for_config(config, self.registry))
+        self._step_results: dict[int, asyncio.Future[dict[str, MimicryReply]]] = {}
+        self.halted: str | None = None  # why frames are refused, while the cohort rolls back
+
+    def _step_future(self, step: int) -> "asyncio.Future[dict[str, MimicryReply]]":
+        return self._step_results.setdefault(step, asyncio.get_running_loop().create_future())
+
+    def _complete_if_ready(self) -> None:
+        """Run the batched computation once the last live student of the step has arrived.
+
+        Never before every member has registered once: an early external student must not train alone.
+        """
+        if self.halted is None and len(self.core.info) == len(self.core.members) and self.core.is_complete():
+            step = self.core.step
+            future = self._step_future(step)
+            try:
+                replies = self.core.compute()
+            except Exception as error:  # noqa: BLE001 - any failure must reach every waiting student
+                self._halt(f"step {step}: the coordinator's computation failed: {type(error).__name__}: {error}")
+                return
+            future.set_result(replies)
+            self._step_results.pop(step - 1, None)
+
+    def _halt(self, reason: str) -> None:
+        """Refuse further frames and fail every waiting student now, until the driver restores the cohort."""
+        self.halted = reason
+        for future in self._step_results.values():
+            if not future.done():
+                future.set_exception(CohortStepFailed(reason))
+
+    def register(self, info: StudentInfo) -> None:
+        """Admit (or re-admit) a student; the last member to register releases a step that waited for the cohort."""
+        with self.lock:
+            self.core.register(info)
+            self._complete_if_ready()
+
+    async def exchange(self, frame: LogitsFrame) -> MimicryReply:
+        """Submit one student's logits and wait for its mimicry gradient (the per-step barrier)."""
+        with self.lock:
+            if self.halted is not None:
+                raise CohortStepFailed(self.halted)
+            try:
+                self.core.submit(frame)
+                future = self._step_future(frame.step)
+            finally:
+                self._complete_if_ready()
+        replies = await asyncio.wait_for(asyncio.shield(future), timeout=self.config.runtime.ray.exchange_timeout_s)
+        return replies[frame.student]
+
+    def refuse(self, student: str, step: int, reason: str) -> None:
+        """A frame the transport could not even decode: count it, and let the step go on without its sender."""
+        with self.lock:
+            self.core.metrics.frame_rejected(student, reason)
+            self.core.exclude(student, step)
+            self._complete_if_ready()
+
+    def record_timing(self, student: str, timing: StepTiming | None) -> None:
+        """A student's measurement of the last step of a chunk (no next frame carries it)."""
+        with self.lock:
+            self.core.record_timing(student, timing)
+
+    def submit_eval(self, frame: EvalFrame) -> EpochEvaluation | None:
+        with self.lock:
+            return self.core.submit_eval(frame)
+
+    def mark_dead(self, name: str) -> None:
+        """Stop waiting for ``name``; a step that only waited for it completes now."""
+        with self.lock:
+            self.core.mark_dead(name)
+            self._complete_if_ready()
+
+    def abort(self, reason: str) -> None:
+        """Fail the current step for everyone (the driver is about to roll the cohort back)."""
+        with self.lock:
+            self._halt(reason)
+
+    def restore(self, step: int, infos: list[StudentInfo]) -> None:
+        """Start again at a checkpoint's ``step`` with these members (after a rollback or a restart)."""
+        with self.lock:
+            for info in infos:
+                self.core.register(info)
+            self.core.restore(step)
+            self._halt(f"the cohort was restored to its checkpoint of step {step}")
+            self._step_results.clear()
+            self.halted = None
+
+    def student_restarted(self, name: str) -> None:
+        """Count a student's restart (its liveness shows 0 until the cohort is restored)."""
+        with self.lock:
+            self.core.student_restarted(name)
+
+    async def evaluation(self, epoch: int, timeout_s: float) -> EpochEvaluation:
+        """Wait until every live student has evaluated ``epoch`` and return the scores."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self.lock:
+                if epoch in self.core.evaluations:
+                    return self.core.evaluations[epoch]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"epoch {epoch} was not scored within {timeout_s} s")
+            await asyncio.sleep(0.01)
+
+    def pop_records(self, before_step: int) -> list[StepRecord]:
+        with self.lock:
+            return self.core.pop_records(before_step)
+
+    def unregistered(self) -> list[str]:
+        """Members that never registered (external students not yet joined)."""
+        with self.lock:
+            return [name for name in self.core.members if name not in self.core.info]

@@ -1,0 +1,1 @@
+"""The wire transport: the gRPC cohort service (server, servicer, auth, status) and its client; generated code in ``generated/``."""

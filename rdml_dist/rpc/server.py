@@ -1,0 +1,81 @@
+"""Start the cohort's gRPC server (``grpc.aio``) on the event loop that owns the step barrier.
+
+Besides ``rdml.v1.CohortService`` it serves the standard health service (NOT_SERVING until every
+member has joined and while the cohort rolls back, SERVING while it trains) and server
+reflection, so generic tools (grpcurl, grpcio's reflection client) can discover the API.
+"""
+
+import asyncio
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rdml_dist.barrier import CohortBarrier
+from rdml_dist.config import RpcConfig
+from rdml_dist.errors import ClusterError
+from rdml_dist.rpc.auth import BearerTokenInterceptor, check_bind
+from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2, cohort_pb2_grpc
+from rdml_dist.rpc.service import CohortServicer
+from rdml_dist.rpc.status import cohort_phase
+
+SERVICE_NAME = cohort_pb2.DESCRIPTOR.services_by_name["CohortService"].full_name
+HEALTH_REFRESH_S = 0.2
+
+
+def message_options(rpc: RpcConfig) -> list[tuple[str, int]]:
+    """Send and receive limits sized for large logits (1024 x 21,841 float32 is 85 MiB)."""
+    limit = rpc.max_message_mb * 1024 * 1024
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+class CohortServer:
+    """A running cohort service; ``address`` is where clients reach it."""
+
+    def __init__(self, server: grpc.aio.Server, barrier: CohortBarrier, address: str) -> None:
+        self.server = server
+        self.barrier = barrier
+        self.address = address
+        self.health = health.aio.HealthServicer()
+        self._health_task: asyncio.Task[None] | None = None
+
+    async def _keep_health_current(self) -> None:
+        while True:
+            serving = cohort_phase(self.barrier) == cohort_pb2.COHORT_PHASE_TRAINING
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            for service in ("", SERVICE_NAME):
+                await self.health.set(service, status)
+            await asyncio.sleep(HEALTH_REFRESH_S)
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await self.server.stop(grace_s)
+
+
+async def start_cohort_server(barrier: CohortBarrier, token: str | None, node_address: str) -> CohortServer:
+    """Serve ``barrier`` on ``rpc.host:rpc.port`` (0: any free port); must run on the barrier's event loop."""
+    rpc = barrier.config.rpc
+    check_bind(rpc, token)
+    interceptors = [BearerTokenInterceptor(token)] if token else []
+    server = grpc.aio.server(interceptors=interceptors, options=message_options(rpc))
+    cohort_pb2_grpc.add_CohortServiceServicer_to_server(CohortServicer(barrier), server)
+    bind = f"[{rpc.host}]:{rpc.port}" if ":" in rpc.host else f"{rpc.host}:{rpc.port}"
+    try:
+        if rpc.tls_cert_file is not None and rpc.tls_key_file is not None:
+            pair = (Path(rpc.tls_key_file).expanduser().read_bytes(), Path(rpc.tls_cert_file).expanduser().read_bytes())
+            port = server.add_secure_port(bind, grpc.ssl_server_credentials([pair]))
+        else:
+            port = server.add_insecure_port(bind)
+    except (OSError, RuntimeError) as error:
+        raise ClusterError(f"rpc: cannot serve the cohort service on {bind} ({error}); choose another rpc.port") from None
+    if port == 0:
+        raise ClusterError(f"rpc: cannot serve the cohort service on {bind} (the port is taken?); choose another rpc.port")
+    reachable = node_address if rpc.host in ("0.0.0.0", "::", "") else rpc.host
+    cohort = CohortServer(server, barrier, f"{reachable}:{port}")
+    health_pb2_grpc.add_HealthServicer_to_server(cohort.health, server)
+    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    await server.start()
+    cohort._health_task = asyncio.get_running_loop().create_task(cohort._keep_health_current())
+    return cohort

@@ -1,0 +1,166 @@
+"""The ``rdml.v1.CohortService`` servicer: the gRPC transport over the shared step barrier.
+
+External students join with their registration data and get a session; each Exchange stream
+carries their frames into the same barrier the Ray students use. Every refusal is a status code
+with a message, and the reason code travels in the trailing metadata (``rdml-reason``) so a
+client can act on it (``non_finite`` sends a student back to its last checkpoint). A refused
+frame never holds up the other students' step.
+"""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from rdml_dist.barrier import CohortBarrier
+from rdml_dist.coordinator import NON_FINITE
+from rdml_dist.errors import CohortStepFailed, FrameRejected
+from rdml_dist.frames import EvalFrame, LogitsFrame, StepTiming, StudentInfo
+from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2, cohort_pb2_grpc
+from rdml_dist.rpc.status import cohort_status
+from rdml_dist.rpc.tensors import WireFormatError, decode_tensor, encode_tensor
+
+REASON_KEY = "rdml-reason"
+BAD_TENSOR = "bad_tensor"
+STATUS_CODES = {
+    "unknown_student": grpc.StatusCode.NOT_FOUND,
+    "not_live": grpc.StatusCode.FAILED_PRECONDITION,
+    "wrong_step": grpc.StatusCode.FAILED_PRECONDITION,
+    "duplicate": grpc.StatusCode.ALREADY_EXISTS,
+    "batch_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
+    "data_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
+    "wrong_shape": grpc.StatusCode.INVALID_ARGUMENT,
+    NON_FINITE: grpc.StatusCode.INVALID_ARGUMENT,
+    BAD_TENSOR: grpc.StatusCode.INVALID_ARGUMENT,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+}
+MIN_WATCH_INTERVAL_S = 0.1
+
+
+async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason: str, message: str) -> None:
+    context.set_trailing_metadata(((REASON_KEY, reason),))
+    await context.abort(code, message)
+
+
+def _timing(message: cohort_pb2.StepTiming, present: bool) -> StepTiming | None:
+    return StepTiming(message.step, message.compute_seconds, message.round_trip_seconds) if present else None
+
+
+class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
+    """Serves one cohort's barrier to students outside Ray and to status clients."""
+
+    def __init__(self, barrier: CohortBarrier) -> None:
+        self.barrier = barrier
+        self.external = set(barrier.config.external_students())
+        self.sessions: dict[str, str] = {}
+
+    async def _check_session(self, context: grpc.aio.ServicerContext, student: str, session: str) -> None:
+        if student not in self.barrier.core.members:
+            await _refuse(context, grpc.StatusCode.NOT_FOUND, "unknown_student",
+                          f"unknown student {student!r} (members: {', '.join(self.barrier.core.members)})")
+        if self.sessions.get(student) != session:
+            await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "not_live",
+                          f"{student!r} has not joined with session {session!r}: call Join first")
+
+    async def Join(self, request: cohort_pb2.JoinRequest, context: grpc.aio.ServicerContext) -> cohort_pb2.JoinResponse:
+        name = request.student
+        core = self.barrier.core
+        if name not in core.members:
+            await _refuse(context, grpc.StatusCode.NOT_FOUND, "unknown_student",
+                          f"unknown student {name!r} (members: {', '.join(core.members)})")
+        if name not in self.external:
+            await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "not_external",
+                          f"student {name!r} runs as a Ray actor; only students marked external: true join over gRPC")
+        with self.barrier.lock:
+            live = name in core.live
+        if live and request.session_id != self.sessions.get(name):
+            await _refuse(context, grpc.StatusCode.ALREADY_EXISTS, "duplicate",
+                          f"student {name!r} has already joined this cohort; a second process cannot take its place")
+        info = StudentInfo(name, request.num_train, request.num_val, request.num_classes, request.steps_per_epoch,
+                           request.data_fingerprint)
+        try:
+            self.barrier.register(info)
+        except FrameRejected as rejected:
+            await _refuse(context, STATUS_CODES.get(rejected.reason, grpc.StatusCode.FAILED_PRECONDITION), rejected.reason, str(rejected))
+        session = request.session_id if live else uuid.uuid4().hex
+        self.sessions[name] = session
+        with self.barrier.lock:
+            step = core.step
+            fingerprint = next((other.data_fingerprint for other in core.info.values() if other.name != name), info.data_fingerprint)
+        return cohort_pb2.JoinResponse(
+            cohort=self.barrier.config.name, student=name, session_id=session, step=step,
+            epoch=step // info.steps_per_epoch, steps_per_epoch=info.steps_per_epoch,
+            epochs=self.barrier.config.training.epochs, data_fingerprint=fingerprint, members=core.members,
+        )
+
+    async def Exchange(
+        self, request_iterator: AsyncIterator[cohort_pb2.ExchangeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cohort_pb2.ExchangeResponse]:
+        student: str | None = None
+        try:
+            async for request in request_iterator:
+                await self._check_session(context, request.student, request.session_id)
+                student = request.student
+                try:
+                    logits = decode_tensor(request.logits, f"logits from {student!r}")
+                except WireFormatError as error:
+                    self.barrier.refuse(student, request.step, BAD_TENSOR)
+                    await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, BAD_TENSOR, str(error))
+                frame = LogitsFrame(
+                    student, request.step, request.batch_hash, logits.float(), request.ce_loss, request.correct,
+                    request.labelled, _timing(request.previous, request.HasField("previous")),
+                )
+                try:
+                    reply = await self.barrier.exchange(frame)
+                except FrameRejected as rejected:
+                    await _refuse(context, STATUS_CODES.get(rejected.reason, grpc.StatusCode.INVALID_ARGUMENT), rejected.reason, str(rejected))
+                except CohortStepFailed as failed:
+                    await _refuse(context, grpc.StatusCode.ABORTED, "halted", str(failed))
+                except asyncio.TimeoutError:
+                    await _refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED, "timeout",
+                                  f"step {request.step} did not complete within the exchange timeout")
+                yield cohort_pb2.ExchangeResponse(
+                    step=reply.step, grad=encode_tensor(reply.grad.to(logits.dtype)), mimicry_loss=reply.mimicry_loss,
+                    alpha=reply.alpha, weight=reply.weight, live_students=reply.live_students,
+                )
+        except asyncio.CancelledError:
+            if student is not None:  # the student went away mid-stream: its peers must not wait for it
+                self.barrier.mark_dead(student)
+            raise
+
+    async def SubmitEvaluation(
+        self, request: cohort_pb2.SubmitEvaluationRequest, context: grpc.aio.ServicerContext
+    ) -> cohort_pb2.SubmitEvaluationResponse:
+        await self._check_session(context, request.student, request.session_id)
+        try:
+            frame = EvalFrame(
+                request.student, request.epoch, decode_tensor(request.logits, "validation logits").float(),
+                decode_tensor(request.labels, "validation labels", floating=False),
+                _timing(request.previous, request.HasField("previous")),
+            )
+            evaluation = self.barrier.submit_eval(frame)
+        except WireFormatError as error:
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, BAD_TENSOR, str(error))
+        except FrameRejected as rejected:
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, rejected.reason, str(rejected))
+        return cohort_pb2.SubmitEvaluationResponse(scored=evaluation is not None)
+
+    async def Leave(self, request: cohort_pb2.LeaveRequest, context: grpc.aio.ServicerContext) -> cohort_pb2.LeaveResponse:
+        await self._check_session(context, request.student, request.session_id)
+        self.barrier.mark_dead(request.student)
+        del self.sessions[request.student]
+        with self.barrier.lock:
+            live = [name for name in self.barrier.core.members if name in self.barrier.core.live]
+        return cohort_pb2.LeaveResponse(live=live)
+
+    async def GetStatus(self, request: cohort_pb2.GetStatusRequest, context: grpc.aio.ServicerContext) -> cohort_pb2.GetStatusResponse:
+        return cohort_pb2.GetStatusResponse(status=cohort_status(self.barrier))
+
+    async def WatchStatus(
+        self, request: cohort_pb2.WatchStatusRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[cohort_pb2.WatchStatusResponse]:
+        interval = max(request.interval_seconds or 1.0, MIN_WATCH_INTERVAL_S)
+        while True:
+            yield cohort_pb2.WatchStatusResponse(status=cohort_status(self.barrier))
+            await asyncio.sleep(interval)

@@ -1,0 +1,69 @@
+"""Tensors on the wire: ``{dtype, shape, raw little-endian C-order bytes}``, never repeated floats.
+
+Decoding checks everything a remote sender controls (a known dtype, non-negative dimensions, a
+byte count that matches the shape) and raises :class:`WireFormatError` naming the problem; the
+server answers that with INVALID_ARGUMENT.
+"""
+
+import math
+import sys
+
+import torch
+
+from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2
+
+WIRE_DTYPES: dict[int, torch.dtype] = {
+    cohort_pb2.TENSOR_DTYPE_FLOAT32: torch.float32,
+    cohort_pb2.TENSOR_DTYPE_FLOAT16: torch.float16,
+    cohort_pb2.TENSOR_DTYPE_BFLOAT16: torch.bfloat16,
+    cohort_pb2.TENSOR_DTYPE_FLOAT64: torch.float64,
+    cohort_pb2.TENSOR_DTYPE_INT64: torch.int64,
+}
+DTYPE_CODES = {dtype: code for code, dtype in WIRE_DTYPES.items()}
+FLOATING_CODES = frozenset(code for code, dtype in WIRE_DTYPES.items() if dtype.is_floating_point)
+LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+
+
+class WireFormatError(ValueError):
+    """A tensor message that cannot be decoded (unknown dtype, bad shape, wrong byte count)."""
+
+
+def encode_tensor(tensor: torch.Tensor) -> cohort_pb2.Tensor:
+    """A CPU copy of ``tensor`` as raw little-endian C-order bytes."""
+    if tensor.dtype not in DTYPE_CODES:
+        raise WireFormatError(f"dtype {tensor.dtype} cannot travel on the wire (allowed: {_allowed()})")
+    data = tensor.detach().cpu().contiguous()
+    if not LITTLE_ENDIAN_HOST:
+        data = _swap_bytes(data)
+    raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    return cohort_pb2.Tensor(dtype=DTYPE_CODES[tensor.dtype], shape=list(tensor.shape), data=raw)
+
+
+def decode_tensor(message: cohort_pb2.Tensor, what: str, floating: bool = True) -> torch.Tensor:
+    """The tensor ``message`` holds; ``what`` names it in errors; ``floating`` refuses integer dtypes."""
+    if message.dtype not in WIRE_DTYPES:
+        raise WireFormatError(f"{what}: dtype {cohort_pb2.TensorDtype.Name(message.dtype) if message.dtype in cohort_pb2.TensorDtype.values() else message.dtype} is not allowed (allowed: {_allowed()})")
+    if floating and message.dtype not in FLOATING_CODES:
+        raise WireFormatError(f"{what}: dtype {cohort_pb2.TensorDtype.Name(message.dtype)} is not a floating-point type")
+    shape = list(message.shape)
+    if any(size < 0 for size in shape):
+        raise WireFormatError(f"{what}: shape {shape} has a negative dimension")
+    dtype = WIRE_DTYPES[message.dtype]
+    expected = math.prod(shape) * dtype.itemsize
+    if len(message.data) != expected:
+        raise WireFormatError(f"{what}: shape {shape} of {dtype} needs {expected} bytes, got {len(message.data)}")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    tensor = torch.frombuffer(bytearray(message.data), dtype=dtype).reshape(shape)
+    return tensor if LITTLE_ENDIAN_HOST else _swap_bytes(tensor)
+
+
+def _swap_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """Reverse each element's bytes (only on a big-endian host: the wire is little-endian)."""
+    size = tensor.dtype.itemsize
+    raw = tensor.contiguous().view(torch.uint8).reshape(-1, size).flip(-1).contiguous()
+    return raw.view(tensor.dtype).reshape(tensor.shape)
+
+
+def _allowed() -> str:
+    return ", ".join(cohort_pb2.TensorDtype.Name(code) for code in WIRE_DTYPES)
