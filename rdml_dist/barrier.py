@@ -137,6 +137,11 @@ class CohortBarrier:
         with self.lock:
             return self.core.pop_records(before_step)
 
+    def steps_per_epoch(self) -> int | None:
+        """The cohort's steps per epoch, once any student has registered."""
+        with self.lock:
+            return self.core.steps_per_epoch if self.core.info else None
+
     def unregistered(self) -> list[str]:
         """Members that never registered (external students not yet joined)."""
         with self.lock:

@@ -228,8 +228,6 @@ class ExperimentConfig(_Strict):
                 "external students need the cohort service at a fixed address: set rpc.enabled: true and a "
                 "non-zero rpc.port"
             )
-        if self.external_students() and len(self.external_students()) == len(self.students):
-            raise ValueError("at least one student must run as a Ray actor (all are external: true)")
         return self
 
     def external_students(self) -> list[str]:

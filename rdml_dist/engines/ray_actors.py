@@ -102,7 +102,7 @@ class Coordinator:
     async def state(self) -> dict[str, Any]:
         with self.barrier.lock:
             state = self.barrier.core.state()
-        return {**state, "unregistered": self.barrier.unregistered(), "pid": os.getpid(),
+        return {**state, "unregistered": self.barrier.unregistered(), "steps_per_epoch": self.barrier.steps_per_epoch(), "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
 

@@ -145,7 +145,7 @@ class RayCohort:
         except BaseException:
             self.shutdown()  # a student that cannot start must not leave the cohort's actors and reservation behind
             raise
-        self.steps_per_epoch = next(iter(self.infos.values())).steps_per_epoch
+        self.steps_per_epoch = ray.get(self.coordinator.state.remote())["steps_per_epoch"]
         self.live = set(self.names)
 
     def placements(self) -> dict[str, dict[str, Any]]:
@@ -226,9 +226,20 @@ class RayCohort:
                     self._roll_back(failure, pending)
             step = self._coordinator_step(start, pending)
             on_progress(step)
+        if not calls:  # external students only: the chunk is over when the coordinator has computed its last step
+            self._wait_for_step(start, end, on_progress)
         for name in rejoining:
             self._rejoin(name, restore_step, end)
         return events
+
+    def _wait_for_step(self, start: int, end: int, on_progress: Callable[[int], None]) -> None:
+        deadline = time.monotonic() + self.config.runtime.ray.exchange_timeout_s
+        while (step := self._coordinator_step(start, [])) < end:
+            on_progress(step)
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the external students did not reach step {end} within runtime.ray.exchange_timeout_s "
+                                   f"(the cohort is at step {step})")
+            time.sleep(POLL_SECONDS)
 
     def _student_failure(self, name: str, step: int, error: BaseException) -> Failure:
         self.coordinator.student_restarted.remote(name)  # metrics only: nothing waits for it
