@@ -233,12 +233,16 @@ class RayCohort:
         return events
 
     def _wait_for_step(self, start: int, end: int, on_progress: Callable[[int], None]) -> None:
-        deadline = time.monotonic() + self.config.runtime.ray.exchange_timeout_s
+        """Follow the coordinator to ``end``; a cohort that stops advancing for the exchange timeout fails the run."""
+        timeout = self.config.runtime.ray.exchange_timeout_s
+        last_step, last_move = start - 1, time.monotonic()
         while (step := self._coordinator_step(start, [])) < end:
             on_progress(step)
-            if time.monotonic() > deadline:
-                raise ClusterError(f"the external students did not reach step {end} within runtime.ray.exchange_timeout_s "
-                                   f"(the cohort is at step {step})")
+            if step != last_step:
+                last_step, last_move = step, time.monotonic()
+            elif time.monotonic() - last_move > timeout:
+                raise ClusterError(f"the external students made no progress at step {step} for {timeout:.0f} s "
+                                   "(runtime.ray.exchange_timeout_s)")
             time.sleep(POLL_SECONDS)
 
     def _student_failure(self, name: str, step: int, error: BaseException) -> Failure:
