@@ -43,8 +43,10 @@ class ExchangeStream:
 
     def __init__(self, stub: cohort_pb2_grpc.CohortServiceStub, metadata: tuple[tuple[str, str], ...], session: str) -> None:
         self._requests: queue.Queue[cohort_pb2.ExchangeRequest | None] = queue.Queue()
-        self._responses: Iterator[cohort_pb2.ExchangeResponse] = stub.Exchange(iter(self._requests.get, None), metadata=metadata)
+        self._call = stub.Exchange(iter(self._requests.get, None), metadata=metadata)
+        self._responses: Iterator[cohort_pb2.ExchangeResponse] = self._call
         self.session = session
+        self._awaiting = False  # a frame is out and its gradient not yet received
 
     def exchange(self, frame: LogitsFrame, dtype: torch.dtype | None = None) -> MimicryReply:
         logits = frame.logits if dtype is None else frame.logits.to(dtype)
@@ -53,13 +55,18 @@ class ExchangeStream:
             logits=encode_tensor(logits), ce_loss=frame.ce_loss, correct=frame.correct, labelled=frame.labelled,
             **_timing_message(frame.previous),
         ))
+        self._awaiting = True
         reply = next(self._responses)
+        self._awaiting = False
         return MimicryReply(reply.step, decode_tensor(reply.grad, "gradient").float(), reply.mimicry_loss, reply.alpha,
                             reply.weight, reply.live_students)
 
     def close(self) -> None:
-        """End the stream with a clean half-close (a cancel would tell the coordinator the student left)."""
+        """End the stream: a clean half-close between steps; a cancel (the student leaves) in the middle of one."""
         self._requests.put(None)
+        if self._awaiting:
+            self._call.cancel()
+            return
         try:
             for _ in self._responses:
                 pass

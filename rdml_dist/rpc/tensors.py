@@ -35,14 +35,14 @@ def encode_tensor(tensor: torch.Tensor) -> cohort_pb2.Tensor:
     data = tensor.detach().cpu().contiguous()
     if not LITTLE_ENDIAN_HOST:
         data = _swap_bytes(data)
-    raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
     return cohort_pb2.Tensor(dtype=DTYPE_CODES[tensor.dtype], shape=list(tensor.shape), data=raw)
 
 
 def decode_tensor(message: cohort_pb2.Tensor, what: str, floating: bool = True) -> torch.Tensor:
     """The tensor ``message`` holds; ``what`` names it in errors; ``floating`` refuses integer dtypes."""
     if message.dtype not in WIRE_DTYPES:
-        raise WireFormatError(f"{what}: dtype {cohort_pb2.TensorDtype.Name(message.dtype) if message.dtype in cohort_pb2.TensorDtype.values() else message.dtype} is not allowed (allowed: {_allowed()})")
+        raise WireFormatError(f"{what}: dtype {_dtype_name(message.dtype)} is not allowed (allowed: {_allowed()})")
     if floating and message.dtype not in FLOATING_CODES:
         raise WireFormatError(f"{what}: dtype {cohort_pb2.TensorDtype.Name(message.dtype)} is not a floating-point type")
     shape = list(message.shape)
@@ -61,8 +61,12 @@ def decode_tensor(message: cohort_pb2.Tensor, what: str, floating: bool = True) 
 def _swap_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """Reverse each element's bytes (only on a big-endian host: the wire is little-endian)."""
     size = tensor.dtype.itemsize
-    raw = tensor.contiguous().view(torch.uint8).reshape(-1, size).flip(-1).contiguous()
+    raw = tensor.contiguous().reshape(-1).view(torch.uint8).reshape(-1, size).flip(-1).contiguous()
     return raw.view(tensor.dtype).reshape(tensor.shape)
+
+
+def _dtype_name(code: int) -> str:
+    return cohort_pb2.TensorDtype.Name(code) if code in cohort_pb2.TensorDtype.values() else str(code)
 
 
 def _allowed() -> str:
