@@ -255,14 +255,16 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Per-step exchange: Ray actor calls vs gRPC streams (benchmarks/transport_exchange.py)",
         "",
-        f"Machine: {results['machine']}. Mode: {results['mode']}. Command: `{command}`. Total {results['total_seconds']:.0f} s.",
+        f"Machine: {results['machine']}. Mode: {results['mode']}. Command: `{command}`. Total {results['total_seconds']:.0f} s "
+        f"(1-min load average {results['load_average_before'][0]:.2f} before, {results['load_average_after'][0]:.2f} after).",
         "",
         "K sender Ray actors (no model, 0.1 CPU each) send B×C float32 logits to a fresh `CoordinatorActor` in lock-step; "
         "`ray`: `coordinator.exchange.remote(frame)`; `grpc`: students `external: true`, Join over gRPC "
         f"({HOST}, no token), one `ExchangeStream` per sender. Step time = median over measured steps of the lock-step "
         "span (last reply received − first frame sent, over the K senders; warm-up steps dropped). "
         "Coordinator compute = the actor's own timing of the step's batched computation; compute alone = "
-        "`mimicry_gradients` for K×B×C in the driver, one torch thread. Transport overhead = span − coordinator compute.",
+        "`mimicry_gradients` for K×B×C in the driver before Ray starts, one torch thread (the coordinator actor also has "
+        f"{results['torch_threads_in_zero_cpu_actor']}). Transport overhead = span − coordinator compute.",
         "",
         "| B×C (MiB per frame) | K | ray ms | grpc ms | grpc / ray | coordinator compute ms (ray / grpc) | compute alone ms "
         "| overhead ms (ray / grpc) | grpc / ray overhead | same gradients |",
@@ -282,30 +284,44 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         "All measurements (ms):",
         "",
-        "| transport | B×C | K | steps (+warm-up) | median span | p90 span | median max round trip | mean cycle | driver wall / step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| transport | B×C | K | steps (+warm-up) | median span | p90 span | median max round trip | mean cycle | driver wall / step "
+        "| load avg after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["runs"]:
         lines.append(
             f"| {row['transport']} | {row['batch']}×{row['classes']} | {row['students']} | {row['steps']} (+{row['warmup_steps']}) | "
             f"{1000 * row['median_span_seconds']:.2f} | {1000 * row['p90_span_seconds']:.2f} | "
             f"{1000 * row['median_max_round_trip_seconds']:.2f} | {1000 * row['mean_cycle_seconds']:.2f} | "
-            f"{1000 * row['driver_wall_per_step_seconds']:.2f} |"
+            f"{1000 * row['driver_wall_per_step_seconds']:.2f} | {row['load_average_1min_after']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
 
+@ray.remote(num_cpus=0)
+def actor_torch_threads() -> int:
+    """torch's thread count in a zero-CPU Ray worker, as the coordinator actor (num_cpus=0) gets it."""
+    return torch.get_num_threads()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps (about 1.5 minutes instead of about 4)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps (about 2.5 minutes instead of about 5)")
     parser.add_argument("--cohorts", type=int, nargs="+", default=[2, 4, 8], help="cohort sizes K")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for transport_exchange.{json,md}")
     args = parser.parse_args()
     mode = "quick" if args.quick else "full"
     started = time.perf_counter()
+    load_before = os.getloadavg()
+    torch.set_num_threads(1)  # the computation alone, first, on a machine where Ray does not run yet
+    compute = {
+        (students, batch, classes): compute_alone(students, batch, classes, 50 if batch * classes < 10**6 else 10)
+        for batch, classes in PAYLOADS for students in args.cohorts
+    }
     ray.init(num_cpus=max(8, max(args.cohorts)), include_dashboard=False)
     runs = []
     try:
+        threads = ray.get(actor_torch_threads.remote())
         senders = [FrameSender.remote() for _ in range(max(args.cohorts))]  # one pool, the first K serve each run
         ray.get([sender.ready.remote() for sender in senders])
         for batch, classes in PAYLOADS:
@@ -314,6 +330,7 @@ def main() -> int:
                 order = TRANSPORTS if (students + batch) % 2 == 0 else TRANSPORTS[::-1]  # alternate which goes first
                 for transport in order:
                     row = measure(senders[:students], transport, batch, classes, steps, warmup)
+                    row["load_average_1min_after"] = os.getloadavg()[0]
                     runs.append(row)
                     print(f"{transport:>4} B×C={batch}×{classes} K={students}: median span "
                           f"{1000 * row['median_span_seconds']:.2f} ms, coordinator compute "
@@ -322,11 +339,6 @@ def main() -> int:
             ray.kill(sender)
     finally:
         ray.shutdown()
-    torch.set_num_threads(1)
-    compute = {
-        (students, batch, classes): compute_alone(students, batch, classes, 50 if batch * classes < 10**6 else 10)
-        for batch, classes in PAYLOADS for students in args.cohorts
-    }
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {sys.version.split()[0]}, "
         f"torch {torch.__version__}, ray {ray.__version__}, grpcio {grpc.__version__}, "
@@ -334,6 +346,9 @@ def main() -> int:
         "mode": mode,
         "host": HOST,
         "per_step_time": "median over measured steps of (last reply received - first frame sent) over the K senders",
+        "torch_threads_in_zero_cpu_actor": threads,
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
         "summary": summarise(runs, compute),
         "runs": runs,
         "total_seconds": time.perf_counter() - started,

@@ -1,0 +1,130 @@
+"""A cohort that mixes Ray students with a student in its own process, joined over gRPC, as users run it.
+
+The driver (``rdml-dist train``) and the external student (``rdml-dist student``) are real child
+processes; the driver starts its own local Ray. The mixed cohort must follow the same
+trajectory as the in-process engine on the same config, and ``rdml-dist status`` must show it.
+"""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from rdml_dist.config import load_config
+from rdml_dist.engines.local import train_local
+from tests.integration.cli_process import RDML_DIST, child_environment, free_port, run_cli, write_config
+from tests.integration.conftest import read_json, read_steps, wait_until
+
+STUDENTS = [
+    {"name": "mlp", "model": "mlp"},
+    {"name": "cnn", "model": "small_cnn"},
+    {"name": "outside", "model": "mlp", "options": {"hidden": [64]}, "external": True},
+]
+TOKEN = "cohort-token"
+
+
+def _start(args: list[str], cwd: Path, log: Path, **environment: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*RDML_DIST, *args], cwd=cwd, env=child_environment(**environment), text=True,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finish(process: subprocess.Popen[str], log: Path, timeout_s: float) -> str:
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise AssertionError(f"{process.args} did not finish within {timeout_s} s:\n{log.read_text()}") from None
+    return log.read_text()
+
+
+def _mixed_config(tmp_path: Path, port: int, **rpc: Any) -> Path:
+    path = write_config(tmp_path / "cohort.yaml", tmp_path / "run", training={"epochs": 2},
+                        rpc={"port": port, "join_timeout_s": 120, **rpc})
+    raw = yaml.safe_load(path.read_text())
+    raw["students"] = STUDENTS
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.timeout(420)
+def test_ray_students_and_an_external_process_train_as_the_in_process_engine_would(tmp_path: Path) -> None:
+    port = free_port()
+    config_path = _mixed_config(tmp_path, port)
+    address = f"127.0.0.1:{port}"
+    driver = _start(["train", str(config_path), "--no-progress"], tmp_path, tmp_path / "driver.log", RDML_RPC_TOKEN=TOKEN)
+    try:
+        # The driver waits for the external student: a live cohort, still forming, that status can show.
+        def shown() -> bool:
+            status = run_cli(["status", "--coordinator", address, "--token", TOKEN], tmp_path, 60)
+            shown.output = status.stdout  # type: ignore[attr-defined]
+            return status.returncode == 0 and "step 0/12" in status.stdout  # the Ray students have registered
+
+        wait_until(shown, "rdml-dist status to show the forming cohort", 120)
+        output = shown.output  # type: ignore[attr-defined]
+        assert "cohort cli: forming, step 0/12" in output
+        assert [line.split()[:4] for line in output.splitlines()[2:5]] == [
+            ["mlp", "mlp", "ray", "yes"], ["cnn", "small_cnn", "ray", "yes"], ["outside", "mlp", "external", "no"],
+        ]
+        external = _start(["student", str(config_path), "--coordinator", address, "--name", "outside"], tmp_path,
+                          tmp_path / "external.log", RDML_RPC_TOKEN=TOKEN)
+        external_log = _finish(external, tmp_path / "external.log", 300)
+        driver_log = _finish(driver, tmp_path / "driver.log", 120)
+    finally:
+        for process in (driver,):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    assert external.returncode == 0, external_log
+    assert "student outside finished at step 12 (2 evaluations, 0 rejoins" in external_log
+    assert driver.returncode == 0, driver_log
+    assert f"cohort service (gRPC) at {address}" in driver_log
+
+    # The same cohort in one process, every student local.
+    local_config = load_config(config_path, ["students.2.external=false", f"runtime.run_dir={tmp_path / 'local'}"])
+    threads = torch.get_num_threads()
+    try:
+        train_local(local_config, tmp_path / "local", show_progress=False).finish()
+    finally:
+        torch.set_num_threads(threads)
+    mixed = {(int(row["step"]), row["student"]): row for row in read_steps(tmp_path / "run")}
+    local = {(int(row["step"]), row["student"]): row for row in read_steps(tmp_path / "local")}
+    assert mixed.keys() == local.keys() and len(mixed) == 3 * 12
+    for key, row in local.items():
+        for column in ("ce_loss", "mimicry_loss"):
+            assert float(mixed[key][column]) == pytest.approx(float(row[column]), abs=1e-5, rel=1e-5), (key, column)
+    results = read_json(tmp_path / "run" / "results.json")
+    local_results = read_json(tmp_path / "local" / "results.json")
+    for epoch, local_epoch in zip(results["epochs"], local_results["epochs"], strict=True):
+        assert sorted(epoch["students"]) == ["cnn", "mlp", "outside"]
+        for name in ("mlp", "cnn", "outside"):
+            assert epoch["students"][name]["val_accuracy"] == local_epoch["students"][name]["val_accuracy"], name
+    assert read_json(tmp_path / "run" / "placements.json")["students"]["outside"] == {"external": True, "coordinator": address}
+
+
+@pytest.mark.timeout(180)
+def test_an_external_student_that_never_joins_fails_the_run_with_a_clear_message(tmp_path: Path) -> None:
+    port = free_port()
+    config_path = _mixed_config(tmp_path, port, join_timeout_s=3)
+    started = time.monotonic()
+    result = run_cli(["train", str(config_path), "--no-progress"], tmp_path, 150)
+    assert result.returncode == 1
+    assert (f"rdml-dist: external student(s) outside did not join the cohort service at 127.0.0.1:{port} within 3 s "
+            "(rpc.join_timeout_s)") in result.stderr
+    assert "Traceback" not in result.stderr and time.monotonic() - started < 120
+
+
+def test_an_external_student_needs_a_fixed_port_and_the_ray_engine(tmp_path: Path) -> None:
+    config_path = _mixed_config(tmp_path, 0)
+    refused = run_cli(["validate", str(config_path)], tmp_path, 60)
+    assert refused.returncode == 2 and "external students need the cohort service at a fixed address" in refused.stderr
+    local = run_cli(["train", str(_mixed_config(tmp_path, free_port())), "--engine", "local", "--no-progress"], tmp_path, 120)
+    assert local.returncode == 2 and "students.2.external: external students join a Ray-engine cohort over gRPC" in local.stderr
+    wrong = run_cli(["student", str(config_path.with_name("cohort.yaml")), "--coordinator", "127.0.0.1:1", "--name", "mlp"],
+                    tmp_path, 60)
+    assert wrong.returncode == 2 and "students.0.external: student 'mlp' runs as a Ray actor" in wrong.stderr
