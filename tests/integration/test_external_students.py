@@ -128,3 +128,57 @@ def test_an_external_student_needs_a_fixed_port_and_the_ray_engine(tmp_path: Pat
     wrong = run_cli(["student", str(config_path.with_name("cohort.yaml")), "--coordinator", "127.0.0.1:1", "--name", "mlp"],
                     tmp_path, 60)
     assert wrong.returncode == 2 and "students.0.external: student 'mlp' runs as a Ray actor" in wrong.stderr
+
+
+def _kill_after_checkpoint(run_dir: Path, step: int, who: str) -> None:
+    """Once the cohort checkpoint of ``step`` is complete, SIGKILL a Ray student (by name) or the coordinator."""
+    wait_until(lambda: (run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").exists(), f"checkpoint {step}", 180)
+    placements = read_json(run_dir / "placements.json")
+    os.kill(placements["coordinator"]["pid"] if who == "coordinator" else placements["students"][who]["pid"], signal.SIGKILL)
+
+
+@pytest.mark.timeout(480)
+def test_an_external_student_follows_a_rollback_and_a_coordinator_restart(tmp_path: Path) -> None:
+    """A Ray student dies (the cohort rolls back), then the coordinator dies (Ray restarts it on the same port).
+
+    The external student restores its own snapshot each time and the run stays on the undisturbed trajectory.
+    """
+    port = free_port()
+    config_path = _mixed_config(tmp_path, port)
+    raw = yaml.safe_load(config_path.read_text())
+    raw["training"]["batch_size"] = 128  # 12 steps per epoch, a checkpoint every 4
+    raw["runtime"]["checkpoint"] = {"every_steps": 4, "keep": 2}
+    config_path.write_text(yaml.safe_dump(raw))
+    address = f"127.0.0.1:{port}"
+    run_dir = tmp_path / "run"
+    driver = _start(["train", str(config_path), "--no-progress"], tmp_path, tmp_path / "driver.log")
+    external = _start(["student", str(config_path), "--coordinator", address, "--name", "outside"], tmp_path,
+                      tmp_path / "external.log")
+    try:
+        _kill_after_checkpoint(run_dir, 4, "cnn")
+        _kill_after_checkpoint(run_dir, 16, "coordinator")
+        external_log = _finish(external, tmp_path / "external.log", 300)
+        driver_log = _finish(driver, tmp_path / "driver.log", 120)
+    finally:
+        for process in (driver, external):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    assert driver.returncode == 0, driver_log
+    assert external.returncode == 0, external_log
+    rejoins = int(external_log.split(" rejoins")[0].rsplit("(", 1)[-1].split(", ")[-1])
+    assert rejoins >= 2, external_log
+    faults = read_json(run_dir / "results.json")["faults"]["events"]
+    assert [fault["kind"] for fault in faults] == ["student_died", "coordinator_died"]
+
+    local_config = load_config(config_path, ["students.2.external=false", f"runtime.run_dir={tmp_path / 'local'}"])
+    threads = torch.get_num_threads()
+    try:
+        train_local(local_config, tmp_path / "local", show_progress=False).finish()
+    finally:
+        torch.set_num_threads(threads)
+    disturbed = {(int(row["step"]), row["student"]): row for row in read_steps(run_dir)}
+    local = {(int(row["step"]), row["student"]): row for row in read_steps(tmp_path / "local")}
+    assert disturbed.keys() == local.keys() and len(disturbed) == 3 * 24
+    for key, row in local.items():
+        for column in ("ce_loss", "mimicry_loss"):
+            assert float(disturbed[key][column]) == pytest.approx(float(row[column]), abs=1e-5, rel=1e-5), (key, column)
