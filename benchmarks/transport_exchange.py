@@ -62,12 +62,81 @@ HOST = "127.0.0.1"
 TRANSPORTS = ("ray", "grpc")
 PAYLOADS = ((128, 100), (1024, 1000))
 # (measured steps, warm-up steps) per payload, full and quick
-STEPS = {"full": {(128, 100): (200, 10), (1024, 1000): (40, 4)}, "quick": {(128, 100): (50, 5), (1024, 1000): (10, 2)}}
+STEPS = {"full": {(128, 100): (200, 10), (1024, 1000): (60, 4)}, "quick": {(128, 100): (50, 5), (1024, 1000): (10, 2)}}
+QUIET_CORES = 0.25  # other processes' CPU use (in cores) below which the machine counts as quiet
 
 
 def now() -> float:
     """CLOCK_MONOTONIC: one time base for every process on the machine, so senders' stamps compare."""
     return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+class OutsideLoad:
+    """CPU used by processes outside this benchmark's process tree (Ray's processes are its children).
+
+    The machine is shared: another job's CPU use would land in the timings, so each measurement
+    waits (within a budget) for a quiet machine and records how busy the rest of it was. Linux
+    only (/proc); elsewhere it measures nothing.
+    """
+
+    def __init__(self, wait_budget_s: float) -> None:
+        self.wait_budget_s = wait_budget_s
+        self.available = Path("/proc/stat").exists()
+        self.tick = os.sysconf("SC_CLK_TCK") if self.available else 100
+        self._mark: tuple[float, int, int] | None = None
+
+    @staticmethod
+    def _busy_ticks() -> int:
+        values = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(values) - values[3] - values[4]  # all but idle and iowait (guest time is inside user)
+
+    @staticmethod
+    def _own_ticks() -> int:
+        parents, ticks = {}, {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                fields = stat[stat.rindex(")") + 2:].split()
+                parents[int(entry)] = int(fields[1])
+                ticks[int(entry)] = int(fields[11]) + int(fields[12])
+        children: dict[int, list[int]] = {}
+        for pid, parent in parents.items():
+            children.setdefault(parent, []).append(pid)
+        total, stack = 0, [os.getpid()]
+        while stack:
+            pid = stack.pop()
+            total += ticks.get(pid, 0)
+            stack.extend(children.get(pid, []))
+        return total
+
+    def start(self) -> None:
+        if self.available:
+            self._mark = (time.perf_counter(), self._busy_ticks(), self._own_ticks())
+
+    def cores(self) -> float | None:
+        """Other processes' CPU use since :meth:`start`, in cores."""
+        if self._mark is None:
+            return None
+        began, busy, own = self._mark
+        outside = (self._busy_ticks() - busy) - (self._own_ticks() - own)
+        return max(outside, 0) / self.tick / max(time.perf_counter() - began, 1e-6)
+
+    def wait_until_quiet(self, sample_s: float = 2.0) -> float:
+        """Wait while other processes use QUIET_CORES or more, at most the remaining budget; returns seconds waited."""
+        waited = 0.0
+        while self.available and self.wait_budget_s > 0:
+            self.start()
+            time.sleep(sample_s)
+            busy = self.cores() or 0.0
+            if busy < QUIET_CORES:
+                break
+            waited += sample_s
+            self.wait_budget_s -= sample_s
+            print(f"  waiting for a quiet machine: other processes use {busy:.2f} cores", flush=True)
+        return waited
 
 
 @ray.remote(num_cpus=0.1)
@@ -144,7 +213,8 @@ def cohort_config(names: list[str], batch: int, transport: str) -> ExperimentCon
     )
 
 
-def measure(senders: list[Any], transport: str, batch: int, classes: int, steps: int, warmup: int) -> dict[str, Any]:
+def measure(senders: list[Any], transport: str, batch: int, classes: int, steps: int, warmup: int,
+            load: OutsideLoad) -> dict[str, Any]:
     """One (transport, K, payload) run through a fresh coordinator actor."""
     students = len(senders)
     names = [f"s{index}" for index in range(students)]
@@ -168,9 +238,12 @@ def measure(senders: list[Any], transport: str, batch: int, classes: int, steps:
         state = ray.get(coordinator.state.remote())
         if state["unregistered"]:
             raise RuntimeError(f"not registered before the run: {state['unregistered']}")
+        waited = load.wait_until_quiet()
+        load.start()
         began = time.perf_counter()
         runs = ray.get([sender.run.remote(coordinator if transport == "ray" else None) for sender in senders])
         wall = time.perf_counter() - began
+        outside = load.cores()
         state = ray.get(coordinator.state.remote())
         records = ray.get(coordinator.pop_records.remote(total))
     finally:
@@ -204,13 +277,16 @@ def measure(senders: list[Any], transport: str, batch: int, classes: int, steps:
         "mean_cycle_seconds": (last - first) / steps,
         "driver_wall_per_step_seconds": wall / total,
         "median_coordinator_compute_seconds": statistics.median(coordinator_seconds.values()),
+        "waited_for_quiet_seconds": waited,
+        "outside_cpu_cores_during_run": outside,
         "first_grad_abs_sum": [run["first_grad_abs_sum"] for run in runs],
         "live_students_in_replies": sorted({run["live"] for run in runs}),
     }
 
 
-def compute_alone(students: int, batch: int, classes: int, repeats: int) -> float:
+def compute_alone(students: int, batch: int, classes: int, repeats: int, load: OutsideLoad) -> float:
     """Median time of the batched mimicry computation for K×B×C in this process (one torch thread)."""
+    load.wait_until_quiet()
     stacked = torch.randn(students, batch, classes)
     mimicry_gradients(stacked, alpha=2.0)
     times = []
@@ -264,7 +340,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "span (last reply received − first frame sent, over the K senders; warm-up steps dropped). "
         "Coordinator compute = the actor's own timing of the step's batched computation; compute alone = "
         "`mimicry_gradients` for K×B×C in the driver before Ray starts, one torch thread (the coordinator actor also has "
-        f"{results['torch_threads_in_zero_cpu_actor']}). Transport overhead = span − coordinator compute.",
+        f"{results['torch_threads_in_zero_cpu_actor']}). Transport overhead = span − coordinator compute. The machine is "
+        "shared: before each measurement the benchmark waits (within a budget) until other processes use under "
+        f"{QUIET_CORES} cores, and records their CPU use during the run (last column below).",
         "",
         "| B×C (MiB per frame) | K | ray ms | grpc ms | grpc / ray | coordinator compute ms (ray / grpc) | compute alone ms "
         "| overhead ms (ray / grpc) | grpc / ray overhead | same gradients |",
@@ -285,15 +363,16 @@ def render_markdown(results: dict[str, Any]) -> str:
         "All measurements (ms):",
         "",
         "| transport | B×C | K | steps (+warm-up) | median span | p90 span | median max round trip | mean cycle | driver wall / step "
-        "| load avg after |",
+        "| other processes' CPU (cores) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["runs"]:
+        outside = "n/a" if row["outside_cpu_cores_during_run"] is None else f"{row['outside_cpu_cores_during_run']:.2f}"
         lines.append(
             f"| {row['transport']} | {row['batch']}×{row['classes']} | {row['students']} | {row['steps']} (+{row['warmup_steps']}) | "
             f"{1000 * row['median_span_seconds']:.2f} | {1000 * row['p90_span_seconds']:.2f} | "
             f"{1000 * row['median_max_round_trip_seconds']:.2f} | {1000 * row['mean_cycle_seconds']:.2f} | "
-            f"{1000 * row['driver_wall_per_step_seconds']:.2f} | {row['load_average_1min_after']:.2f} |"
+            f"{1000 * row['driver_wall_per_step_seconds']:.2f} | {outside} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -309,13 +388,19 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps (about 2.5 minutes instead of about 5)")
     parser.add_argument("--cohorts", type=int, nargs="+", default=[2, 4, 8], help="cohort sizes K")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for transport_exchange.{json,md}")
+    parser.add_argument("--quiet-wait", type=float, default=None,
+                        help="seconds in all to wait for other processes to go quiet before measurements "
+                             "(default 180, --quick 60; 0: never wait)")
     args = parser.parse_args()
     mode = "quick" if args.quick else "full"
+    if args.quiet_wait is None:
+        args.quiet_wait = 60.0 if args.quick else 180.0
     started = time.perf_counter()
     load_before = os.getloadavg()
+    load = OutsideLoad(args.quiet_wait)
     torch.set_num_threads(1)  # the computation alone, first, on a machine where Ray does not run yet
     compute = {
-        (students, batch, classes): compute_alone(students, batch, classes, 50 if batch * classes < 10**6 else 10)
+        (students, batch, classes): compute_alone(students, batch, classes, 50 if batch * classes < 10**6 else 10, load)
         for batch, classes in PAYLOADS for students in args.cohorts
     }
     ray.init(num_cpus=max(8, max(args.cohorts)), include_dashboard=False)
@@ -329,12 +414,12 @@ def main() -> int:
             for students in args.cohorts:
                 order = TRANSPORTS if (students + batch) % 2 == 0 else TRANSPORTS[::-1]  # alternate which goes first
                 for transport in order:
-                    row = measure(senders[:students], transport, batch, classes, steps, warmup)
-                    row["load_average_1min_after"] = os.getloadavg()[0]
+                    row = measure(senders[:students], transport, batch, classes, steps, warmup, load)
                     runs.append(row)
                     print(f"{transport:>4} B×C={batch}×{classes} K={students}: median span "
                           f"{1000 * row['median_span_seconds']:.2f} ms, coordinator compute "
-                          f"{1000 * row['median_coordinator_compute_seconds']:.2f} ms", flush=True)
+                          f"{1000 * row['median_coordinator_compute_seconds']:.2f} ms, other processes "
+                          f"{row['outside_cpu_cores_during_run'] or 0:.2f} cores", flush=True)
         for sender in senders:
             ray.kill(sender)
     finally:
@@ -349,6 +434,7 @@ def main() -> int:
         "torch_threads_in_zero_cpu_actor": threads,
         "load_average_before": list(load_before),
         "load_average_after": list(os.getloadavg()),
+        "quiet_wait_budget_left_seconds": load.wait_budget_s,
         "summary": summarise(runs, compute),
         "runs": runs,
         "total_seconds": time.perf_counter() - started,
