@@ -46,6 +46,9 @@ def test_compose_validates_and_every_service_runs_the_one_image() -> None:
     assert services["ray-head"]["build"]["dockerfile"] == "deploy/docker/Dockerfile"
     assert "ray job submit --address http://ray-head:8265" in command_line(services["trainer"])
     assert "ports" not in services["ray-worker"]  # workers scale with --scale: no fixed host port
+    # The cohort service listens beyond loopback only with a token (rdml-dist refuses otherwise).
+    assert "--set rpc.host=0.0.0.0" in command_line(services["trainer"])
+    assert services["ray-head"]["environment"]["RDML_RPC_TOKEN"] == "test-token"
 
 
 def test_compose_refuses_to_start_ray_without_a_token() -> None:
