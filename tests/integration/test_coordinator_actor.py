@@ -163,10 +163,17 @@ def test_marking_a_member_dead_releases_the_step_for_the_others(trio: "ray.actor
 class ComputationFails(Coordinator):
     """The real coordinator actor whose batched computation raises at step 1 (a bug, an OOM, a bad tensor)."""
 
-    def _compute(self) -> dict[str, MimicryReply]:
-        if self.core.step == 1:
-            raise RuntimeError("CUDA out of memory (simulated inside the computation)")
-        return super()._compute()
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        core = self.barrier.core
+        compute = core.compute
+
+        def failing_at_step_1() -> dict[str, MimicryReply]:
+            if core.step == 1:
+                raise RuntimeError("CUDA out of memory (simulated inside the computation)")
+            return compute()
+
+        core.compute = failing_at_step_1  # type: ignore[method-assign]
 
 
 @pytest.mark.timeout(60)
