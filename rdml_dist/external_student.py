@@ -121,7 +121,7 @@ class ExternalStudent:
             self.student.recover_from_non_finite(self.snapshots, restore, step, error.details() or NON_FINITE)
             self.result.recoveries += 1
             return step + 1  # the cohort finished this step without the refused frame
-        if code in FOLLOWED or rejection_reason(error) == "wrong_step":
+        if code in FOLLOWED or rejection_reason(error) in ("wrong_step", "not_live"):
             self.result.rejoins += 1
             return self._join(first=False)
         raise ClusterError(f"student {self.name!r}: the coordinator refused it: {code.name}: {error.details() if isinstance(error, grpc.Call) else error}")

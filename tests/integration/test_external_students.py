@@ -53,6 +53,22 @@ def _mixed_config(tmp_path: Path, port: int, **rpc: Any) -> Path:
     return path
 
 
+def _assert_in_process_trajectory(config_path: Path, run_dir: Path, local_dir: Path, steps: int) -> None:
+    """The same cohort trained in one process, every student local, took the run's per-step losses (to 1e-5)."""
+    local_config = load_config(config_path, ["students.2.external=false", f"runtime.run_dir={local_dir}"])
+    threads = torch.get_num_threads()
+    try:
+        train_local(local_config, local_dir, show_progress=False).finish()
+    finally:
+        torch.set_num_threads(threads)
+    distributed = {(int(row["step"]), row["student"]): row for row in read_steps(run_dir)}
+    local = {(int(row["step"]), row["student"]): row for row in read_steps(local_dir)}
+    assert distributed.keys() == local.keys() and len(distributed) == 3 * steps
+    for key, row in local.items():
+        for column in ("ce_loss", "mimicry_loss"):
+            assert float(distributed[key][column]) == pytest.approx(float(row[column]), abs=1e-5, rel=1e-5), (key, column)
+
+
 @pytest.mark.timeout(420)
 def test_ray_students_and_an_external_process_train_as_the_in_process_engine_would(tmp_path: Path) -> None:
     port = free_port()
@@ -85,19 +101,7 @@ def test_ray_students_and_an_external_process_train_as_the_in_process_engine_wou
     assert driver.returncode == 0, driver_log
     assert f"cohort service (gRPC) at {address}" in driver_log
 
-    # The same cohort in one process, every student local.
-    local_config = load_config(config_path, ["students.2.external=false", f"runtime.run_dir={tmp_path / 'local'}"])
-    threads = torch.get_num_threads()
-    try:
-        train_local(local_config, tmp_path / "local", show_progress=False).finish()
-    finally:
-        torch.set_num_threads(threads)
-    mixed = {(int(row["step"]), row["student"]): row for row in read_steps(tmp_path / "run")}
-    local = {(int(row["step"]), row["student"]): row for row in read_steps(tmp_path / "local")}
-    assert mixed.keys() == local.keys() and len(mixed) == 3 * 12
-    for key, row in local.items():
-        for column in ("ce_loss", "mimicry_loss"):
-            assert float(mixed[key][column]) == pytest.approx(float(row[column]), abs=1e-5, rel=1e-5), (key, column)
+    _assert_in_process_trajectory(config_path, tmp_path / "run", tmp_path / "local", steps=12)
     results = read_json(tmp_path / "run" / "results.json")
     local_results = read_json(tmp_path / "local" / "results.json")
     for epoch, local_epoch in zip(results["epochs"], local_results["epochs"], strict=True):
@@ -169,16 +173,4 @@ def test_an_external_student_follows_a_rollback_and_a_coordinator_restart(tmp_pa
     assert rejoins >= 2, external_log
     faults = read_json(run_dir / "results.json")["faults"]["events"]
     assert [fault["kind"] for fault in faults] == ["student_died", "coordinator_died"]
-
-    local_config = load_config(config_path, ["students.2.external=false", f"runtime.run_dir={tmp_path / 'local'}"])
-    threads = torch.get_num_threads()
-    try:
-        train_local(local_config, tmp_path / "local", show_progress=False).finish()
-    finally:
-        torch.set_num_threads(threads)
-    disturbed = {(int(row["step"]), row["student"]): row for row in read_steps(run_dir)}
-    local = {(int(row["step"]), row["student"]): row for row in read_steps(tmp_path / "local")}
-    assert disturbed.keys() == local.keys() and len(disturbed) == 3 * 24
-    for key, row in local.items():
-        for column in ("ce_loss", "mimicry_loss"):
-            assert float(disturbed[key][column]) == pytest.approx(float(row[column]), abs=1e-5, rel=1e-5), (key, column)
+    _assert_in_process_trajectory(config_path, run_dir, tmp_path / "local", steps=24)
