@@ -14,7 +14,7 @@ import time
 
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.coordinator import EpochEvaluation, StepRecord
-from rdml_dist.errors import CohortStepFailed
+from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
 from rdml_dist.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import CohortMetrics, LockedRegistry
@@ -78,6 +78,8 @@ class CohortBarrier:
             finally:
                 self._complete_if_ready()
         replies = await asyncio.wait_for(asyncio.shield(future), timeout=self.config.runtime.ray.exchange_timeout_s)
+        if frame.student not in replies:  # it left (or was marked dead) while it waited
+            raise FrameRejected(f"student {frame.student!r} is no longer a live member (it left during step {frame.step})", "not_live")
         return replies[frame.student]
 
     def refuse(self, student: str, step: int, reason: str) -> None:

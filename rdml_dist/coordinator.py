@@ -115,7 +115,7 @@ class CohortCoordinator:
         self._arrivals.clear()
         self._excluded.clear()
         self.records = {kept: rows for kept, rows in self.records.items() if kept < step}
-        finished_epochs = step // self.steps_per_epoch
+        finished_epochs = step // self.steps_per_epoch if self.info else 0
         self.evaluations = {epoch: scores for epoch, scores in self.evaluations.items() if epoch < finished_epochs}
         self._eval_frames = {epoch: frames for epoch, frames in self._eval_frames.items() if epoch < finished_epochs}
 
@@ -129,14 +129,14 @@ class CohortCoordinator:
         return step // self.steps_per_epoch
 
     # -- validation -------------------------------------------------------------------------
-    def expected_hash(self, step: int) -> str:
-        """The hash of the batch every student must use at ``step``, from the shared batch plan."""
+    def expected_batch(self, step: int) -> tuple[str, int]:
+        """The hash and size of the batch every student must use at ``step``, from the shared batch plan."""
         epoch = self.epoch_of(step)
         if self._plan_cache is None or self._plan_cache[0] != epoch:
             num_train = next(iter(self.info.values())).num_train
             training = self.config.training
             plan = batch_plan(num_train, training.batch_size, self.config.seed, epoch, training.drop_last)
-            self._plan_cache = (epoch, [indices_hash(indices) for indices in plan])
+            self._plan_cache = (epoch, [(indices_hash(indices), len(indices)) for indices in plan])
         return self._plan_cache[1][step % self.steps_per_epoch]
 
     def _validate(self, frame: LogitsFrame) -> None:
@@ -148,7 +148,7 @@ class CohortCoordinator:
             raise FrameRejected(f"frame from {frame.student!r} is for step {frame.step}, cohort is at step {self.step}", "wrong_step")
         if frame.student in self._pending:
             raise FrameRejected(f"duplicate frame from {frame.student!r} for step {frame.step}", "duplicate")
-        expected = self.expected_hash(frame.step)
+        expected, rows = self.expected_batch(frame.step)
         if frame.batch_hash != expected:
             raise FrameRejected(
                 f"frame from {frame.student!r} at step {frame.step} has batch hash {frame.batch_hash}, expected {expected}",
@@ -156,15 +156,8 @@ class CohortCoordinator:
             )
         logits = frame.logits
         num_classes = self.info[frame.student].num_classes
-        if logits.dim() != 2 or logits.shape[1] != num_classes:
-            raise FrameRejected(f"logits from {frame.student!r} have shape {tuple(logits.shape)}, expected B×{num_classes}", "wrong_shape")
-        for other in self._pending.values():
-            if other.logits.shape != logits.shape:
-                raise FrameRejected(
-                    f"logits from {frame.student!r} have shape {tuple(logits.shape)} but {other.student!r} sent "
-                    f"{tuple(other.logits.shape)}",
-                    "wrong_shape",
-                )
+        if logits.dim() != 2 or tuple(logits.shape) != (rows, num_classes):
+            raise FrameRejected(f"logits from {frame.student!r} have shape {tuple(logits.shape)}, expected {rows}×{num_classes}", "wrong_shape")
         if not bool(torch.isfinite(logits).all()) or not math.isfinite(frame.ce_loss):
             raise FrameRejected(f"frame from {frame.student!r} at step {frame.step} holds NaN or infinite values", NON_FINITE)
 
@@ -186,11 +179,13 @@ class CohortCoordinator:
         self.record_timing(frame.student, frame.previous)
 
     def exclude(self, student: str, step: int) -> None:
-        """Leave ``student`` out of the current step after refusing its frame for ``step`` (peers must not wait).
+        """Leave ``student`` out of the current step after refusing its frame for that step (peers must not wait).
 
-        A stale frame (an earlier step, e.g. a retried call) does not exclude its sender.
+        A frame for another step does not exclude its sender: a stale one (a retried call) or one
+        from ahead of the cohort (a student that missed a rollback) is refused, and the cohort
+        keeps waiting for the sender's frame of the current step.
         """
-        if student in self.live and student not in self._pending and step >= self.step:
+        if student in self.live and student not in self._pending and step == self.step:
             self._excluded.add(student)
 
     def waiting_for(self) -> list[str]:

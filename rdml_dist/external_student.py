@@ -12,6 +12,7 @@ and follows the cohort through failures by itself:
 - a frame refused for NaN/inf sends it back to its latest snapshot, as a Ray student would.
 """
 
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class ExternalStudent:
         self.snapshots = CheckpointStore(Storage(f"memory://rdml-external-{uuid.uuid4().hex}"))
         self.snapshot_steps: list[int] = []
         self.session = ""
+        self.step = 0  # the next step this student trains
         self.result = ExternalResult(name, 0, 0, 0, 0)
 
     @property
@@ -74,29 +76,33 @@ class ExternalStudent:
         return self.student.name
 
     def run(self) -> ExternalResult:
-        """Join, train to the run's last step, leave."""
-        step = self._join(first=True)
+        """Join, train to the run's last step, leave (also when it stops early, so its peers stop waiting)."""
+        self.step = self._join(first=True)
         total = self.config.training.epochs * self.student.steps_per_epoch
-        while step < total:
-            stream = self.client.stream(self.session)
-            try:
-                step = self._train(stream, step, total)
-            except grpc.RpcError as error:
-                step = self._follow(error, step)
-            finally:
-                stream.close()
-        self.result.steps = step
         try:
-            self.client.leave(self.name, self.session, "finished")
-        except grpc.RpcError:
-            pass  # the run is over: the coordinator may already be gone
+            while self.step < total:
+                stream = self.client.stream(self.session)
+                try:
+                    self._train(stream, total)
+                except grpc.RpcError as error:
+                    self._follow(error)
+                finally:
+                    stream.close()
+        finally:
+            self._leave("finished" if self.step >= total else "stopped")
+        self.result.steps = self.step
         return self.result
 
-    def _train(self, stream: ExchangeStream, step: int, total: int) -> int:
-        """Steps from ``step`` on, one frame and one gradient each, with evaluations and snapshots on the way."""
-        spe = self.student.steps_per_epoch
-        while step < total:
-            frame = self.student.forward_step(step)
+    def _leave(self, reason: str) -> None:
+        try:
+            self.client.leave(self.name, self.session, reason)
+        except grpc.RpcError:
+            pass  # the coordinator is gone (the run is over) or never knew this session
+
+    def _train(self, stream: ExchangeStream, total: int) -> None:
+        """Steps from ``self.step`` on, one frame and one gradient each."""
+        while self.step < total:
+            frame = self.student.forward_step(self.step)
             sent = time.perf_counter()
             try:
                 reply = stream.exchange(frame)
@@ -104,26 +110,32 @@ class ExternalStudent:
                 self.student.discard_pending()
                 raise
             self.student.apply(reply.grad, time.perf_counter() - sent)
-            step += 1
-            if step % spe == 0:
-                self.student.end_epoch()
-                self.client.submit_evaluation(self.student.evaluate(step // spe - 1), self.session)
-                self.result.evaluations += 1
-            if next_boundary(step - 1, spe, self.config.runtime.checkpoint.every_steps) == step:
-                self._snapshot(step)
-        return step
+            self._step_done()
 
-    def _follow(self, error: grpc.RpcError, step: int) -> int:
-        """Answer a refused frame or a lost stream; returns the step to go on from."""
+    def _step_done(self) -> None:
+        """Move past ``self.step``: at an epoch end send the evaluation, at a cohort checkpoint point keep a snapshot."""
+        self.step += 1
+        spe = self.student.steps_per_epoch
+        if self.step % spe == 0:
+            self.student.end_epoch()
+            self.client.submit_evaluation(self.student.evaluate(self.step // spe - 1), self.session)
+            self.result.evaluations += 1
+        if next_boundary(self.step - 1, spe, self.config.runtime.checkpoint.every_steps) == self.step:
+            self._snapshot(self.step)
+
+    def _follow(self, error: grpc.RpcError) -> None:
+        """Answer a refused frame or a lost stream, leaving ``self.step`` where the cohort continues."""
         code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
         if code == grpc.StatusCode.INVALID_ARGUMENT and rejection_reason(error) == NON_FINITE:
-            restore = self.snapshot_steps[-1]
-            self.student.recover_from_non_finite(self.snapshots, restore, step, error.details() or NON_FINITE)
+            restore = max(kept for kept in self.snapshot_steps if kept <= self.step)
+            self.student.recover_from_non_finite(self.snapshots, restore, self.step, error.details() or NON_FINITE)
             self.result.recoveries += 1
-            return step + 1  # the cohort finished this step without the refused frame
+            self._step_done()  # the cohort finished this step without the refused frame
+            return
         if code in FOLLOWED or rejection_reason(error) in ("wrong_step", "not_live"):
             self.result.rejoins += 1
-            return self._join(first=False)
+            self.step = self._join(first=False)
+            return
         raise ClusterError(f"student {self.name!r}: the coordinator refused it: {code.name}: {error.details() if isinstance(error, grpc.Call) else error}")
 
     def _join(self, first: bool) -> int:
@@ -147,12 +159,19 @@ class ExternalStudent:
         if joined.data_fingerprint != self.student.info().data_fingerprint:
             raise ClusterError(f"student {self.name!r} loaded other data than the cohort (fingerprint "
                                f"{self.student.info().data_fingerprint} vs {joined.data_fingerprint})")
+        if (joined.epochs, joined.steps_per_epoch) != (self.config.training.epochs, self.student.steps_per_epoch):
+            raise ClusterError(f"student {self.name!r}: the cohort trains {joined.epochs} epochs of {joined.steps_per_epoch} "
+                               f"steps, this config {self.config.training.epochs} of {self.student.steps_per_epoch}")
         step = int(joined.step)
         if step in self.snapshot_steps:
             self.student.restore_from(self.snapshots, step, step // self.student.steps_per_epoch)
+        elif first and step == 0:
+            self._snapshot(0)
         else:
+            position = "its initial weights" if first else f"its weights of step {self.step}"
+            print(f"rdml-dist: student {self.name} has no snapshot of step {step}: it continues there from {position}",
+                  file=sys.stderr, flush=True)
             self.student.advance_to_epoch(step // self.student.steps_per_epoch)
-        if first and not self.snapshot_steps:
             self._snapshot(step)
         return step
 

@@ -42,6 +42,8 @@ class Coordinator:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = ExperimentConfig.model_validate(config)
         self.barrier = CohortBarrier(self.config)
+        if ray.get_runtime_context().was_current_actor_reconstructed:  # refuse frames and joins until restored
+            self.barrier.halted = "the coordinator restarted; the driver is restoring the cohort"
         self._metrics_address: str | None = None
         self._rpc: CohortServer | None = None
 

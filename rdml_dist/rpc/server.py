@@ -24,10 +24,20 @@ SERVICE_NAME = cohort_pb2.DESCRIPTOR.services_by_name["CohortService"].full_name
 HEALTH_REFRESH_S = 0.2
 
 
+KEEPALIVE_MS = 20_000  # ping an idle connection: a student whose machine vanished is noticed, not waited for
+
+
 def message_options(rpc: RpcConfig) -> list[tuple[str, int]]:
     """Send and receive limits sized for large logits (1024 x 21,841 float32 is 85 MiB)."""
     limit = rpc.max_message_mb * 1024 * 1024
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+def server_options(rpc: RpcConfig) -> list[tuple[str, int]]:
+    """Message limits, keepalive, and an exclusive port: grpc's default SO_REUSEPORT would let a
+    second run on the same node bind the same port and split the students between two cohorts."""
+    return [*message_options(rpc), ("grpc.so_reuseport", 0), ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_MS // 2)]
 
 
 class CohortServer:
@@ -59,7 +69,7 @@ async def start_cohort_server(barrier: CohortBarrier, token: str | None, node_ad
     rpc = barrier.config.rpc
     check_bind(rpc, token)
     interceptors = [BearerTokenInterceptor(token)] if token else []
-    server = grpc.aio.server(interceptors=interceptors, options=message_options(rpc))
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(rpc))
     cohort_pb2_grpc.add_CohortServiceServicer_to_server(CohortServicer(barrier), server)
     bind = f"[{rpc.host}]:{rpc.port}" if ":" in rpc.host else f"{rpc.host}:{rpc.port}"
     try:

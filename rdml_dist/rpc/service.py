@@ -72,6 +72,13 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
         if name not in self.external:
             await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "not_external",
                           f"student {name!r} runs as a Ray actor; only students marked external: true join over gRPC")
+        if self.barrier.halted is not None:
+            await _refuse(context, grpc.StatusCode.UNAVAILABLE, "halted", f"the cohort is rolling back; join again shortly ({self.barrier.halted})")
+        sizes = {"num_train": request.num_train, "num_val": request.num_val, "num_classes": request.num_classes,
+                 "steps_per_epoch": request.steps_per_epoch}
+        if any(value <= 0 for value in sizes.values()):
+            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid",
+                          f"registration of {name!r} needs positive sizes, got {sizes}")
         with self.barrier.lock:
             live = name in core.live
         if live and request.session_id != self.sessions.get(name):
@@ -143,7 +150,8 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
         except WireFormatError as error:
             await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, BAD_TENSOR, str(error))
         except FrameRejected as rejected:
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, rejected.reason, str(rejected))
+            code = grpc.StatusCode.FAILED_PRECONDITION if request.student not in self.barrier.core.live else grpc.StatusCode.INVALID_ARGUMENT
+            await _refuse(context, code, rejected.reason, str(rejected))
         return cohort_pb2.SubmitEvaluationResponse(scored=evaluation is not None)
 
     async def Leave(self, request: cohort_pb2.LeaveRequest, context: grpc.aio.ServicerContext) -> cohort_pb2.LeaveResponse:

@@ -7,11 +7,11 @@ from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2
 
 
 def cohort_phase(barrier: CohortBarrier) -> int:
-    """FORMING until every member has registered once, HALTED while rolling back, else TRAINING."""
-    if barrier.unregistered():
-        return cohort_pb2.COHORT_PHASE_FORMING
+    """HALTED while rolling back (or restarted and not yet restored), FORMING until every member has registered, else TRAINING."""
     if barrier.halted is not None:
         return cohort_pb2.COHORT_PHASE_HALTED
+    if barrier.unregistered():
+        return cohort_pb2.COHORT_PHASE_FORMING
     return cohort_pb2.COHORT_PHASE_TRAINING
 
 

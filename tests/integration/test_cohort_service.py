@@ -183,7 +183,6 @@ def test_half_precision_logits_get_half_precision_gradients(trio: Cohort) -> Non
          grpc.StatusCode.INVALID_ARGUMENT, "bad_tensor"),
         ({"tensor": encode_tensor(torch.full((BATCH, CLASSES), float("nan")))}, grpc.StatusCode.INVALID_ARGUMENT, "non_finite"),
         ({"ce_loss": float("inf")}, grpc.StatusCode.INVALID_ARGUMENT, "non_finite"),
-        ({"step": 1}, grpc.StatusCode.FAILED_PRECONDITION, "wrong_step"),
         ({"batch_hash": "0" * 16}, grpc.StatusCode.FAILED_PRECONDITION, "batch_mismatch"),
     ],
 )
@@ -197,6 +196,16 @@ def test_a_bad_frame_gets_its_status_code_and_the_others_go_on(
     # The next step, the refused student included, succeeds for everyone.
     replies = [trio.send(name, 1, logits_for(seed)) for seed, name in enumerate("abc")]
     assert [future.result(TIMEOUT).live_students for future in replies] == [3, 3, 3]
+
+
+def test_a_frame_for_another_step_is_refused_and_its_sender_resends(trio: Cohort) -> None:
+    waiting = [trio.send(name, 0, logits_for(seed)) for seed, name in ((0, "a"), (2, "c"))]
+    for wrong in (1, 4):
+        refused = trio.raw(request_from(trio, "b", wrong, logits_for(1)))
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION and rejection_reason(refused) == "wrong_step"
+        assert f"is for step {wrong}, cohort is at step 0" in refused.details()
+    b = trio.send("b", 0, logits_for(1))  # the cohort waited for b's frame of the current step
+    assert [future.result(TIMEOUT).live_students for future in [*waiting, b]] == [3, 3, 3]
 
 
 def test_unknown_and_duplicate_students_are_refused_and_the_cohort_goes_on(trio: Cohort) -> None:
@@ -325,3 +334,35 @@ def test_status_shows_the_live_cohort(trio: Cohort) -> None:
     finally:
         watched.kill()
         watched.communicate(timeout=TIMEOUT)
+
+
+def test_a_student_that_leaves_mid_step_is_answered_and_not_waited_for(trio: Cohort) -> None:
+    a = trio.send("a", 0, logits_for(0))
+    wait_until(lambda: trio.service.barrier.core.waiting_for() == ["b", "c"], "a's frame to arrive")
+    assert trio.client.leave("b", trio.sessions["b"], "stopping") == ["a", "c"]
+    c = trio.send("c", 0, logits_for(2))
+    assert [future.result(TIMEOUT).live_students for future in (a, c)] == [2, 2]
+    left = trio.raw(request_from(trio, "b", 1, logits_for(1)))  # its session ended with the Leave
+    assert left.code() == grpc.StatusCode.FAILED_PRECONDITION and "call Join first" in left.details()
+
+
+def test_joins_are_refused_while_the_cohort_rolls_back_and_bad_registrations_are_invalid(trio: Cohort) -> None:
+    with pytest.raises(grpc.RpcError) as invalid:
+        trio.client.join(StudentInfo("a", NUM_TRAIN, 10, CLASSES, 0, "same-data"), trio.sessions["a"])
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "positive sizes" in invalid.value.details()
+    waiting = trio.send("a", 0, logits_for(0))
+    wait_until(lambda: trio.service.barrier.core.waiting_for() == ["b", "c"], "a's frame to arrive")
+    trio.service.barrier.abort("student c died")  # what the driver does before it restores a checkpoint
+    with pytest.raises(grpc.RpcError) as aborted:
+        waiting.result(TIMEOUT)
+    assert aborted.value.code() == grpc.StatusCode.ABORTED and "student c died" in aborted.value.details()
+    assert trio.client.status().phase == cohort_pb2.COHORT_PHASE_HALTED
+    with pytest.raises(grpc.RpcError) as refused:
+        trio.client.join(info("a"), trio.sessions["a"])
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    trio.service.call(_restore(trio.service.barrier, 0))
+    assert trio.client.join(info("a"), trio.sessions["a"]).step == 0  # the same session goes on
+
+
+async def _restore(barrier: CohortBarrier, step: int) -> None:
+    barrier.restore(step, [])

@@ -76,10 +76,10 @@ def test_step_barrier_and_batched_replies(coordinator: CohortCoordinator, clock:
 @pytest.mark.parametrize(
     "changes,reason",
     [
-        ({"step": 1}, "cohort is at step 0"),
         ({"batch_hash": "0" * 16}, "batch hash"),
         ({"logits": torch.full((BATCH, CLASSES), float("nan"))}, "NaN"),
-        ({"logits": torch.zeros(BATCH, CLASSES + 1)}, "expected B×4"),
+        ({"logits": torch.zeros(BATCH, CLASSES + 1)}, "expected 8×4"),
+        ({"logits": torch.zeros(BATCH - 1, CLASSES)}, "expected 8×4"),
         ({"ce_loss": float("inf")}, "NaN or infinite"),
     ],
 )
@@ -101,8 +101,21 @@ def test_unknown_duplicate_and_mismatched_shapes(coordinator: CohortCoordinator)
     coordinator.submit(frame("a", 0, logits_for(0)))
     with pytest.raises(FrameRejected, match="duplicate"):
         coordinator.submit(frame("a", 0, logits_for(0)))
-    with pytest.raises(FrameRejected, match="but 'a' sent"):
+    with pytest.raises(FrameRejected, match=r"shape \(7, 4\), expected 8×4"):
         coordinator.submit(frame("b", 0, logits_for(1, rows=BATCH - 1)))
+
+
+def test_a_frame_for_another_step_is_refused_and_its_sender_still_expected(coordinator: CohortCoordinator) -> None:
+    """A student ahead of the cohort (it missed a rollback) or a retried stale frame must resend, not be skipped."""
+    coordinator.submit(frame("a", 0, logits_for(0)))
+    for wrong in (1, 5):
+        with pytest.raises(FrameRejected, match=f"is for step {wrong}, cohort is at step 0") as refused:
+            coordinator.submit(frame("b", wrong, logits_for(1)))
+        assert refused.value.reason == "wrong_step"
+    assert coordinator.waiting_for() == ["b", "c"] and not coordinator.is_complete()
+    coordinator.submit(frame("b", 0, logits_for(1)))
+    coordinator.submit(frame("c", 0, logits_for(2)))
+    assert sorted(coordinator.compute()) == ["a", "b", "c"]
 
 
 def test_registration_must_agree(coordinator: CohortCoordinator) -> None:
