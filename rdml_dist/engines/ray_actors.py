@@ -10,6 +10,7 @@ run's latest checkpoint.
 
 import os
 import time
+import warnings
 from typing import Any
 
 import ray
@@ -42,7 +43,7 @@ class Coordinator:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = ExperimentConfig.model_validate(config)
         self.barrier = CohortBarrier(self.config)
-        if ray.get_runtime_context().was_current_actor_reconstructed:  # refuse frames and joins until restored
+        if _restarted():  # refuse frames and joins until the driver has restored the cohort
             self.barrier.halted = "the coordinator restarted; the driver is restoring the cohort"
         self._metrics_address: str | None = None
         self._rpc: CohortServer | None = None
@@ -106,6 +107,13 @@ class Coordinator:
             state = self.barrier.core.state()
         return {**state, "unregistered": self.barrier.unregistered(), "steps_per_epoch": self.barrier.steps_per_epoch(), "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def _restarted() -> bool:
+    """Whether Ray restarted this actor (Ray 2.60's property reads a deprecated id internally: its warning is noise)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 CoordinatorActor = ray.remote(num_cpus=0, concurrency_groups={CONTROL_GROUP: 4})(Coordinator)
