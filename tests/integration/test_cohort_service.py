@@ -313,6 +313,7 @@ def test_status_shows_the_live_cohort(trio: Cohort) -> None:
     for future in [trio.send(name, 0, logits_for(seed)) for seed, name in enumerate("abc")]:
         future.result(TIMEOUT)
     trio.send("a", 1, logits_for(5))
+    wait_until(lambda: trio.service.barrier.core.waiting_for() == ["b", "c"], "a's frame of step 1 to arrive")
     status = trio.client.status()
     assert status.phase == cohort_pb2.COHORT_PHASE_TRAINING and status.step == 1 and list(status.waiting_for) == ["b", "c"]
     assert [(student.name, student.live, student.last_step) for student in status.students] == [("a", True, 0), ("b", True, 0), ("c", True, 0)]
