@@ -2,7 +2,9 @@
 
 The library surface: the divergences and the batched cohort mimicry computation (usable in any
 training loop), the config loader, the transport-free coordinator core and student, and
-:func:`train_cohort`, which runs an experiment with the local or the Ray engine.
+:func:`train_cohort`, which runs an experiment with the local or the Ray engine. No top-level name
+shadows a module of the package: ``rdml_dist.divergence`` is the module (its ``divergence()``
+function picks a divergence by name).
 """
 
 from rdml_dist.config import ExperimentConfig, load_config, parse_config
@@ -11,7 +13,6 @@ from rdml_dist.divergence import (
     DIVERGENCES,
     TARGET_MODES,
     MimicryResult,
-    divergence,
     js_divergence,
     kl_divergence,
     mimicry_gradients,
@@ -33,7 +34,6 @@ __all__ = [
     "FrameRejected",
     "MimicryResult",
     "Student",
-    "divergence",
     "js_divergence",
     "kl_divergence",
     "load_config",

@@ -14,6 +14,7 @@ from rdml_dist.rpc.auth import resolve_token
 from rdml_dist.rpc.client import CohortClient
 from rdml_dist.rpc.status import render_status
 from rdml_dist.run_directory import RunDirectory
+from rdml_dist.user_modules import make_user_modules_importable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,12 +75,19 @@ def _resume(args: argparse.Namespace) -> int:
     try:
         return _report(resume_cohort(args.resume, args.address, show_progress=not args.no_progress))
     except ConfigError as error:
-        print(f"rdml-dist: cannot resume: {error}", file=sys.stderr)
-        return 2
+        return _config_problems(error, "cannot resume")
+
+
+def _config_problems(error: ConfigError, what: str = "invalid config") -> int:
+    """One line per problem, every problem at once; exit code 2."""
+    for field, problem in error.problems:
+        print(f"rdml-dist: {what}: {field}: {problem}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    make_user_modules_importable(getattr(args, "config", None))
     try:
         return _command(args)
     except (ClusterError, RunFailed) as error:
@@ -124,15 +132,13 @@ def _command(args: argparse.Namespace) -> int:
         try:
             return _student(args)
         except ConfigError as error:
-            print(f"rdml-dist: invalid config: {error}", file=sys.stderr)
-            return 2
+            return _config_problems(error)
     if getattr(args, "resume", None):
         return _resume(args)
     try:
         config = load_config(args.config, _engine_overrides(args))
     except ConfigError as error:
-        print(f"rdml-dist: invalid config: {error}", file=sys.stderr)
-        return 2
+        return _config_problems(error)
     if args.command == "validate":
         source = args.config or "the embedded default"
         print(f"{source}: valid ({len(config.students)} students: {', '.join(config.student_names())}; "
@@ -141,8 +147,7 @@ def _command(args: argparse.Namespace) -> int:
     try:
         run = train_cohort(config, show_progress=not args.no_progress, overwrite=args.overwrite)
     except ConfigError as error:
-        print(f"rdml-dist: invalid config: {error}", file=sys.stderr)
-        return 2
+        return _config_problems(error)
     return _report(run)
 
 

@@ -281,17 +281,27 @@ def parse_config(raw: Any) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as error:
-        problems = error.errors()
-        first = problems[0]
-        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-        raise ConfigError(_field_path(first["loc"]), _describe(first) + more) from None
+        problems = [(_field_path(problem["loc"]), _describe(problem)) for problem in error.errors()]
+        raise ConfigError(*problems[0], more=problems[1:]) from None
 
 
 def check_resources(config: ExperimentConfig) -> None:
-    """Checks that need imports or the file system: model names/factories exist, data is where it is said to be."""
+    """Checks that need imports or the file system: model names/factories exist, data is where it is said to be.
+
+    Every student and the data are checked, and all their problems reported together.
+    """
+    errors: list[ConfigError] = []
     for index, student in enumerate(config.students):
-        check_model_name(student.model, field=f"students.{index}.model", options=student.options)
-    check_data_spec(data_spec(config), field="data")
+        try:
+            check_model_name(student.model, field=f"students.{index}.model", options=student.options)
+        except ConfigError as error:
+            errors.append(error)
+    try:
+        check_data_spec(data_spec(config), field="data")
+    except ConfigError as error:
+        errors.append(error)
+    if errors:
+        raise ConfigError.combine(errors)
 
 
 def data_spec(config: ExperimentConfig) -> DataSpec:

@@ -2,19 +2,27 @@
 
 
 class ConfigError(ValueError):
-    """An invalid configuration value; the message names the field and what is allowed.
+    """Invalid configuration values; the message is one ``field: problem`` line per problem.
 
     Raised before anything is launched so that a bad config never costs a cluster allocation.
+    ``field`` and ``problem`` are the first problem's; ``problems`` lists them all.
     """
 
-    def __init__(self, field: str, problem: str) -> None:
+    def __init__(self, field: str, problem: str, more: list[tuple[str, str]] | None = None) -> None:
+        self.problems = [(field, problem), *(more or [])]
         self.field = field
         self.problem = problem
-        super().__init__(f"{field}: {problem}")
+        super().__init__("\n".join(f"{where}: {what}" for where, what in self.problems))
 
-    def __reduce__(self) -> tuple[type["ConfigError"], tuple[str, str]]:
+    @classmethod
+    def combine(cls, errors: list["ConfigError"]) -> "ConfigError":
+        """One error carrying every problem of ``errors`` (which must not be empty), in order."""
+        problems = [problem for error in errors for problem in error.problems]
+        return cls(*problems[0], more=problems[1:])
+
+    def __reduce__(self) -> tuple[type["ConfigError"], tuple[str, str, list[tuple[str, str]]]]:
         """Survive pickling, so an error raised inside a Ray actor reaches the driver as itself."""
-        return (type(self), (self.field, self.problem))
+        return (type(self), (self.field, self.problem, self.problems[1:]))
 
 
 class FrameRejected(ValueError):

@@ -71,17 +71,21 @@ def _option_names(constructor: Callable[..., Any]) -> set[str] | None:
 
 
 def _check_options(name: str, constructor: Callable[..., Any], options: Mapping[str, Any], field: str) -> None:
-    """Reject option keywords the model does not take, before constructing anything."""
+    """Reject option keywords the model does not take, before constructing anything; each named ``<options>.<key>``.
+
+    ``field`` names the model (``students.1.model``); the options sit beside it (``students.1.options``).
+    """
+    options_field = f"{field.removesuffix('.model')}.options" if field.endswith(".model") else f"{field}.options"
+    accepted = _option_names(constructor)
+    problems = []
     for key in options:
         if key in CONTEXT_ARGUMENTS:
-            raise ConfigError(field, f"option {key!r} of model {name!r} is set by the cohort config, not by options")
-    accepted = _option_names(constructor)
-    if accepted is None:
-        return
-    for key in options:
-        if key not in accepted:
+            problems.append((f"{options_field}.{key}", f"option {key!r} of model {name!r} is set by the cohort config, not by options"))
+        elif accepted is not None and key not in accepted:
             allowed = ", ".join(sorted(accepted)) or "none"
-            raise ConfigError(field, f"unknown option {key!r} for model {name!r} (allowed: {allowed})")
+            problems.append((f"{options_field}.{key}", f"unknown option {key!r} for model {name!r} (allowed: {allowed})"))
+    if problems:
+        raise ConfigError(*problems[0], more=problems[1:])
 
 
 def check_model_name(name: str, field: str, options: Mapping[str, Any] | None = None) -> None:

@@ -15,7 +15,7 @@ from rdml_dist.cli import main
         ("mimicry.alpha=-0.5", "mimicry.alpha"),
         ("mimicry.temperature=0", "mimicry.temperature"),
         ("data.name=cifar100", "data.root"),
-        ("students.0.options.width=3", "students.0.model"),
+        ("students.0.options.width=3", "students.0.options.width"),
     ],
 )
 def test_bad_config_fails_with_one_line_before_training(

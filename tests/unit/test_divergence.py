@@ -92,11 +92,15 @@ def test_renyi_targets_are_distributions_and_reduce_to_peer_mean_at_alpha_one() 
     assert torch.allclose(at_one[2], probs[[0, 1, 3]].mean(0))
 
 
-def test_alpha_one_equals_kl_and_alpha_zero_is_no_mimicry() -> None:
-    logits = random_logits(3).float()
-    renyi_one = mimicry_gradients(logits, alpha=1.0)
-    kl = mimicry_gradients(logits, divergence="kl")
-    assert torch.equal(renyi_one.grads, kl.grads) and torch.equal(renyi_one.losses, kl.losses)
+def test_orders_beside_one_meet_the_kl_branch_and_alpha_zero_is_no_mimicry() -> None:
+    """α = 1 takes the KL branch, orders just beside it the Rényi formula: two code paths that must meet."""
+    logits = random_logits(3)
+    at_one = mimicry_gradients(logits, alpha=1.0)
+    for alpha in (1 - 1e-5, 1 + 1e-5):
+        beside = mimicry_gradients(logits, alpha=alpha)
+        assert (beside.grads - at_one.grads).abs().max() < 1e-5, alpha  # first order in α − 1: about 2e-6 here
+        assert (beside.losses - at_one.losses).abs().max() < 1e-4, alpha
+    assert (mimicry_gradients(logits, alpha=1.1).grads - at_one.grads).abs().max() > 1e-3  # the check can tell them apart
     zero = mimicry_gradients(logits, alpha=0.0)
     assert torch.count_nonzero(zero.grads) == 0 and torch.count_nonzero(zero.losses) == 0
 

@@ -49,10 +49,11 @@ def assert_same_trajectory(first: list[dict[str, str]], second: list[dict[str, s
             assert abs(float(a[column]) - float(b[column])) <= tolerance, (column, a, b)
 
 
-def test_renyi_at_alpha_one_follows_the_kl_trajectory(tmp_path: Path) -> None:
-    renyi = train(tiny_cohort(tmp_path, "renyi1", epochs=2, divergence="renyi", alpha=1.0))
+def test_renyi_beside_alpha_one_follows_the_kl_trajectory(tmp_path: Path) -> None:
+    """The Rényi formula at α = 1.001 and the KL branch (α = 1) are different code paths; training must agree."""
+    renyi = train(tiny_cohort(tmp_path, "renyi1", epochs=2, divergence="renyi", alpha=1.001))
     kl = train(tiny_cohort(tmp_path, "kl", epochs=2, divergence="kl"))
-    assert_same_trajectory(renyi, kl, 1e-5)
+    assert_same_trajectory(renyi, kl, 2e-3)
     assert max(float(row["mimicry_loss"]) for row in kl) > 1e-3  # mimicry really acted
 
 
