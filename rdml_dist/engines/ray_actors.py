@@ -20,7 +20,7 @@ from rdml_dist.barrier import CohortBarrier
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.coordinator import NON_FINITE, EpochEvaluation, StepRecord
-from rdml_dist.errors import FrameRejected
+from rdml_dist.errors import ConfigError, FrameRejected
 from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
 from rdml_dist.metrics import metrics_address, serve
 from rdml_dist.rpc.server import CohortServer, start_cohort_server
@@ -140,10 +140,16 @@ class StudentActor:
                 "that every node of the cluster can reach"
             )
         self.checkpoints = CheckpointStore(storage)
-        self.student = Student(self.config, index, resolve_device(self.config.runtime.device))
+        self._startup_error: ConfigError | None = None
+        try:
+            self.student = Student(self.config, index, resolve_device(self.config.runtime.device))
+        except ConfigError as error:  # a user's mistake: kept for the driver as itself, not a dead actor's traceback
+            self._startup_error = error
 
     def info(self) -> StudentInfo:
         """Registration data for the coordinator (where the actor runs is :meth:`placement`)."""
+        if self._startup_error is not None:
+            raise self._startup_error
         return self.student.info()
 
     def placement(self) -> dict[str, Any]:

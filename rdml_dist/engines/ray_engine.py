@@ -23,7 +23,7 @@ from rdml_dist.engines.loop import CohortRollback, train_loop
 from rdml_dist.engines.ray_actors import STORAGE_MARKER, CoordinatorActor, StudentActor
 from rdml_dist.engines.ray_cluster import connect
 from rdml_dist.engines.session import RunSession, new_session
-from rdml_dist.errors import ClusterError, CohortStepFailed
+from rdml_dist.errors import ClusterError, CohortStepFailed, ConfigError
 from rdml_dist.frames import StudentInfo
 from rdml_dist.metrics import write_file_sd
 from rdml_dist.rpc.auth import check_bind, resolve_token
@@ -137,7 +137,7 @@ class RayCohort:
                 ).remote(payload, config.student_names().index(name), threads, storage.url, marker)
                 for position, name in enumerate(self.names)
             }
-            self.infos = dict(zip(self.names, ray.get([actor.info.remote() for actor in self.actors.values()])))
+            self.infos = dict(zip(self.names, _user_errors_unwrapped([actor.info.remote() for actor in self.actors.values()])))
             ray.get([self.coordinator.register.remote(info) for info in self.infos.values()])
             self.metrics_address = self._serve_metrics()
             self._wait_for_external_students()
@@ -349,6 +349,16 @@ class RayCohort:
         for actor in [*self.actors.values(), self.coordinator]:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.group)
+
+
+def _user_errors_unwrapped(references: list[ray.ObjectRef]) -> list[Any]:
+    """``ray.get``, with a config problem met inside a student (a model, a data factory) raised as itself."""
+    try:
+        return ray.get(references)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, ConfigError):
+            raise error.cause from None
+        raise
 
 
 def _failed(reference: ray.ObjectRef) -> bool:

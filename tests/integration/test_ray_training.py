@@ -10,6 +10,7 @@ import torch
 
 from rdml_dist.engines.local import train_local
 from rdml_dist.engines.ray_engine import CohortDoesNotFit, train_ray
+from rdml_dist.errors import ConfigError
 from tests.integration.conftest import cohort_released, make_config, read_json, read_steps, wait_until
 
 HETEROGENEOUS = [
@@ -123,8 +124,8 @@ def test_a_student_that_cannot_start_fails_the_run_and_releases_the_cohort(tmp_p
     # parse_config checks types only, so the unknown model is first met inside the student actor.
     students = [{"name": "good", "model": "mlp"}, {"name": "bad", "model": "no_such_model"}]
     config = make_config(tmp_path, students)
-    with pytest.raises(ray.exceptions.RayError) as error:
+    with pytest.raises(ConfigError) as error:  # the user's mistake reaches the driver as itself: one line in the CLI
         train_ray(config, tmp_path / "run", show_progress=False)
-    assert "no_such_model" in str(error.value) and "students.1.model" in str(error.value)
+    assert error.value.field == "students.1.model" and "no_such_model" in error.value.problem
     # The placement group and the actors already started are given back, so the shared session stays usable.
     wait_until(cohort_released, "the started cohort is released")
