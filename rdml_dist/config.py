@@ -290,18 +290,26 @@ def check_resources(config: ExperimentConfig) -> None:
 
     Every student and the data are checked, and all their problems reported together.
     """
-    errors: list[ConfigError] = []
-    for index, student in enumerate(config.students):
-        try:
-            check_model_name(student.model, field=f"students.{index}.model", options=student.options)
-        except ConfigError as error:
-            errors.append(error)
+    errors = _model_problems([(student.model, student.options) for student in config.students])
     try:
         check_data_spec(data_spec(config), field="data")
     except ConfigError as error:
         errors.append(error)
     if errors:
         raise ConfigError.combine(errors)
+
+
+def _model_problems(students: list[tuple[Any, Any]]) -> list[ConfigError]:
+    """The problems of each student's model reference and options (checked without building anything)."""
+    errors = []
+    for index, (model, options) in enumerate(students):
+        if not isinstance(model, str) or not isinstance(options, dict):
+            continue  # a type problem, which validation reports
+        try:
+            check_model_name(model, field=f"students.{index}.model", options=options)
+        except ConfigError as error:
+            errors.append(error)
+    return errors
 
 
 def data_spec(config: ExperimentConfig) -> DataSpec:
@@ -368,6 +376,12 @@ def read_raw_config(path: str | Path | None) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read, override, validate and check an experiment: the one entry point used before launching."""
     raw = apply_overrides(read_raw_config(path), overrides or [])
-    config = parse_config(raw)
+    try:
+        config = parse_config(raw)
+    except ConfigError as invalid:  # report the models' problems too, all at once
+        students = raw.get("students") if isinstance(raw, dict) else None
+        entries = [(entry.get("model"), entry.get("options", {})) if isinstance(entry, dict) else (None, None)
+                   for entry in students] if isinstance(students, list) else []
+        raise ConfigError.combine([invalid, *_model_problems(entries)]) from None
     check_resources(config)
     return config

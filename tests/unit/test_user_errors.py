@@ -44,6 +44,12 @@ def test_model_and_data_problems_are_reported_together_naming_each_field(capsys:
     assert fields == ["students.0.options.width", "students.0.options.depth", "students.1.model", "data.root"]
 
 
+def test_schema_and_model_problems_are_reported_together(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "--set", "mimicry.alpha=-1", "--set", "students.1.model=resnet33"]) == 2
+    fields = [line.removeprefix("rdml-dist: invalid config: ").split(": ")[0] for line in _errors(capsys)]
+    assert fields == ["mimicry.alpha", "students.1.model"]
+
+
 def test_a_config_error_keeps_all_its_problems_through_pickling() -> None:
     import pickle
 
