@@ -174,3 +174,28 @@ def test_an_external_student_follows_a_rollback_and_a_coordinator_restart(tmp_pa
     faults = read_json(run_dir / "results.json")["faults"]["events"]
     assert [fault["kind"] for fault in faults] == ["student_died", "coordinator_died"]
     _assert_in_process_trajectory(config_path, run_dir, tmp_path / "local", steps=24)
+
+
+@pytest.mark.timeout(300)
+def test_an_external_student_recovers_from_non_finite_logits_and_the_run_goes_on(tmp_path: Path) -> None:
+    port = free_port()
+    config_path = _mixed_config(tmp_path, port)
+    raw = yaml.safe_load(config_path.read_text())
+    raw["students"][2] = {"name": "outside", "model": "tests.unit.sample_factories:diverges_once",
+                          "options": {"diverge_at": 4}, "external": True}  # its 4th training forward is NaN
+    config_path.write_text(yaml.safe_dump(raw))
+    driver = _start(["train", str(config_path), "--no-progress"], tmp_path, tmp_path / "driver.log")
+    external = _start(["student", str(config_path), "--coordinator", f"127.0.0.1:{port}", "--name", "outside"], tmp_path,
+                      tmp_path / "external.log")
+    try:
+        external_log = _finish(external, tmp_path / "external.log", 240)
+        driver_log = _finish(driver, tmp_path / "driver.log", 120)
+    finally:
+        for process in (driver, external):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    assert external.returncode == 0 and "finished at step 12 (2 evaluations, 0 rejoins, 1 non-finite recoveries)" in external_log
+    assert driver.returncode == 0, driver_log
+    rows = {(int(row["step"]), row["student"]) for row in read_steps(tmp_path / "run")}
+    assert (3, "outside") not in rows and (3, "mlp") in rows and (4, "outside") in rows  # the peers went on without it
+    assert len(rows) == 3 * 12 - 1
