@@ -69,6 +69,7 @@ class CohortBarrier:
 
     async def exchange(self, frame: LogitsFrame) -> MimicryReply:
         """Submit one student's logits and wait for its mimicry gradient (the per-step barrier)."""
+        await self._finish_step_without(frame)
         with self.lock:
             if self.halted is not None:
                 raise CohortStepFailed(self.halted)
@@ -88,6 +89,18 @@ class CohortBarrier:
             self.core.metrics.frame_rejected(student, reason)
             self.core.exclude(student, step)
             self._complete_if_ready()
+
+    async def _finish_step_without(self, frame: LogitsFrame) -> None:
+        """A student whose frame was refused goes on to its next step at once; hold that frame until its
+        peers have finished the step without it, instead of refusing it as early."""
+        with self.lock:
+            if self.halted is not None or frame.step != self.core.step + 1 or not self.core.is_excluded(frame.student):
+                return
+            future = self._step_future(self.core.step)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout=self.config.runtime.ray.exchange_timeout_s)
+        except CohortStepFailed:
+            pass  # the cohort is rolling back: the frame is refused with the same cause below
 
     def record_timing(self, student: str, timing: StepTiming | None) -> None:
         """A student's measurement of the last step of a chunk (no next frame carries it)."""

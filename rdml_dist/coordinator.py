@@ -188,6 +188,10 @@ class CohortCoordinator:
         if student in self.live and student not in self._pending and step == self.step:
             self._excluded.add(student)
 
+    def is_excluded(self, student: str) -> bool:
+        """Whether ``student``'s frame for the current step was refused (the step goes on without it)."""
+        return student in self._excluded
+
     def waiting_for(self) -> list[str]:
         """Live members whose frame for the current step has not arrived (and who were not excluded)."""
         return [name for name in self.members if name in self.live and name not in self._pending and name not in self._excluded]

@@ -367,3 +367,15 @@ def test_joins_are_refused_while_the_cohort_rolls_back_and_bad_registrations_are
 
 async def _restore(barrier: CohortBarrier, step: int) -> None:
     barrier.restore(step, [])
+
+
+def test_a_refused_student_can_send_its_next_frame_before_its_peers_finish(trio: Cohort) -> None:
+    """After a NaN refusal a student goes straight on; its next frame waits for the step, not refused as early."""
+    refused = trio.raw(request_from(trio, "b", 0, logits_for(1), tensor=encode_tensor(torch.full((BATCH, CLASSES), float("nan")))))
+    assert rejection_reason(refused) == "non_finite"
+    trio.reopen("b")
+    early = trio.send("b", 1, logits_for(4))  # before a and c have sent step 0
+    wait_until(lambda: trio.service.barrier.core.waiting_for() == ["a", "c"], "the step to wait for a and c only")
+    assert [future.result(TIMEOUT).live_students for future in (trio.send("a", 0, logits_for(0)), trio.send("c", 0, logits_for(2)))] == [2, 2]
+    late = [trio.send(name, 1, logits_for(seed)) for seed, name in ((5, "a"), (6, "c"))]
+    assert [future.result(TIMEOUT).step for future in (early, *late)] == [1, 1, 1]
