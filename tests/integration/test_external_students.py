@@ -5,10 +5,12 @@ processes; the driver starts its own local Ray. The mixed cohort must follow the
 trajectory as the in-process engine on the same config, and ``rdml-dist status`` must show it.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,17 @@ def _finish(process: subprocess.Popen[str], log: Path, timeout_s: float) -> str:
     return log.read_text()
 
 
+@contextlib.contextmanager
+def _stopped_at_the_end(*processes: subprocess.Popen[str]) -> Iterator[None]:
+    """Whatever happens in the block, no process of the test outlives it."""
+    try:
+        yield
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
 def _mixed_config(tmp_path: Path, port: int, **rpc: Any) -> Path:
     path = write_config(tmp_path / "cohort.yaml", tmp_path / "run", training={"epochs": 2},
                         rpc={"port": port, "join_timeout_s": 120, **rpc})
@@ -75,7 +88,7 @@ def test_ray_students_and_an_external_process_train_as_the_in_process_engine_wou
     config_path = _mixed_config(tmp_path, port)
     address = f"127.0.0.1:{port}"
     driver = _start(["train", str(config_path), "--no-progress"], tmp_path, tmp_path / "driver.log", RDML_RPC_TOKEN=TOKEN)
-    try:
+    with _stopped_at_the_end(driver):
         # The driver waits for the external student: a live cohort, still forming, that status can show.
         def shown() -> bool:
             status = run_cli(["status", "--coordinator", address, "--token", TOKEN], tmp_path, 60)
@@ -92,10 +105,6 @@ def test_ray_students_and_an_external_process_train_as_the_in_process_engine_wou
                           tmp_path / "external.log", RDML_RPC_TOKEN=TOKEN)
         external_log = _finish(external, tmp_path / "external.log", 300)
         driver_log = _finish(driver, tmp_path / "driver.log", 120)
-    finally:
-        for process in (driver,):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
     assert external.returncode == 0, external_log
     assert "student outside finished at step 12 (2 evaluations, 0 rejoins" in external_log
     assert driver.returncode == 0, driver_log
@@ -158,15 +167,11 @@ def test_an_external_student_follows_a_rollback_and_a_coordinator_restart(tmp_pa
     driver = _start(["train", str(config_path), "--no-progress"], tmp_path, tmp_path / "driver.log")
     external = _start(["student", str(config_path), "--coordinator", address, "--name", "outside"], tmp_path,
                       tmp_path / "external.log")
-    try:
+    with _stopped_at_the_end(driver, external):
         _kill_after_checkpoint(run_dir, 4, "cnn")
         _kill_after_checkpoint(run_dir, 16, "coordinator")
         external_log = _finish(external, tmp_path / "external.log", 300)
         driver_log = _finish(driver, tmp_path / "driver.log", 120)
-    finally:
-        for process in (driver, external):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
     assert driver.returncode == 0, driver_log
     assert external.returncode == 0, external_log
     rejoins = int(external_log.split(" rejoins")[0].rsplit("(", 1)[-1].split(", ")[-1])
@@ -187,13 +192,9 @@ def test_an_external_student_recovers_from_non_finite_logits_and_the_run_goes_on
     driver = _start(["train", str(config_path), "--no-progress"], tmp_path, tmp_path / "driver.log")
     external = _start(["student", str(config_path), "--coordinator", f"127.0.0.1:{port}", "--name", "outside"], tmp_path,
                       tmp_path / "external.log")
-    try:
+    with _stopped_at_the_end(driver, external):
         external_log = _finish(external, tmp_path / "external.log", 240)
         driver_log = _finish(driver, tmp_path / "driver.log", 120)
-    finally:
-        for process in (driver, external):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
     assert external.returncode == 0 and "finished at step 12 (2 evaluations, 0 rejoins, 1 non-finite recoveries)" in external_log
     assert driver.returncode == 0, driver_log
     rows = {(int(row["step"]), row["student"]) for row in read_steps(tmp_path / "run")}
