@@ -6,10 +6,13 @@ every refusal can be provoked on purpose.
 """
 
 import asyncio
+import datetime
+import ipaddress
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -379,3 +382,43 @@ def test_a_refused_student_can_send_its_next_frame_before_its_peers_finish(trio:
     assert [future.result(TIMEOUT).live_students for future in (trio.send("a", 0, logits_for(0)), trio.send("c", 0, logits_for(2)))] == [2, 2]
     late = [trio.send(name, 1, logits_for(seed)) for seed, name in ((5, "a"), (6, "c"))]
     assert [future.result(TIMEOUT).step for future in (early, *late)] == [1, 1, 1]
+
+
+def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files (the client trusts the certificate itself)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rdml-dist test coordinator")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    certificate_file, key_file = directory / "coordinator.pem", directory / "coordinator.key"
+    certificate_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return certificate_file, key_file
+
+
+def test_tls_serves_clients_that_trust_its_certificate_only(start_service: Callable[..., RunningService], tmp_path: Path) -> None:
+    certificate, key = _self_signed_certificate(tmp_path)
+    config = cohort_config(["a", "b"], tls_cert_file=str(certificate), tls_key_file=str(key))
+    address = start_service(config, token=TOKEN).server.address  # on loopback, as every test here
+    trusting = CohortClient(address, config.rpc, TOKEN, ca_file=str(certificate))
+    assert trusting.join(info("a")).cohort == "wire"
+    assert trusting.status(timeout_s=TIMEOUT).phase == cohort_pb2.COHORT_PHASE_FORMING
+    trusting.close()
+    plaintext = CohortClient(address, config.rpc, TOKEN)  # a client that does not speak TLS gets nowhere
+    with pytest.raises(grpc.RpcError) as refused:
+        plaintext.status(timeout_s=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    plaintext.close()
