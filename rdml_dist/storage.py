@@ -20,18 +20,46 @@ LOCAL_PROTOCOLS = {"file", "local"}
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temporary file in the same directory, fsync it and rename it over ``path``."""
+    """Write through a temporary file in the same directory, fsync it and rename it over ``path``.
+
+    The file gets the mode a plain ``open`` would give it (0666 less the umask; ``mkstemp``'s 0600
+    would hide results from the rest of a team on a shared file system), and the directory is
+    fsynced after the rename so that the new name survives a crash of the machine.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def _umask() -> int:
+    """The process's umask, read from /proc on Linux (setting it to read it would race other threads' writes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 class Storage:

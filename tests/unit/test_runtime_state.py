@@ -3,6 +3,8 @@ the failure policy, the chunking of the epoch loop, run-directory safety and non
 
 import io
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,17 @@ def test_an_interrupted_write_leaves_the_previous_file_whole(tmp_path: Path) -> 
         atomic_write(tmp_path / "results.json", dies_half_way)
     assert storage.read_bytes("results.json") == b'{"epoch": 1}'
     assert [path.name for path in tmp_path.iterdir()] == ["results.json"]  # no temporary file left behind
+
+
+def test_written_files_get_the_usual_mode_not_the_temporary_files_private_one(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "shared.json", lambda handle: handle.write(b"{}"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "shared.json").stat().st_mode) == 0o640  # 0666 less the umask, as open() gives
+    atomic_write(tmp_path / "again.json", lambda handle: handle.write(b"{}"))
+    assert stat.S_IMODE((tmp_path / "again.json").stat().st_mode) == 0o666 & ~previous
 
 
 def test_an_interrupted_checkpoint_leaves_the_previous_one_complete_and_usable(tmp_path: Path) -> None:
