@@ -137,7 +137,7 @@ class RayCohort:
                 ).remote(payload, config.student_names().index(name), threads, storage.url, marker)
                 for position, name in enumerate(self.names)
             }
-            self.infos = dict(zip(self.names, _user_errors_unwrapped([actor.info.remote() for actor in self.actors.values()])))
+            self.infos = dict(zip(self.names, _get_with_user_errors([actor.info.remote() for actor in self.actors.values()])))
             ray.get([self.coordinator.register.remote(info) for info in self.infos.values()])
             self.metrics_address = self._serve_metrics()
             self._wait_for_external_students()
@@ -154,10 +154,7 @@ class RayCohort:
 
     def _serve_rpc(self) -> str | None:
         """Have the coordinator serve the gRPC cohort service (again, after a restart)."""
-        try:
-            return ray.get(self.coordinator.serve_rpc.remote(self.token))
-        except ray.exceptions.RayTaskError as error:
-            raise error.cause if isinstance(error.cause, ClusterError) else error
+        return _get_with_user_errors(self.coordinator.serve_rpc.remote(self.token))
 
     def _wait_for_external_students(self) -> None:
         """Block until every external student has joined the coordinator, or fail naming the missing ones."""
@@ -181,10 +178,7 @@ class RayCohort:
 
     def _serve_metrics(self) -> str | None:
         """Have the coordinator serve its metrics (again, after a restart); keep Prometheus's file_sd current."""
-        try:
-            address = ray.get(self.coordinator.serve_metrics.remote())
-        except ray.exceptions.RayTaskError as error:
-            raise error.cause if isinstance(error.cause, ClusterError) else error
+        address = _get_with_user_errors(self.coordinator.serve_metrics.remote())
         if address is not None and self.config.monitoring.file_sd:
             write_file_sd(self.config.monitoring.file_sd, address, self.config.name)
         return address
@@ -351,12 +345,13 @@ class RayCohort:
         remove_placement_group(self.group)
 
 
-def _user_errors_unwrapped(references: list[ray.ObjectRef]) -> list[Any]:
-    """``ray.get``, with a config problem met inside a student (a model, a data factory) raised as itself."""
+def _get_with_user_errors(references: Any) -> Any:
+    """``ray.get``, with an error meant for the user raised inside an actor (a config problem met by a
+    student, a port the coordinator cannot bind) re-raised as itself: one line in the CLI, not a traceback."""
     try:
         return ray.get(references)
     except ray.exceptions.RayTaskError as error:
-        if isinstance(error.cause, ConfigError):
+        if isinstance(error.cause, (ConfigError, ClusterError)):
             raise error.cause from None
         raise
 
