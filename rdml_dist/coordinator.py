@@ -74,8 +74,8 @@ class CohortCoordinator:
         self.records: dict[int, dict[str, StepRecord]] = {}
         self.evaluations: dict[int, EpochEvaluation] = {}
         self.latest: dict[str, StepRecord] = {}  # each student's newest record, kept for status displays
-        self.samples_per_second: dict[str, float] = {}
-        self._previous_arrival: dict[str, tuple[int, float]] = {}
+        self.samples_per_second: dict[str, float] = {}  # for status displays and the metrics alike
+        self._last_computed: dict[str, float] = {}
 
     # -- membership -------------------------------------------------------------------------
     def register(self, info: StudentInfo) -> None:
@@ -252,18 +252,17 @@ class CohortCoordinator:
             )
         self.records[self.step] = step_records
         self.latest.update(step_records)
-        self._measure_throughput(names, frames[0].logits.shape[0])
+        self._measure_throughput(names, frames[0].logits.shape[0], self.clock())
         self._advance()
         return replies
 
-    def _measure_throughput(self, names: list[str], batch: int) -> None:
-        """Samples per second of each student between its frames of the previous and the current step."""
+    def _measure_throughput(self, names: list[str], batch: int, now: float) -> None:
+        """Samples per second of each student: its step's batch over the time since its previous step was computed."""
         for name in names:
-            arrival = self._arrivals[name]
-            previous = self._previous_arrival.get(name)
-            if previous is not None and previous[0] == self.step - 1 and arrival > previous[1]:
-                self.samples_per_second[name] = batch / (arrival - previous[1])
-            self._previous_arrival[name] = (self.step, arrival)
+            previous = self._last_computed.get(name)
+            if previous is not None and now > previous:
+                self.samples_per_second[name] = batch / (now - previous)
+            self._last_computed[name] = now
 
     def _advance(self) -> None:
         self.step += 1

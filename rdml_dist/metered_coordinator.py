@@ -47,11 +47,16 @@ class MeteredCoordinator(CohortCoordinator):
             self.metrics.frame_rejected(frame.student, rejected.reason)
             raise
 
+    def refuse(self, student: str, step: int, reason: str) -> None:
+        """A frame a transport could not even decode: counted like any refusal, and its sender left out of the step."""
+        self.metrics.frame_rejected(student, reason)
+        self.exclude(student, step)
+
     def compute(self) -> dict[str, MimicryReply]:
         step = self.step
         replies = super().compute()
         batch = next(iter(replies.values())).grad.shape[0] if replies else 0
-        self.metrics.step_computed(step, self.epoch_of(step), self.records.get(step, {}), batch, self.clock())
+        self.metrics.step_computed(step, self.epoch_of(step), self.records.get(step, {}), batch, self.samples_per_second)
         return replies
 
     def record_timing(self, student: str, timing: StepTiming | None) -> None:

@@ -57,7 +57,6 @@ class CohortMetrics:
         self.run = run
         self.models = models
         self.registry = registry
-        self._last_step_time: dict[str, float] = {}
         self._epoch_counts: dict[str, tuple[int, int, int]] = {}  # student -> (epoch, correct, labelled)
         self._children: dict[tuple[int, str], Any] = {}
 
@@ -108,8 +107,10 @@ class CohortMetrics:
             child = self._children[key] = metric.labels(*self._labels(student))
         return child
 
-    def step_computed(self, step: int, epoch: int, records: dict[str, StepRecord], batch: int, now: float) -> None:
-        """The cohort finished ``step``: per-student losses, throughput and waits; cohort position."""
+    def step_computed(
+        self, step: int, epoch: int, records: dict[str, StepRecord], batch: int, samples_per_second: dict[str, float]
+    ) -> None:
+        """The cohort finished ``step``: per-student losses, throughput (as the core measured it) and waits; cohort position."""
         for name, record in records.items():
             self._bound(self.ce_loss, name).set(record.ce_loss)
             self._bound(self.mimicry_loss, name).set(record.mimicry_loss)
@@ -120,10 +121,8 @@ class CohortMetrics:
             self._bound(self.steps, name).inc()
             self._bound(self.samples, name).inc(batch)
             self._bound(self.wait, name).observe(record.wait_seconds)
-            previous = self._last_step_time.get(name)
-            if previous is not None and now > previous:
-                self._bound(self.samples_per_second, name).set(batch / (now - previous))
-            self._last_step_time[name] = now
+            if name in samples_per_second:
+                self._bound(self.samples_per_second, name).set(samples_per_second[name])
             counted_epoch, correct, labelled = self._epoch_counts.get(name, (epoch, 0, 0))
             if counted_epoch != epoch:
                 correct, labelled = 0, 0
@@ -188,7 +187,15 @@ def write_file_sd(path: str, address: str, run: str) -> None:
     atomic_write(Path(path).expanduser(), lambda handle: handle.write(json.dumps(document, indent=2).encode()))
 
 
-def metrics_address(host: str, server: HTTPServer, node_address: str) -> str:
-    """``host:port`` where Prometheus reaches the server (a wildcard bind is reached at the node's address)."""
+def reachable_address(host: str, port: int, node_address: str) -> str:
+    """``host:port`` where clients reach a server bound to ``host`` (a wildcard bind is reached at the node's address).
+
+    Serves the metrics endpoint and the gRPC cohort service alike.
+    """
     reachable = node_address if host in ("0.0.0.0", "::", "") else host
-    return f"{reachable}:{server.server_address[1]}"
+    return f"{reachable}:{port}"
+
+
+def metrics_address(host: str, server: HTTPServer, node_address: str) -> str:
+    """``host:port`` where Prometheus reaches the metrics server."""
+    return reachable_address(host, server.server_address[1], node_address)

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from rdml_dist.barrier import CohortBarrier
 from rdml_dist.config import RpcConfig
 from rdml_dist.errors import ClusterError
+from rdml_dist.metrics import reachable_address
 from rdml_dist.rpc.auth import BearerTokenInterceptor, check_bind
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2, cohort_pb2_grpc
 from rdml_dist.rpc.service import CohortServicer
@@ -82,8 +83,7 @@ async def start_cohort_server(barrier: CohortBarrier, token: str | None, node_ad
         raise ClusterError(f"rpc: cannot serve the cohort service on {bind} ({error}); choose another rpc.port") from None
     if port == 0:
         raise ClusterError(f"rpc: cannot serve the cohort service on {bind} (the port is taken?); choose another rpc.port")
-    reachable = node_address if rpc.host in ("0.0.0.0", "::", "") else rpc.host
-    cohort = CohortServer(server, barrier, f"{reachable}:{port}")
+    cohort = CohortServer(server, barrier, reachable_address(rpc.host, port, node_address))
     health_pb2_grpc.add_HealthServicer_to_server(cohort.health, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     await server.start()
