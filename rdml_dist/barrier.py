@@ -86,8 +86,7 @@ class CohortBarrier:
     def refuse(self, student: str, step: int, reason: str) -> None:
         """A frame the transport could not even decode: count it, and let the step go on without its sender."""
         with self.lock:
-            self.core.metrics.frame_rejected(student, reason)
-            self.core.exclude(student, step)
+            self.core.refuse(student, step, reason)
             self._complete_if_ready()
 
     async def _finish_step_without(self, frame: LogitsFrame) -> None:

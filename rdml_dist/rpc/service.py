@@ -43,6 +43,11 @@ async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, reas
     await context.abort(code, message)
 
 
+async def _refuse_rejected(context: grpc.aio.ServicerContext, rejected: FrameRejected, default: grpc.StatusCode) -> None:
+    """The core's refusal with the status code of its reason (``default`` for reasons without one)."""
+    await _refuse(context, STATUS_CODES.get(rejected.reason, default), rejected.reason, str(rejected))
+
+
 def _timing(message: cohort_pb2.StepTiming, present: bool) -> StepTiming | None:
     return StepTiming(message.step, message.compute_seconds, message.round_trip_seconds) if present else None
 
@@ -55,10 +60,13 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
         self.external = set(barrier.config.external_students())
         self.sessions: dict[str, str] = {}
 
-    async def _check_session(self, context: grpc.aio.ServicerContext, student: str, session: str) -> None:
+    async def _check_member(self, context: grpc.aio.ServicerContext, student: str) -> None:
         if student not in self.barrier.core.members:
             await _refuse(context, grpc.StatusCode.NOT_FOUND, "unknown_student",
                           f"unknown student {student!r} (members: {', '.join(self.barrier.core.members)})")
+
+    async def _check_session(self, context: grpc.aio.ServicerContext, student: str, session: str) -> None:
+        await self._check_member(context, student)
         if self.sessions.get(student) != session:
             await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "not_live",
                           f"{student!r} has not joined with session {session!r}: call Join first")
@@ -66,9 +74,7 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
     async def Join(self, request: cohort_pb2.JoinRequest, context: grpc.aio.ServicerContext) -> cohort_pb2.JoinResponse:
         name = request.student
         core = self.barrier.core
-        if name not in core.members:
-            await _refuse(context, grpc.StatusCode.NOT_FOUND, "unknown_student",
-                          f"unknown student {name!r} (members: {', '.join(core.members)})")
+        await self._check_member(context, name)
         if name not in self.external:
             await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "not_external",
                           f"student {name!r} runs as a Ray actor; only students marked external: true join over gRPC")
@@ -89,7 +95,7 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
         try:
             self.barrier.register(info)
         except FrameRejected as rejected:
-            await _refuse(context, STATUS_CODES.get(rejected.reason, grpc.StatusCode.FAILED_PRECONDITION), rejected.reason, str(rejected))
+            await _refuse_rejected(context, rejected, grpc.StatusCode.FAILED_PRECONDITION)
         session = request.session_id if live else uuid.uuid4().hex
         self.sessions[name] = session
         with self.barrier.lock:
@@ -121,7 +127,7 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
                 try:
                     reply = await self.barrier.exchange(frame)
                 except FrameRejected as rejected:
-                    await _refuse(context, STATUS_CODES.get(rejected.reason, grpc.StatusCode.INVALID_ARGUMENT), rejected.reason, str(rejected))
+                    await _refuse_rejected(context, rejected, grpc.StatusCode.INVALID_ARGUMENT)
                 except CohortStepFailed as failed:
                     await _refuse(context, grpc.StatusCode.ABORTED, "halted", str(failed))
                 except asyncio.TimeoutError:
