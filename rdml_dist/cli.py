@@ -11,7 +11,7 @@ from rdml_dist.engines.failure_policy import RunFailed
 from rdml_dist.errors import ClusterError, ConfigError
 from rdml_dist.external_student import run_external_student
 from rdml_dist.rpc.auth import resolve_token
-from rdml_dist.rpc.client import CohortClient
+from rdml_dist.rpc.client import CohortClient, describe, status_code
 from rdml_dist.rpc.status import render_status
 from rdml_dist.run_directory import RunDirectory
 from rdml_dist.user_modules import make_user_modules_importable
@@ -103,12 +103,10 @@ def _status(args: argparse.Namespace) -> int:
         for status in updates:
             print(render_status(status) + ("\n" if args.watch else ""), flush=True)
     except grpc.RpcError as error:
-        code = error.code() if isinstance(error, grpc.Call) else None
-        if args.watch and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        if args.watch and status_code(error) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             print("rdml-dist: the coordinator went away (the run ended or failed)", file=sys.stderr)
             return 0
-        details = error.details() if isinstance(error, grpc.Call) else str(error)
-        print(f"rdml-dist: cannot read the cohort's status at {args.coordinator}: {code.name if code else ''}: {details}", file=sys.stderr)
+        print(f"rdml-dist: cannot read the cohort's status at {args.coordinator}: {describe(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

@@ -25,7 +25,7 @@ from rdml_dist.config import ExperimentConfig
 from rdml_dist.coordinator import NON_FINITE
 from rdml_dist.engines.loop import next_boundary
 from rdml_dist.errors import ClusterError, ConfigError
-from rdml_dist.rpc.client import CohortClient, ExchangeStream, rejection_reason
+from rdml_dist.rpc.client import CohortClient, ExchangeStream, describe, rejection_reason, status_code
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2
 from rdml_dist.storage import Storage
 from rdml_dist.student import Student
@@ -125,7 +125,7 @@ class ExternalStudent:
 
     def _follow(self, error: grpc.RpcError) -> None:
         """Answer a refused frame or a lost stream, leaving ``self.step`` where the cohort continues."""
-        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+        code = status_code(error)
         if code == grpc.StatusCode.INVALID_ARGUMENT and rejection_reason(error) == NON_FINITE:
             restore = max(kept for kept in self.snapshot_steps if kept <= self.step)
             self.student.recover_from_non_finite(self.snapshots, restore, self.step, error.details() or NON_FINITE)
@@ -136,7 +136,7 @@ class ExternalStudent:
             self.result.rejoins += 1
             self.step = self._join(first=False)
             return
-        raise ClusterError(f"student {self.name!r}: the coordinator refused it: {code.name}: {error.details() if isinstance(error, grpc.Call) else error}")
+        raise ClusterError(f"student {self.name!r}: the coordinator refused it: {describe(error)}")
 
     def _join(self, first: bool) -> int:
         """(Re)join once the cohort trains; returns the cohort's step, this student restored or caught up to it."""
@@ -147,10 +147,9 @@ class ExternalStudent:
                     joined = self.client.join(self.student.info(), self.session)
                     break
             except grpc.RpcError as error:
-                code = error.code() if isinstance(error, grpc.Call) else None
-                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                if status_code(error) not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise ClusterError(f"student {self.name!r} cannot join the cohort at {self.client.address}: "
-                                       f"{code.name if code else ''}: {error.details() if isinstance(error, grpc.Call) else error}") from None
+                                       f"{describe(error)}") from None
             if time.monotonic() > deadline:
                 raise ClusterError(f"student {self.name!r}: no cohort to join at {self.client.address} within "
                                    f"{self.config.rpc.join_timeout_s:.0f} s (rpc.join_timeout_s)")

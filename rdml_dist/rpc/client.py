@@ -25,6 +25,17 @@ def open_channel(address: str, rpc: RpcConfig, ca_file: str | None = None) -> gr
     return grpc.insecure_channel(address, options=options)
 
 
+def status_code(error: grpc.RpcError) -> grpc.StatusCode:
+    """The status code of a failed call (UNKNOWN for an error that is not a call's)."""
+    return error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+
+
+def describe(error: grpc.RpcError) -> str:
+    """``CODE: details`` of a failed call, for one-line messages."""
+    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    return f"{status_code(error).name}: {details}"
+
+
 def rejection_reason(error: grpc.RpcError) -> str:
     """The coordinator's reason code for a refusal (``non_finite``, ``wrong_step`` …), or ''."""
     trailing = error.trailing_metadata() if isinstance(error, grpc.Call) else None
