@@ -59,6 +59,9 @@ class DataConfig(_Strict):
     unlabeled_fraction: float = Field(0.0, ge=0, lt=1)
     augment: bool | None = None
     image_size: int | None = Field(None, gt=0)
+    transform: str | None = None  # package.module:function, called on each training batch with a seeded generator
+    memory_limit_mb: float = Field(2048.0, ge=0)  # image folders larger than this decoded are streamed
+    workers: int = Field(2, ge=0)  # DataLoader worker processes per student for streamed data
     options: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -40,6 +40,8 @@ class StepRecord:
     weight: float
     correct: int
     labelled: int
+    correct_clean: int
+    rows: int
     wait_seconds: float
     coordinator_seconds: float
     compute_seconds: float = math.nan
@@ -247,6 +249,8 @@ class CohortCoordinator:
                 weight=weight,
                 correct=frame.correct,
                 labelled=frame.labelled,
+                correct_clean=frame.correct_clean,
+                rows=frame.logits.shape[0],
                 wait_seconds=last_arrival - self._arrivals[name],
                 coordinator_seconds=elapsed,
             )

@@ -43,6 +43,7 @@ class LogitsFrame:
     ce_loss: float
     correct: int
     labelled: int
+    correct_clean: int  # samples of the whole batch whose argmax equals the true label (noise and hiding ignored)
     previous: StepTiming | None = None
 
 

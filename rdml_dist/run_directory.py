@@ -52,6 +52,7 @@ def summarize_training(records: list[StepRecord]) -> dict[str, dict[str, float]]
             "train_mimicry": _mean(row.mimicry_loss for row in rows),
             "train_divergence": _mean(row.divergence for row in rows),
             "train_accuracy": sum(row.correct for row in rows) / labelled if labelled else math.nan,
+            "train_accuracy_clean": sum(row.correct_clean for row in rows) / sum(row.rows for row in rows),
             "compute_seconds": _mean(row.compute_seconds for row in rows),
             "round_trip_seconds": round_trip,
             "wait_seconds": wait,

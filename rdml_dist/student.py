@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from rdml_dist.checkpoints import CheckpointStore, to_cpu
 from rdml_dist.config import ExperimentConfig, OptimizerConfig, data_spec
 from rdml_dist.data import augment_seed, batch_plan, data_fingerprint, indices_hash, load_dataset
+from rdml_dist.data.split import Batch
 from rdml_dist.frames import EvalFrame, LogitsFrame, StepTiming, StudentInfo
 from rdml_dist.models import build_model
 
@@ -77,8 +78,8 @@ class Student:
             self.model = build_model(
                 student_config.model,
                 num_classes=self.dataset.num_classes,
-                in_channels=self.dataset.in_channels,
-                image_size=self.dataset.image_size,
+                input_shape=self.dataset.input_shape,
+                input_dtype=self.dataset.input_dtype,
                 options=student_config.options,
                 field=f"students.{index}.model",
             ).to(self.device)
@@ -88,6 +89,7 @@ class Student:
         self.steps_per_epoch = len(self.plan(0))
         self._fingerprint = data_fingerprint(self.dataset)
         self._epoch_plan: tuple[int, list[Tensor]] | None = None
+        self._feed: tuple[int, int, Iterator[tuple[Tensor, Batch]]] | None = None  # (epoch, next step, batches)
         self._pending: tuple[int, Tensor, Tensor, float] | None = None
         self.last_timing: StepTiming | None = None  # this student's measurement of its latest step
 
@@ -136,25 +138,36 @@ class Student:
         training = self.config.training
         return batch_plan(len(self.dataset.train), training.batch_size, self.config.seed, epoch, training.drop_last)
 
-    def forward_step(self, global_step: int) -> LogitsFrame:
-        """:meth:`forward` on the batch the shared plan assigns to ``global_step``."""
-        epoch, step_in_epoch = divmod(global_step, self.steps_per_epoch)
-        if self._epoch_plan is None or self._epoch_plan[0] != epoch:
-            self._epoch_plan = (epoch, self.plan(epoch))
-        return self.forward(epoch, step_in_epoch, global_step, self._epoch_plan[1][step_in_epoch])
+    def _training_batch(self, epoch: int, step_in_epoch: int) -> tuple[Tensor, Batch]:
+        """The indices and prepared batch of a step, read on from the current pass when it is the next one.
 
-    def forward(self, epoch: int, step_in_epoch: int, global_step: int, indices: Tensor) -> LogitsFrame:
-        """Forward one batch; keep the graph for :meth:`apply` and return the frame to exchange."""
+        A pass over the rest of an epoch is started afresh after a jump (a new epoch, a
+        restore), so streamed data prefetch ahead in order and in-memory data cost nothing extra.
+        """
+        if self._feed is None or self._feed[:2] != (epoch, step_in_epoch):
+            if self._epoch_plan is None or self._epoch_plan[0] != epoch:
+                self._epoch_plan = (epoch, self.plan(epoch))
+            plan = self._epoch_plan[1][step_in_epoch:]
+            seeds = [augment_seed(self.config.seed, epoch, step) for step in range(step_in_epoch, self.steps_per_epoch)]
+            batches = self.dataset.train.batches(plan, seeds, pin_memory=self.device.type == "cuda")
+            self._feed = (epoch, step_in_epoch, zip(plan, batches))
+        indices, batch = next(self._feed[2])
+        self._feed = (epoch, step_in_epoch + 1, self._feed[2])
+        return indices, batch
+
+    def forward_step(self, global_step: int) -> LogitsFrame:
+        """Forward the batch the shared plan assigns to ``global_step``; keep the graph for :meth:`apply`."""
         started = time.perf_counter()
+        indices, (inputs, labels) = self._training_batch(*divmod(global_step, self.steps_per_epoch))
         self.model.train()
-        images, labels = self.dataset.train.batch(indices, augment_seed(self.config.seed, epoch, step_in_epoch))
-        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         with self._own_rng():
-            logits = self.model(images)
+            logits = self.model(inputs)
         labelled_mask = labels >= 0
         labelled = int(labelled_mask.sum())
         ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")[labelled_mask].sum() / max(labelled, 1)
-        correct = int((logits.detach().argmax(-1) == labels)[labelled_mask].sum())
+        predictions = logits.detach().argmax(-1).cpu()
+        correct = int((predictions == labels.cpu())[labelled_mask.cpu()].sum())
         elapsed = time.perf_counter() - started
         self._pending = (global_step, logits, ce, elapsed)
         return LogitsFrame(
@@ -165,6 +178,7 @@ class Student:
             ce_loss=float(ce.detach()),
             correct=correct,
             labelled=labelled,
+            correct_clean=int((predictions == self.dataset.train.clean_labels[indices]).sum()),
             previous=self.last_timing,
         )
 
@@ -211,12 +225,10 @@ class Student:
     def evaluate(self, epoch: int) -> EvalFrame:
         """Validation logits for the whole split (the coordinator scores students and the ensemble)."""
         self.model.eval()
-        size = len(self.dataset.val)
-        chunk = self.config.training.eval_batch_size
+        chunks = list(torch.arange(len(self.dataset.val)).split(self.config.training.eval_batch_size))
         outputs, labels = [], []
-        for start in range(0, size, chunk):
-            images, batch_labels = self.dataset.val.batch(torch.arange(start, min(start + chunk, size)))
-            outputs.append(self.model(images.to(self.device)).float().cpu())
+        for inputs, batch_labels in self.dataset.val.batches(chunks, [None] * len(chunks), pin_memory=self.device.type == "cuda"):
+            outputs.append(self.model(inputs.to(self.device, non_blocking=True)).float().cpu())
             labels.append(batch_labels)
         return EvalFrame(
             student=self.name,

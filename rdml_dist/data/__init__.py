@@ -1,4 +1,4 @@
-"""Data sets held in memory, and the batch plan every student derives on its own.
+"""Data sets (in memory or streamed from a map-style Dataset), and the batch plan every student derives on its own.
 
 Each student process loads its data itself; identical seeds give identical splits, label
 corruption, batch order and augmentation, and ``indices_hash`` lets the coordinator check that.
@@ -10,13 +10,16 @@ from rdml_dist.data.fingerprint import data_fingerprint
 from rdml_dist.data.loader import load_dataset
 from rdml_dist.data.registry import SOURCES
 from rdml_dist.data.spec import DataSpec
-from rdml_dist.data.split import Dataset, Split
+from rdml_dist.data.split import Dataset, Split, TensorSplit
+from rdml_dist.data.streamed import StreamedSplit
 
 __all__ = [
     "SOURCES",
     "DataSpec",
     "Dataset",
     "Split",
+    "StreamedSplit",
+    "TensorSplit",
     "augment_seed",
     "batch_plan",
     "check_data_spec",

@@ -41,6 +41,18 @@ def _check_root(spec: DataSpec, source: Source, field: str) -> None:
         raise ConfigError(f"{field}.root", f"{missing[0]} not found; {hint}")
 
 
+def _check_loading(spec: DataSpec, field: str) -> None:
+    """The batch transform hook, streaming limits and worker count."""
+    if spec.transform is not None:
+        load_factory(spec.transform, f"{field}.transform")
+        if spec.augment:
+            raise ConfigError(f"{field}.augment", "data.transform replaces the built-in augmentation; leave data.augment unset")
+    if isinstance(spec.workers, bool) or not isinstance(spec.workers, int) or spec.workers < 0:
+        raise ConfigError(f"{field}.workers", f"must be an integer >= 0, got {spec.workers!r}")
+    if isinstance(spec.memory_limit_mb, bool) or not isinstance(spec.memory_limit_mb, (int, float)) or spec.memory_limit_mb < 0:
+        raise ConfigError(f"{field}.memory_limit_mb", f"must be a number >= 0, got {spec.memory_limit_mb!r}")
+
+
 def check_data_spec(spec: DataSpec, field: str = "data") -> None:
     """Raise ConfigError naming ``<field>.<key>`` for anything ``load_dataset`` would trip on.
 
@@ -53,6 +65,7 @@ def check_data_spec(spec: DataSpec, field: str = "data") -> None:
             raise ConfigError(f"{field}.image_size", f"only used by imagefolder, not {spec.name}")
         if isinstance(spec.image_size, bool) or not isinstance(spec.image_size, int) or spec.image_size < 1:
             raise ConfigError(f"{field}.image_size", f"must be a positive integer, got {spec.image_size!r}")
+    _check_loading(spec, field)
     if is_factory_reference(spec.name):
         load_factory(spec.name, f"{field}.name")
         return

@@ -81,7 +81,7 @@ def load_cifar(layout: CifarLayout, spec: DataSpec, seed: int, field: str) -> Da
         train=make_split(*_read(layout, root, layout.train_files), stats, augment=True),
         val=make_split(*_read(layout, root, layout.test_files), stats),
         num_classes=layout.num_classes,
-        in_channels=3,
-        image_size=32,
+        input_shape=(3, 32, 32),
+        input_dtype=torch.float32,
         name=layout.name,
     )

@@ -19,7 +19,7 @@ def load_digits(spec: DataSpec, seed: int, field: str) -> Dataset:
         train=make_split(pixels[train], labels[train], stats),
         val=make_split(pixels[val], labels[val], stats),
         num_classes=10,
-        in_channels=1,
-        image_size=8,
+        input_shape=(1, 8, 8),
+        input_dtype=torch.float32,
         name="digits",
     )

@@ -20,5 +20,5 @@ def data_fingerprint(dataset: Dataset) -> str:
     for split in (dataset.train, dataset.val):
         digest.update(split.labels.to(torch.int64).contiguous().numpy().tobytes())
     sample = torch.linspace(0, len(dataset.train) - 1, min(SAMPLED_INPUTS, len(dataset.train))).long()
-    digest.update(dataset.train.pixels[sample].contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(dataset.train.sample(sample).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]

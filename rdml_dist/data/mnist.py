@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torchvision import datasets
 
 from rdml_dist.data.spec import DataSpec
@@ -35,4 +36,4 @@ def load_mnist(layout: MnistLayout, spec: DataSpec, seed: int, field: str) -> Da
     stats = (layout.mean, layout.std)
     splits = [layout.reader(str(spec.root), train=train, download=spec.download) for train in (True, False)]
     train, val = (make_split(split.data.unsqueeze(1), split.targets, stats) for split in splits)
-    return Dataset(train=train, val=val, num_classes=10, in_channels=1, image_size=28, name=layout.name)
+    return Dataset(train=train, val=val, num_classes=10, input_shape=(1, 28, 28), input_dtype=torch.float32, name=layout.name)

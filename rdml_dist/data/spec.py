@@ -20,4 +20,7 @@ class DataSpec:
     unlabeled_fraction: float = 0.0
     augment: bool | None = None
     image_size: int | None = None
+    transform: str | None = None
+    memory_limit_mb: float = 2048.0
+    workers: int = 2
     options: dict[str, Any] = field(default_factory=dict)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
 
 from rdml_dist.errors import ConfigError
@@ -21,7 +22,8 @@ from rdml_dist.models.wide_resnet import WideResNet
 __all__ = ["MODEL_NAMES", "CifarResNet", "WideResNet", "build_model", "check_model_name"]
 
 # Values the cohort config supplies to every model; options may not override them.
-CONTEXT_ARGUMENTS = ("num_classes", "in_channels", "image_size")
+CONTEXT_ARGUMENTS = ("num_classes", "input_shape", "input_dtype", "in_channels", "image_size")
+FEATURE_MODELS = frozenset({"mlp"})  # registry models that take float inputs of any shape; the rest take images
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
@@ -98,25 +100,46 @@ def check_model_name(name: str, field: str, options: Mapping[str, Any] | None = 
         _check_options(name, constructor, options, field)
 
 
+def _check_inputs(name: str, input_shape: tuple[int, ...], input_dtype: torch.dtype, field: str) -> None:
+    """A registry model gets inputs it can read: images for the convolutional ones, floats for the MLP."""
+    if is_factory_reference(name):
+        return
+    given = f"the data give {input_dtype} inputs of shape {input_shape}"
+    if not input_dtype.is_floating_point:
+        raise ConfigError(field, f"{name!r} needs floating-point inputs; {given} (use a package.module:function model, e.g. with an embedding)")
+    if name not in FEATURE_MODELS and len(input_shape) != 3:
+        raise ConfigError(field, f"{name!r} is an image model and needs (C, H, W) inputs; {given} (use mlp or a package.module:function model)")
+
+
 def build_model(
     name: str,
     *,
     num_classes: int,
-    in_channels: int,
-    image_size: int,
+    input_shape: tuple[int, ...],
+    input_dtype: torch.dtype = torch.float32,
     options: dict[str, Any] | None = None,
     field: str = "model",
 ) -> nn.Module:
     """Construct model ``name`` returning raw logits of shape ``(batch, num_classes)``.
 
     ``options`` are keyword arguments of the registry model or user factory; a factory is also
-    given whichever of ``num_classes``, ``in_channels`` and ``image_size`` its signature accepts.
-    Seed with ``torch.manual_seed`` first for reproducible initial weights.
+    given whichever of ``num_classes``, ``input_shape`` (one sample, as the model receives it),
+    ``input_dtype``, and for images ``in_channels`` and ``image_size`` (square images; None
+    otherwise) its signature accepts. Seed with ``torch.manual_seed`` first for reproducible
+    initial weights.
     """
     options = dict(options or {})
     constructor = _constructor(name, field)
     _check_options(name, constructor, options, field)
-    context = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    _check_inputs(name, input_shape, input_dtype, field)
+    is_image = len(input_shape) == 3
+    context = {
+        "num_classes": num_classes,
+        "input_shape": input_shape,
+        "input_dtype": input_dtype,
+        "in_channels": input_shape[0] if is_image else None,
+        "image_size": input_shape[1] if is_image and input_shape[1] == input_shape[2] else None,
+    }
     try:
         model = call_with_accepted(constructor, context, options)
     except (TypeError, ValueError) as error:

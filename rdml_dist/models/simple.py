@@ -1,5 +1,6 @@
 """Small models for quick cohorts: the 8×8 digits data set trains them in seconds on a CPU."""
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -9,13 +10,15 @@ from rdml_dist.models.layers import classifier_head, conv3x3, init_weights
 
 
 class MLP(nn.Sequential):
-    """Flatten → (Linear → ReLU → Dropout)* → Linear; the cheapest, least convolutional cohort member."""
+    """Flatten → (Linear → ReLU → Dropout)* → Linear; the cheapest, least convolutional cohort member.
+
+    Takes float inputs of any shape (images, feature vectors), flattened per sample.
+    """
 
     def __init__(
         self,
         num_classes: int,
-        in_channels: int,
-        image_size: int,
+        input_shape: Sequence[int],
         hidden: Sequence[int] = (128, 64),
         dropout: float = 0.0,
     ) -> None:
@@ -24,7 +27,7 @@ class MLP(nn.Sequential):
         ):
             raise ValueError(f"hidden must be a list of positive integers, got {hidden!r}")
         layers: list[nn.Module] = [nn.Flatten()]
-        features = in_channels * image_size * image_size
+        features = math.prod(input_shape)
         for width in hidden:
             layers += [nn.Linear(features, width), nn.ReLU(inplace=True)]
             if dropout:

@@ -64,6 +64,7 @@ class ExchangeStream:
         self._requests.put(cohort_pb2.ExchangeRequest(
             student=frame.student, session_id=self.session, step=frame.step, batch_hash=frame.batch_hash,
             logits=encode_tensor(logits), ce_loss=frame.ce_loss, correct=frame.correct, labelled=frame.labelled,
+            correct_clean=frame.correct_clean,
             **_timing_message(frame.previous),
         ))
         self._awaiting = True

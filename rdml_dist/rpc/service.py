@@ -122,7 +122,7 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
                     await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, BAD_TENSOR, str(error))
                 frame = LogitsFrame(
                     student, request.step, request.batch_hash, logits.float(), request.ce_loss, request.correct,
-                    request.labelled, _timing(request.previous, request.HasField("previous")),
+                    request.labelled, request.correct_clean, _timing(request.previous, request.HasField("previous")),
                 )
                 try:
                     reply = await self.barrier.exchange(frame)

@@ -100,7 +100,7 @@ def info(name: str, batch: int = BATCH, num_train: int = NUM_TRAIN, fingerprint:
 def frame(name: str, step: int, logits: torch.Tensor, batch: int = BATCH, num_train: int = NUM_TRAIN) -> LogitsFrame:
     steps = num_train // batch
     plan = batch_plan(num_train, batch, SEED, step // steps)
-    return LogitsFrame(name, step, indices_hash(plan[step % steps]), logits, 1.0, 1, batch)
+    return LogitsFrame(name, step, indices_hash(plan[step % steps]), logits, 1.0, 1, batch, 1)
 
 
 def logits_for(seed: int, rows: int = BATCH, classes: int = CLASSES) -> torch.Tensor:
@@ -148,7 +148,7 @@ def request_from(cohort: Cohort, name: str, step: int, logits: torch.Tensor, /, 
     valid = frame(name, step, logits)
     request = cohort_pb2.ExchangeRequest(student=name, session_id=cohort.sessions.get(name, ""), step=step,
                                          batch_hash=valid.batch_hash, logits=encode_tensor(logits), ce_loss=1.0,
-                                         correct=1, labelled=BATCH)
+                                         correct=1, labelled=BATCH, correct_clean=1)
     for field, value in changes.items():
         if field == "tensor":
             request.logits.CopyFrom(value)

@@ -75,6 +75,7 @@ def _frame(student: str, step: int, *, logits: torch.Tensor | None = None, batch
         ce_loss=1.0,
         correct=0,
         labelled=len(indices),
+        correct_clean=0,
     )
 
 

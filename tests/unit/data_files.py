@@ -100,8 +100,8 @@ def float_images(count: int = 12) -> tuple[tuple[torch.Tensor, torch.Tensor], tu
 
 
 def wrong_shape() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Broken: images without a channel axis."""
-    return (torch.zeros(4, 8, 8), torch.zeros(4, dtype=torch.int64)), (torch.zeros(4, 8, 8), torch.zeros(4, dtype=torch.int64))
+    """Broken: validation samples of another shape than the training samples."""
+    return (torch.zeros(4, 8), torch.zeros(4, dtype=torch.int64)), (torch.zeros(4, 6), torch.zeros(4, dtype=torch.int64))
 
 
 def not_a_pair() -> str:

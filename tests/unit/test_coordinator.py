@@ -46,7 +46,7 @@ def coordinator(clock: FakeClock) -> CohortCoordinator:
 def frame(name: str, step: int = 0, logits: torch.Tensor | None = None, **changes: object) -> LogitsFrame:
     """A valid frame for ``step`` (the right batch hash), with ``changes`` applied on top."""
     plan = batch_plan(NUM_TRAIN, BATCH, seed=0, epoch=step // 3)
-    values = dict(student=name, step=step, batch_hash=indices_hash(plan[step % 3]), logits=logits, ce_loss=1.0, correct=1, labelled=BATCH)
+    values = dict(student=name, step=step, batch_hash=indices_hash(plan[step % 3]), logits=logits, ce_loss=1.0, correct=1, labelled=BATCH, correct_clean=1)
     values.update(changes)
     return LogitsFrame(**values)
 

@@ -35,13 +35,13 @@ def test_digits_shapes_classes_and_split_sizes() -> None:
     assert images.shape == (len(data.train), 1, 8, 8) and images.dtype == torch.float32
     assert labels.dtype == torch.int64
     assert abs(float(images.mean())) < 1e-4 and abs(float(images.std()) - 1) < 1e-3
-    assert float(data.train.pixels.max()) == 1.0 and float(data.train.pixels.min()) == 0.0
+    assert float(data.train.inputs.max()) == 1.0 and float(data.train.inputs.min()) == 0.0
 
 
 def test_digits_split_is_deterministic_in_seed() -> None:
     first, again, other = (load_dataset(DataSpec("digits"), seed=s) for s in (3, 3, 4))
-    assert torch.equal(first.val.pixels, again.val.pixels)
-    assert not torch.equal(first.val.pixels, other.val.pixels)
+    assert torch.equal(first.val.inputs, again.val.inputs)
+    assert not torch.equal(first.val.inputs, other.val.inputs)
 
 
 # --- on-disk formats --------------------------------------------------------------------------
@@ -52,9 +52,9 @@ def test_cifar_pickles_round_trip(tmp_path: Path, variant: str, classes: int) ->
     (train_images, train_labels), (test_images, test_labels) = write_cifar(tmp_path, variant, per_file=4)
     data = load_dataset(DataSpec(variant, root=str(tmp_path)), seed=0)
     assert (data.num_classes, data.in_channels, data.image_size) == (classes, 3, 32)
-    assert torch.equal(data.train.pixels, torch.from_numpy(train_images))
+    assert torch.equal(data.train.inputs, torch.from_numpy(train_images))
     assert data.train.labels.tolist() == train_labels.tolist()
-    assert torch.equal(data.val.pixels, torch.from_numpy(test_images))
+    assert torch.equal(data.val.inputs, torch.from_numpy(test_images))
     assert data.val.labels.tolist() == test_labels.tolist()
     assert data.train.augment and not data.val.augment
     picked = torch.tensor([2, 0])
@@ -68,9 +68,9 @@ def test_mnist_idx_files_round_trip(tmp_path: Path, name: str, folder: str) -> N
     (train_images, train_labels), (test_images, test_labels) = write_mnist(tmp_path, folder, train=7, test=3)
     data = load_dataset(DataSpec(name, root=str(tmp_path)), seed=0)
     assert (data.num_classes, data.in_channels, data.image_size) == (10, 1, 28)
-    assert torch.equal(data.train.pixels[:, 0], torch.from_numpy(train_images))
+    assert torch.equal(data.train.inputs[:, 0], torch.from_numpy(train_images))
     assert data.train.labels.tolist() == train_labels.tolist()
-    assert torch.equal(data.val.pixels[:, 0], torch.from_numpy(test_images))
+    assert torch.equal(data.val.inputs[:, 0], torch.from_numpy(test_images))
     assert data.val.labels.tolist() == test_labels.tolist()
     images, _ = data.train.batch(torch.tensor([5]))
     assert torch.allclose(images, normalized(torch.from_numpy(train_images[5:6])[:, None], data.train.mean, data.train.std))
@@ -84,7 +84,7 @@ def test_imagefolder_single_root_is_split_per_class(tmp_path: Path) -> None:
     by_label = {label: written[name] for label, name in enumerate(sorted(written))}  # ImageFolder sorts classes
     seen = []
     for split in (data.train, data.val):
-        for pixels, label in zip(split.pixels, split.labels.tolist()):
+        for pixels, label in zip(split.inputs, split.labels.tolist()):
             image = pixels.permute(1, 2, 0).numpy()
             matches = [i for i, candidate in enumerate(by_label[label]) if np.array_equal(candidate, image)]
             assert len(matches) == 1
@@ -96,11 +96,11 @@ def test_imagefolder_train_val_folders_and_resize(tmp_path: Path) -> None:
     train = write_imagefolder(tmp_path / "train", ["a", "b"], per_class=3, size=8, seed=1)
     val = write_imagefolder(tmp_path / "val", ["a", "b"], per_class=2, size=8, seed=2)
     data = load_dataset(DataSpec("imagefolder", root=str(tmp_path), image_size=8), seed=0)
-    assert torch.equal(data.train.pixels, torch.from_numpy(np.concatenate([train["a"], train["b"]])).permute(0, 3, 1, 2))
+    assert torch.equal(data.train.inputs, torch.from_numpy(np.concatenate([train["a"], train["b"]])).permute(0, 3, 1, 2))
     assert data.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    assert torch.equal(data.val.pixels, torch.from_numpy(np.concatenate([val["a"], val["b"]])).permute(0, 3, 1, 2))
+    assert torch.equal(data.val.inputs, torch.from_numpy(np.concatenate([val["a"], val["b"]])).permute(0, 3, 1, 2))
     resized = load_dataset(DataSpec("imagefolder", root=str(tmp_path), image_size=4), seed=0)
-    assert resized.train.pixels.shape == (6, 3, 4, 4) and resized.image_size == 4
+    assert resized.train.inputs.shape == (6, 3, 4, 4) and resized.image_size == 4
     assert load_dataset(DataSpec("imagefolder", root=str(tmp_path)), seed=0).image_size == 32
 
 
@@ -286,7 +286,7 @@ def test_tensor_pair_factory_gets_options_and_seed() -> None:
     train, val = tensor_pair(seed=9, count=60)
     assert (data.num_classes, data.in_channels, data.image_size, data.name) == (4, 3, 6, spec.name)
     assert (len(data.train), len(data.val)) == (30, 30)
-    assert torch.equal(data.train.pixels, train.tensors[0]) and torch.equal(data.val.pixels, val[0])
+    assert torch.equal(data.train.inputs, train.tensors[0]) and torch.equal(data.val.inputs, val[0])
     assert torch.equal(data.train.clean_labels, train.tensors[1])
     assert int((data.train.labels != data.train.clean_labels).sum()) == 15
     images, _ = data.train.batch(torch.arange(30))

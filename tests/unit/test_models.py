@@ -24,7 +24,7 @@ def count_parameters(model: nn.Module) -> int:
 def logits_for(name: str, in_channels: int, image_size: int, num_classes: int = 10, **options: object) -> torch.Tensor:
     torch.manual_seed(0)
     model = build_model(
-        name, num_classes=num_classes, in_channels=in_channels, image_size=image_size, options=options
+        name, num_classes=num_classes, input_shape=(in_channels, image_size, image_size), options=options
     )
     return model(torch.randn(2, in_channels, image_size, image_size))
 
@@ -50,7 +50,7 @@ def test_grayscale_small_inputs_give_logits(name: str, in_channels: int, image_s
 
 
 def test_wrn_28_10_builds_once_with_paper_size() -> None:
-    model = build_model("wrn_28_10", num_classes=10, in_channels=3, image_size=32)
+    model = build_model("wrn_28_10", num_classes=10, input_shape=(3, 32, 32))
     assert count_parameters(model) == pytest.approx(36.5e6, rel=0.05)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
@@ -61,14 +61,14 @@ def test_wrn_28_10_builds_once_with_paper_size() -> None:
      ("wrn_28_2", 1.47e6), ("wrn_40_2", 2.2e6)],
 )
 def test_parameter_counts_match_papers(name: str, paper_count: float) -> None:
-    model = build_model(name, num_classes=10, in_channels=3, image_size=32)
+    model = build_model(name, num_classes=10, input_shape=(3, 32, 32))
     assert count_parameters(model) == pytest.approx(paper_count, rel=0.05)
 
 
 def test_construction_is_deterministic_given_seed() -> None:
     def weights(seed: int) -> list[torch.Tensor]:
         torch.manual_seed(seed)
-        return list(build_model("resnet20", num_classes=10, in_channels=3, image_size=32).state_dict().values())
+        return list(build_model("resnet20", num_classes=10, input_shape=(3, 32, 32)).state_dict().values())
 
     first, again, other = weights(1), weights(1), weights(2)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
@@ -76,22 +76,22 @@ def test_construction_is_deterministic_given_seed() -> None:
 
 
 def test_options_reach_the_constructor() -> None:
-    mlp = build_model("mlp", num_classes=4, in_channels=1, image_size=8, options={"hidden": [16], "dropout": 0.5})
+    mlp = build_model("mlp", num_classes=4, input_shape=(1, 8, 8), options={"hidden": [16], "dropout": 0.5})
     linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(64, 16), (16, 4)]
     assert any(isinstance(m, nn.Dropout) and m.p == 0.5 for m in mlp.modules())
 
-    narrow = build_model("small_cnn", num_classes=10, in_channels=1, image_size=8, options={"width": 8})
-    wide = build_model("small_cnn", num_classes=10, in_channels=1, image_size=8)
+    narrow = build_model("small_cnn", num_classes=10, input_shape=(1, 8, 8), options={"width": 8})
+    wide = build_model("small_cnn", num_classes=10, input_shape=(1, 8, 8))
     assert count_parameters(narrow) < count_parameters(wide)
 
-    wrn = build_model("wrn_16_2", num_classes=10, in_channels=3, image_size=32, options={"dropout": 0.3})
+    wrn = build_model("wrn_16_2", num_classes=10, input_shape=(3, 32, 32), options={"dropout": 0.3})
     assert any(isinstance(m, nn.Dropout) and m.p == 0.3 for m in wrn.modules())
 
 
 def test_unknown_name_lists_field_and_allowed_names() -> None:
     with pytest.raises(ConfigError) as caught:
-        build_model("resnet33", num_classes=10, in_channels=3, image_size=32, field="students[2].model")
+        build_model("resnet33", num_classes=10, input_shape=(3, 32, 32), field="students[2].model")
     message = str(caught.value)
     assert caught.value.field == "students[2].model"
     assert message.startswith("students[2].model: unknown model 'resnet33'")
@@ -111,13 +111,13 @@ def test_unknown_name_lists_field_and_allowed_names() -> None:
 )
 def test_bad_option_is_config_error(name: str, options: dict[str, object], field: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        build_model(name, num_classes=10, in_channels=3, image_size=32, options=options, field="students.0.model")
+        build_model(name, num_classes=10, input_shape=(3, 32, 32), options=options, field="students.0.model")
     assert caught.value.field == field
     assert fragment in str(caught.value)
 
 
 def test_user_factory_gets_accepted_context_and_options() -> None:
-    model = build_model(f"{FACTORIES}:tiny_model", num_classes=3, in_channels=1, image_size=8, options={"hidden": 5})
+    model = build_model(f"{FACTORIES}:tiny_model", num_classes=3, input_shape=(1, 8, 8), options={"hidden": 5})
     assert isinstance(model, nn.Module)
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
     assert [m.out_features for m in model.modules() if isinstance(m, nn.Linear)] == [5, 3]
@@ -133,7 +133,7 @@ def test_user_factory_gets_accepted_context_and_options() -> None:
 )
 def test_broken_factory_is_config_error(reference: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        build_model(reference, num_classes=3, in_channels=1, image_size=8, field="students[1].model")
+        build_model(reference, num_classes=3, input_shape=(1, 8, 8), field="students[1].model")
     assert caught.value.field == "students[1].model"
     assert fragment in str(caught.value)
 
@@ -153,7 +153,7 @@ def test_check_model_name_validates_without_building() -> None:
 def test_gradients_flow_through_heterogeneous_trio() -> None:
     torch.manual_seed(0)
     names = ("mlp", "small_cnn", "resnet20")
-    cohort = [build_model(name, num_classes=10, in_channels=1, image_size=8) for name in names]
+    cohort = [build_model(name, num_classes=10, input_shape=(1, 8, 8)) for name in names]
     images, labels = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
     logits = [model(images) for model in cohort]
     loss = sum(F.cross_entropy(out, labels) for out in logits)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rdml/v1/cohort.proto\x12\x07rdml.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.rdml.v1.TensorDtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"O\n\nStepTiming\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x1a\n\x12round_trip_seconds\x18\x03 \x01(\x01\"\x9e\x01\n\x0bJoinRequest\x12\x0f\n\x07student\x18\x01 \x01(\t\x12\x11\n\tnum_train\x18\x02 \x01(\x03\x12\x0f\n\x07num_val\x18\x03 \x01(\x03\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x03\x12\x17\n\x0fsteps_per_epoch\x18\x05 \x01(\x03\x12\x18\n\x10\x64\x61ta_fingerprint\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18\x07 \x01(\t\"\xb4\x01\n\x0cJoinResponse\x12\x0e\n\x06\x63ohort\x18\x01 \x01(\t\x12\x0f\n\x07student\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x17\n\x0fsteps_per_epoch\x18\x06 \x01(\x03\x12\x0e\n\x06\x65pochs\x18\x07 \x01(\x03\x12\x18\n\x10\x64\x61ta_fingerprint\x18\x08 \x01(\t\x12\x0f\n\x07members\x18\t \x03(\t\"\xd4\x01\n\x0f\x45xchangeRequest\x12\x0f\n\x07student\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\nbatch_hash\x18\x04 \x01(\t\x12\x1f\n\x06logits\x18\x05 \x01(\x0b\x32\x0f.rdml.v1.Tensor\x12\x0f\n\x07\x63\x65_loss\x18\x06 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x07 \x01(\x03\x12\x10\n\x08labelled\x18\x08 \x01(\x03\x12%\n\x08previous\x18\t \x01(\x0b\x32\x13.rdml.v1.StepTiming\"\x8b\x01\n\x10\x45xchangeResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x1d\n\x04grad\x18\x02 \x01(\x0b\x32\x0f.rdml.v1.Tensor\x12\x14\n\x0cmimicry_loss\x18\x03 \x01(\x01\x12\r\n\x05\x61lpha\x18\x04 \x01(\x01\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12\x15\n\rlive_students\x18\x06 \x01(\x05\"\xb6\x01\n\x17SubmitEvaluationRequest\x12\x0f\n\x07student\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x1f\n\x06logits\x18\x04 \x01(\x0b\x32\x0f.rdml.v1.Tensor\x12\x1f\n\x06labels\x18\x05 \x01(\x0b\x32\x0f.rdml.v1.Tensor\x12%\n\x08previous\x18\x06 \x01(\x0b\x32\x13.rdml.v1.StepTiming\"*\n\x18SubmitEvaluationResponse\x12\x0e\n\x06scored\x18\x01 \x01(\x08\"C\n\x0cLeaveRequest\x12\x0f\n\x07student\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1d\n\rLeaveResponse\x12\x0c\n\x04live\x18\x01 \x03(\t\"\x12\n\x10GetStatusRequest\":\n\x11GetStatusResponse\x12%\n\x06status\x18\x01 \x01(\x0b\x32\x15.rdml.v1.CohortStatus\".\n\x12WatchStatusRequest\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x01\"<\n\x13WatchStatusResponse\x12%\n\x06status\x18\x01 \x01(\x0b\x32\x15.rdml.v1.CohortStatus\"\x86\x02\n\x0c\x43ohortStatus\x12\x0e\n\x06\x63ohort\x18\x01 \x01(\t\x12#\n\x05phase\x18\x02 \x01(\x0e\x32\x14.rdml.v1.CohortPhase\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x03\x12\r\n\x05\x61lpha\x18\x06 \x01(\x01\x12\x0e\n\x06weight\x18\x07 \x01(\x01\x12(\n\x08students\x18\x08 \x03(\x0b\x32\x16.rdml.v1.StudentStatus\x12\x13\n\x0bwaiting_for\x18\t \x03(\t\x12\x31\n\x0flast_evaluation\x18\n \x01(\x0b\x32\x18.rdml.v1.EpochEvaluation\"\xa2\x01\n\rStudentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08\x65xternal\x18\x03 \x01(\x08\x12\x0c\n\x04live\x18\x04 \x01(\x08\x12\x11\n\tlast_step\x18\x05 \x01(\x03\x12\x0f\n\x07\x63\x65_loss\x18\x06 \x01(\x01\x12\x14\n\x0cmimicry_loss\x18\x07 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x08 \x01(\x01\"\xa6\x01\n\x0f\x45pochEvaluation\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x38\n\x08\x61\x63\x63uracy\x18\x02 \x03(\x0b\x32&.rdml.v1.EpochEvaluation.AccuracyEntry\x12\x19\n\x11\x65nsemble_accuracy\x18\x03 \x01(\x01\x1a/\n\rAccuracyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\xac\x01\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x03\x12\x18\n\x14TENSOR_DTYPE_FLOAT64\x10\x04\x12\x16\n\x12TENSOR_DTYPE_INT64\x10\x05*y\n\x0b\x43ohortPhase\x12\x1c\n\x18\x43OHORT_PHASE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OHORT_PHASE_FORMING\x10\x01\x12\x19\n\x15\x43OHORT_PHASE_TRAINING\x10\x02\x12\x17\n\x13\x43OHORT_PHASE_HALTED\x10\x03\x32\xaa\x03\n\rCohortService\x12\x33\n\x04Join\x12\x14.rdml.v1.JoinRequest\x1a\x15.rdml.v1.JoinResponse\x12\x43\n\x08\x45xchange\x12\x18.rdml.v1.ExchangeRequest\x1a\x19.rdml.v1.ExchangeResponse(\x01\x30\x01\x12W\n\x10SubmitEvaluation\x12 .rdml.v1.SubmitEvaluationRequest\x1a!.rdml.v1.SubmitEvaluationResponse\x12\x36\n\x05Leave\x12\x15.rdml.v1.LeaveRequest\x1a\x16.rdml.v1.LeaveResponse\x12\x42\n\tGetStatus\x12\x19.rdml.v1.GetStatusRequest\x1a\x1a.rdml.v1.GetStatusResponse\x12J\n\x0bWatchStatus\x12\x1b.rdml.v1.WatchStatusRequest\x1a\x1c.rdml.v1.WatchStatusResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rdml/v1/cohort.proto\x12\x07rdml.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.rdml.v1.TensorDtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"O\n\nStepTiming\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x1a\n\x12round_trip_seconds\x18\x03 \x01(\x01\"\x9e\x01\n\x0bJoinRequest\x12\x0f\n\x07student\x18\x01 \x01(\t\x12\x11\n\tnum_train\x18\x02 \x01(\x03\x12\x0f\n\x07num_val\x18\x03 \x01(\x03\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x03\x12\x17\n\x0fsteps_per_epoch\x18\x05 \x01(\x03\x12\x18\n\x10\x64\x61ta_fingerprint\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18\x07 \x01(\t\"\xb4\x01\n\x0cJoinResponse\x12\x0e\n\x06\x63ohort\x18\x01 \x01(\t\x12\x0f\n\x07student\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x17\n\x0fsteps_per_epoch\x18\x06 \x01(\x03\x12\x0e\n\x06\x65pochs\x18\x07 \x01(\x03\x12\x18\n\x10\x64\x61ta_fingerprint\x18\x08 \x01(\t\x12\x0f\n\x07members\x18\t \x03(\t\"\xeb\x01\n\x0f\x45xchangeRequest\x12\x0f\n\x07student\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\nbatch_hash\x18\x04 \x01(\t\x12\x1f\n\x06logits\x18\x05 \x01(\x0b\x32\x0f.rdml.v1.Tensor\x12\x0f\n\x07\x63\x65_loss\x18\x06 \x01(\x01\x12\x0f\n\x07\x63orrect\x18\x07 \x01(\x03\x12\x10\n\x08labelled\x18\x08 \x01(\x03\x12%\n\x08previous\x18\t \x01(\x0b\x32\x13.rdml.v1.StepTiming\x12\x15\n\rcorrect_clean\x18\n \x01(\x03\"\x8b\x01\n\x10\x45xchangeResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x1d\n\x04grad\x18\x02 \x01(\x0b\x32\x0f.rdml.v1.Tensor\x12\x14\n\x0cmimicry_loss\x18\x03 \x01(\x01\x12\r\n\x05\x61lpha\x18\x04 \x01(\x01\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12\x15\n\rlive_students\x18\x06 \x01(\x05\"\xb6\x01\n\x17SubmitEvaluationRequest\x12\x0f\n\x07student\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x1f\n\x06logits\x18\x04 \x01(\x0b\x32\x0f.rdml.v1.Tensor\x12\x1f\n\x06labels\x18\x05 \x01(\x0b\x32\x0f.rdml.v1.Tensor\x12%\n\x08previous\x18\x06 \x01(\x0b\x32\x13.rdml.v1.StepTiming\"*\n\x18SubmitEvaluationResponse\x12\x0e\n\x06scored\x18\x01 \x01(\x08\"C\n\x0cLeaveRequest\x12\x0f\n\x07student\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x1d\n\rLeaveResponse\x12\x0c\n\x04live\x18\x01 \x03(\t\"\x12\n\x10GetStatusRequest\":\n\x11GetStatusResponse\x12%\n\x06status\x18\x01 \x01(\x0b\x32\x15.rdml.v1.CohortStatus\".\n\x12WatchStatusRequest\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x01\"<\n\x13WatchStatusResponse\x12%\n\x06status\x18\x01 \x01(\x0b\x32\x15.rdml.v1.CohortStatus\"\x86\x02\n\x0c\x43ohortStatus\x12\x0e\n\x06\x63ohort\x18\x01 \x01(\t\x12#\n\x05phase\x18\x02 \x01(\x0e\x32\x14.rdml.v1.CohortPhase\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x03\x12\r\n\x05\x61lpha\x18\x06 \x01(\x01\x12\x0e\n\x06weight\x18\x07 \x01(\x01\x12(\n\x08students\x18\x08 \x03(\x0b\x32\x16.rdml.v1.StudentStatus\x12\x13\n\x0bwaiting_for\x18\t \x03(\t\x12\x31\n\x0flast_evaluation\x18\n \x01(\x0b\x32\x18.rdml.v1.EpochEvaluation\"\xa2\x01\n\rStudentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08\x65xternal\x18\x03 \x01(\x08\x12\x0c\n\x04live\x18\x04 \x01(\x08\x12\x11\n\tlast_step\x18\x05 \x01(\x03\x12\x0f\n\x07\x63\x65_loss\x18\x06 \x01(\x01\x12\x14\n\x0cmimicry_loss\x18\x07 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x08 \x01(\x01\"\xa6\x01\n\x0f\x45pochEvaluation\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x38\n\x08\x61\x63\x63uracy\x18\x02 \x03(\x0b\x32&.rdml.v1.EpochEvaluation.AccuracyEntry\x12\x19\n\x11\x65nsemble_accuracy\x18\x03 \x01(\x01\x1a/\n\rAccuracyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\xac\x01\n\x0bTensorDtype\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x03\x12\x18\n\x14TENSOR_DTYPE_FLOAT64\x10\x04\x12\x16\n\x12TENSOR_DTYPE_INT64\x10\x05*y\n\x0b\x43ohortPhase\x12\x1c\n\x18\x43OHORT_PHASE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OHORT_PHASE_FORMING\x10\x01\x12\x19\n\x15\x43OHORT_PHASE_TRAINING\x10\x02\x12\x17\n\x13\x43OHORT_PHASE_HALTED\x10\x03\x32\xaa\x03\n\rCohortService\x12\x33\n\x04Join\x12\x14.rdml.v1.JoinRequest\x1a\x15.rdml.v1.JoinResponse\x12\x43\n\x08\x45xchange\x12\x18.rdml.v1.ExchangeRequest\x1a\x19.rdml.v1.ExchangeResponse(\x01\x30\x01\x12W\n\x10SubmitEvaluation\x12 .rdml.v1.SubmitEvaluationRequest\x1a!.rdml.v1.SubmitEvaluationResponse\x12\x36\n\x05Leave\x12\x15.rdml.v1.LeaveRequest\x1a\x16.rdml.v1.LeaveResponse\x12\x42\n\tGetStatus\x12\x19.rdml.v1.GetStatusRequest\x1a\x1a.rdml.v1.GetStatusResponse\x12J\n\x0bWatchStatus\x12\x1b.rdml.v1.WatchStatusRequest\x1a\x1c.rdml.v1.WatchStatusResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EPOCHEVALUATION_ACCURACYENTRY']._loaded_options = None
   _globals['_EPOCHEVALUATION_ACCURACYENTRY']._serialized_options = b'8\001'
-  _globals['_TENSORDTYPE']._serialized_start=2010
-  _globals['_TENSORDTYPE']._serialized_end=2182
-  _globals['_COHORTPHASE']._serialized_start=2184
-  _globals['_COHORTPHASE']._serialized_end=2305
+  _globals['_TENSORDTYPE']._serialized_start=2033
+  _globals['_TENSORDTYPE']._serialized_end=2205
+  _globals['_COHORTPHASE']._serialized_start=2207
+  _globals['_COHORTPHASE']._serialized_end=2328
   _globals['_TENSOR']._serialized_start=33
   _globals['_TENSOR']._serialized_end=107
   _globals['_STEPTIMING']._serialized_start=109
@@ -46,33 +46,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINRESPONSE']._serialized_start=352
   _globals['_JOINRESPONSE']._serialized_end=532
   _globals['_EXCHANGEREQUEST']._serialized_start=535
-  _globals['_EXCHANGEREQUEST']._serialized_end=747
-  _globals['_EXCHANGERESPONSE']._serialized_start=750
-  _globals['_EXCHANGERESPONSE']._serialized_end=889
-  _globals['_SUBMITEVALUATIONREQUEST']._serialized_start=892
-  _globals['_SUBMITEVALUATIONREQUEST']._serialized_end=1074
-  _globals['_SUBMITEVALUATIONRESPONSE']._serialized_start=1076
-  _globals['_SUBMITEVALUATIONRESPONSE']._serialized_end=1118
-  _globals['_LEAVEREQUEST']._serialized_start=1120
-  _globals['_LEAVEREQUEST']._serialized_end=1187
-  _globals['_LEAVERESPONSE']._serialized_start=1189
-  _globals['_LEAVERESPONSE']._serialized_end=1218
-  _globals['_GETSTATUSREQUEST']._serialized_start=1220
-  _globals['_GETSTATUSREQUEST']._serialized_end=1238
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1240
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1298
-  _globals['_WATCHSTATUSREQUEST']._serialized_start=1300
-  _globals['_WATCHSTATUSREQUEST']._serialized_end=1346
-  _globals['_WATCHSTATUSRESPONSE']._serialized_start=1348
-  _globals['_WATCHSTATUSRESPONSE']._serialized_end=1408
-  _globals['_COHORTSTATUS']._serialized_start=1411
-  _globals['_COHORTSTATUS']._serialized_end=1673
-  _globals['_STUDENTSTATUS']._serialized_start=1676
-  _globals['_STUDENTSTATUS']._serialized_end=1838
-  _globals['_EPOCHEVALUATION']._serialized_start=1841
-  _globals['_EPOCHEVALUATION']._serialized_end=2007
-  _globals['_EPOCHEVALUATION_ACCURACYENTRY']._serialized_start=1960
-  _globals['_EPOCHEVALUATION_ACCURACYENTRY']._serialized_end=2007
-  _globals['_COHORTSERVICE']._serialized_start=2308
-  _globals['_COHORTSERVICE']._serialized_end=2734
+  _globals['_EXCHANGEREQUEST']._serialized_end=770
+  _globals['_EXCHANGERESPONSE']._serialized_start=773
+  _globals['_EXCHANGERESPONSE']._serialized_end=912
+  _globals['_SUBMITEVALUATIONREQUEST']._serialized_start=915
+  _globals['_SUBMITEVALUATIONREQUEST']._serialized_end=1097
+  _globals['_SUBMITEVALUATIONRESPONSE']._serialized_start=1099
+  _globals['_SUBMITEVALUATIONRESPONSE']._serialized_end=1141
+  _globals['_LEAVEREQUEST']._serialized_start=1143
+  _globals['_LEAVEREQUEST']._serialized_end=1210
+  _globals['_LEAVERESPONSE']._serialized_start=1212
+  _globals['_LEAVERESPONSE']._serialized_end=1241
+  _globals['_GETSTATUSREQUEST']._serialized_start=1243
+  _globals['_GETSTATUSREQUEST']._serialized_end=1261
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1263
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1321
+  _globals['_WATCHSTATUSREQUEST']._serialized_start=1323
+  _globals['_WATCHSTATUSREQUEST']._serialized_end=1369
+  _globals['_WATCHSTATUSRESPONSE']._serialized_start=1371
+  _globals['_WATCHSTATUSRESPONSE']._serialized_end=1431
+  _globals['_COHORTSTATUS']._serialized_start=1434
+  _globals['_COHORTSTATUS']._serialized_end=1696
+  _globals['_STUDENTSTATUS']._serialized_start=1699
+  _globals['_STUDENTSTATUS']._serialized_end=1861
+  _globals['_EPOCHEVALUATION']._serialized_start=1864
+  _globals['_EPOCHEVALUATION']._serialized_end=2030
+  _globals['_EPOCHEVALUATION_ACCURACYENTRY']._serialized_start=1983
+  _globals['_EPOCHEVALUATION_ACCURACYENTRY']._serialized_end=2030
+  _globals['_COHORTSERVICE']._serialized_start=2331
+  _globals['_COHORTSERVICE']._serialized_end=2757
 # @@protoc_insertion_point(module_scope)

@@ -94,7 +94,7 @@ class JoinResponse(_message.Message):
     def __init__(self, cohort: _Optional[str] = ..., student: _Optional[str] = ..., session_id: _Optional[str] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., data_fingerprint: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExchangeRequest(_message.Message):
-    __slots__ = ("student", "session_id", "step", "batch_hash", "logits", "ce_loss", "correct", "labelled", "previous")
+    __slots__ = ("student", "session_id", "step", "batch_hash", "logits", "ce_loss", "correct", "labelled", "previous", "correct_clean")
     STUDENT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class ExchangeRequest(_message.Message):
     CORRECT_FIELD_NUMBER: _ClassVar[int]
     LABELLED_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_CLEAN_FIELD_NUMBER: _ClassVar[int]
     student: str
     session_id: str
     step: int
@@ -113,7 +114,8 @@ class ExchangeRequest(_message.Message):
     correct: int
     labelled: int
     previous: StepTiming
-    def __init__(self, student: _Optional[str] = ..., session_id: _Optional[str] = ..., step: _Optional[int] = ..., batch_hash: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., ce_loss: _Optional[float] = ..., correct: _Optional[int] = ..., labelled: _Optional[int] = ..., previous: _Optional[_Union[StepTiming, _Mapping]] = ...) -> None: ...
+    correct_clean: int
+    def __init__(self, student: _Optional[str] = ..., session_id: _Optional[str] = ..., step: _Optional[int] = ..., batch_hash: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., ce_loss: _Optional[float] = ..., correct: _Optional[int] = ..., labelled: _Optional[int] = ..., previous: _Optional[_Union[StepTiming, _Mapping]] = ..., correct_clean: _Optional[int] = ...) -> None: ...
 
 class ExchangeResponse(_message.Message):
     __slots__ = ("step", "grad", "mimicry_loss", "alpha", "weight", "live_students")
