@@ -105,10 +105,10 @@ def _check_inputs(name: str, input_shape: tuple[int, ...], input_dtype: torch.dt
     if is_factory_reference(name):
         return
     given = f"the data give {input_dtype} inputs of shape {input_shape}"
-    if not input_dtype.is_floating_point:
-        raise ConfigError(field, f"{name!r} needs floating-point inputs; {given} (use a package.module:function model, e.g. with an embedding)")
     if name not in FEATURE_MODELS and len(input_shape) != 3:
         raise ConfigError(field, f"{name!r} is an image model and needs (C, H, W) inputs; {given} (use mlp or a package.module:function model)")
+    if not input_dtype.is_floating_point:
+        raise ConfigError(field, f"{name!r} needs floating-point inputs; {given} (use a package.module:function model, e.g. with an embedding)")
 
 
 def build_model(

@@ -107,3 +107,92 @@ def wrong_shape() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor
 def not_a_pair() -> str:
     """Broken: neither a Dataset nor a (train, val) pair."""
     return "data"
+
+
+def _separable(count: int, features: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature vectors whose class shifts a few coordinates: learnable, but not at once."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (count,), generator=generator)
+    inputs = torch.randn(count, features, generator=generator)
+    inputs[torch.arange(count), labels] += 2.0
+    return inputs, labels
+
+
+def feature_vectors(count: int = 300, features: int = 12, classes: int = 4, seed: int = 0) -> tuple:
+    """(N, D) float32 feature vectors in memory."""
+    return _separable(count, features, classes, seed), _separable(count // 4, features, classes, seed + 1)
+
+
+def non_square_images(count: int = 96, height: int = 12, width: int = 20) -> tuple:
+    """(N, 3, 12, 20) uint8 images whose class sets the brightness of one channel."""
+    generator = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 3, (count,), generator=generator)
+    images = torch.randint(0, 120, (count, 3, height, width), dtype=torch.uint8, generator=generator)
+    images[torch.arange(count), labels] += 100
+    half = count // 2
+    return (images[:half], labels[:half]), (images[half:], labels[half:])
+
+
+class IndexedFeatures(torch.utils.data.Dataset):
+    """A map-style dataset computing each item from its index (nothing held but the labels), with ``targets``."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        self._inputs = inputs
+        self.targets = labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self._inputs[index].clone(), self.targets[index]
+
+
+def streamed_features(count: int = 300, features: int = 12, classes: int = 4, seed: int = 0) -> tuple:
+    """The data of :func:`feature_vectors`, as map-style datasets to be read through DataLoader workers."""
+    return tuple(IndexedFeatures(*pair) for pair in feature_vectors(count, features, classes, seed))
+
+
+class Unlabelled(torch.utils.data.Dataset):
+    """Broken: a map-style dataset without ``targets``."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.zeros(3), 0
+
+
+def without_targets() -> tuple:
+    return Unlabelled(), Unlabelled()
+
+
+def image_items() -> tuple:
+    """Broken: items hold PIL images (no ToTensor)."""
+
+    class PilItems(Unlabelled):
+        targets = [0, 1, 0, 1]
+
+        def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+            return Image.new("RGB", (4, 4)), self.targets[index]
+
+    return PilItems(), PilItems()
+
+
+def too_few_targets() -> tuple:
+    """Broken: four items, three targets."""
+    dataset = Unlabelled()
+    dataset.targets = [0, 1, 0]  # type: ignore[attr-defined]
+    return dataset, dataset
+
+
+def token_ids(count: int = 200, length: int = 10, vocab: int = 30) -> tuple:
+    """(N, L) int64 token ids; the class is the first token modulo 3."""
+    tokens = torch.randint(0, vocab, (count, length), generator=torch.Generator().manual_seed(2))
+    labels = tokens[:, 0] % 3
+    return (tokens[:150], labels[:150]), (tokens[150:], labels[150:])
+
+
+def flip_tokens(tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A batch hook: reverse the token order of a random half of the batch."""
+    flipped = torch.rand(len(tokens), generator=generator) < 0.5
+    return torch.where(flipped[:, None], tokens.flip(1), tokens)

@@ -42,3 +42,26 @@ class DivergesOnce(nn.Module):
 
 def diverges_once(num_classes: int, image_size: int, diverge_at: int = 3) -> nn.Module:
     return DivergesOnce(num_classes, image_size, diverge_at)
+
+
+def token_bag(num_classes: int, input_shape: tuple[int, ...], vocab: int = 30, dim: int = 8) -> nn.Module:
+    """A fastText-style classifier of (L,) int64 token ids: mean embedding, then linear."""
+    if len(input_shape) != 1:
+        raise ValueError(f"token_bag reads (L,) token ids, not {input_shape}")
+    return nn.Sequential(nn.EmbeddingBag(vocab, dim, mode="mean"), nn.Linear(dim, num_classes))
+
+
+def token_conv(num_classes: int, vocab: int = 30, dim: int = 8, channels: int = 16) -> nn.Module:
+    """A CNN-style classifier of token ids: embedding, width-3 convolution over positions, max over time."""
+
+    class TokenConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(vocab, dim)
+            self.convolution = nn.Conv1d(dim, channels, 3, padding=1)
+            self.classifier = nn.Linear(channels, num_classes)
+
+        def forward(self, tokens: Tensor) -> Tensor:
+            return self.classifier(self.convolution(self.embedding(tokens).transpose(1, 2)).relu().amax(2))
+
+    return TokenConv()
