@@ -32,32 +32,48 @@ class CohortBarrier:
         self.lock = threading.Lock()
         self.registry = LockedRegistry(self.lock)
         self.core = MeteredCoordinator(config, CohortMetrics.for_config(config, self.registry))
-        self._step_results: dict[int, asyncio.Future[dict[str, MimicryReply]]] = {}
+        self._step_results: dict[int, asyncio.Future[None]] = {}  # resolved when the step is over
+        self._replies: dict[tuple[int, str], asyncio.Future[MimicryReply]] = {}  # (step, student) -> its gradient
         self.halted: str | None = None  # why frames are refused, while the cohort rolls back
 
-    def _step_future(self, step: int) -> "asyncio.Future[dict[str, MimicryReply]]":
+    def _step_future(self, step: int) -> "asyncio.Future[None]":
         return self._step_results.setdefault(step, asyncio.get_running_loop().create_future())
 
+    def _reply_future(self, step: int, student: str) -> "asyncio.Future[MimicryReply]":
+        return self._replies.setdefault((step, student), asyncio.get_running_loop().create_future())
+
     def _complete_if_ready(self) -> None:
-        """Run the batched computation once the last live student of the step has arrived.
+        """Compute gradients whenever the core can: the step's last arrival, or (sequential) a refresh.
 
         Never before every member has registered once: an early external student must not train alone.
         """
-        if self.halted is None and len(self.core.info) == len(self.core.members) and self.core.is_complete():
+        while self.halted is None and len(self.core.info) == len(self.core.members) and self.core.is_complete():
             step = self.core.step
-            future = self._step_future(step)
             try:
                 replies = self.core.compute()
             except Exception as error:  # noqa: BLE001 - any failure must reach every waiting student
                 self._halt(f"step {step}: the coordinator's computation failed: {type(error).__name__}: {error}")
                 return
-            future.set_result(replies)
-            self._step_results.pop(step - 1, None)
+            for name, reply in replies.items():
+                self._reply_future(step, name).set_result(reply)
+            if self.core.step != step:
+                self._end_step(step)
+
+    def _end_step(self, step: int) -> None:
+        """Release the step: students still waiting got no gradient because they left while they waited."""
+        for (reply_step, name), future in list(self._replies.items()):
+            if reply_step == step:
+                if not future.done():
+                    future.set_exception(FrameRejected(
+                        f"student {name!r} is no longer a live member (it left during step {step})", "not_live"))
+                del self._replies[(reply_step, name)]
+        self._step_future(step).set_result(None)
+        self._step_results.pop(step - 1, None)
 
     def _halt(self, reason: str) -> None:
         """Refuse further frames and fail every waiting student now, until the driver restores the cohort."""
         self.halted = reason
-        for future in self._step_results.values():
+        for future in [*self._step_results.values(), *self._replies.values()]:
             if not future.done():
                 future.set_exception(CohortStepFailed(reason))
 
@@ -75,13 +91,18 @@ class CohortBarrier:
                 raise CohortStepFailed(self.halted)
             try:
                 self.core.submit(frame)
-                future = self._step_future(frame.step)
+                future = self._reply_future(frame.step, frame.student)
             finally:
                 self._complete_if_ready()
-        replies = await asyncio.wait_for(asyncio.shield(future), timeout=self.config.runtime.ray.exchange_timeout_s)
-        if frame.student not in replies:  # it left (or was marked dead) while it waited
-            raise FrameRejected(f"student {frame.student!r} is no longer a live member (it left during step {frame.step})", "not_live")
-        return replies[frame.student]
+        return await asyncio.wait_for(asyncio.shield(future), timeout=self.config.runtime.ray.exchange_timeout_s)
+
+    def refresh(self, frame: LogitsFrame) -> None:
+        """Sequential update: the logits of a student that has just applied its gradient; the next turn may go."""
+        with self.lock:
+            if self.halted is not None:
+                raise CohortStepFailed(self.halted)
+            self.core.refresh(frame)
+            self._complete_if_ready()
 
     def refuse(self, student: str, step: int, reason: str) -> None:
         """A frame the transport could not even decode: count it, and let the step go on without its sender."""
@@ -90,10 +111,10 @@ class CohortBarrier:
             self._complete_if_ready()
 
     async def _finish_step_without(self, frame: LogitsFrame) -> None:
-        """A student whose frame was refused goes on to its next step at once; hold that frame until its
-        peers have finished the step without it, instead of refusing it as early."""
+        """A student done with a step (its frame refused, or its sequential turn over) goes on to its next
+        step at once; hold that frame until its peers have finished the step, instead of refusing it as early."""
         with self.lock:
-            if self.halted is not None or frame.step != self.core.step + 1 or not self.core.is_excluded(frame.student):
+            if self.halted is not None or frame.step != self.core.step + 1 or not self.core.is_done_with(frame.student):
                 return
             future = self._step_future(self.core.step)
         try:
@@ -129,6 +150,7 @@ class CohortBarrier:
             self.core.restore(step)
             self._halt(f"the cohort was restored to its checkpoint of step {step}")
             self._step_results.clear()
+            self._replies.clear()
             self.halted = None
 
     def student_restarted(self, name: str) -> None:

@@ -100,7 +100,7 @@ class MimicryConfig(_Strict):
     warmup_epochs: float = Field(0.0, ge=0)
     burn_in_epochs: float = Field(0.0, ge=0)
     mode: Literal["pairwise", "ensemble"] = "pairwise"
-    update: Literal["simultaneous"] = "simultaneous"
+    update: Literal["simultaneous", "sequential"] = "simultaneous"
 
     @model_validator(mode="after")
     def _floor_below_alpha(self) -> "MimicryConfig":
@@ -230,6 +230,15 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 "external students need the cohort service at a fixed address: set rpc.enabled: true and a "
                 "non-zero rpc.port"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _sequential_updates_need_no_external_students(self) -> "ExperimentConfig":
+        if self.mimicry.update == "sequential" and self.external_students():
+            raise ValueError(
+                "mimicry.update: sequential runs with Ray and local students only; external students "
+                f"({', '.join(self.external_students())}) exchange simultaneously"
             )
         return self
 

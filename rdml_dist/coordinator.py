@@ -78,6 +78,8 @@ class CohortCoordinator:
         self.latest: dict[str, StepRecord] = {}  # each student's newest record, kept for status displays
         self.samples_per_second: dict[str, float] = {}  # for status displays and the metrics alike
         self._last_computed: dict[str, float] = {}
+        self._turns: list[str] | None = None  # sequential update: students of this step still to be answered
+        self._refreshing: str | None = None  # sequential update: the answered student whose refreshed logits come next
 
     # -- membership -------------------------------------------------------------------------
     def register(self, info: StudentInfo) -> None:
@@ -100,6 +102,10 @@ class CohortCoordinator:
         self.live.discard(name)
         self._pending.pop(name, None)
         self._arrivals.pop(name, None)
+        if self._turns is not None and name in self._turns:
+            self._turns.remove(name)
+        if self._refreshing == name:
+            self._refreshing = None
 
     def revive(self, name: str) -> None:
         """A restarted student rejoins; it takes part from the next step it submits."""
@@ -113,9 +119,7 @@ class CohortCoordinator:
         In-flight frames, the records of later steps and the evaluations of unfinished epochs are dropped.
         """
         self.step = step
-        self._pending.clear()
-        self._arrivals.clear()
-        self._excluded.clear()
+        self._clear_step()
         self.records = {kept: rows for kept, rows in self.records.items() if kept < step}
         finished_epochs = step // self.steps_per_epoch if self.info else 0
         self.evaluations = {epoch: scores for epoch, scores in self.evaluations.items() if epoch < finished_epochs}
@@ -190,27 +194,69 @@ class CohortCoordinator:
         if student in self.live and student not in self._pending and step == self.step:
             self._excluded.add(student)
 
-    def is_excluded(self, student: str) -> bool:
-        """Whether ``student``'s frame for the current step was refused (the step goes on without it)."""
-        return student in self._excluded
+    def is_done_with(self, student: str) -> bool:
+        """Whether ``student`` has nothing left to do in the current step: refused, or answered and refreshed."""
+        return student in self._excluded or (student in self.records.get(self.step, {}) and student != self._refreshing)
 
     def waiting_for(self) -> list[str]:
-        """Live members whose frame for the current step has not arrived (and who were not excluded)."""
+        """Live members whose frame for the current step has not arrived (and who were not excluded).
+
+        In a sequential step under way: the student whose refreshed logits the next turn needs.
+        """
+        if self._refreshing is not None:
+            return [self._refreshing]
         return [name for name in self.members if name in self.live and name not in self._pending and name not in self._excluded]
 
     def is_complete(self) -> bool:
-        """Every live member has either sent its frame or been excluded from this step (and someone arrived)."""
+        """Every live member has either sent its frame or been excluded from this step (and someone arrived),
+        and no refreshed logits are awaited: the next gradient can be computed."""
         return bool(self._pending or self._excluded) and not self.waiting_for()
 
     def compute(self) -> dict[str, MimicryReply]:
-        """Mimicry gradients for every student of the current step in one batched call; advance the step."""
+        """Mimicry gradients for the current step; the step advances once every student has its gradient.
+
+        ``simultaneous``: every student's, in one batched call, against the peers' pre-update logits.
+        ``sequential`` (DML Algorithm 1): one student per call, in member order, against the latest
+        logits of its peers; each but the last is asked to :meth:`refresh` its logits after its
+        update, before the next student's gradient is computed.
+        """
         if not self.is_complete():
             raise RuntimeError(f"step {self.step} is still waiting for {', '.join(self.waiting_for())}")
-        started = self.clock()
         names = [name for name in self.members if name in self._pending]
+        if self.config.mimicry.update == "sequential":
+            if self._turns is None:
+                self._turns = list(names)
+            if not self._turns:
+                self._advance()
+                return {}
+            turn = self._turns.pop(0)
+            if self._turns:
+                self._refreshing = turn
+            return self._answer(names, [turn])
         if not names:  # every live student's frame was refused: the step passes without an exchange
             self._advance()
             return {}
+        return self._answer(names, names)
+
+    def refresh(self, frame: LogitsFrame) -> None:
+        """Sequential update: the student whose turn it was sends its logits of this step's batch after its update.
+
+        Non-finite refreshed logits are not used (its peers keep its pre-update ones); its next
+        forward will be refused and send it back to its checkpoint.
+        """
+        if self._refreshing != frame.student or frame.step != self.step:
+            raise FrameRejected(
+                f"refresh from {frame.student!r} for step {frame.step}; the cohort waits for {self._refreshing!r} at step {self.step}",
+                "wrong_step",
+            )
+        self._refreshing = None
+        logits = frame.logits
+        if tuple(logits.shape) == tuple(self._pending[frame.student].logits.shape) and bool(torch.isfinite(logits).all()):
+            self._pending[frame.student].logits = logits
+
+    def _answer(self, names: list[str], answered: list[str]) -> dict[str, MimicryReply]:
+        """Replies and step records for ``answered`` from the logits of all of ``names``; advance when nobody is left."""
+        started = self.clock()
         frames = [self._pending[name] for name in names]
         mimicry = self.config.mimicry
         progress = self.step / self.steps_per_epoch
@@ -227,8 +273,10 @@ class CohortCoordinator:
         elapsed = self.clock() - started
         last_arrival = max(self._arrivals[name] for name in names)
         replies: dict[str, MimicryReply] = {}
-        step_records: dict[str, StepRecord] = {}
+        step_records = self.records.setdefault(self.step, {})
         for position, (name, frame) in enumerate(zip(names, frames)):
+            if name not in answered:
+                continue
             divergence_value = float(result.losses[position])
             replies[name] = MimicryReply(
                 step=self.step,
@@ -237,6 +285,7 @@ class CohortCoordinator:
                 alpha=alpha,
                 weight=weight,
                 live_students=len(names),
+                refresh=self._refreshing == name,
             )
             step_records[name] = StepRecord(
                 step=self.step,
@@ -254,8 +303,9 @@ class CohortCoordinator:
                 wait_seconds=last_arrival - self._arrivals[name],
                 coordinator_seconds=elapsed,
             )
-        self.records[self.step] = step_records
-        self.latest.update(step_records)
+        self.latest.update({name: step_records[name] for name in replies})
+        if self._refreshing is not None:
+            return replies
         self._measure_throughput(names, frames[0].logits.shape[0], self.clock())
         self._advance()
         return replies
@@ -270,9 +320,14 @@ class CohortCoordinator:
 
     def _advance(self) -> None:
         self.step += 1
+        self._clear_step()
+
+    def _clear_step(self) -> None:
         self._pending.clear()
         self._arrivals.clear()
         self._excluded.clear()
+        self._turns = None
+        self._refreshing = None
 
     def record_timing(self, student: str, timing: StepTiming | None) -> None:
         """Attach a student's own measurement of an earlier step (compute, round trip) to that step's record.

@@ -55,8 +55,13 @@ def _check_divergence(name: str, mode: str = "pairwise") -> None:
 
 
 def _kl_from_log_probs(target_logp: Tensor, input_logp: Tensor) -> Tensor:
-    """KL(p‖q) per sample from log-probabilities; exact zero where p underflows to 0."""
-    return torch.xlogy(target_logp.exp(), target_logp.exp()).sum(-1) - (target_logp.exp() * input_logp).sum(-1)
+    """KL(p‖q) per sample from log-probabilities.
+
+    Terms where p underflows to 0 are exactly zero, and so is their gradient (``xlogy(p, p)`` would
+    give 0/0 = NaN there under autograd, e.g. in JS for very confident students).
+    """
+    target_probs = target_logp.exp()
+    return (target_probs * torch.where(target_probs > 0, target_logp - input_logp, 0.0)).sum(-1)
 
 
 def _renyi_from_log_probs(target_logp: Tensor, input_logp: Tensor, alpha: float) -> Tensor:
@@ -128,42 +133,95 @@ def mse_logits(target_logits: Tensor, input_logits: Tensor, temperature: float =
     return divergence("mse_logits", target_logits, input_logits, temperature=temperature)
 
 
+# Upper bound on the elements of one temporary chunk (exactly recomputed pairs, peers of the generic
+# path): peak memory stays O(K·B·C) plus this, whatever the cohort size.
+_CHUNK_ELEMENTS = 1 << 16
+
+
 def _off_diagonal_mean_matrix(k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """K×K matrix M with M[j, k] = 1/(K−1) for j ≠ k: averages over peers by one contraction."""
     return (1 - torch.eye(k, dtype=dtype, device=device)) / (k - 1)
 
 
-def _pairwise_renyi_exact(logp: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """Per-sample D[j, k, b] and targets T[k, b, c] from the full K×K×B×C interpolation (slow, always finite)."""
-    mix = alpha * logp[:, None] + (1 - alpha) * logp[None, :]
-    per_pair = torch.logsumexp(mix, dim=-1) / (alpha - 1)
-    mean_over_peers = _off_diagonal_mean_matrix(logp.shape[0], logp.dtype, logp.device)
-    targets = torch.einsum("jk,jkbc->kbc", mean_over_peers, torch.softmax(mix, dim=-1))
-    return per_pair, targets
+def _saturating_exp_(x: Tensor) -> Tensor:
+    """In-place exp that stops at the smallest normal number instead of underflowing.
 
-
-def _pairwise_renyi_factored(logp: Tensor, alpha: float) -> tuple[Tensor, Tensor] | None:
-    """The same as :func:`_pairwise_renyi_exact` by two batched matmuls, O(K·B·C) memory.
-
-    Σ_c exp(α ℓ_j + (1−α) ℓ_k) factorises into a K×C by C×K product per sample after a
-    separate max-shift of each factor. When a pair's distributions barely overlap that product
-    underflows; then None is returned and the caller takes the exact path.
+    Subnormal or zero results make exp an order of magnitude slower on CPUs (confident students
+    produce many), and where this is used such terms are negligible by construction.
     """
-    peer_part = alpha * logp
-    self_part = (1 - alpha) * logp
-    peer_shift = peer_part.amax(dim=-1, keepdim=True)
-    self_shift = self_part.amax(dim=-1, keepdim=True)
-    peer_factor = (peer_part - peer_shift).exp().transpose(0, 1)  # B×K×C
-    self_factor = (self_part - self_shift).exp().transpose(0, 1)  # B×K×C
-    overlap = torch.bmm(peer_factor, self_factor.transpose(1, 2))  # B×K(j)×K(k)
-    if bool((overlap < torch.finfo(overlap.dtype).tiny / torch.finfo(overlap.dtype).eps).any()):
-        return None
-    shifts = peer_shift.squeeze(-1).T[:, :, None] + self_shift.squeeze(-1).T[:, None, :]  # B×K×K
-    per_pair = (overlap.log() + shifts).permute(1, 2, 0) / (alpha - 1)  # K×K×B
-    k = logp.shape[0]
-    weights = _off_diagonal_mean_matrix(k, logp.dtype, logp.device)[None] / overlap  # B×K(j)×K(k)
-    targets = self_factor * torch.bmm(weights.transpose(1, 2), peer_factor)  # B×K×C
-    return per_pair, targets.transpose(0, 1)
+    return x.clamp_(min=math.log(torch.finfo(x.dtype).tiny) + 1).exp_()
+
+
+def _pairwise_renyi(logp: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """Log-normalisers logZ[b, j, k] = logsumexp_c(α ℓ_j + (1−α) ℓ_k) and targets T[b, k, c] of all pairs.
+
+    The factored matmul form (:func:`_factored_pairs`) serves almost every pair. In float32 the
+    samples where some pair's overlap underflows are redone in float64, whose exponent range is
+    ten times wider; the pairs that underflow even there (peers with essentially disjoint support)
+    are recomputed exactly. So the cost grows with the number of such pairs only.
+    """
+    log_norm, targets, underflow = _factored_pairs(logp, alpha)
+    if logp.dtype == torch.float32:
+        samples = underflow.flatten(1).any(1).nonzero().squeeze(1)  # host sync
+        if samples.numel():
+            wide_norm, wide_targets = _pairwise_renyi(logp[:, samples].double(), alpha)
+            log_norm[samples], targets[samples] = wide_norm.float(), wide_targets.float()
+    else:
+        _recompute_underflowed_pairs(logp, alpha, underflow, log_norm, targets)
+    return log_norm, targets
+
+
+def _factored_pairs(logp: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """logZ (B×K×K), targets (B×K×C) and the pairs (B×K×K) where the factored form underflowed.
+
+    Z factorises over classes, Σ_c a_jc·s_kc, so all K² pairs of a sample come from one matmul and
+    the targets T_k = 1/(K−1) Σ_{j≠k} s_k·a_j / Z_jk from a second: O(K²·B·C) multiply-adds inside
+    ``bmm`` and O(K·B·C) memory. The factors are taken relative to the cohort's mean log-probability
+    r, a_j = exp(r + α(ℓ_j − r) − max) and s_k = exp((1−α)(ℓ_k − r) − max): their product is the
+    same, but when the students roughly agree (the usual case, confident or not) neither factor
+    peaks where the other is negligible, so Z stays far from underflow even for large α. Where Z
+    falls below C·tiny/eps the truncated terms could matter: those pairs are flagged, left out of
+    the targets and given a placeholder logZ.
+    """
+    k, _, classes = logp.shape
+    by_sample = logp.transpose(0, 1)  # B×K×C view
+    reference = by_sample.mean(1, keepdim=True)  # B×1×C
+    deviation = by_sample - reference
+    peer = torch.add(reference, deviation, alpha=alpha)  # α ℓ_j + (1−α) r
+    peer_shift = peer.amax(-1, keepdim=True)
+    peer = _saturating_exp_(peer.sub_(peer_shift))
+    extreme = deviation.amax(-1, keepdim=True) if alpha < 1 else deviation.amin(-1, keepdim=True)
+    own_shift = (1 - alpha) * extreme  # max over classes of (1−α)(ℓ_k − r)
+    own = _saturating_exp_(deviation.mul_(1 - alpha).sub_(own_shift))
+    overlap = torch.bmm(peer, own.transpose(1, 2))  # B×K(j)×K(k), ≤ C
+    floor = classes * torch.finfo(logp.dtype).tiny / torch.finfo(logp.dtype).eps
+    pairs = ~torch.eye(k, dtype=torch.bool, device=logp.device)
+    accurate = pairs & (overlap >= floor)
+    overlap = torch.where(accurate, overlap, 1.0)
+    log_norm = overlap.log() + peer_shift + own_shift.transpose(1, 2)
+    weights = torch.where(accurate, 1 / ((k - 1) * overlap), 0.0)
+    targets = torch.bmm(weights.transpose(1, 2), peer).mul_(own)
+    return log_norm, targets, pairs & ~accurate
+
+
+def _recompute_underflowed_pairs(logp: Tensor, alpha: float, mask: Tensor, log_norm: Tensor, targets: Tensor) -> None:
+    """Exact logZ and target share for the (b, j, k) flagged in ``mask`` (B×K×K), in bounded chunks.
+
+    Writes ``log_norm`` (B×K×K) and adds to ``targets`` (B×K×C) in place.
+    """
+    k, batch, classes = logp.shape
+    samples, peers, students = mask.nonzero(as_tuple=True)  # host sync
+    rows = logp.reshape(-1, classes)  # row j·B + b
+    target_rows = targets.view(-1, classes)  # row b·K + k
+    chunk = max(1, _CHUNK_ELEMENTS // classes)
+    for start in range(0, samples.numel(), chunk):
+        b, j, s = samples[start : start + chunk], peers[start : start + chunk], students[start : start + chunk]
+        mix = torch.add(rows.index_select(0, s * batch + b).mul_(1 - alpha), rows.index_select(0, j * batch + b), alpha=alpha)
+        top = mix.amax(-1, keepdim=True)
+        weights = _saturating_exp_(mix.sub_(top))
+        total = weights.sum(-1, keepdim=True)
+        log_norm[b, j, s] = (top + total.log()).squeeze(-1)
+        target_rows.index_add_(0, b * k + s, weights.div_(total * (k - 1)))
 
 
 def _pairwise_closed_form(logp: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
@@ -176,10 +234,21 @@ def _pairwise_closed_form(logp: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
         neg_entropy = torch.xlogy(probs, probs).sum(-1)  # K×B
         losses = torch.einsum("jk,jb->kb", mean_over_peers, neg_entropy) - (targets * logp).sum(-1)
         return targets, losses.mean(-1)
-    factored = _pairwise_renyi_factored(logp, alpha)
-    per_pair, targets = factored if factored is not None else _pairwise_renyi_exact(logp, alpha)
-    losses = torch.einsum("jk,jkb->kb", mean_over_peers, per_pair)
-    return targets, losses.mean(-1)
+    log_norm, targets = _pairwise_renyi(logp, alpha)
+    losses = torch.einsum("jk,bjk->k", mean_over_peers, log_norm) / ((alpha - 1) * logp.shape[1])
+    return targets.transpose(0, 1), losses
+
+
+def _log_mean_of_others(logp: Tensor) -> Tensor:
+    """log(1/(K−1) Σ_{j≠k} q_j) for every k, from prefix and suffix log-cumulative sums over K.
+
+    Exact in log space (no log(Σ − q_k) cancellation when q_k dominates) and O(K·B·C) memory.
+    """
+    k = logp.shape[0]
+    empty = torch.full_like(logp[:1], -math.inf)
+    before = torch.cat([empty, torch.logcumsumexp(logp, dim=0)[:-1]])
+    after = torch.cat([torch.logcumsumexp(logp.flip(0), dim=0).flip(0)[1:], empty])
+    return torch.logaddexp(before, after) - math.log(k - 1)
 
 
 def _ensemble_log_target(scaled: Tensor, name: str) -> Tensor:
@@ -191,37 +260,45 @@ def _ensemble_log_target(scaled: Tensor, name: str) -> Tensor:
     k = scaled.shape[0]
     if name == "mse_logits":
         return torch.einsum("jk,jbc->kbc", _off_diagonal_mean_matrix(k, scaled.dtype, scaled.device), scaled)
-    logp = F.log_softmax(scaled, dim=-1)
-    others = logp[:, None].expand(k, k, *logp.shape[1:]).clone()
-    others[torch.arange(k), torch.arange(k)] = -math.inf
-    return torch.logsumexp(others, dim=0) - math.log(k - 1)
+    return _log_mean_of_others(F.log_softmax(scaled, dim=-1))
 
 
-def _closed_form(scaled: Tensor, alpha: float, mode: str) -> tuple[Tensor, Tensor]:
+def _closed_form(logp: Tensor, alpha: float, mode: str) -> tuple[Tensor, Tensor]:
     """Targets and losses for Rényi/KL from the closed-form gradient."""
-    logp = F.log_softmax(scaled, dim=-1)
     if mode == "pairwise":
         return _pairwise_closed_form(logp, alpha)
-    teacher_logp = _ensemble_log_target(scaled, "renyi")
+    teacher_logp = _log_mean_of_others(logp)
     losses = _renyi_from_log_probs(teacher_logp, logp, alpha).mean(-1)
     targets = torch.softmax(alpha * teacher_logp + (1 - alpha) * logp, dim=-1) if alpha != 1 else teacher_logp.exp()
     return targets, losses
 
 
 def _autograd_losses_and_grads(scaled: Tensor, name: str, alpha: float, mode: str) -> tuple[Tensor, Tensor]:
-    """Losses and ∂loss/∂(scaled logits) for divergences without a closed form here (JS, MSE)."""
+    """Losses and ∂loss/∂(scaled logits) for divergences without a closed form here (JS, MSE).
+
+    Pairwise, the peers are taken a chunk at a time (one backward each), so no K×K×B×C tensor exists.
+    """
     k = scaled.shape[0]
     inputs = scaled.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        if mode == "pairwise":
-            per_pair = per_sample_divergence(name, scaled.detach()[:, None], inputs[None, :], alpha)  # K×K×B
-            mean_over_peers = _off_diagonal_mean_matrix(k, scaled.dtype, scaled.device)
-            losses = torch.einsum("jk,jkb->kb", mean_over_peers, per_pair).mean(-1)
-        else:
-            teacher = _ensemble_log_target(scaled.detach(), name)
+    if mode == "ensemble":
+        teacher = _ensemble_log_target(scaled.detach(), name)
+        with torch.enable_grad():
             losses = per_sample_divergence(name, teacher, inputs, alpha).mean(-1)
-        (grads,) = torch.autograd.grad(losses.sum(), inputs)
-    return losses.detach(), grads
+            (grads,) = torch.autograd.grad(losses.sum(), inputs)
+        return losses.detach(), grads
+    mean_over_peers = _off_diagonal_mean_matrix(k, scaled.dtype, scaled.device)
+    losses = torch.zeros(k, dtype=scaled.dtype, device=scaled.device)
+    grads = torch.zeros_like(scaled)
+    chunk = max(1, _CHUNK_ELEMENTS // scaled.numel())
+    for start in range(0, k, chunk):
+        peers = scaled.detach()[start : start + chunk, None]
+        with torch.enable_grad():
+            per_pair = per_sample_divergence(name, peers, inputs[None], alpha)  # chunk×K×B
+            chunk_losses = torch.einsum("jk,jkb->kb", mean_over_peers[start : start + chunk], per_pair).mean(-1)
+            (chunk_grads,) = torch.autograd.grad(chunk_losses.sum(), inputs)
+        losses += chunk_losses.detach()
+        grads += chunk_grads
+    return losses, grads
 
 
 def mimicry_gradients(
@@ -244,14 +321,17 @@ def mimicry_gradients(
         raise ValueError(f"logits must be K×B×C, got shape {tuple(logits.shape)}")
     logits = logits.detach()
     k, batch, _ = logits.shape
-    scaled = logits / temperature
-    probs = torch.softmax(scaled, dim=-1)
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)  # half-precision range is too narrow
+    scaled = logits.to(compute_dtype) / temperature
+    logp = F.log_softmax(scaled, dim=-1)
+    probs = logp.exp()
     if k < 2 or (divergence == "renyi" and alpha == 0):
-        return MimicryResult(probs, torch.zeros_like(logits), torch.zeros(k, dtype=logits.dtype, device=logits.device))
-    if divergence in ("renyi", "kl"):
-        targets, losses = _closed_form(scaled, 1.0 if divergence == "kl" else alpha, mode)
+        targets, grads, losses = probs, torch.zeros_like(probs), torch.zeros(k, dtype=compute_dtype, device=logits.device)
+    elif divergence in ("renyi", "kl"):
+        targets, losses = _closed_form(logp, 1.0 if divergence == "kl" else alpha, mode)
         grads = (probs - targets) / (temperature * batch)
-        return MimicryResult(targets, grads, losses)
-    losses, scaled_grads = _autograd_losses_and_grads(scaled, divergence, alpha, mode)
-    grads = scaled_grads / temperature
-    return MimicryResult(probs - grads * (temperature * batch), grads, losses)
+    else:
+        losses, scaled_grads = _autograd_losses_and_grads(scaled, divergence, alpha, mode)
+        grads = scaled_grads / temperature
+        targets = probs - grads * (temperature * batch)
+    return MimicryResult(*(tensor.to(logits.dtype) for tensor in (targets, grads, losses)))

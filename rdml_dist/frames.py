@@ -61,6 +61,7 @@ class MimicryReply:
     alpha: float
     weight: float
     live_students: int
+    refresh: bool = False  # sequential update: send this step's logits again after applying (later peers read them)
 
 
 @dataclass

@@ -55,8 +55,11 @@ class MeteredCoordinator(CohortCoordinator):
     def compute(self) -> dict[str, MimicryReply]:
         step = self.step
         replies = super().compute()
-        batch = next(iter(replies.values())).grad.shape[0] if replies else 0
-        self.metrics.step_computed(step, self.epoch_of(step), self.records.get(step, {}), batch, self.samples_per_second)
+        if self.step == step:  # a sequential step still under way: reported once it is over
+            return replies
+        records = self.records.get(step, {})
+        batch = next(iter(records.values())).rows if records else 0
+        self.metrics.step_computed(step, self.epoch_of(step), records, batch, self.samples_per_second)
         return replies
 
     def record_timing(self, student: str, timing: StepTiming | None) -> None:

@@ -7,6 +7,7 @@ mimicry gradient w.r.t. those logits, adds it to the cross-entropy backward and 
 """
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -91,6 +92,7 @@ class Student:
         self._epoch_plan: tuple[int, list[Tensor]] | None = None
         self._feed: tuple[int, int, Iterator[tuple[Tensor, Batch]]] | None = None  # (epoch, next step, batches)
         self._pending: tuple[int, Tensor, Tensor, float] | None = None
+        self._last_batch: tuple[int, Tensor, Tensor] | None = None  # (step, indices, inputs on the device)
         self.last_timing: StepTiming | None = None  # this student's measurement of its latest step
 
     def _initial_cuda_rng_state(self) -> Tensor | None:
@@ -170,6 +172,7 @@ class Student:
         correct = int((predictions == labels.cpu())[labelled_mask.cpu()].sum())
         elapsed = time.perf_counter() - started
         self._pending = (global_step, logits, ce, elapsed)
+        self._last_batch = (global_step, indices, inputs)
         return LogitsFrame(
             student=self.name,
             step=global_step,
@@ -198,6 +201,21 @@ class Student:
         (ce + (logits * grad).sum()).backward()
         self.optimizer.step()
         self.last_timing = StepTiming(step, forward_seconds + time.perf_counter() - started, round_trip_seconds)
+
+    @torch.no_grad()
+    def refreshed_frame(self) -> LogitsFrame:
+        """Sequential update: the logits of the step's batch again, after this student's update, for its later peers.
+
+        The forward runs in training mode, as DML's Algorithm 1 recomputes predictions (batch
+        statistics, dropout from the student's own stream).
+        """
+        if self._last_batch is None:
+            raise RuntimeError(f"student {self.name}: refreshed_frame() called before any forward_step()")
+        step, indices, inputs = self._last_batch
+        self._last_batch = None
+        with self._own_rng():
+            logits = self.model(inputs).float().cpu()
+        return LogitsFrame(self.name, step, indices_hash(indices), logits, math.nan, 0, 0, 0)
 
     def discard_pending(self) -> None:
         """Forget the forward whose frame was refused (no gradient will come for it)."""

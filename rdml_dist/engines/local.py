@@ -51,7 +51,7 @@ class LocalCohort:
         return events
 
     def _step(self, step: int, restore_step: int) -> list[dict[str, Any]]:
-        """One simultaneous step of every student; returns the non-finite recoveries it needed."""
+        """One step of every student (simultaneous or sequential); returns the non-finite recoveries it needed."""
         events, accepted = [], []
         for student in self.students:
             try:
@@ -61,9 +61,14 @@ class LocalCohort:
                 if rejected.reason != NON_FINITE:
                     raise
                 events.append(student.recover_from_non_finite(self.checkpoints, restore_step, step, str(rejected)))
+        by_name = {student.name: student for student in accepted}
         replies = self.coordinator.compute()
-        for student in accepted:
-            student.apply(replies[student.name].grad)
+        while replies:  # simultaneous: all at once; sequential: one student per turn, refreshed before the next
+            for name, reply in replies.items():
+                by_name[name].apply(reply.grad)
+                if reply.refresh:
+                    self.coordinator.refresh(by_name[name].refreshed_frame())
+            replies = self.coordinator.compute() if self.coordinator.is_complete() else {}
         return events
 
     def evaluate(self, epoch: int) -> EpochEvaluation:

@@ -55,6 +55,10 @@ class Coordinator:
         """Submit one student's logits and wait for its mimicry gradient (the per-step barrier)."""
         return await self.barrier.exchange(frame)
 
+    async def refresh(self, frame: LogitsFrame) -> None:
+        """Sequential update: a student's logits after its update; releases the next student's turn."""
+        self.barrier.refresh(frame)
+
     async def record_timing(self, student: str, timing: StepTiming | None) -> None:
         self.barrier.record_timing(student, timing)
 
@@ -177,6 +181,8 @@ class StudentActor:
                 events.append(self.student.recover_from_non_finite(self.checkpoints, restore_step, step, str(rejection)))
                 continue
             self.student.apply(reply.grad, time.perf_counter() - sent)
+            if reply.refresh:  # sequential update: later peers read this student's updated logits
+                ray.get(coordinator.refresh.remote(self.student.refreshed_frame()))
         ray.get(coordinator.record_timing.remote(self.student.name, self.student.last_timing))
         return events
 

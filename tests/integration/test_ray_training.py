@@ -32,6 +32,27 @@ def _by_step_and_student(rows: list[dict[str, str]]) -> dict[tuple[int, str], di
 
 
 @pytest.mark.timeout(180)
+def test_sequential_updates_on_ray_reproduce_the_in_process_engine(tmp_path: Path) -> None:
+    """DML Algorithm 1 across processes: each turn's gradient waits for the previous student's refreshed logits."""
+    students = [{"name": "mlp", "model": "mlp", "options": {"hidden": [32]}}, {"name": "cnn", "model": "small_cnn", "options": {"width": 8}},
+                {"name": "wide", "model": "mlp", "options": {"hidden": [64]}}]
+    sections = {"training": {"epochs": 2, "batch_size": 256}, "mimicry": {"update": "sequential"}}
+    threads = torch.get_num_threads()
+    try:
+        local_run = train_local(make_config(tmp_path / "local", students, **sections), tmp_path / "local", show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    local_run.finish()
+    ray_run = train_ray(make_config(tmp_path / "ray", students, **sections), tmp_path / "ray", show_progress=False)
+    ray_run.finish()
+    local_steps, ray_steps = (_by_step_and_student(read_steps(tmp_path / run)) for run in ("local", "ray"))
+    assert ray_steps.keys() == local_steps.keys() and len(ray_steps) == 3 * 2 * 6
+    for key, local_row in local_steps.items():
+        for column in ("ce_loss", "mimicry_loss"):
+            assert float(ray_steps[key][column]) == pytest.approx(float(local_row[column]), abs=1e-4, rel=0), (key, column)
+
+
+@pytest.mark.timeout(180)
 def test_ray_engine_reproduces_the_in_process_engine(tmp_path: Path) -> None:
     config = make_config(tmp_path / "ray", HETEROGENEOUS, training={"epochs": 2})
     threads = torch.get_num_threads()
