@@ -1,12 +1,17 @@
 """The divergence math against independent naive formulas (float64) and its numerical limits."""
 
 import itertools
+import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import rdml_dist.divergence as divergence_module
 from rdml_dist.divergence import (
     divergence,
     js_divergence,
@@ -15,7 +20,6 @@ from rdml_dist.divergence import (
     mse_logits,
     renyi_divergence,
 )
-from rdml_dist.divergence import _pairwise_renyi_exact, _pairwise_renyi_factored
 
 
 def naive_per_sample(name: str, target: torch.Tensor, inp: torch.Tensor, alpha: float, tau: float) -> torch.Tensor:
@@ -145,16 +149,176 @@ def test_extreme_logits_stay_finite_and_accurate(alpha: float) -> None:
     assert abs(float(cohort.losses[1]) - float(value64)) <= 1e-5 * abs(float(value64))
 
 
-def test_factored_pairwise_path_matches_exact_path_and_falls_back_on_underflow() -> None:
-    logp = F.log_softmax(random_logits(5, b=7, c=9), -1)
-    per_pair, targets = _pairwise_renyi_factored(logp, 2.5)
-    exact_pairs, exact_targets = _pairwise_renyi_exact(logp, 2.5)
-    assert torch.allclose(per_pair, exact_pairs, rtol=1e-10) and torch.allclose(targets, exact_targets, rtol=1e-10)
-    disjoint = torch.full((2, 1, 2), -1e4, dtype=torch.float64)
-    disjoint[0, 0, 0] = disjoint[1, 0, 1] = 0.0
-    assert _pairwise_renyi_factored(F.log_softmax(disjoint, -1), 0.5) is None
-    losses = mimicry_gradients(disjoint, alpha=0.5).losses
-    assert torch.allclose(losses, torch.full((2,), -2 * (-5000.0 + math.log(2)), dtype=torch.float64), rtol=1e-12)
+def reference_pair(name: str, teacher: torch.Tensor, student: torch.Tensor, alpha: float) -> tuple[torch.Tensor, ...]:
+    """Per-sample D(teacher ‖ student), the Rényi/KL target and ∂D/∂(student's scaled logits), from log-probs.
+
+    Written from the formulas, one pair at a time, in log space with torch.logsumexp (float64).
+    """
+    q = student.exp()
+    if name == "js":
+        log_mixture = torch.logaddexp(teacher, student) - math.log(2)
+        value = 0.5 * (teacher.exp() * (teacher - log_mixture)).sum(-1) + 0.5 * (q * (student - log_mixture)).sum(-1)
+        slope = 0.5 * (student - log_mixture)  # ∂JS/∂q
+        return value, None, q * (slope - (q * slope).sum(-1, keepdim=True))
+    if name == "kl" or alpha == 1:
+        target = teacher.exp()
+        return (target * (teacher - student)).sum(-1), target, q - target
+    mix = alpha * teacher + (1 - alpha) * student
+    log_norm = torch.logsumexp(mix, dim=-1, keepdim=True)
+    target = (mix - log_norm).exp()
+    return log_norm.squeeze(-1) / (alpha - 1), target, q - target
+
+
+def reference_cohort(name: str, logits: torch.Tensor, alpha: float, tau: float, mode: str) -> tuple[torch.Tensor, ...]:
+    """Targets (None for JS), grads and losses of every student by a loop over students and peers (float64)."""
+    logp = torch.log_softmax(logits.double() / tau, dim=-1)
+    k, batch, _ = logp.shape
+    targets, grads, losses = [], [], []
+    for student in range(k):
+        others = [j for j in range(k) if j != student]
+        if mode == "pairwise":
+            teachers = [logp[j] for j in others]
+        else:
+            teachers = [torch.logsumexp(logp[others], dim=0) - math.log(k - 1)]
+        pairs = [reference_pair(name, teacher, logp[student], alpha) for teacher in teachers]
+        losses.append(torch.stack([value.mean() for value, _, _ in pairs]).mean())
+        grads.append(torch.stack([grad for _, _, grad in pairs]).mean(0) / (tau * batch))
+        if name != "js":
+            targets.append(torch.stack([target for _, target, _ in pairs]).mean(0))
+    return (torch.stack(targets) if targets else None), torch.stack(grads), torch.stack(losses)
+
+
+COHORT_KINDS = ["random", "confident15", "confident50", "confident500", "disjoint", "huge"]
+
+
+def cohort_logits(kind: str, k: int, b: int = 5, c: int = 20, seed: int = 0) -> torch.Tensor:
+    """Float64 K×B×C logits: random; confident (+bonus on a class most students share); disjoint
+    (+2000 on a class no other student picks: support overlap ~e^-1000); huge (uniform ±1e3)."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "huge":
+        return (torch.rand(k, b, c, generator=generator, dtype=torch.float64) * 2 - 1) * 1e3
+    logits = torch.randn(k, b, c, generator=generator, dtype=torch.float64) * 2
+    if kind == "random":
+        return logits
+    students, samples = torch.arange(k)[:, None], torch.arange(b)[None, :]
+    if kind == "disjoint":
+        peak, bonus = (students + samples) % c, 2000.0
+    else:
+        label = torch.randint(c, (b,), generator=generator)[None, :]
+        agrees = (students + samples) % 4 != 0
+        peak, bonus = torch.where(agrees, label, (label + 1 + students) % c), float(kind.removeprefix("confident"))
+    logits[students, samples, peak] += bonus
+    return logits
+
+
+def assert_matches_reference(result, reference, rtol: float = 1e-6, atol: float = 1e-12) -> None:
+    """Relative (norm per student) agreement of targets, grads and losses; atol only for values that are ~0."""
+    ref_targets, ref_grads, ref_losses = reference
+    for student in range(ref_grads.shape[0]):
+        grad_error = (result.grads[student].double() - ref_grads[student]).norm()
+        assert grad_error <= rtol * ref_grads[student].norm() + atol, (student, float(grad_error))
+        if ref_targets is not None:
+            target_error = (result.targets[student].double() - ref_targets[student]).norm()
+            assert target_error <= rtol * ref_targets[student].norm(), (student, float(target_error))
+    loss_error = (result.losses.double() - ref_losses).abs()
+    assert torch.all(loss_error <= rtol * ref_losses.abs() + atol), (result.losses, ref_losses)
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+@pytest.mark.parametrize("kind", COHORT_KINDS)
+@pytest.mark.parametrize("k", [2, 3, 16])
+@pytest.mark.parametrize("alpha", [0.01, 0.5, 0.999, 1.001, 2.0, 5.0, 50.0])
+def test_renyi_cohort_matches_per_pair_reference(alpha: float, k: int, kind: str, mode: str) -> None:
+    logits = cohort_logits(kind, k, seed=k)
+    tau = 2.0 if k == 3 else 1.0
+    result = mimicry_gradients(logits, alpha=alpha, temperature=tau, mode=mode)
+    assert_matches_reference(result, reference_cohort("renyi", logits, alpha, tau, mode))
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+@pytest.mark.parametrize("kind", COHORT_KINDS)
+@pytest.mark.parametrize("k", [2, 3, 16])
+@pytest.mark.parametrize("name", ["kl", "js"])
+def test_kl_and_js_cohort_match_per_pair_reference(name: str, k: int, kind: str, mode: str) -> None:
+    logits = cohort_logits(kind, k, seed=20 + k)
+    tau = 2.0 if k == 3 else 1.0
+    result = mimicry_gradients(logits, temperature=tau, mode=mode, divergence=name)
+    assert torch.isfinite(result.grads).all() and torch.isfinite(result.losses).all()
+    assert_matches_reference(result, reference_cohort(name, logits, 1.0, tau, mode))
+
+
+@pytest.mark.parametrize("kind", ["random", "confident15", "confident50", "disjoint"])
+@pytest.mark.parametrize("alpha", [0.5, 2.0, 5.0])
+def test_float32_cohort_is_accurate_to_float32(alpha: float, kind: str) -> None:
+    logits = cohort_logits(kind, 8, b=16, c=100, seed=3)
+    result = mimicry_gradients(logits.float(), alpha=alpha)
+    assert result.grads.dtype == torch.float32
+    assert_matches_reference(result, reference_cohort("renyi", logits, alpha, 1.0, "pairwise"), rtol=1e-4, atol=1e-6)
+
+
+def test_half_precision_logits_are_computed_in_float32() -> None:
+    logits = cohort_logits("confident15", 4, b=8, c=50, seed=4)
+    result = mimicry_gradients(logits.to(torch.bfloat16), alpha=5.0)
+    assert result.grads.dtype == torch.bfloat16 and torch.isfinite(result.losses).all()
+    reference = reference_cohort("renyi", logits.to(torch.bfloat16).double(), 5.0, 1.0, "pairwise")
+    assert torch.allclose(result.losses.double(), reference[2], rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "kind,alpha,exact",
+    [("random", 5.0, False), ("confident15", 2.0, False), ("confident15", 5.0, False), ("disjoint", 0.5, True)],
+)
+def test_only_pairs_with_disjoint_support_are_recomputed_exactly(
+    kind: str, alpha: float, exact: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Confident cohorts stay on the matmul path (no cliff); disjoint peers take the exact one, so the
+    reference tests above cover both."""
+    recomputed: list[int] = []
+    original = divergence_module._recompute_underflowed_pairs
+
+    def counting(logp, alpha, mask, log_norm, targets):
+        recomputed.append(int(mask.sum()))
+        return original(logp, alpha, mask, log_norm, targets)
+
+    monkeypatch.setattr(divergence_module, "_recompute_underflowed_pairs", counting)
+    logits = cohort_logits(kind, 16, b=32, c=100, seed=5)
+    mimicry_gradients(logits.float(), alpha=alpha)
+    mimicry_gradients(logits, alpha=alpha)
+    assert (sum(recomputed) > 0) == exact, recomputed
+
+
+MEMORY_PROBE = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import torch
+    from rdml_dist.divergence import mimicry_gradients
+    torch.set_num_threads(1)
+    k, b, c = 64, 256, 1000
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(k, b, c, generator=generator)
+    logits[:, torch.arange(b), torch.randint(c, (b,), generator=generator)] += 15.0  # confident, agreeing
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    result = mimicry_gradients(logits, alpha=float(sys.argv[1]), divergence=sys.argv[2], mode=sys.argv[3])
+    seconds = time.perf_counter() - started
+    assert torch.isfinite(result.grads).all()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"extra_mib": (peak - before) / 1024, "seconds": seconds}))
+    """
+)
+
+
+@pytest.mark.parametrize("alpha,name,mode", [(5.0, "renyi", "pairwise"), (2.0, "renyi", "ensemble")])
+def test_large_cohort_memory_is_linear_in_k(alpha: float, name: str, mode: str) -> None:
+    """K=64, B=256, C=1000 float32, confident students: one K×K×B×C tensor would be 4.2 GB; the
+    computation must stay within a few K×B×C tensors (65 MB each) and a few seconds."""
+    completed = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(alpha), name, mode], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    measured = json.loads(completed.stdout)
+    assert measured["extra_mib"] < 1024, measured
+    assert measured["seconds"] < 60, measured
 
 
 def test_js_and_mse_values() -> None:
