@@ -301,6 +301,37 @@ def _autograd_losses_and_grads(scaled: Tensor, name: str, alpha: float, mode: st
     return losses, grads
 
 
+# Rows of the batch per pass of the closed-form path: the K×rows×C temporaries of one pass stay
+# in the CPU's cache (about 1 MiB each) instead of streaming K×B×C tensors through memory a dozen times.
+_CHUNK_BYTES = 1 << 20
+
+
+def _closed_form_in_row_chunks(
+    logits: Tensor, alpha: float, temperature: float, mode: str, compute_dtype: torch.dtype
+) -> MimicryResult:
+    """Rényi/KL targets, gradients and losses, a block of batch rows at a time (targets are per sample).
+
+    Each block is copied once into a contiguous rows×K×C layout, which every later pass reads with
+    unit stride; its batch-mean losses are weighted by its share of the rows.
+    """
+    k, batch, classes = logits.shape
+    rows = max(1, _CHUNK_BYTES // (k * classes * torch.finfo(compute_dtype).bits // 8))
+    targets = torch.empty(batch, k, classes, dtype=compute_dtype, device=logits.device)  # by sample, like the blocks
+    grads = torch.empty_like(targets)
+    losses = torch.zeros(k, dtype=compute_dtype, device=logits.device)
+    for start in range(0, batch, rows):
+        block = logits[:, start : start + rows].transpose(0, 1).to(compute_dtype, memory_format=torch.contiguous_format, copy=True)
+        if temperature != 1:
+            block.div_(temperature)
+        logp = F.log_softmax(block, dim=-1).transpose(0, 1)  # K×rows×C view of a rows×K×C tensor
+        block_targets, block_losses = _closed_form(logp, alpha, mode)
+        targets[start : start + rows] = block_targets.transpose(0, 1)
+        torch.sub(logp.exp(), block_targets, out=grads[start : start + rows].transpose(0, 1)).div_(temperature * batch)
+        losses.add_(block_losses, alpha=logp.shape[1] / batch)
+    targets, grads = targets.transpose(0, 1), grads.transpose(0, 1)
+    return MimicryResult(targets, grads, losses)
+
+
 def mimicry_gradients(
     logits: Tensor,
     alpha: float = 1.0,
@@ -322,14 +353,13 @@ def mimicry_gradients(
     logits = logits.detach()
     k, batch, _ = logits.shape
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)  # half-precision range is too narrow
+    if k >= 2 and divergence in ("renyi", "kl") and not (divergence == "renyi" and alpha == 0):
+        result = _closed_form_in_row_chunks(logits, 1.0 if divergence == "kl" else alpha, temperature, mode, compute_dtype)
+        return MimicryResult(*(tensor.to(logits.dtype) for tensor in result))
     scaled = logits.to(compute_dtype) / temperature
-    logp = F.log_softmax(scaled, dim=-1)
-    probs = logp.exp()
-    if k < 2 or (divergence == "renyi" and alpha == 0):
+    probs = F.softmax(scaled, dim=-1)
+    if k < 2 or divergence == "renyi":  # no peer, or α = 0: no mimicry
         targets, grads, losses = probs, torch.zeros_like(probs), torch.zeros(k, dtype=compute_dtype, device=logits.device)
-    elif divergence in ("renyi", "kl"):
-        targets, losses = _closed_form(logp, 1.0 if divergence == "kl" else alpha, mode)
-        grads = (probs - targets) / (temperature * batch)
     else:
         losses, scaled_grads = _autograd_losses_and_grads(scaled, divergence, alpha, mode)
         grads = scaled_grads / temperature

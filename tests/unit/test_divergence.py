@@ -287,6 +287,24 @@ def test_only_pairs_with_disjoint_support_are_recomputed_exactly(
     assert (sum(recomputed) > 0) == exact, recomputed
 
 
+@pytest.mark.parametrize("name,mode,alpha", [("renyi", "pairwise", 2.0), ("renyi", "ensemble", 0.5), ("kl", "pairwise", 1.0)])
+def test_a_batch_split_into_row_blocks_gives_the_same_result(
+    name: str, mode: str, alpha: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The closed form runs a block of batch rows at a time; one row per block must change nothing."""
+    logits = cohort_logits("confident15", 5, b=7, c=11, seed=9)
+    untouched = logits.clone()
+    whole = mimicry_gradients(logits, alpha=alpha, temperature=2.0, mode=mode, divergence=name)
+    single_row = mimicry_gradients(logits[:, :1], alpha=alpha, temperature=2.0, mode=mode, divergence=name)
+    assert torch.equal(logits, untouched)  # the caller's logits are never scaled in place
+    assert torch.allclose(single_row.grads, whole.grads[:, :1] * 7, rtol=1e-10)  # batch mean over 1 row vs 7
+    monkeypatch.setattr(divergence_module, "_CHUNK_BYTES", 1)
+    blocks = mimicry_gradients(logits, alpha=alpha, temperature=2.0, mode=mode, divergence=name)
+    for together, apart in zip(whole, blocks):
+        assert torch.allclose(together, apart, rtol=1e-12, atol=1e-15)
+    assert_matches_reference(blocks, reference_cohort(name, logits, alpha, 2.0, mode))
+
+
 MEMORY_PROBE = textwrap.dedent(
     """
     import json, resource, sys, time
