@@ -18,6 +18,7 @@ from rdml_dist.divergence import mimicry_gradients
 from rdml_dist.errors import FrameRejected
 from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
 from rdml_dist.schedules import alpha_at, mimicry_weight_at
+from rdml_dist.student import resolve_device
 
 NON_FINITE = "non_finite"  # the rejection reason that sends a student back to its last checkpoint
 REJECTION_REASONS = (
@@ -66,6 +67,8 @@ class CohortCoordinator:
         self.members: list[str] = config.student_names()
         self.live: set[str] = set()
         self.clock = clock
+        # With a GPU in its bundle the batched computation runs there; replies always leave on the CPU.
+        self.device = resolve_device(config.runtime.device) if config.runtime.coordinator.gpus > 0 else torch.device("cpu")
         self.info: dict[str, StudentInfo] = {}
         self.step = 0
         self._pending: dict[str, LogitsFrame] = {}
@@ -263,12 +266,13 @@ class CohortCoordinator:
         alpha = alpha_at(mimicry, progress, self.config.training.epochs)
         weight = mimicry_weight_at(mimicry, progress)
         result = mimicry_gradients(
-            torch.stack([frame.logits for frame in frames]),
+            torch.stack([frame.logits for frame in frames]).to(self.device),
             alpha=alpha,
             temperature=mimicry.temperature,
             mode=mimicry.mode,
             divergence=mimicry.divergence,
         )
+        grads, losses = result.grads.cpu(), result.losses.cpu()
         scale = weight * mimicry.temperature**2
         elapsed = self.clock() - started
         last_arrival = max(self._arrivals[name] for name in names)
@@ -277,10 +281,10 @@ class CohortCoordinator:
         for position, (name, frame) in enumerate(zip(names, frames)):
             if name not in answered:
                 continue
-            divergence_value = float(result.losses[position])
+            divergence_value = float(losses[position])
             replies[name] = MimicryReply(
                 step=self.step,
-                grad=result.grads[position] * scale,
+                grad=grads[position] * scale,
                 mimicry_loss=scale * divergence_value,
                 alpha=alpha,
                 weight=weight,
