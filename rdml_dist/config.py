@@ -65,6 +65,26 @@ class DataConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+def _whole_if_above_one(gpus: float | None) -> float | None:
+    """Ray schedules GPU fractions below one only: 0.25, 0.5 or 2 GPUs fit a bundle, 1.5 does not."""
+    if gpus is not None and gpus > 1 and not float(gpus).is_integer():
+        raise ValueError(f"{gpus} GPUs: a fraction must be below 1 (e.g. 0.5); above 1 use a whole number")
+    return gpus
+
+
+class StudentResources(_Strict):
+    """One student's own Ray bundle; unset values fall back to ``runtime.ray.cpus_per_student``/``gpus_per_student``.
+
+    Small students can share a GPU (``gpus: 0.25``) while a large one gets a whole one, so the
+    cohort's step is not held back by the slowest member waiting for a device.
+    """
+
+    cpus: float | None = Field(None, gt=0)
+    gpus: float | None = Field(None, ge=0)
+
+    _gpus_schedulable = field_validator("gpus")(_whole_if_above_one)
+
+
 class StudentConfig(_Strict):
     """One member of the cohort: a registry model name or ``package.module:function``."""
 
@@ -73,6 +93,7 @@ class StudentConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     optimizer: OptimizerConfig | None = None
     external: bool = False  # runs outside Ray (``rdml-dist student``) and joins over the gRPC cohort service
+    resources: StudentResources = Field(default_factory=StudentResources)  # Ray students only
 
     @field_validator("name")
     @classmethod
@@ -130,6 +151,8 @@ class RayConfig(_Strict):
     cpus_per_student: float = Field(1.0, gt=0)
     placement_timeout_s: float = Field(60.0, gt=0)
     exchange_timeout_s: float = Field(300.0, gt=0)
+
+    _gpus_schedulable = field_validator("gpus_per_student")(_whole_if_above_one)
 
 
 class CoordinatorConfig(_Strict):
@@ -231,6 +254,15 @@ class ExperimentConfig(_Strict):
                 "external students need the cohort service at a fixed address: set rpc.enabled: true and a "
                 "non-zero rpc.port"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _external_students_take_no_bundle(self) -> "ExperimentConfig":
+        outside = [name for name, student in zip(self.student_names(), self.students)
+                   if student.external and student.resources.model_fields_set]
+        if outside:
+            raise ValueError(f"students.N.resources places Ray students only; external students ({', '.join(outside)}) "
+                             "run wherever they are started")
         return self
 
     @model_validator(mode="after")

@@ -157,9 +157,11 @@ class StudentActor:
         return self.student.info()
 
     def placement(self) -> dict[str, Any]:
-        """Node, GPU ids, CUDA_VISIBLE_DEVICES, torch device and process id, for placement checks and fault reports."""
+        """Node, resources held, GPU ids, CUDA_VISIBLE_DEVICES, torch device and process id, for placement checks and fault reports."""
+        context = ray.get_runtime_context()
         return {
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_id": context.get_node_id(),
+            "resources": {name.split("_group_")[0]: amount for name, amount in context.get_assigned_resources().items()},
             "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "device": str(self.student.device),

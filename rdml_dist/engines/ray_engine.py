@@ -40,16 +40,24 @@ class CohortDoesNotFit(ClusterError):
     """The cluster cannot hold the cohort's placement group within the timeout."""
 
 
-def student_resources(config: ExperimentConfig) -> dict[str, float]:
-    """One bundle per student: a whole GPU each when the cluster has GPUs (unless configured), CPUs as set."""
+def student_resources(config: ExperimentConfig) -> dict[str, dict[str, float]]:
+    """Each Ray student's bundle: its own ``resources`` where set, else ``runtime.ray``'s defaults.
+
+    By default a student gets a whole GPU when the cluster has GPUs; fractions let small students
+    share one while a large student gets a GPU of its own.
+    """
     settings = config.runtime.ray
-    gpus = settings.gpus_per_student
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and config.runtime.device != "cpu" else 0.0
-    bundle = {"CPU": settings.cpus_per_student}
-    if gpus > 0:
-        bundle["GPU"] = gpus
-    return bundle
+    default_gpus = settings.gpus_per_student
+    if default_gpus is None:
+        default_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and config.runtime.device != "cpu" else 0.0
+    bundles = {}
+    for name, student in zip(config.student_names(), config.students):
+        if student.external:
+            continue
+        own = student.resources
+        gpus = default_gpus if own.gpus is None else own.gpus
+        bundles[name] = {"CPU": settings.cpus_per_student if own.cpus is None else own.cpus, **({"GPU": gpus} if gpus > 0 else {})}
+    return bundles
 
 
 def coordinator_resources(config: ExperimentConfig) -> dict[str, float]:
@@ -61,20 +69,21 @@ def coordinator_resources(config: ExperimentConfig) -> dict[str, float]:
     return bundle
 
 
-def reserve_cohort(config: ExperimentConfig, bundle: dict[str, float]) -> PlacementGroup:
+def reserve_cohort(config: ExperimentConfig, bundles: dict[str, dict[str, float]]) -> PlacementGroup:
     """Gang-schedule coordinator and students in one placement group: ready whole, or a clear failure."""
     settings = config.runtime.ray
-    ray_students = len(config.students) - len(config.external_students())
-    bundles = [coordinator_resources(config), *(dict(bundle) for _ in range(ray_students))]
-    group = placement_group(bundles, strategy=settings.placement_strategy)
+    reserved = [coordinator_resources(config), *(dict(bundle) for bundle in bundles.values())]
+    group = placement_group(reserved, strategy=settings.placement_strategy)
     ready, _ = ray.wait([group.ready()], timeout=settings.placement_timeout_s)
     if not ready:
         remove_placement_group(group)
+        asked = ", ".join(f"{name} {bundle}" for name, bundle in bundles.items())
         raise CohortDoesNotFit(
-            f"the cluster cannot hold the cohort: a coordinator {bundles[0]} and {ray_students} students × "
-            f"{bundle} with strategy {settings.placement_strategy} did not fit within {settings.placement_timeout_s:.0f} s "
+            f"the cluster cannot hold the cohort: a coordinator {reserved[0]} and {len(bundles)} students ({asked}) "
+            f"with strategy {settings.placement_strategy} did not fit within {settings.placement_timeout_s:.0f} s "
             f"(cluster total: {ray.cluster_resources()}, available: {ray.available_resources()}); add nodes, lower "
-            "runtime.ray.cpus_per_student/gpus_per_student or runtime.coordinator.cpus, or relax runtime.ray.placement_strategy"
+            "runtime.ray.cpus_per_student/gpus_per_student, students[].resources or runtime.coordinator.cpus, "
+            "or relax runtime.ray.placement_strategy"
         )
     return group
 
@@ -101,7 +110,7 @@ class RayCohort:
         self,
         config: ExperimentConfig,
         group: PlacementGroup,
-        bundle: dict[str, float],
+        bundles: dict[str, dict[str, float]],
         storage: Storage,
         record_placements: Callable[[dict[str, dict[str, Any]], dict[str, Any]], None],
         token: str | None = None,
@@ -121,7 +130,6 @@ class RayCohort:
             max_restarts=restarts,
             scheduling_strategy=_bundle(group, COORDINATOR_BUNDLE),
         ).remote(payload)
-        threads = config.runtime.torch_threads or max(1, int(bundle["CPU"]))
         self.token = token
         self.external = config.external_students()
         self.names = [name for name in config.student_names() if name not in self.external]
@@ -130,11 +138,17 @@ class RayCohort:
             self.rpc_address = self._serve_rpc()  # before the students start: external ones may join meanwhile
             self.actors = {
                 name: StudentActor.options(
-                    num_cpus=bundle["CPU"],
-                    num_gpus=bundle.get("GPU", 0),
+                    num_cpus=bundles[name]["CPU"],
+                    num_gpus=bundles[name].get("GPU", 0),
                     max_restarts=restarts,
                     scheduling_strategy=_bundle(group, COORDINATOR_BUNDLE + 1 + position),
-                ).remote(payload, config.student_names().index(name), threads, storage.url, marker)
+                ).remote(
+                    payload,
+                    config.student_names().index(name),
+                    config.runtime.torch_threads or max(1, int(bundles[name]["CPU"])),
+                    storage.url,
+                    marker,
+                )
                 for position, name in enumerate(self.names)
             }
             self.infos = dict(zip(self.names, _get_with_user_errors([actor.info.remote() for actor in self.actors.values()])))
@@ -373,12 +387,14 @@ def run_ray(session: RunSession, show_progress: bool = True) -> RunDirectory:
     token = resolve_token(config.rpc)
     if config.rpc.enabled:
         check_bind(config.rpc, token)
-    cpus_needed = len(config.students) * config.runtime.ray.cpus_per_student + config.runtime.coordinator.cpus
+    cpus_needed = config.runtime.coordinator.cpus + sum(
+        student.resources.cpus or config.runtime.ray.cpus_per_student for student in config.students if not student.external
+    )
     connection = connect(config.runtime.ray.address, cpus_needed)
     print(f"rdml-dist: {connection.description}", flush=True)
     try:
-        bundle = student_resources(config)
-        cohort = RayCohort(config, reserve_cohort(config, bundle), bundle, session.storage, session.run.write_placements, token)
+        bundles = student_resources(config)
+        cohort = RayCohort(config, reserve_cohort(config, bundles), bundles, session.storage, session.run.write_placements, token)
         if cohort.rpc_address:
             print(f"rdml-dist: cohort service (gRPC) at {cohort.rpc_address}", flush=True)
         if cohort.metrics_address:

@@ -42,3 +42,27 @@ def test_each_student_gets_its_own_gpu_by_default(three_fake_gpus: None, tmp_pat
     assert read_json(tmp_path / "results.json")["summary"]["ensemble"]["final_val_accuracy"] > 0.1  # chance is 0.1
     # Every GPU (and CPU) is given back when the cohort is done.
     wait_until(cohort_released, "the cohort's placement group and GPUs are released")
+
+
+@pytest.mark.timeout(120)
+def test_small_students_share_a_gpu_while_a_large_one_has_its_own(three_fake_gpus: None, tmp_path: Path) -> None:
+    students = [
+        {"name": "small0", "model": "mlp", "resources": {"gpus": 0.5}},
+        {"name": "small1", "model": "mlp", "resources": {"gpus": 0.5}},
+        {"name": "large", "model": "small_cnn", "resources": {"gpus": 1, "cpus": 0.25}},
+    ]
+    config = make_config(tmp_path, students, training={"batch_size": 512}, ray={"cpus_per_student": 0.5})
+    run = train_ray(config, tmp_path, show_progress=False)
+    run.finish()
+
+    placements = read_json(tmp_path / "placements.json")["students"]
+    held = {name: placement["resources"] for name, placement in placements.items()}
+    assert held == {"small0": {"CPU": 0.5, "GPU": 0.5}, "small1": {"CPU": 0.5, "GPU": 0.5},
+                    "large": {"CPU": 0.25, "GPU": 1.0}}, held
+    gpu_ids = {name: placement["gpu_ids"] for name, placement in placements.items()}
+    assert all(len(ids) == 1 for ids in gpu_ids.values()), gpu_ids
+    assert gpu_ids["large"][0] not in gpu_ids["small0"] + gpu_ids["small1"], gpu_ids
+    # Each student's wait for the slowest peer is reported, so a user can see whom to give more.
+    summary = read_json(tmp_path / "results.json")["summary"]
+    assert all(summary[name]["mean_wait_seconds"] >= 0 for name in placements)
+    wait_until(cohort_released, "the cohort's placement group and GPUs are released")

@@ -46,6 +46,11 @@ def test_packaged_cifar_recipe_follows_the_papers() -> None:
         (minimal(students=[{"model": "mlp", "name": "a"}, {"model": "mlp", "name": "a"}]), "config", "repeated: a"),
         (minimal(students=[{"model": "mlp", "name": "bad name"}]), "students.0.name", "letters, digits"),
         (minimal(mimicry={"alpha": 1, "alpha_schedule": {"kind": "cosine", "floor": 2}}), "mimicry", "must not exceed"),
+        (minimal(students=[{"model": "mlp", "resources": {"gpus": 1.5}}]), "students.0.resources.gpus", "below 1"),
+        (minimal(students=[{"model": "mlp", "resources": {"cpus": 0}}]), "students.0.resources.cpus", "greater than 0"),
+        (minimal(students=[{"model": "mlp", "resources": {"gpu": 1}}]), "students.0.resources.gpu", "unknown field"),
+        (minimal(runtime={"ray": {"gpus_per_student": 2.5}}), "runtime.ray.gpus_per_student", "whole number"),
+        (minimal(students=[{"model": "mlp", "external": True, "resources": {"cpus": 2}}]), "config", "Ray students only"),
     ],
 )
 def test_invalid_values_name_the_field(raw: dict, field: str, fragment: str) -> None:
