@@ -178,6 +178,16 @@ class FaultConfig(_Strict):
     nan_lr_backoff: float = Field(1.0, gt=0, le=1)
 
 
+class ExchangeConfig(_Strict):
+    """What a step's frames carry: ``float16``/``bfloat16`` halve the logits and gradients on the wire.
+
+    The coordinator always computes in float32; float16 logits beyond ±65504 become inf and are
+    refused as non-finite, so bfloat16 (float32's range, 3 significant digits) is the safer half.
+    """
+
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
 class RuntimeConfig(_Strict):
     """Where it runs, where results go, and how failures are survived."""
 
@@ -188,6 +198,7 @@ class RuntimeConfig(_Strict):
     torch_threads: int | None = Field(None, ge=1)
     ray: RayConfig = Field(default_factory=RayConfig)
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
+    exchange: ExchangeConfig = Field(default_factory=ExchangeConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     fault: FaultConfig = Field(default_factory=FaultConfig)
 

@@ -266,7 +266,7 @@ class CohortCoordinator:
         alpha = alpha_at(mimicry, progress, self.config.training.epochs)
         weight = mimicry_weight_at(mimicry, progress)
         result = mimicry_gradients(
-            torch.stack([frame.logits for frame in frames]).to(self.device),
+            torch.stack([frame.logits for frame in frames]).to(self.device, torch.float32),  # any wire dtype
             alpha=alpha,
             temperature=mimicry.temperature,
             mode=mimicry.mode,
@@ -284,7 +284,7 @@ class CohortCoordinator:
             divergence_value = float(losses[position])
             replies[name] = MimicryReply(
                 step=self.step,
-                grad=grads[position] * scale,
+                grad=(grads[position] * scale).to(frame.logits.dtype),  # back in the dtype it was sent in
                 mimicry_loss=scale * divergence_value,
                 alpha=alpha,
                 weight=weight,

@@ -70,6 +70,7 @@ class Student:
         self.index = index
         self.name = config.student_names()[index]
         self.device = device or resolve_device(config.runtime.device)
+        self.wire_dtype: torch.dtype = getattr(torch, config.runtime.exchange.dtype)  # what its frames carry
         self.dataset = load_dataset(data_spec(config), config.seed)
         student_config = config.students[index]
         self._rng_state = torch.Generator().manual_seed(student_seed(config.seed, index)).get_state()
@@ -177,7 +178,7 @@ class Student:
             student=self.name,
             step=global_step,
             batch_hash=indices_hash(indices),
-            logits=logits.detach().float().cpu(),
+            logits=logits.detach().to(self.wire_dtype).cpu(),
             ce_loss=float(ce.detach()),
             correct=correct,
             labelled=labelled,
@@ -214,7 +215,7 @@ class Student:
         step, indices, inputs = self._last_batch
         self._last_batch = None
         with self._own_rng():
-            logits = self.model(inputs).float().cpu()
+            logits = self.model(inputs).to(self.wire_dtype).cpu()
         return LogitsFrame(self.name, step, indices_hash(indices), logits, math.nan, 0, 0, 0)
 
     def discard_pending(self) -> None:

@@ -31,12 +31,12 @@ def _by_step_and_student(rows: list[dict[str, str]]) -> dict[tuple[int, str], di
     return keyed
 
 
-@pytest.mark.timeout(180)
-def test_sequential_updates_on_ray_reproduce_the_in_process_engine(tmp_path: Path) -> None:
-    """DML Algorithm 1 across processes: each turn's gradient waits for the previous student's refreshed logits."""
-    students = [{"name": "mlp", "model": "mlp", "options": {"hidden": [32]}}, {"name": "cnn", "model": "small_cnn", "options": {"width": 8}},
-                {"name": "wide", "model": "mlp", "options": {"hidden": [64]}}]
-    sections = {"training": {"epochs": 2, "batch_size": 256}, "mimicry": {"update": "sequential"}}
+SMALL_TRIO = [{"name": "mlp", "model": "mlp", "options": {"hidden": [32]}}, {"name": "cnn", "model": "small_cnn", "options": {"width": 8}},
+              {"name": "wide", "model": "mlp", "options": {"hidden": [64]}}]
+
+
+def assert_ray_reproduces_local(tmp_path: Path, students: list[dict], **sections: dict) -> None:
+    """Both engines train the same config; every per-step CE and mimicry loss agrees to 1e-4."""
     threads = torch.get_num_threads()
     try:
         local_run = train_local(make_config(tmp_path / "local", students, **sections), tmp_path / "local", show_progress=False)
@@ -46,10 +46,23 @@ def test_sequential_updates_on_ray_reproduce_the_in_process_engine(tmp_path: Pat
     ray_run = train_ray(make_config(tmp_path / "ray", students, **sections), tmp_path / "ray", show_progress=False)
     ray_run.finish()
     local_steps, ray_steps = (_by_step_and_student(read_steps(tmp_path / run)) for run in ("local", "ray"))
-    assert ray_steps.keys() == local_steps.keys() and len(ray_steps) == 3 * 2 * 6
+    assert ray_steps.keys() == local_steps.keys() and len(ray_steps) == len(students) * 2 * 6
     for key, local_row in local_steps.items():
         for column in ("ce_loss", "mimicry_loss"):
             assert float(ray_steps[key][column]) == pytest.approx(float(local_row[column]), abs=1e-4, rel=0), (key, column)
+
+
+@pytest.mark.timeout(180)
+def test_sequential_updates_on_ray_reproduce_the_in_process_engine(tmp_path: Path) -> None:
+    """DML Algorithm 1 across processes: each turn's gradient waits for the previous student's refreshed logits."""
+    assert_ray_reproduces_local(tmp_path, SMALL_TRIO, training={"epochs": 2, "batch_size": 256}, mimicry={"update": "sequential"})
+
+
+@pytest.mark.timeout(180)
+def test_half_precision_frames_on_ray_reproduce_the_in_process_engine(tmp_path: Path) -> None:
+    """bfloat16 logits and gradients on the wire: the Ray students round exactly where the local ones do."""
+    assert_ray_reproduces_local(tmp_path, SMALL_TRIO, training={"epochs": 2, "batch_size": 256},
+                                runtime={"exchange": {"dtype": "bfloat16"}})
 
 
 @pytest.mark.timeout(180)

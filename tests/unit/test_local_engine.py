@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from rdml_dist.checkpoints import CheckpointStore
@@ -154,3 +155,37 @@ def test_semi_supervised_samples_get_mimicry_only(tmp_path: Path) -> None:
     labelled = [int(row["labelled"]) for row in full_batches]
     assert all(40 <= count <= 90 for count in labelled), labelled  # about half of 128
     assert all(float(row["mimicry_loss"]) > 0 for row in rows)
+
+
+def test_hidden_labels_leave_the_cross_entropy_a_mean_over_the_labelled_rows(tmp_path: Path) -> None:
+    """CE is averaged over a batch's labelled rows only (none: 0); the mimicry term stays a mean over all B rows."""
+    raw = tiny_cohort(tmp_path, "semi-ce").model_dump()
+    raw["data"]["unlabeled_fraction"] = 0.5
+    raw["students"] = [{"name": "plain", "model": "mlp", "options": {"hidden": [16], "dropout": 0.0}}]
+    student = Student(parse_config(raw), 0)
+    indices, (inputs, labels) = student._training_batch(0, 0)
+    frame = student.forward_step(0)
+    with torch.no_grad():
+        logits = student.model(inputs)
+    known = labels >= 0
+    assert 0 < int(known.sum()) < len(labels) and frame.labelled == int(known.sum())
+    assert frame.ce_loss == pytest.approx(float(F.cross_entropy(logits[known], labels[known])), rel=1e-5)
+    assert frame.ce_loss != pytest.approx(float(F.cross_entropy(logits[known], labels[known], reduction="sum") / len(labels)), rel=1e-3)
+    student.discard_pending()
+    student.dataset.train.labels[indices] = -1  # a batch with no label at all: mimicry only
+    assert student.forward_step(0).ce_loss == 0.0
+
+
+@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
+def test_half_precision_frames_carry_that_dtype_and_stay_close_to_float32(tmp_path: Path, wire: str) -> None:
+    raw = tiny_cohort(tmp_path, f"wire-{wire}").model_dump()
+    raw["runtime"]["exchange"] = {"dtype": wire}
+    config = parse_config(raw)
+    frame = Student(config, 0).forward_step(0)
+    assert frame.logits.dtype == getattr(torch, wire)
+    exact = {(row["step"], row["student"]): row for row in train(tiny_cohort(tmp_path, "wire-float32"))}
+    rounded = {(row["step"], row["student"]): row for row in train(config)}
+    assert rounded.keys() == exact.keys()
+    gaps = [abs(float(rounded[key]["mimicry_loss"]) - float(exact[key]["mimicry_loss"])) for key in exact]
+    scale = max(float(row["mimicry_loss"]) for row in exact.values())
+    assert 0 < max(gaps) < 0.05 * scale, (max(gaps), scale)  # rounded on the wire, yet the same training
