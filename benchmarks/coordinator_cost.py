@@ -2,7 +2,8 @@
 
 For every K×B×C of the grid, on random logits and on confident ones (every student puts +15 on
 the same class of each sample, as late in training), one torch thread, it times:
-- ``batched``: :func:`rdml_dist.divergence.mimicry_gradients`, as the coordinator calls it;
+- ``batched``: :func:`rdml_dist.divergence.mimicry_gradients` as the coordinator calls it
+  (gradients and losses, ``with_targets=False``);
 - ``per_pair``: the naive reference, a Python loop over the K·(K−1) ordered pairs, each
   ``softmax(α ℓ_j + (1−α) ℓ_k)`` and its ``logsumexp`` over the B×C batch;
 - ``baseline``: ``mimicry_gradients`` of ``rdml_dist/divergence.py`` at an earlier commit
@@ -13,8 +14,8 @@ the same class of each sample, as late in training), one torch thread, it times:
 
 Each timing is the median of repeated calls (at least 3, up to ``--min-seconds`` of calls).
 Writes benchmarks/results/coordinator_cost{,_quick}.{json,md} and a PNG plot. Run:
-    .venv/bin/python benchmarks/coordinator_cost.py            # full grid, ~15 min on 2 cores
-    .venv/bin/python benchmarks/coordinator_cost.py --quick    # K in {2, 16, 64}, a few minutes
+    .venv/bin/python benchmarks/coordinator_cost.py            # full grid
+    .venv/bin/python benchmarks/coordinator_cost.py --quick    # K in {2, 16, 64}
 """
 
 import argparse
@@ -109,16 +110,16 @@ def measure_cell(k: int, b: int, c: int, kind: str, baseline: ModuleType | None,
     reference_targets, reference_losses = per_pair_loop(logits.double(), alpha)
     row["max_target_error"] = float((result.targets.double() - reference_targets).abs().max())
     row["max_loss_relative_error"] = float(((result.losses.double() - reference_losses) / reference_losses.abs()).abs().max())
-    row["batched_s"] = median_seconds(lambda: mimicry_gradients(logits, alpha=alpha), args.min_seconds)
-    row["per_pair_s"] = median_seconds(lambda: per_pair_loop(logits, alpha), args.min_seconds, max_calls=5)
+    row["batched_s"] = median_seconds(lambda: mimicry_gradients(logits, alpha=alpha, with_targets=False), args.min_seconds)
+    row["per_pair_s"] = median_seconds(lambda: per_pair_loop(logits, alpha), args.min_seconds, max_calls=3)
     row["per_pair_over_batched"] = row["per_pair_s"] / row["batched_s"]
     exact_path_gib = k * k * b * c * 4 / 2**30
     if baseline is not None and (kind == "random" or exact_path_gib <= args.baseline_max_gib):
-        row["baseline_s"] = median_seconds(lambda: baseline.mimicry_gradients(logits, alpha=alpha), args.min_seconds, max_calls=5)
+        row["baseline_s"] = median_seconds(lambda: baseline.mimicry_gradients(logits, alpha=alpha), args.min_seconds, max_calls=3)
         row["baseline_over_batched"] = row["baseline_s"] / row["batched_s"]
     for shards in args.shards:
         rows = logits[:, : b // shards]
-        row[f"shard_{shards}_s"] = median_seconds(lambda: mimicry_gradients(rows, alpha=alpha), args.min_seconds)
+        row[f"shard_{shards}_s"] = median_seconds(lambda: mimicry_gradients(rows, alpha=alpha, with_targets=False), args.min_seconds)
     return row
 
 

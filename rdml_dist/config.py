@@ -179,12 +179,16 @@ class FaultConfig(_Strict):
 
 
 class ExchangeConfig(_Strict):
-    """What a step's frames carry: ``float16``/``bfloat16`` halve the logits and gradients on the wire.
+    """How a Ray student's step reaches the coordinator, and what its frames carry.
 
-    The coordinator always computes in float32; float16 logits beyond ±65504 become inf and are
-    refused as non-finite, so bfloat16 (float32's range, 3 significant digits) is the safer half.
+    ``transport``: ``tcp`` is the frame lane (one persistent socket per student into the same
+    barrier); ``actor_calls`` one Ray actor call per step. ``dtype``: ``float16``/``bfloat16``
+    halve the logits and gradients on the wire. The coordinator always computes in float32;
+    float16 logits beyond ±65504 become inf and are refused as non-finite, so bfloat16 (float32's
+    range, 3 significant digits) is the safer half.
     """
 
+    transport: Literal["tcp", "actor_calls"] = "tcp"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 

@@ -271,6 +271,7 @@ class CohortCoordinator:
             temperature=mimicry.temperature,
             mode=mimicry.mode,
             divergence=mimicry.divergence,
+            with_targets=False,
         )
         grads, losses = result.grads.cpu(), result.losses.cpu()
         scale = weight * mimicry.temperature**2

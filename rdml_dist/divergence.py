@@ -32,10 +32,11 @@ class MimicryResult(NamedTuple):
     ``losses[k]`` (K,) is student k's mimicry loss (mean over peers, batch mean, no λ or τ²);
     ``grads[k]`` (B×C) is ∂ losses[k] / ∂ logits[k] with the peers held constant;
     ``targets[k]`` (B×C) is the effective target with ``grads = (softmax(z/τ) − targets) / (τ·B)``:
-    for ``renyi``/``kl`` this is the Rényi mimicry target T_k, a probability distribution.
+    for ``renyi``/``kl`` this is the Rényi mimicry target T_k, a probability distribution. It is
+    None when the call asked for gradients only (``with_targets=False``, as the coordinator does).
     """
 
-    targets: Tensor
+    targets: Tensor | None
     grads: Tensor
     losses: Tensor
 
@@ -307,17 +308,18 @@ _CHUNK_BYTES = 1 << 20
 
 
 def _closed_form_in_row_chunks(
-    logits: Tensor, alpha: float, temperature: float, mode: str, compute_dtype: torch.dtype
+    logits: Tensor, alpha: float, temperature: float, mode: str, compute_dtype: torch.dtype, with_targets: bool
 ) -> MimicryResult:
     """Rényi/KL targets, gradients and losses, a block of batch rows at a time (targets are per sample).
 
     Each block is copied once into a contiguous rows×K×C layout, which every later pass reads with
-    unit stride; its batch-mean losses are weighted by its share of the rows.
+    unit stride; its batch-mean losses are weighted by its share of the rows. The outputs are
+    laid out by sample too and returned as K×B×C views.
     """
     k, batch, classes = logits.shape
     rows = max(1, _CHUNK_BYTES // (k * classes * torch.finfo(compute_dtype).bits // 8))
-    targets = torch.empty(batch, k, classes, dtype=compute_dtype, device=logits.device)  # by sample, like the blocks
-    grads = torch.empty_like(targets)
+    grads = torch.empty(batch, k, classes, dtype=compute_dtype, device=logits.device)
+    targets = torch.empty_like(grads) if with_targets else None
     losses = torch.zeros(k, dtype=compute_dtype, device=logits.device)
     for start in range(0, batch, rows):
         block = logits[:, start : start + rows].transpose(0, 1).to(compute_dtype, memory_format=torch.contiguous_format, copy=True)
@@ -325,11 +327,12 @@ def _closed_form_in_row_chunks(
             block.div_(temperature)
         logp = F.log_softmax(block, dim=-1).transpose(0, 1)  # K×rows×C view of a rows×K×C tensor
         block_targets, block_losses = _closed_form(logp, alpha, mode)
-        targets[start : start + rows] = block_targets.transpose(0, 1)
-        torch.sub(logp.exp(), block_targets, out=grads[start : start + rows].transpose(0, 1)).div_(temperature * batch)
+        if targets is not None:
+            targets[start : start + rows] = block_targets.transpose(0, 1)
+        block_grads = grads[start : start + rows].transpose(0, 1)
+        torch.sub(logp.exp_(), block_targets, out=block_grads).div_(temperature * batch)  # logp is done with: q in place
         losses.add_(block_losses, alpha=logp.shape[1] / batch)
-    targets, grads = targets.transpose(0, 1), grads.transpose(0, 1)
-    return MimicryResult(targets, grads, losses)
+    return MimicryResult(None if targets is None else targets.transpose(0, 1), grads.transpose(0, 1), losses)
 
 
 def mimicry_gradients(
@@ -338,6 +341,7 @@ def mimicry_gradients(
     temperature: float = 1.0,
     mode: str = "pairwise",
     divergence: str = "renyi",
+    with_targets: bool = True,
 ) -> MimicryResult:
     """Mimicry loss, its gradient and target for every student of a cohort in one batched call.
 
@@ -345,6 +349,7 @@ def mimicry_gradients(
     ``1/(K−1) Σ_{j≠k} D(q_j ‖ q_k)`` (``pairwise``) or ``D(mean_{j≠k} q_j ‖ q_k)``
     (``ensemble``), batch mean. ``alpha`` is used by ``renyi`` only (α = 0: no mimicry).
     With a single live student there is no peer: losses and gradients are zero.
+    ``with_targets=False`` skips writing the K×B×C targets (``targets`` is then None).
     """
     _check_divergence(divergence, mode)
     _check_hyperparameters(alpha, temperature)
@@ -354,8 +359,8 @@ def mimicry_gradients(
     k, batch, _ = logits.shape
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)  # half-precision range is too narrow
     if k >= 2 and divergence in ("renyi", "kl") and not (divergence == "renyi" and alpha == 0):
-        result = _closed_form_in_row_chunks(logits, 1.0 if divergence == "kl" else alpha, temperature, mode, compute_dtype)
-        return MimicryResult(*(tensor.to(logits.dtype) for tensor in result))
+        result = _closed_form_in_row_chunks(logits, 1.0 if divergence == "kl" else alpha, temperature, mode, compute_dtype, with_targets)
+        return MimicryResult(*(None if tensor is None else tensor.to(logits.dtype) for tensor in result))
     scaled = logits.to(compute_dtype) / temperature
     probs = F.softmax(scaled, dim=-1)
     if k < 2 or divergence == "renyi":  # no peer, or α = 0: no mimicry
@@ -364,4 +369,4 @@ def mimicry_gradients(
         losses, scaled_grads = _autograd_losses_and_grads(scaled, divergence, alpha, mode)
         grads = scaled_grads / temperature
         targets = probs - grads * (temperature * batch)
-    return MimicryResult(*(tensor.to(logits.dtype) for tensor in (targets, grads, losses)))
+    return MimicryResult(None if not with_targets else targets.to(logits.dtype), grads.to(logits.dtype), losses.to(logits.dtype))

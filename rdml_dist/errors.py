@@ -50,3 +50,10 @@ class CohortStepFailed(RuntimeError):
 
 class ClusterError(RuntimeError):
     """The Ray cluster cannot run the cohort (unreachable, refuses us, too small); the message says what to do."""
+
+
+class CoordinatorUnreachable(ConnectionError):
+    """A student's direct connection to the coordinator broke or was refused: it died, restarted or moved.
+
+    The driver treats it like an actor call to a dead coordinator: a failure of the cohort, handed to the policy.
+    """

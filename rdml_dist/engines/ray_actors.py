@@ -11,6 +11,7 @@ run's latest checkpoint.
 import os
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -22,6 +23,8 @@ from rdml_dist.config import ExperimentConfig
 from rdml_dist.coordinator import NON_FINITE, EpochEvaluation, StepRecord
 from rdml_dist.errors import ConfigError, FrameRejected
 from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
+from rdml_dist.lane.client import FrameLaneClient
+from rdml_dist.lane.server import FrameLaneServer
 from rdml_dist.metrics import metrics_address, serve
 from rdml_dist.rpc.server import CohortServer, start_cohort_server
 from rdml_dist.storage import Storage
@@ -47,6 +50,7 @@ class Coordinator:
             self.barrier.halted = "the coordinator restarted; the driver is restoring the cohort"
         self._metrics_address: str | None = None
         self._rpc: CohortServer | None = None
+        self._lane: FrameLaneServer | None = None
 
     async def register(self, info: StudentInfo) -> None:
         self.barrier.register(info)
@@ -86,6 +90,13 @@ class Coordinator:
         if self.config.rpc.enabled and self._rpc is None:
             self._rpc = await start_cohort_server(self.barrier, token, ray.util.get_node_ip_address())
         return self._rpc.address if self._rpc is not None else None
+
+    async def serve_lane(self, secret: str) -> str:
+        """Start the frame lane (once per process) on this node's address; returns ``host:port``."""
+        if self._lane is None:
+            self._lane = FrameLaneServer(self.barrier, secret, self.config.rpc.max_message_mb << 20)
+            await self._lane.start(ray.util.get_node_ip_address())
+        return self._lane.address
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     async def serve_metrics(self) -> str | None:
@@ -144,6 +155,7 @@ class StudentActor:
                 "that every node of the cluster can reach"
             )
         self.checkpoints = CheckpointStore(storage)
+        self._lane: FrameLaneClient | None = None
         self._startup_error: ConfigError | None = None
         try:
             self.student = Student(self.config, index, resolve_device(self.config.runtime.device))
@@ -168,15 +180,21 @@ class StudentActor:
             "pid": os.getpid(),
         }
 
-    def run_steps(self, start: int, end: int, coordinator: "ray.actor.ActorHandle", restore_step: int) -> list[dict[str, Any]]:
-        """Train steps ``[start, end)`` in lock-step with the cohort; returns non-finite recoveries."""
+    def run_steps(
+        self, start: int, end: int, coordinator: "ray.actor.ActorHandle", restore_step: int, lane: tuple[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Train steps ``[start, end)`` in lock-step with the cohort; returns non-finite recoveries.
+
+        ``lane`` (address, secret): exchange over the coordinator's frame lane; None: actor calls.
+        """
         events = []
+        exchange, refresh = self._transport(coordinator, lane)
         for step in range(start, end):
             frame = self.student.forward_step(step)
             sent = time.perf_counter()
             try:
-                reply = ray.get(coordinator.exchange.remote(frame))
-            except ray.exceptions.RayTaskError as error:
+                reply = exchange(frame)
+            except (ray.exceptions.RayTaskError, FrameRejected) as error:
                 rejection = _rejection(error)
                 if rejection is None or rejection.reason != NON_FINITE:
                     raise
@@ -184,9 +202,24 @@ class StudentActor:
                 continue
             self.student.apply(reply.grad, time.perf_counter() - sent)
             if reply.refresh:  # sequential update: later peers read this student's updated logits
-                ray.get(coordinator.refresh.remote(self.student.refreshed_frame()))
+                refresh(self.student.refreshed_frame())
         ray.get(coordinator.record_timing.remote(self.student.name, self.student.last_timing))
         return events
+
+    def _transport(
+        self, coordinator: "ray.actor.ActorHandle", lane: tuple[str, str] | None
+    ) -> tuple[Callable[[LogitsFrame], MimicryReply], Callable[[LogitsFrame], None]]:
+        """The exchange and refresh calls of this chunk: the frame lane (connected again when the coordinator
+        moved or the last connection broke) or actor calls."""
+        if lane is None:
+            return (lambda frame: ray.get(coordinator.exchange.remote(frame))), (lambda frame: ray.get(coordinator.refresh.remote(frame)))
+        address, secret = lane
+        if self._lane is None or self._lane.address != address or self._lane.broken:
+            if self._lane is not None:
+                self._lane.close()
+            self._lane = FrameLaneClient(address, secret, self.student.name, self.config.runtime.ray.exchange_timeout_s,
+                                         self.config.rpc.max_message_mb << 20)
+        return self._lane.exchange, self._lane.refresh
 
     def evaluate(self, epoch: int, coordinator: "ray.actor.ActorHandle") -> None:
         """Close the epoch (learning-rate schedule) and send the validation logits to the coordinator."""

@@ -23,7 +23,7 @@ from rdml_dist.engines.loop import CohortRollback, train_loop
 from rdml_dist.engines.ray_actors import STORAGE_MARKER, CoordinatorActor, StudentActor
 from rdml_dist.engines.ray_cluster import connect
 from rdml_dist.engines.session import RunSession, new_session
-from rdml_dist.errors import ClusterError, CohortStepFailed, ConfigError
+from rdml_dist.errors import ClusterError, CohortStepFailed, ConfigError, CoordinatorUnreachable
 from rdml_dist.frames import StudentInfo
 from rdml_dist.metrics import write_file_sd
 from rdml_dist.rpc.auth import check_bind, resolve_token
@@ -134,8 +134,11 @@ class RayCohort:
         self.external = config.external_students()
         self.names = [name for name in config.student_names() if name not in self.external]
         self.actors: dict[str, ray.actor.ActorHandle] = {}
+        self._lane_secret = uuid.uuid4().hex  # reaches the students through Ray only: the lane's credential
+        self.lane: tuple[str, str] | None = None
         try:
             self.rpc_address = self._serve_rpc()  # before the students start: external ones may join meanwhile
+            self.lane = self._serve_lane()
             self.actors = {
                 name: StudentActor.options(
                     num_cpus=bundles[name]["CPU"],
@@ -169,6 +172,12 @@ class RayCohort:
     def _serve_rpc(self) -> str | None:
         """Have the coordinator serve the gRPC cohort service (again, after a restart)."""
         return _get_with_user_errors(self.coordinator.serve_rpc.remote(self.token))
+
+    def _serve_lane(self) -> tuple[str, str] | None:
+        """Have the coordinator open its frame lane (again, after a restart) when the students exchange over TCP."""
+        if self.config.runtime.exchange.transport != "tcp":
+            return None
+        return ray.get(self.coordinator.serve_lane.remote(self._lane_secret)), self._lane_secret
 
     def _wait_for_external_students(self) -> None:
         """Block until every external student has joined the coordinator, or fail naming the missing ones."""
@@ -211,7 +220,8 @@ class RayCohort:
     # -- one chunk of steps, with failures handed to the policy ------------------------------
     def run_steps(self, start: int, end: int, restore_step: int, on_progress: Callable[[int], None]) -> list[dict[str, Any]]:
         calls = {
-            self.actors[name].run_steps.remote(start, end, self.coordinator, restore_step): name for name in self.live_members()
+            self.actors[name].run_steps.remote(start, end, self.coordinator, restore_step, self.lane): name
+            for name in self.live_members()
         }
         events: list[dict[str, Any]] = []
         rejoining: list[str] = []
@@ -266,6 +276,8 @@ class RayCohort:
             return Failure("coordinator_error", step, str(error.cause))
         if isinstance(error.cause, ray.exceptions.RayActorError) or not self._coordinator_alive():
             return Failure("coordinator_died", step, _cause(error.cause or error))
+        if isinstance(error.cause, CoordinatorUnreachable):  # the lane broke under a coordinator Ray already restarted
+            return Failure("coordinator_died", step, _cause(error.cause))
         raise error
 
     def _coordinator_alive(self) -> bool:
@@ -345,6 +357,7 @@ class RayCohort:
             self._wait_until_restarted(actor, f"student {name!r}")
         self._wait_until_restarted(self.coordinator, "the coordinator")
         self.rpc_address = self._serve_rpc()
+        self.lane = self._serve_lane()
         self.metrics_address = self._serve_metrics()
         epoch = step // self.steps_per_epoch
         infos: list[StudentInfo] = ray.get([self.actors[name].restore.remote(step, epoch) for name in self.names])

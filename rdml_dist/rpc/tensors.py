@@ -34,7 +34,7 @@ def encode_tensor(tensor: torch.Tensor) -> cohort_pb2.Tensor:
         raise WireFormatError(f"dtype {tensor.dtype} cannot travel on the wire (allowed: {_allowed()})")
     data = tensor.detach().cpu().contiguous()
     if not LITTLE_ENDIAN_HOST:
-        data = _swap_bytes(data)
+        data = swap_bytes(data)
     raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
     return cohort_pb2.Tensor(dtype=DTYPE_CODES[tensor.dtype], shape=list(tensor.shape), data=raw)
 
@@ -55,10 +55,10 @@ def decode_tensor(message: cohort_pb2.Tensor, what: str, floating: bool = True) 
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
     tensor = torch.frombuffer(bytearray(message.data), dtype=dtype).reshape(shape)
-    return tensor if LITTLE_ENDIAN_HOST else _swap_bytes(tensor)
+    return tensor if LITTLE_ENDIAN_HOST else swap_bytes(tensor)
 
 
-def _swap_bytes(tensor: torch.Tensor) -> torch.Tensor:
+def swap_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """Reverse each element's bytes (only on a big-endian host: the wire is little-endian)."""
     size = tensor.dtype.itemsize
     raw = tensor.contiguous().reshape(-1).view(torch.uint8).reshape(-1, size).flip(-1).contiguous()

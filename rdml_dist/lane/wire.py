@@ -1,0 +1,146 @@
+"""The frame lane's messages: a length-prefixed JSON header, then the raw bytes of at most one tensor.
+
+One message is the header's length (4 bytes) and the payload's (8 bytes), big-endian, the UTF-8
+JSON header, and the payload: the tensor as little-endian C-order bytes, its dtype and shape in the header. Nothing a
+peer sends is unpickled or executed; every size is checked before anything is allocated.
+"""
+
+import asyncio
+import json
+import math
+import socket
+from typing import Any
+
+import torch
+
+from rdml_dist.frames import LogitsFrame, MimicryReply, StepTiming
+from rdml_dist.rpc.tensors import LITTLE_ENDIAN_HOST, swap_bytes
+
+PREFIX_BYTES = 12
+MAX_HEADER_BYTES = 1 << 16
+LANE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in LANE_DTYPES.items()}
+
+
+class LaneProtocolError(ValueError):
+    """A message that breaks the format (sizes, header, dtype, shape): the connection is not usable."""
+
+
+def encode(header: dict[str, Any], tensor: torch.Tensor | None = None) -> list[bytes | memoryview]:
+    """The parts of one message, the tensor's bytes without a copy when it is already contiguous on the CPU."""
+    payload: bytes | memoryview = b""
+    if tensor is not None:
+        data = tensor.detach().cpu().contiguous()
+        if not LITTLE_ENDIAN_HOST:
+            data = swap_bytes(data)
+        header = {**header, "dtype": DTYPE_NAMES[data.dtype], "shape": list(data.shape)}
+        payload = memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.numel() else b""
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return [_prefix(len(text), len(payload)) + text, payload]
+
+
+def _prefix(header_bytes: int, payload_bytes: int) -> bytes:
+    return header_bytes.to_bytes(4, "big") + payload_bytes.to_bytes(8, "big")
+
+
+def _sizes(prefix: bytes, max_payload_bytes: int) -> tuple[int, int]:
+    header_bytes, payload_bytes = int.from_bytes(prefix[:4], "big"), int.from_bytes(prefix[4:], "big")
+    if header_bytes > MAX_HEADER_BYTES or payload_bytes > max_payload_bytes:
+        raise LaneProtocolError(f"a message of {header_bytes} header and {payload_bytes} payload bytes exceeds the limits "
+                                f"({MAX_HEADER_BYTES} and {max_payload_bytes})")
+    return header_bytes, payload_bytes
+
+
+def _header(text: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LaneProtocolError(f"the message header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise LaneProtocolError("the message header is not a JSON object")
+    return header
+
+
+async def read_message(reader: asyncio.StreamReader, max_payload_bytes: int) -> tuple[dict[str, Any], bytes]:
+    """The next message from an asyncio stream (``IncompleteReadError`` at a clean end of the stream)."""
+    header_bytes, payload_bytes = _sizes(await reader.readexactly(PREFIX_BYTES), max_payload_bytes)
+    header = _header(await reader.readexactly(header_bytes))
+    return header, await reader.readexactly(payload_bytes)
+
+
+def receive_message(connection: socket.socket, max_payload_bytes: int) -> tuple[dict[str, Any], bytearray]:
+    """The next message from a blocking socket; ``ConnectionError`` when the peer closed it."""
+    header_bytes, payload_bytes = _sizes(bytes(_receive_exactly(connection, PREFIX_BYTES)), max_payload_bytes)
+    header = _header(bytes(_receive_exactly(connection, header_bytes)))
+    return header, _receive_exactly(connection, payload_bytes)
+
+
+def _receive_exactly(connection: socket.socket, size: int) -> bytearray:
+    buffer = bytearray(size)
+    view, received = memoryview(buffer), 0
+    while received < size:
+        count = connection.recv_into(view[received:])
+        if count == 0:
+            raise ConnectionError("the coordinator closed the frame lane")
+        received += count
+    return buffer
+
+
+def send_message(connection: socket.socket, header: dict[str, Any], tensor: torch.Tensor | None = None) -> None:
+    for part in encode(header, tensor):
+        if len(part):
+            connection.sendall(part)
+
+
+def decode_tensor(header: dict[str, Any], payload: bytes | bytearray, what: str) -> torch.Tensor:
+    """The tensor a message carries, checked against its header (``LaneProtocolError`` names the problem)."""
+    dtype = LANE_DTYPES.get(str(header.get("dtype")))
+    shape = header.get("shape")
+    if dtype is None:
+        raise LaneProtocolError(f"{what}: dtype {header.get('dtype')!r} is not one of {', '.join(LANE_DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(size, int) and size >= 0 for size in shape):
+        raise LaneProtocolError(f"{what}: shape {shape!r} is not a list of sizes")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(payload) != expected:
+        raise LaneProtocolError(f"{what}: shape {shape} of {dtype} needs {expected} bytes, got {len(payload)}")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    tensor = torch.frombuffer(payload if isinstance(payload, bytearray) else bytearray(payload), dtype=dtype).reshape(shape)
+    return tensor if LITTLE_ENDIAN_HOST else swap_bytes(tensor)
+
+
+def frame_header(kind: str, frame: LogitsFrame) -> dict[str, Any]:
+    """The header of an ``exchange`` or ``refresh`` request; the logits are its payload."""
+    previous = frame.previous
+    return {
+        "kind": kind, "step": frame.step, "batch_hash": frame.batch_hash, "ce_loss": frame.ce_loss,
+        "correct": frame.correct, "labelled": frame.labelled, "correct_clean": frame.correct_clean,
+        "previous": None if previous is None else [previous.step, previous.compute_seconds, previous.round_trip_seconds],
+    }
+
+
+def frame_from(student: str, header: dict[str, Any], payload: bytes | bytearray) -> LogitsFrame:
+    """The frame a request carries for ``student`` (the one the connection authenticated as)."""
+    try:
+        previous = header["previous"]
+        return LogitsFrame(
+            student, int(header["step"]), str(header["batch_hash"]), decode_tensor(header, payload, f"logits from {student!r}"),
+            float(header["ce_loss"]), int(header["correct"]), int(header["labelled"]), int(header["correct_clean"]),
+            None if previous is None else StepTiming(int(previous[0]), float(previous[1]), float(previous[2])),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        if isinstance(error, LaneProtocolError):
+            raise
+        raise LaneProtocolError(f"a frame from {student!r} lacks or garbles a field ({type(error).__name__}: {error})") from None
+
+
+def reply_header(reply: MimicryReply) -> dict[str, Any]:
+    return {"ok": True, "step": reply.step, "mimicry_loss": reply.mimicry_loss, "alpha": reply.alpha,
+            "weight": reply.weight, "live_students": reply.live_students, "refresh": reply.refresh}
+
+
+def reply_from(header: dict[str, Any], payload: bytes | bytearray) -> MimicryReply:
+    return MimicryReply(int(header["step"]), decode_tensor(header, payload, "gradient"), float(header["mimicry_loss"]),
+                        float(header["alpha"]), float(header["weight"]), int(header["live_students"]), bool(header["refresh"]))

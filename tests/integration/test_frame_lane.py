@@ -1,0 +1,141 @@
+"""The frame lane over real loopback sockets around a real barrier, as inside the coordinator actor.
+
+The barrier and its lane server run on a private event loop thread; the students are real
+:class:`FrameLaneClient` connections sending hand-made frames, so each refusal can be provoked.
+"""
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import torch
+
+from rdml_dist.barrier import CohortBarrier
+from rdml_dist.config import ExperimentConfig, parse_config
+from rdml_dist.divergence import mimicry_gradients
+from rdml_dist.errors import CohortStepFailed, CoordinatorUnreachable, FrameRejected
+from rdml_dist.lane.client import FrameLaneClient
+from rdml_dist.lane.server import FrameLaneServer
+from tests.integration.conftest import wait_until
+from tests.integration.test_cohort_service import BATCH, SEED, TIMEOUT, frame, info, logits_for
+
+SECRET = "run-secret"
+NAMES = ["a", "b", "c"]
+
+
+def lane_config() -> ExperimentConfig:
+    return parse_config({
+        "name": "lane", "seed": SEED, "students": [{"name": name, "model": "mlp"} for name in NAMES],
+        "training": {"batch_size": BATCH, "epochs": 2},
+        "mimicry": {"alpha": 2.0, "temperature": 2.0, "weight": 0.5},
+        "runtime": {"ray": {"exchange_timeout_s": TIMEOUT}},
+    })
+
+
+class RunningLane:
+    """A barrier with every student registered, its lane server, and one connected client per student."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.barrier = CohortBarrier(lane_config())
+        for name in NAMES:
+            self.barrier.register(info(name))
+        self.server = FrameLaneServer(self.barrier, SECRET, 1 << 20)
+        self.address = self.call(self.server.start("127.0.0.1"))
+        self.clients = {name: self.connect(name) for name in NAMES}
+        self.pool = ThreadPoolExecutor(max_workers=len(NAMES))
+
+    def call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(TIMEOUT)
+
+    async def _release_waiting(self) -> None:
+        """Fail any frame still at the barrier, so that no connection handler outlives the loop."""
+        self.barrier.abort("the test is over")
+        await asyncio.sleep(0.05)
+
+    def connect(self, name: str, secret: str = SECRET) -> FrameLaneClient:
+        return FrameLaneClient(self.address, secret, name, TIMEOUT, 1 << 20)
+
+    def send(self, name: str, step: int, logits: torch.Tensor) -> Any:
+        return self.pool.submit(self.clients[name].exchange, frame(name, step, logits))
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+        self.pool.shutdown()
+        self.call(self.server.stop())
+        self.call(self._release_waiting())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(TIMEOUT)
+        self.loop.close()
+
+
+@pytest.fixture
+def lane() -> Iterator[RunningLane]:
+    running = RunningLane()
+    yield running
+    running.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replies_are_the_in_process_mimicry_gradients(lane: RunningLane, dtype: torch.dtype) -> None:
+    logits = {name: logits_for(seed).to(dtype) for seed, name in enumerate(NAMES)}
+    pending = {name: lane.send(name, 0, logits[name]) for name in NAMES}
+    replies = {name: future.result(TIMEOUT) for name, future in pending.items()}
+    expected = mimicry_gradients(torch.stack([logits[name].float() for name in NAMES]), alpha=2.0, temperature=2.0)
+    for position, name in enumerate(NAMES):
+        assert replies[name].step == 0 and replies[name].live_students == 3 and replies[name].grad.dtype == dtype
+        torch.testing.assert_close(replies[name].grad, (expected.grads[position] * 2.0).to(dtype), rtol=1e-6, atol=1e-7)
+        assert replies[name].mimicry_loss == pytest.approx(float(expected.losses[position]) * 2.0, rel=1e-6)
+
+
+def test_a_non_finite_frame_is_refused_as_such_and_the_others_go_on(lane: RunningLane) -> None:
+    waiting = [lane.send(name, 0, logits_for(seed)) for seed, name in ((0, "a"), (2, "c"))]
+    with pytest.raises(FrameRejected) as refused:
+        lane.clients["b"].exchange(frame("b", 0, torch.full((BATCH, 4), float("nan"))))
+    assert refused.value.reason == "non_finite"
+    assert [future.result(TIMEOUT).live_students for future in waiting] == [2, 2]
+    replies = [lane.send(name, 1, logits_for(seed)) for seed, name in enumerate(NAMES)]  # b takes part again
+    assert [future.result(TIMEOUT).live_students for future in replies] == [3, 3, 3]
+
+
+def test_a_wrong_step_and_a_wrong_shape_are_refused_with_their_reasons(lane: RunningLane) -> None:
+    with pytest.raises(FrameRejected) as ahead:
+        lane.clients["a"].exchange(frame("a", 1, logits_for(0)))
+    assert ahead.value.reason == "wrong_step"
+    waiting = [lane.send(name, 0, logits_for(seed)) for seed, name in ((0, "a"), (2, "c"))]
+    with pytest.raises(FrameRejected) as shaped:
+        lane.clients["b"].exchange(frame("b", 0, torch.zeros(BATCH, 5)))
+    assert shaped.value.reason == "wrong_shape"
+    assert [future.result(TIMEOUT).live_students for future in waiting] == [2, 2]
+
+
+def test_an_abort_fails_every_waiting_student_at_once(lane: RunningLane) -> None:
+    waiting = [lane.send(name, 0, logits_for(seed)) for seed, name in ((0, "a"), (1, "b"))]
+    lane.loop.call_soon_threadsafe(lane.barrier.abort, "student c died")
+    for future in waiting:
+        with pytest.raises(CohortStepFailed, match="student c died"):
+            future.result(TIMEOUT)
+    with pytest.raises(CohortStepFailed):  # and new frames are refused until the cohort is restored
+        lane.clients["c"].exchange(frame("c", 0, logits_for(2)))
+
+
+def test_a_connection_without_the_run_secret_is_turned_away(lane: RunningLane) -> None:
+    with pytest.raises(CoordinatorUnreachable, match="refused the frame lane: wrong or missing run secret"):
+        lane.connect("a", secret="guess")
+
+
+def test_a_stopped_coordinator_breaks_the_lane_with_coordinator_unreachable(lane: RunningLane) -> None:
+    waiting = lane.send("a", 0, logits_for(0))
+    wait_until(lambda: "a" not in lane.barrier.core.waiting_for(), "a's frame is at the barrier")
+    lane.call(lane.server.stop())
+    with pytest.raises(CoordinatorUnreachable, match="broke"):
+        waiting.result(TIMEOUT)
+    lane.clients["b"].close()
+    with pytest.raises(CoordinatorUnreachable, match="cannot open the frame lane"):
+        FrameLaneClient("127.0.0.1:1", SECRET, "b", TIMEOUT, 1 << 20)
