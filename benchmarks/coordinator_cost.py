@@ -14,8 +14,9 @@ the same class of each sample, as late in training), one torch thread, it times:
 
 Each timing is the median of repeated calls (at least 3, up to ``--min-seconds`` of calls).
 Writes benchmarks/results/coordinator_cost{,_quick}.{json,md} and a PNG plot. Run:
-    .venv/bin/python benchmarks/coordinator_cost.py            # full grid
-    .venv/bin/python benchmarks/coordinator_cost.py --quick    # K in {2, 16, 64}
+    .venv/bin/python benchmarks/coordinator_cost.py            # full grid, 6 min on 2 cores
+    .venv/bin/python benchmarks/coordinator_cost.py --quick    # K in {2, 16, 64}, 4 min
+    .venv/bin/python benchmarks/coordinator_cost.py --render-only   # the Markdown and plot again from the JSON
 """
 
 import argparse
@@ -184,6 +185,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             axis.plot([row["k"] for row in with_baseline], [1000 * row["baseline_s"] for row in with_baseline],
                       "^" + style, color="C2", label=f"baseline, {kind}")
         axis.set(xscale="log", yscale="log", xlabel="K (students)", ylabel="ms per step", title=f"B={batch}, C={c}")
+        axis.minorticks_off()
         axis.set_xticks(ks, [str(k) for k in ks])
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -201,7 +203,13 @@ def main() -> int:
     parser.add_argument("--baseline-max-gib", type=float, default=8.0, help="skip baseline cells whose exact path would need more")
     parser.add_argument("--shards", type=int, nargs="+", default=[2, 4], help="coordinator shard counts S to time B/S rows for")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown and the plot from the JSON of an earlier run")
     args = parser.parse_args()
+    tag = "_quick" if args.quick else ""
+    if args.render_only:
+        report = json.loads((args.out / f"coordinator_cost{tag}.json").read_text())
+        write_report(report, args.out, tag)
+        return 0
     torch.set_num_threads(1)
     if args.quick:
         grid = [(k, 128, c) for k in (2, 16, 64) for c in (10, 100, 1000)] + [(64, 256, 1000)]
@@ -217,7 +225,6 @@ def main() -> int:
             print(f"K={k:2d} B={b} C={c:4d} {kind:9s}: batched {1000 * row['batched_s']:8.2f} ms, "
                   f"loop {1000 * row['per_pair_s']:8.2f} ms, baseline "
                   f"{1000 * row['baseline_s'] if 'baseline_s' in row else float('nan'):9.2f} ms", flush=True)
-    tag = "_quick" if args.quick else ""
     report = {
         "mode": "quick" if args.quick else "full",
         "command": " ".join([".venv/bin/python", "benchmarks/coordinator_cost.py", *sys.argv[1:]]),
@@ -231,11 +238,16 @@ def main() -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"coordinator_cost{tag}.json").write_text(json.dumps(report, indent=1) + "\n")
-    markdown = render_markdown(report)
-    (args.out / f"coordinator_cost{tag}.md").write_text(markdown)
-    plot(report, args.out / report["plot"])
-    print(markdown)
+    print(write_report(report, args.out, tag))
     return 0
+
+
+def write_report(report: dict[str, Any], out: Path, tag: str) -> str:
+    """The Markdown table and checks and the plot, from ``report`` (the JSON's content); returns the Markdown."""
+    markdown = render_markdown(report)
+    (out / f"coordinator_cost{tag}.md").write_text(markdown)
+    plot(report, out / report["plot"])
+    return markdown
 
 
 if __name__ == "__main__":
