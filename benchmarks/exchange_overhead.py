@@ -56,7 +56,7 @@ class FrameSender:
     def run(self, coordinator: "ray.actor.ActorHandle") -> list[float]:
         round_trips = []
         for step, batch_hash in enumerate(self.hashes):
-            frame = LogitsFrame(self.name, step, batch_hash, self.logits, ce_loss=1.0, correct=0, labelled=1)
+            frame = LogitsFrame(self.name, step, batch_hash, self.logits, ce_loss=1.0, correct=0, labelled=1, correct_clean=0)
             sent = time.perf_counter()
             ray.get(coordinator.exchange.remote(frame))
             round_trips.append(time.perf_counter() - sent)

@@ -1,4 +1,4 @@
-"""The per-step exchange over Ray actor calls vs gRPC streams, same machine, same run.
+"""The per-step exchange over Ray actor calls, gRPC streams and the frame lane (TCP), same machine, same run.
 
 K sender Ray actors (no model, fixed B×C float32 logits, 0.1 CPU and one torch thread each, the
 same actors for both transports) exchange with a ``CoordinatorActor`` in lock-step, one exchange
@@ -10,12 +10,14 @@ per step. For each payload B×C and cohort size K, two fresh coordinators are st
 - ``grpc``: the same K students marked ``external: true``, ``rpc.port`` a free 127.0.0.1 port, no
   token; the coordinator serves the gRPC cohort service (``serve_rpc``), each sender Joins over
   gRPC (the Join registers it) and exchanges through one ``ExchangeStream``, as ``rdml-dist
-  student`` does.
+  student`` does;
+- ``tcp``: as ``ray``, but the coordinator opens its frame lane (``serve_lane``) and each sender
+  exchanges through one ``FrameLaneClient``, as the Ray student actors do by default.
 
 Every frame passes the coordinator's validation: batch_size = B, num_train = B × planned steps and
 steps_per_epoch = planned steps, so every step's batch hash comes from ``batch_plan`` of epoch 0.
 After a few warm-up steps on each transport, the measured steps run in chunks that alternate
-between the two transports (ray, grpc, grpc, ray, ...), so that slow drifts of the machine fall on
+between the transports (ray, grpc, tcp, tcp, grpc, ray, ...), so that slow drifts of the machine fall on
 both alike; the first step of each chunk is a lead-in and is not counted.
 
 Each sender stamps, per step, when it sent its frame and when its reply came back (CLOCK_MONOTONIC,
@@ -25,8 +27,8 @@ give its median over the measured steps. Also reported: the median of the per-st
 trip over senders, the driver's wall time per step, the coordinator's batched computation of the
 step as the actor itself timed it (``coordinator_seconds`` of its step records), the same mimicry
 computation alone in this process (one torch thread, as exchange_overhead.py measures it), and
-grpc/ray ratios of the span and of the transport overhead (span minus the in-actor computation).
-Both transports' replies to the same first frames are compared (same gradients).
+grpc/ray and tcp/ray ratios of the span and of the transport overhead (span minus the in-actor
+computation). The transports' replies to the same first frames are compared (same gradients).
 
 The machine may be shared: before each chunk the benchmark waits (within --quiet-wait seconds in
 all) until processes outside its own process tree (Ray's processes are its children) use under
@@ -65,11 +67,14 @@ from rdml_dist.data import batch_plan, indices_hash  # noqa: E402
 from rdml_dist.divergence import mimicry_gradients  # noqa: E402
 from rdml_dist.engines.ray_actors import CoordinatorActor  # noqa: E402
 from rdml_dist.frames import LogitsFrame, MimicryReply, StudentInfo  # noqa: E402
+from rdml_dist.lane.client import FrameLaneClient  # noqa: E402
 from rdml_dist.rpc.client import CohortClient, ExchangeStream  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 HOST = "127.0.0.1"
-TRANSPORTS = ("ray", "grpc")
+TRANSPORTS = ("ray", "grpc", "tcp")
+ALTERNATIVES = ("grpc", "tcp")  # each compared with actor calls
+LANE_SECRET = "benchmark"
 PAYLOADS = ((128, 100), (1024, 1000))
 QUIET_CORES = 0.25  # other processes' CPU use (in cores) below which the machine counts as quiet
 
@@ -192,6 +197,7 @@ class FrameSender:
         torch.set_num_threads(1)
         self.client: CohortClient | None = None
         self.stream: ExchangeStream | None = None
+        self.lane: FrameLaneClient | None = None
 
     def ready(self) -> bool:
         """Returns once the actor is constructed, so actor start-up stays out of the timing."""
@@ -210,17 +216,24 @@ class FrameSender:
         self.stream = self.client.stream(joined.session_id)
         return joined.session_id
 
-    def run(self, start: int, end: int, coordinator: "ray.actor.ActorHandle | None") -> dict[str, Any]:
-        """Steps ``[start, end)``: send the frame, wait for the gradient; ``coordinator`` None: over the gRPC stream."""
+    def connect_lane(self, address: str) -> None:
+        """tcp: open the frame lane to the coordinator, as a Ray student actor does."""
+        self.lane = FrameLaneClient(address, LANE_SECRET, self.name, 60.0, 1 << 28)
+
+    def run(self, start: int, end: int, coordinator: "ray.actor.ActorHandle | None", transport: str) -> dict[str, Any]:
+        """Steps ``[start, end)``: send the frame, wait for the gradient, over ``transport``."""
         sent_at, received_at = [], []
         checksum = None
         batch, classes = self.logits.shape
         for step in range(start, end):
-            frame = LogitsFrame(self.name, step, self.hashes[step], self.logits, ce_loss=1.0, correct=0, labelled=1)
+            frame = LogitsFrame(self.name, step, self.hashes[step], self.logits, ce_loss=1.0, correct=0, labelled=1, correct_clean=0)
             sent = now()
-            if coordinator is None:
+            if transport == "grpc":
                 assert self.stream is not None
                 reply: MimicryReply = self.stream.exchange(frame)
+            elif transport == "tcp":
+                assert self.lane is not None
+                reply = self.lane.exchange(frame)
             else:
                 reply = ray.get(coordinator.exchange.remote(frame))
             received_at.append(now())
@@ -237,7 +250,9 @@ class FrameSender:
             self.stream.close()
         if self.client is not None:
             self.client.close()
-        self.stream = self.client = None
+        if self.lane is not None:
+            self.lane.close()
+        self.stream = self.client = self.lane = None
 
 
 def free_port() -> int:
@@ -278,8 +293,7 @@ class Lane:
 
     def run(self, senders: list[Any], steps: int) -> tuple[list[dict[str, Any]], float]:
         began = time.perf_counter()
-        handle = self.coordinator if self.transport == "ray" else None
-        runs = ray.get([sender.run.remote(self.step, self.step + steps, handle) for sender in senders])
+        runs = ray.get([sender.run.remote(self.step, self.step + steps, self.coordinator, self.transport) for sender in senders])
         wall = time.perf_counter() - began
         if self.step == 0:
             self.first_grad_abs_sum = [run["first_grad_abs_sum"] for run in runs]
@@ -290,7 +304,7 @@ class Lane:
 
 def measure_cell(senders: list[Any], batch: int, classes: int, schedule: Schedule, load: OutsideLoad,
                  order: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Both transports for one (K, payload): fresh coordinators, warm-up, then alternating measured chunks."""
+    """Every transport for one (K, payload): fresh coordinators, warm-up, then alternating measured chunks."""
     students = len(senders)
     names = [f"s{index}" for index in range(students)]
     lanes = {}
@@ -304,7 +318,10 @@ def measure_cell(senders: list[Any], batch: int, classes: int, schedule: Schedul
     try:
         ray.get([lane.coordinator.state.remote() for lane in lanes.values()])  # both started (import-bound, so together)
         ray.get([sender.prepare.remote(name, hashes, batch, classes) for sender, name in zip(senders, names)])
-        ray.get([lanes["ray"].coordinator.register.remote(info) for info in infos])
+        ray.get([lanes[transport].coordinator.register.remote(info) for transport in ("ray", "tcp") for info in infos])
+        tcp_lane = lanes["tcp"]
+        tcp_lane.address = ray.get(tcp_lane.coordinator.serve_lane.remote(LANE_SECRET))
+        ray.get([sender.connect_lane.remote(tcp_lane.address) for sender in senders])
         grpc_lane = lanes["grpc"]
         grpc_lane.address = ray.get(grpc_lane.coordinator.serve_rpc.remote(None))
         if grpc_lane.address is None:
@@ -397,45 +414,46 @@ def compute_alone(students: int, batch: int, classes: int, schedule: Schedule, l
     load.wait_until_quiet()
     stacked = torch.randn(students, batch, classes)
     for _ in range(schedule.compute_warmup):
-        mimicry_gradients(stacked, alpha=2.0)
+        mimicry_gradients(stacked, alpha=2.0, with_targets=False)
     repeats = schedule.compute_repeats
     load.start()
     times = []
     for _ in range(repeats):
         begun = time.perf_counter()
-        mimicry_gradients(stacked, alpha=2.0)
+        mimicry_gradients(stacked, alpha=2.0, with_targets=False)
         times.append(time.perf_counter() - begun)
     return {"median_seconds": statistics.median(times), "min_seconds": min(times), "max_seconds": max(times),
             "repeats": repeats, "outside_cpu_cores": load.cores()}
 
 
 def summarise(rows: list[dict[str, Any]], compute: dict[tuple[int, int, int], dict[str, Any]]) -> list[dict[str, Any]]:
-    """One line per (payload, K): both transports side by side, and whether their gradients agree."""
+    """One line per (payload, K): every transport side by side, its ratios to actor calls, and whether the gradients agree."""
     table = []
     for batch, classes in PAYLOADS:
         for students in sorted({row["students"] for row in rows}):
-            pair = {row["transport"]: row for row in rows
-                    if (row["batch"], row["classes"], row["students"]) == (batch, classes, students)}
-            if set(pair) != set(TRANSPORTS):
+            by_transport = {row["transport"]: row for row in rows
+                            if (row["batch"], row["classes"], row["students"]) == (batch, classes, students)}
+            if set(by_transport) != set(TRANSPORTS):
                 continue
-            ray_row, grpc_row = pair["ray"], pair["grpc"]
-            overhead = {t: pair[t]["median_span_seconds"] - pair[t]["median_coordinator_compute_seconds"] for t in TRANSPORTS}
+            span = {t: by_transport[t]["median_span_seconds"] for t in TRANSPORTS}
+            coordinator = {t: by_transport[t]["median_coordinator_compute_seconds"] for t in TRANSPORTS}
+            overhead = {t: span[t] - coordinator[t] for t in TRANSPORTS}
+            reference = by_transport["ray"]["first_grad_abs_sum"]
             agree = all(abs(a - b) <= 1e-5 * max(abs(a), 1e-12)
-                        for a, b in zip(ray_row["first_grad_abs_sum"], grpc_row["first_grad_abs_sum"]))
+                        for t in ALTERNATIVES for a, b in zip(reference, by_transport[t]["first_grad_abs_sum"]))
             alone = compute[(students, batch, classes)]
             table.append({
                 "batch": batch,
                 "classes": classes,
                 "students": students,
-                "ray_span_seconds": ray_row["median_span_seconds"],
-                "grpc_span_seconds": grpc_row["median_span_seconds"],
-                "grpc_over_ray": grpc_row["median_span_seconds"] / ray_row["median_span_seconds"],
-                "coordinator_compute_seconds": {t: pair[t]["median_coordinator_compute_seconds"] for t in TRANSPORTS},
+                "span_seconds": span,
+                "span_over_ray": {t: span[t] / span["ray"] for t in ALTERNATIVES},
+                "coordinator_compute_seconds": coordinator,
                 "mimicry_compute_alone_seconds": alone["median_seconds"],
                 "mimicry_compute_alone_range_seconds": [alone["min_seconds"], alone["max_seconds"]],
                 "mimicry_compute_alone_outside_cpu_cores": alone["outside_cpu_cores"],
                 "transport_overhead_seconds": overhead,
-                "grpc_over_ray_overhead": overhead["grpc"] / overhead["ray"] if overhead["ray"] > 0 else None,
+                "overhead_over_ray": {t: overhead[t] / overhead["ray"] if overhead["ray"] > 0 else None for t in ALTERNATIVES},
                 "same_gradients": agree,
             })
     return table
@@ -444,13 +462,14 @@ def summarise(rows: list[dict[str, Any]], compute: dict[tuple[int, int, int], di
 def render_markdown(results: dict[str, Any]) -> str:
     command = ".venv/bin/python benchmarks/transport_exchange.py" + (" --quick" if results["mode"] == "quick" else "")
     lines = [
-        "# Per-step exchange: Ray actor calls vs gRPC streams (benchmarks/transport_exchange.py)",
+        "# Per-step exchange: Ray actor calls vs gRPC streams vs the frame lane (benchmarks/transport_exchange.py)",
         "",
         f"Machine: {results['machine']}. Mode: {results['mode']}. Command: `{command}`. Total {results['total_seconds']:.0f} s.",
         "",
         "K sender Ray actors (no model, 0.1 CPU and 1 torch thread each) send B×C float32 logits to a fresh `CoordinatorActor` "
         "per transport, in lock-step; `ray`: `coordinator.exchange.remote(frame)`; `grpc`: students `external: true`, "
-        f"Join over gRPC ({HOST}, no token), one `ExchangeStream` per sender. Measured steps run in chunks alternating "
+        f"Join over gRPC ({HOST}, no token), one `ExchangeStream` per sender; `tcp`: the coordinator's frame lane, one "
+        "`FrameLaneClient` per sender (the Ray students' default). Measured steps run in chunks alternating "
         "between the transports. Step time = median over measured steps of the lock-step span (last reply received − "
         "first frame sent, over the K senders). Coordinator compute = the actor's own timing of the step's batched "
         "computation; compute alone = `mimicry_gradients` for K×B×C in the driver before Ray starts, one torch thread "
@@ -458,19 +477,20 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"coordinator compute. Chunks during which other processes used {QUIET_CORES} cores or more were replaced while "
         "the waiting budget lasted (last column below: the most they used during a kept chunk).",
         "",
-        "| B×C (MiB per frame) | K | ray ms | grpc ms | grpc / ray | coordinator compute ms (ray / grpc) | compute alone ms "
-        "| overhead ms (ray / grpc) | grpc / ray overhead | same gradients |",
+        "| B×C (MiB per frame) | K | ray ms | grpc ms (/ ray) | tcp ms (/ ray) | coordinator compute ms (ray / grpc / tcp) "
+        "| compute alone ms | overhead ms (ray / grpc / tcp) | overhead / ray (grpc, tcp) | same gradients |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["summary"]:
-        compute, overhead = row["coordinator_compute_seconds"], row["transport_overhead_seconds"]
-        ratio = row["grpc_over_ray_overhead"]
+        span, compute, overhead = row["span_seconds"], row["coordinator_compute_seconds"], row["transport_overhead_seconds"]
+        ratios = ", ".join("n/a" if row["overhead_over_ray"][t] is None else f"**{row['overhead_over_ray'][t]:.2f}×**"
+                           for t in ALTERNATIVES)
         lines.append(
             f"| {row['batch']}×{row['classes']} ({row['batch'] * row['classes'] * 4 / 2**20:.2f}) | {row['students']} | "
-            f"{1000 * row['ray_span_seconds']:.2f} | {1000 * row['grpc_span_seconds']:.2f} | **{row['grpc_over_ray']:.2f}×** | "
-            f"{1000 * compute['ray']:.2f} / {1000 * compute['grpc']:.2f} | {1000 * row['mimicry_compute_alone_seconds']:.2f} | "
-            f"{1000 * overhead['ray']:.2f} / {1000 * overhead['grpc']:.2f} | "
-            f"{'n/a' if ratio is None else f'{ratio:.2f}×'} | {'yes' if row['same_gradients'] else 'NO'} |"
+            f"{1000 * span['ray']:.2f} | {1000 * span['grpc']:.2f} ({row['span_over_ray']['grpc']:.2f}×) | "
+            f"{1000 * span['tcp']:.2f} ({row['span_over_ray']['tcp']:.2f}×) | "
+            + " / ".join(f"{1000 * compute[t]:.2f}" for t in TRANSPORTS) + f" | {1000 * row['mimicry_compute_alone_seconds']:.2f} | "
+            + " / ".join(f"{1000 * overhead[t]:.2f}" for t in TRANSPORTS) + f" | {ratios} | {'yes' if row['same_gradients'] else 'NO'} |"
         )
     busy = [row["mimicry_compute_alone_outside_cpu_cores"] for row in results["summary"]
             if row["mimicry_compute_alone_outside_cpu_cores"] is not None]

@@ -274,7 +274,7 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _external_students_take_no_bundle(self) -> "ExperimentConfig":
         outside = [name for name, student in zip(self.student_names(), self.students)
-                   if student.external and student.resources.model_fields_set]
+                   if student.external and (student.resources.cpus, student.resources.gpus) != (None, None)]
         if outside:
             raise ValueError(f"students.N.resources places Ray students only; external students ({', '.join(outside)}) "
                              "run wherever they are started")

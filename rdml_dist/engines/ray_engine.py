@@ -274,18 +274,22 @@ class RayCohort:
         """
         if isinstance(error.cause, CohortStepFailed):
             return Failure("coordinator_error", step, str(error.cause))
-        if isinstance(error.cause, ray.exceptions.RayActorError) or not self._coordinator_alive():
-            return Failure("coordinator_died", step, _cause(error.cause or error))
+        if isinstance(error.cause, ray.exceptions.RayActorError):
+            return Failure("coordinator_died", step, _cause(error.cause))
+        death = self._coordinator_death()
+        if death is not None:  # Ray's account of the death says more than the broken call or connection
+            return Failure("coordinator_died", step, _cause(death))
         if isinstance(error.cause, CoordinatorUnreachable):  # the lane broke under a coordinator Ray already restarted
             return Failure("coordinator_died", step, _cause(error.cause))
         raise error
 
-    def _coordinator_alive(self) -> bool:
+    def _coordinator_death(self) -> BaseException | None:
+        """Why the coordinator cannot answer (Ray's error), or None while it is alive."""
         try:
             ray.get(self.coordinator.state.remote(), timeout=10)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return False
-        return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
+            return error
+        return None
 
     def _coordinator_step(self, start: int, pending: list[ray.ObjectRef]) -> int:
         """The cohort's step for the progress bar; a coordinator that died goes to the policy."""
