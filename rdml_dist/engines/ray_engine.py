@@ -210,7 +210,8 @@ class RayCohort:
         """Learn (again, after restarts) where every student and the coordinator run, and record it."""
         self.where = self.placements()
         state = ray.get(self.coordinator.state.remote())
-        coordinator = {"node_id": state["node_id"], "pid": state["pid"], "metrics": self.metrics_address, "rpc": self.rpc_address}
+        coordinator = {"node_id": state["node_id"], "pid": state["pid"], "metrics": self.metrics_address, "rpc": self.rpc_address,
+                       "lane": self.lane[0] if self.lane else None}
         external = {name: {"external": True, "coordinator": self.rpc_address} for name in self.external}
         self.record_placements({**self.where, **external}, coordinator)
 

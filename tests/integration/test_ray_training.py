@@ -3,6 +3,7 @@
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -35,8 +36,9 @@ SMALL_TRIO = [{"name": "mlp", "model": "mlp", "options": {"hidden": [32]}}, {"na
               {"name": "wide", "model": "mlp", "options": {"hidden": [64]}}]
 
 
-def assert_ray_reproduces_local(tmp_path: Path, students: list[dict], **sections: dict) -> None:
-    """Both engines train the same config; every per-step CE and mimicry loss agrees to 1e-4."""
+def assert_ray_reproduces_local(tmp_path: Path, students: list[dict], **sections: dict) -> dict[str, Any]:
+    """Both engines train the same config; every per-step CE and mimicry loss agrees to 1e-4. Returns the
+    Ray run's coordinator placement (where its servers listened)."""
     threads = torch.get_num_threads()
     try:
         local_run = train_local(make_config(tmp_path / "local", students, **sections), tmp_path / "local", show_progress=False)
@@ -50,6 +52,7 @@ def assert_ray_reproduces_local(tmp_path: Path, students: list[dict], **sections
     for key, local_row in local_steps.items():
         for column in ("ce_loss", "mimicry_loss"):
             assert float(ray_steps[key][column]) == pytest.approx(float(local_row[column]), abs=1e-4, rel=0), (key, column)
+    return read_json(tmp_path / "ray" / "placements.json")["coordinator"]
 
 
 @pytest.mark.timeout(180)
@@ -59,10 +62,19 @@ def test_sequential_updates_on_ray_reproduce_the_in_process_engine(tmp_path: Pat
 
 
 @pytest.mark.timeout(180)
+def test_actor_call_exchange_on_ray_reproduces_the_in_process_engine(tmp_path: Path) -> None:
+    """The other transport: one Ray actor call per step instead of the frame lane (the default, tested below)."""
+    coordinator = assert_ray_reproduces_local(tmp_path, SMALL_TRIO, training={"epochs": 2, "batch_size": 256},
+                                              runtime={"exchange": {"transport": "actor_calls"}})
+    assert coordinator["lane"] is None
+
+
+@pytest.mark.timeout(180)
 def test_half_precision_frames_on_ray_reproduce_the_in_process_engine(tmp_path: Path) -> None:
     """bfloat16 logits and gradients on the wire: the Ray students round exactly where the local ones do."""
-    assert_ray_reproduces_local(tmp_path, SMALL_TRIO, training={"epochs": 2, "batch_size": 256},
-                                runtime={"exchange": {"dtype": "bfloat16"}})
+    coordinator = assert_ray_reproduces_local(tmp_path, SMALL_TRIO, training={"epochs": 2, "batch_size": 256},
+                                              runtime={"exchange": {"dtype": "bfloat16"}})
+    assert coordinator["lane"].startswith("127.0.0.1:")  # the default transport: the frame lane, on loopback
 
 
 @pytest.mark.timeout(180)
