@@ -44,6 +44,7 @@ class FrameLaneClient:
             send_message(self._connection, header, None if frame is None else frame.logits)
             answer, payload = receive_message(self._connection, self.max_payload_bytes)
         except socket.timeout:
+            self.close()  # a late answer must not be read as the next request's
             raise TimeoutError(f"no answer from the coordinator at {self.address} on the frame lane") from None
         except (OSError, LaneProtocolError) as error:
             self.close()
