@@ -21,9 +21,10 @@ from rdml_dist.schedules import alpha_at, mimicry_weight_at
 from rdml_dist.student import resolve_device
 
 NON_FINITE = "non_finite"  # the rejection reason that sends a student back to its last checkpoint
+BAD_TENSOR = "bad_tensor"  # a frame whose tensor a transport could not decode
 REJECTION_REASONS = (
     "unknown_student", "not_live", "wrong_step", "duplicate", "batch_mismatch", "wrong_shape", NON_FINITE, "data_mismatch",
-    "bad_tensor",
+    BAD_TENSOR,
 )
 
 

@@ -13,10 +13,10 @@ import socket
 from typing import Any
 
 from rdml_dist.barrier import CohortBarrier
+from rdml_dist.coordinator import BAD_TENSOR
 from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.lane.wire import LaneProtocolError, encode, frame_from, read_message, reply_header
 
-BAD_TENSOR = "bad_tensor"
 
 
 class FrameLaneServer:
@@ -63,7 +63,8 @@ class FrameLaneServer:
         try:
             frame = frame_from(student, header, payload)
         except LaneProtocolError as error:
-            self.barrier.refuse(student, int(header.get("step", -1)) if isinstance(header.get("step"), int) else -1, BAD_TENSOR)
+            step = header.get("step")
+            self.barrier.refuse(student, step if isinstance(step, int) else -1, BAD_TENSOR)
             return {"ok": False, "error": "rejected", "reason": BAD_TENSOR, "message": str(error)}, None
         try:
             if header.get("kind") == "refresh":

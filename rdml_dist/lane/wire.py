@@ -7,14 +7,13 @@ peer sends is unpickled or executed; every size is checked before anything is al
 
 import asyncio
 import json
-import math
 import socket
 from typing import Any
 
 import torch
 
 from rdml_dist.frames import LogitsFrame, MimicryReply, StepTiming
-from rdml_dist.rpc.tensors import LITTLE_ENDIAN_HOST, swap_bytes
+from rdml_dist.rpc.tensors import WireFormatError, little_endian_bytes, tensor_from_bytes
 
 PREFIX_BYTES = 12
 MAX_HEADER_BYTES = 1 << 16
@@ -32,11 +31,8 @@ def encode(header: dict[str, Any], tensor: torch.Tensor | None = None) -> list[b
     """The parts of one message, the tensor's bytes without a copy when it is already contiguous on the CPU."""
     payload: bytes | memoryview = b""
     if tensor is not None:
-        data = tensor.detach().cpu().contiguous()
-        if not LITTLE_ENDIAN_HOST:
-            data = swap_bytes(data)
-        header = {**header, "dtype": DTYPE_NAMES[data.dtype], "shape": list(data.shape)}
-        payload = memoryview(data.reshape(-1).view(torch.uint8).numpy()) if data.numel() else b""
+        header = {**header, "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
+        payload = memoryview(little_endian_bytes(tensor).numpy()) if tensor.numel() else b""
     text = json.dumps(header, separators=(",", ":")).encode()
     return [_prefix(len(text), len(payload)) + text, payload]
 
@@ -102,13 +98,10 @@ def decode_tensor(header: dict[str, Any], payload: bytes | bytearray, what: str)
         raise LaneProtocolError(f"{what}: dtype {header.get('dtype')!r} is not one of {', '.join(LANE_DTYPES)}")
     if not isinstance(shape, list) or not all(isinstance(size, int) and size >= 0 for size in shape):
         raise LaneProtocolError(f"{what}: shape {shape!r} is not a list of sizes")
-    expected = math.prod(shape) * dtype.itemsize
-    if len(payload) != expected:
-        raise LaneProtocolError(f"{what}: shape {shape} of {dtype} needs {expected} bytes, got {len(payload)}")
-    if expected == 0:
-        return torch.empty(shape, dtype=dtype)
-    tensor = torch.frombuffer(payload if isinstance(payload, bytearray) else bytearray(payload), dtype=dtype).reshape(shape)
-    return tensor if LITTLE_ENDIAN_HOST else swap_bytes(tensor)
+    try:
+        return tensor_from_bytes(payload, dtype, shape, what)
+    except WireFormatError as error:
+        raise LaneProtocolError(str(error)) from None
 
 
 def frame_header(kind: str, frame: LogitsFrame) -> dict[str, Any]:

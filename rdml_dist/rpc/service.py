@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from rdml_dist.barrier import CohortBarrier
-from rdml_dist.coordinator import NON_FINITE
+from rdml_dist.coordinator import BAD_TENSOR, NON_FINITE
 from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.frames import EvalFrame, LogitsFrame, StepTiming, StudentInfo
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2, cohort_pb2_grpc
@@ -22,7 +22,6 @@ from rdml_dist.rpc.status import cohort_status
 from rdml_dist.rpc.tensors import WireFormatError, decode_tensor, encode_tensor
 
 REASON_KEY = "rdml-reason"
-BAD_TENSOR = "bad_tensor"
 STATUS_CODES = {
     "unknown_student": grpc.StatusCode.NOT_FOUND,
     "not_live": grpc.StatusCode.FAILED_PRECONDITION,

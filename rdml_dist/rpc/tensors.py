@@ -32,11 +32,8 @@ def encode_tensor(tensor: torch.Tensor) -> cohort_pb2.Tensor:
     """A CPU copy of ``tensor`` as raw little-endian C-order bytes."""
     if tensor.dtype not in DTYPE_CODES:
         raise WireFormatError(f"dtype {tensor.dtype} cannot travel on the wire (allowed: {_allowed()})")
-    data = tensor.detach().cpu().contiguous()
-    if not LITTLE_ENDIAN_HOST:
-        data = swap_bytes(data)
-    raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
-    return cohort_pb2.Tensor(dtype=DTYPE_CODES[tensor.dtype], shape=list(tensor.shape), data=raw)
+    raw = little_endian_bytes(tensor)
+    return cohort_pb2.Tensor(dtype=DTYPE_CODES[tensor.dtype], shape=list(tensor.shape), data=raw.numpy().tobytes())
 
 
 def decode_tensor(message: cohort_pb2.Tensor, what: str, floating: bool = True) -> torch.Tensor:
@@ -45,16 +42,27 @@ def decode_tensor(message: cohort_pb2.Tensor, what: str, floating: bool = True) 
         raise WireFormatError(f"{what}: dtype {_dtype_name(message.dtype)} is not allowed (allowed: {_allowed()})")
     if floating and message.dtype not in FLOATING_CODES:
         raise WireFormatError(f"{what}: dtype {cohort_pb2.TensorDtype.Name(message.dtype)} is not a floating-point type")
-    shape = list(message.shape)
+    return tensor_from_bytes(message.data, WIRE_DTYPES[message.dtype], list(message.shape), what)
+
+
+def little_endian_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s elements as a flat uint8 CPU tensor of little-endian C-order bytes (no copy when it can be avoided)."""
+    data = tensor.detach().cpu().contiguous()
+    if not LITTLE_ENDIAN_HOST:
+        data = swap_bytes(data)
+    return data.reshape(-1).view(torch.uint8)
+
+
+def tensor_from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: list[int], what: str) -> torch.Tensor:
+    """The tensor that little-endian ``data`` holds, checked against ``shape`` first (``WireFormatError`` says why not)."""
     if any(size < 0 for size in shape):
         raise WireFormatError(f"{what}: shape {shape} has a negative dimension")
-    dtype = WIRE_DTYPES[message.dtype]
     expected = math.prod(shape) * dtype.itemsize
-    if len(message.data) != expected:
-        raise WireFormatError(f"{what}: shape {shape} of {dtype} needs {expected} bytes, got {len(message.data)}")
+    if len(data) != expected:
+        raise WireFormatError(f"{what}: shape {shape} of {dtype} needs {expected} bytes, got {len(data)}")
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
-    tensor = torch.frombuffer(bytearray(message.data), dtype=dtype).reshape(shape)
+    tensor = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=dtype).reshape(shape)
     return tensor if LITTLE_ENDIAN_HOST else swap_bytes(tensor)
 
 
