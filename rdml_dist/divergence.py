@@ -317,7 +317,7 @@ def _closed_form_in_row_chunks(
     laid out by sample too and returned as K×B×C views.
     """
     k, batch, classes = logits.shape
-    rows = max(1, _CHUNK_BYTES // (k * classes * torch.finfo(compute_dtype).bits // 8))
+    rows = max(1, _CHUNK_BYTES // (k * classes * compute_dtype.itemsize))
     grads = torch.empty(batch, k, classes, dtype=compute_dtype, device=logits.device)
     targets = torch.empty_like(grads) if with_targets else None
     losses = torch.zeros(k, dtype=compute_dtype, device=logits.device)

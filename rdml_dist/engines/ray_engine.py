@@ -16,7 +16,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rdml_dist.checkpoints import CheckpointStore
-from rdml_dist.config import ExperimentConfig
+from rdml_dist.config import ExperimentConfig, StudentConfig
 from rdml_dist.coordinator import EpochEvaluation, StepRecord
 from rdml_dist.engines.failure_policy import Decision, Failure, FailurePolicy
 from rdml_dist.engines.loop import CohortRollback, train_loop
@@ -40,6 +40,11 @@ class CohortDoesNotFit(ClusterError):
     """The cluster cannot hold the cohort's placement group within the timeout."""
 
 
+def student_cpus(config: ExperimentConfig, student: StudentConfig) -> float:
+    """A Ray student's CPUs: its own ``resources.cpus``, else ``runtime.ray.cpus_per_student``."""
+    return config.runtime.ray.cpus_per_student if student.resources.cpus is None else student.resources.cpus
+
+
 def student_resources(config: ExperimentConfig) -> dict[str, dict[str, float]]:
     """Each Ray student's bundle: its own ``resources`` where set, else ``runtime.ray``'s defaults.
 
@@ -56,7 +61,7 @@ def student_resources(config: ExperimentConfig) -> dict[str, dict[str, float]]:
             continue
         own = student.resources
         gpus = default_gpus if own.gpus is None else own.gpus
-        bundles[name] = {"CPU": settings.cpus_per_student if own.cpus is None else own.cpus, **({"GPU": gpus} if gpus > 0 else {})}
+        bundles[name] = {"CPU": student_cpus(config, student), **({"GPU": gpus} if gpus > 0 else {})}
     return bundles
 
 
@@ -406,7 +411,7 @@ def run_ray(session: RunSession, show_progress: bool = True) -> RunDirectory:
     if config.rpc.enabled:
         check_bind(config.rpc, token)
     cpus_needed = config.runtime.coordinator.cpus + sum(
-        student.resources.cpus or config.runtime.ray.cpus_per_student for student in config.students if not student.external
+        student_cpus(config, student) for student in config.students if not student.external
     )
     connection = connect(config.runtime.ray.address, cpus_needed)
     print(f"rdml-dist: {connection.description}", flush=True)
