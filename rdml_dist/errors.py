@@ -57,3 +57,11 @@ class CoordinatorUnreachable(ConnectionError):
 
     The driver treats it like an actor call to a dead coordinator: a failure of the cohort, handed to the policy.
     """
+
+
+class StudentRestarted(RuntimeError):
+    """A student's process was restarted by Ray and has not been restored: a call that reaches it is refused.
+
+    Ray passes calls made after a death to the new process; without this one would train a fresh model silently.
+    The driver treats it as the student's death.
+    """

@@ -87,6 +87,9 @@ class LocalCohort:
         for student in self.students:
             self.checkpoints.save_student(step, student.name, student.state_dict())
 
+    def pop_events(self) -> list[dict[str, Any]]:
+        return []  # one process: a failure outside a chunk ends the run
+
     def restore(self, step: int) -> None:
         for student in self.students:
             student.restore_from(self.checkpoints, step, step // self.steps_per_epoch)

@@ -46,6 +46,9 @@ class Cohort(Protocol):
     def save_checkpoint(self, step: int) -> None:
         """Every live student writes its own state for ``step`` into the run's storage."""
 
+    def pop_events(self) -> list[dict[str, Any]]:
+        """Fault events handled outside a chunk of steps (a student lost while evaluating or checkpointing), once."""
+
     def restore(self, step: int) -> None:
         """Students and coordinator go back to the cohort checkpoint of ``step``."""
 
@@ -112,6 +115,7 @@ def train_loop(
 def _checkpoint(config: ExperimentConfig, cohort: Cohort, run: RunDirectory, checkpoints: CheckpointStore, step: int) -> None:
     """Students write their files, then the results, then the manifest that makes the checkpoint complete."""
     cohort.save_checkpoint(step)
+    run.add_events(cohort.pop_events())
     run.write_progress()
     checkpoints.commit(run.manifest(step, cohort.live_members()))
     checkpoints.prune(config.runtime.checkpoint.keep)

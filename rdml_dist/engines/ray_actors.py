@@ -21,7 +21,7 @@ from rdml_dist.barrier import CohortBarrier
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.coordinator import NON_FINITE, EpochEvaluation, StepRecord
-from rdml_dist.errors import ConfigError, FrameRejected
+from rdml_dist.errors import ConfigError, FrameRejected, StudentRestarted
 from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
 from rdml_dist.lane.client import FrameLaneClient
 from rdml_dist.lane.server import FrameLaneServer
@@ -155,6 +155,8 @@ class StudentActor:
                 "that every node of the cluster can reach"
             )
         self.checkpoints = CheckpointStore(storage)
+        self.name = self.config.students[index].name
+        self._restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)  # cleared by restore()
         self._lane: FrameLaneClient | None = None
         self._startup_error: ConfigError | None = None
         try:
@@ -187,6 +189,7 @@ class StudentActor:
 
         ``lane`` (address, secret): exchange over the coordinator's frame lane; None: actor calls.
         """
+        self._refuse_if_not_restored()
         events = []
         exchange, refresh = self._transport(coordinator, lane)
         for step in range(start, end):
@@ -223,17 +226,24 @@ class StudentActor:
 
     def evaluate(self, epoch: int, coordinator: "ray.actor.ActorHandle") -> None:
         """Close the epoch (learning-rate schedule) and send the validation logits to the coordinator."""
+        self._refuse_if_not_restored()
         self.student.end_epoch()
         ray.get(coordinator.submit_eval.remote(self.student.evaluate(epoch)))
 
     def save_checkpoint(self, step: int) -> str:
         """Write this student's state for ``step`` straight into the run's storage; returns where."""
+        self._refuse_if_not_restored()
         return self.checkpoints.save_student(step, self.student.name, self.student.state_dict())
 
     def restore(self, step: int, cohort_epoch: int) -> StudentInfo:
         """Load this student's file of the checkpoint at ``step``; returns its registration data."""
         self.student.restore_from(self.checkpoints, step, cohort_epoch)
+        self._restarted = False
         return self.student.info()
+
+    def _refuse_if_not_restored(self) -> None:
+        if self._restarted:
+            raise StudentRestarted(f"student {self.name!r} was restarted (pid {os.getpid()}) and not yet restored")
 
     def state_dict(self) -> dict[str, Any]:
         """The student's full state, as CPU tensors whatever device it trains on."""

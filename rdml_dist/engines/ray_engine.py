@@ -23,7 +23,7 @@ from rdml_dist.engines.loop import CohortRollback, train_loop
 from rdml_dist.engines.ray_actors import STORAGE_MARKER, CoordinatorActor, StudentActor
 from rdml_dist.engines.ray_cluster import connect
 from rdml_dist.engines.session import RunSession, new_session
-from rdml_dist.errors import ClusterError, CohortStepFailed, ConfigError, CoordinatorUnreachable
+from rdml_dist.errors import ClusterError, CohortStepFailed, ConfigError, CoordinatorUnreachable, StudentRestarted
 from rdml_dist.frames import StudentInfo
 from rdml_dist.metrics import write_file_sd
 from rdml_dist.rpc.auth import check_bind, resolve_token
@@ -169,6 +169,8 @@ class RayCohort:
             raise
         self.steps_per_epoch = ray.get(self.coordinator.state.remote())["steps_per_epoch"]
         self.live = set(self.names)
+        self.latest_checkpoint: int | None = None  # the step a student restarted under ``continue`` restores
+        self._events: list[dict[str, Any]] = []  # failures met while evaluating or checkpointing, for pop_events
 
     def placements(self) -> dict[str, dict[str, Any]]:
         """Where each student runs (node id, GPU ids, device, pid)."""
@@ -225,6 +227,7 @@ class RayCohort:
 
     # -- one chunk of steps, with failures handed to the policy ------------------------------
     def run_steps(self, start: int, end: int, restore_step: int, on_progress: Callable[[int], None]) -> list[dict[str, Any]]:
+        self.latest_checkpoint = restore_step
         calls = {
             self.actors[name].run_steps.remote(start, end, self.coordinator, restore_step, self.lane): name
             for name in self.live_members()
@@ -237,23 +240,16 @@ class RayCohort:
             for reference in done:
                 try:
                     events.extend(ray.get(reference))
-                except ray.exceptions.RayTaskError as error:  # first: Ray's wrapper may also be a RayActorError
-                    self._decide_and_roll_back(self._task_failure(error, start), pending)
-                except ray.exceptions.RayActorError as error:
-                    failure = self._student_failure(calls[reference], start, error)
-                    if self.policy.decide(failure) is Decision.CONTINUE:
-                        ray.get(self.coordinator.mark_dead.remote(failure.student))
-                        self.live.discard(failure.student)
-                        rejoining.append(failure.student)
-                        events.append({**failure.event(), "action": "the live students went on"})
-                        continue
-                    self._roll_back(failure, pending)
+                except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as error:
+                    events.append(self._lose_student(calls[reference], error, start, pending))
+                    rejoining.append(calls[reference])
             step = self._coordinator_step(start, pending)
             on_progress(step)
         if not calls:  # external students only: the chunk is over when the coordinator has computed its last step
             self._wait_for_step(start, end, on_progress)
         for name in rejoining:
-            self._rejoin(name, restore_step, end)
+            # The epoch the chunk ending at ``end`` belongs to: its end (if any) is closed by evaluate().
+            self._rejoin(name, restore_step, (end - 1) // self.steps_per_epoch)
         return events
 
     def _wait_for_step(self, start: int, end: int, on_progress: Callable[[int], None]) -> None:
@@ -276,7 +272,7 @@ class RayCohort:
     def _task_failure(self, error: ray.exceptions.RayTaskError, step: int) -> Failure:
         """A student's call raised: the coordinator died under it, its computation failed, or a real bug (re-raised).
 
-        A student's own death surfaces as a bare actor error, never as a task error.
+        A student's own death surfaces as a bare actor error or :class:`StudentRestarted`, never here.
         """
         if isinstance(error.cause, CohortStepFailed):
             return Failure("coordinator_error", step, str(error.cause))
@@ -330,36 +326,55 @@ class RayCohort:
                     raise ClusterError(f"{what} was not restarted within {RESTART_TIMEOUT_S:.0f} s ({_cause(error)})") from None
                 time.sleep(POLL_SECONDS)
 
-    def _rejoin(self, name: str, restore_step: int, cohort_step: int) -> None:
-        """A student restarted under ``continue`` restores its latest checkpoint and rejoins at ``cohort_step``."""
+    def _rejoin(self, name: str, restore_step: int, cohort_epoch: int) -> None:
+        """A student restarted under ``continue`` restores its checkpoint of ``restore_step``, catches up with the
+        cohort's epoch and takes part again."""
         self._wait_until_restarted(self.actors[name], f"student {name!r}")
-        # The epoch the chunk ending at ``cohort_step`` belongs to: its end (if any) is closed by evaluate().
-        info = ray.get(self.actors[name].restore.remote(restore_step, (cohort_step - 1) // self.steps_per_epoch))
+        info = ray.get(self.actors[name].restore.remote(restore_step, cohort_epoch))
         ray.get(self.coordinator.revive.remote(info))
         self.live.add(name)
         self._update_placements()
 
     # -- epoch end, checkpoints, rollback -------------------------------------------------------
     def evaluate(self, epoch: int) -> EpochEvaluation:
-        self._gather({self.actors[name].evaluate.remote(epoch, self.coordinator): name for name in self.live_members()}, epoch)
+        self._on_live_students(lambda actor: actor.evaluate.remote(epoch, self.coordinator), (epoch + 1) * self.steps_per_epoch, epoch)
         return ray.get(self.coordinator.evaluation.remote(epoch, self.config.runtime.ray.exchange_timeout_s))
 
     def pop_records(self, before_step: int) -> list[StepRecord]:
         return ray.get(self.coordinator.pop_records.remote(before_step))
 
-    def save_checkpoint(self, step: int) -> None:
-        self._gather({self.actors[name].save_checkpoint.remote(step): name for name in self.live_members()}, step)
+    def pop_events(self) -> list[dict[str, Any]]:
+        events, self._events = self._events, []
+        return events
 
-    def _gather(self, calls: dict[ray.ObjectRef, str], step: int) -> list[Any]:
-        """Results of a call on every live student; a student that dies meanwhile sends the cohort back."""
-        try:
-            return ray.get(list(calls))
-        except ray.exceptions.RayTaskError as error:  # first: Ray's wrapper may also be a RayActorError
-            self._decide_and_roll_back(self._task_failure(error, step), list(calls))
-        except ray.exceptions.RayActorError as error:
-            name = next((calls[ref] for ref in calls if _failed(ref)), "?")
-            self._decide_and_roll_back(self._student_failure(name, step, error), list(calls))
-        raise AssertionError("unreachable")
+    def save_checkpoint(self, step: int) -> None:
+        self._on_live_students(lambda actor: actor.save_checkpoint.remote(step), step, step // self.steps_per_epoch)
+
+    def _on_live_students(self, call: Callable[["ray.actor.ActorHandle"], ray.ObjectRef], step: int, cohort_epoch: int) -> None:
+        """Run ``call`` on every live student. One that dies meanwhile goes to the policy: under ``continue`` it is
+        restarted at ``cohort_epoch`` from the latest checkpoint and called again, else the cohort rolls back."""
+        calls = {call(self.actors[name]): name for name in self.live_members()}
+        while calls:
+            done, _ = ray.wait(list(calls), num_returns=1)
+            name = calls.pop(done[0])
+            try:
+                ray.get(done[0])
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as error:
+                self._events.append(self._lose_student(name, error, step, list(calls)))
+                self._rejoin(name, self.latest_checkpoint, cohort_epoch)
+                calls[call(self.actors[name])] = name
+
+    def _lose_student(self, name: str, error: ray.exceptions.RayError, step: int, pending: list[ray.ObjectRef]) -> dict[str, Any]:
+        """A call on student ``name`` failed. Its own death, under ``continue``: it leaves the cohort (returns the
+        event) and the caller has it rejoin. Anything else goes to the policy and rolls the cohort back (raises)."""
+        if not _student_died(error):
+            self._decide_and_roll_back(self._task_failure(error, step), pending)
+        failure = self._student_failure(name, step, error)
+        if self.policy.decide(failure) is not Decision.CONTINUE or self.latest_checkpoint is None:
+            self._roll_back(failure, pending)
+        ray.get(self.coordinator.mark_dead.remote(name))
+        self.live.discard(name)
+        return {**failure.event(), "action": "the live students went on"}
 
     def restore(self, step: int) -> None:
         """Every student (restarted ones included) and the coordinator go back to the checkpoint of ``step``."""
@@ -374,6 +389,7 @@ class RayCohort:
         ray.get(self.coordinator.restore.remote(step, infos))
         self._wait_for_external_students()  # a restarted coordinator knows none of them until they join again
         self.live = set(self.names)
+        self.latest_checkpoint = step
         self._update_placements()
 
     def shutdown(self) -> None:
@@ -393,15 +409,12 @@ def _get_with_user_errors(references: Any) -> Any:
         raise
 
 
-def _failed(reference: ray.ObjectRef) -> bool:
-    ready, _ = ray.wait([reference], timeout=0)
-    if not ready:
-        return False
-    try:
-        ray.get(reference)
-    except ray.exceptions.RayError:
-        return True
-    return False
+def _student_died(error: ray.exceptions.RayError) -> bool:
+    """A student's own death: a bare actor error, or a call that reached its restarted process before the driver
+    restored it (Ray hands calls made after a death to the new process)."""
+    if isinstance(error, ray.exceptions.RayTaskError):  # first: Ray's wrapper may also be a RayActorError
+        return isinstance(error.cause, StudentRestarted)
+    return isinstance(error, ray.exceptions.RayActorError)
 
 
 def run_ray(session: RunSession, show_progress: bool = True) -> RunDirectory:

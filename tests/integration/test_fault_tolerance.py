@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 import torch
 
 from rdml_dist.engines.failure_policy import RunFailed
+from rdml_dist.engines.ray_actors import STORAGE_MARKER, StudentActor
 from rdml_dist.engines.ray_engine import train_ray
+from rdml_dist.errors import StudentRestarted
 from rdml_dist.run_directory import RunDirectory
+from rdml_dist.storage import Storage
 from tests.integration.conftest import cohort_released, make_config, read_json, read_steps, wait_until
 
 STUDENTS = [{"name": "mlp", "model": "mlp"}, {"name": "cnn", "model": "small_cnn"}]
@@ -148,6 +152,62 @@ def test_killed_student_under_continue_rejoins_while_the_others_go_on(undisturbe
         assert all(value is not None for value in values), name  # every student evaluated every epoch
         assert abs(values[-1] - reference[name][-1]) <= CONTINUE_TOLERANCE, (name, values, reference[name])
     wait_until(cohort_released, "the cohort is released")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("during", "step"), [("checkpoint", 4), ("evaluation", STEPS_PER_EPOCH)])
+def test_a_student_dying_outside_the_steps_under_continue_rejoins_and_is_called_again(
+    undisturbed: Path, tmp_path: Path, during: str, step: int
+) -> None:
+    marker = tmp_path / "died"
+    dying = {"name": "mlp", "model": "tests.integration.dying_models:mlp_that_dies_once",
+             "options": {"marker": str(marker), "during": during, "after_steps": step}}
+    config = make_config(tmp_path, [dying, STUDENTS[1]], training={"epochs": EPOCHS, "batch_size": 128},
+                         runtime={"checkpoint": {"every_steps": 4, "keep": 2}, "fault": {"on_student_failure": "continue"}},
+                         ray={"exchange_timeout_s": 60})
+    train_ray(config, tmp_path, show_progress=False).finish()
+
+    killed = int(marker.read_text())  # the process that died while writing its checkpoint or scoring the epoch
+    events = read_json(tmp_path / "results.json")["faults"]["events"]
+    assert [(event["kind"], event["student"], event["step"], event["action"]) for event in events] == [
+        ("student_died", "mlp", step, "the live students went on")
+    ]
+    _assert_every_step_once(tmp_path)  # the restarted student was restored and took every later step
+    assert read_json(tmp_path / "placements.json")["students"]["mlp"]["pid"] != killed
+    accuracies, reference = _accuracies(tmp_path), _accuracies(undisturbed)
+    for name, values in accuracies.items():
+        assert all(value is not None for value in values), name  # the epoch was scored with the restarted student
+        assert abs(values[-1] - reference[name][-1]) <= CONTINUE_TOLERANCE, (name, values, reference[name])
+    wait_until(cohort_released, "the cohort is released")
+
+
+@pytest.mark.timeout(120)
+def test_a_restarted_student_refuses_work_until_it_is_restored(tmp_path: Path) -> None:
+    """Ray hands a call made after a death to the restarted process: it must not train a fresh model silently."""
+    storage = Storage(str(tmp_path))
+    storage.write_bytes(STORAGE_MARKER, b"marker")
+    config = _config(tmp_path)
+    actor = StudentActor.options(max_restarts=-1, num_cpus=0).remote(config.model_dump(mode="json"), 0, 1, storage.url, "marker")
+    try:
+        ray.get(actor.save_checkpoint.remote(0))  # the first process works from the start
+        first = ray.get(actor.placement.remote())["pid"]
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: _restarted_pid(actor) not in (None, first), "Ray restarts the student", 60)
+        with pytest.raises(ray.exceptions.RayTaskError) as refused:
+            ray.get(actor.save_checkpoint.remote(4))
+        assert isinstance(refused.value.cause, StudentRestarted) and "'mlp' was restarted" in str(refused.value.cause)
+        assert not (tmp_path / "checkpoints" / f"step-{4:08d}").exists()  # nothing written by the fresh model
+        ray.get(actor.restore.remote(0, 0))
+        assert ray.get(actor.save_checkpoint.remote(4)).endswith("mlp.pt")  # restored: it works again
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
+def _restarted_pid(actor: Any) -> int | None:
+    try:
+        return ray.get(actor.placement.remote(), timeout=10)["pid"]
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None
 
 
 @pytest.mark.timeout(300)
