@@ -27,11 +27,11 @@ class CohortBarrier:
     waiting student at once, and frames are refused until the cohort is restored.
     """
 
-    def __init__(self, config: ExperimentConfig) -> None:
+    def __init__(self, config: ExperimentConfig, shard: int = 0, shards: int = 1) -> None:
         self.config = config
         self.lock = threading.Lock()
         self.registry = LockedRegistry(self.lock)
-        self.core = MeteredCoordinator(config, CohortMetrics.for_config(config, self.registry))
+        self.core = MeteredCoordinator(config, CohortMetrics.for_config(config, self.registry), shard=shard, shards=shards)
         self._step_results: dict[int, asyncio.Future[None]] = {}  # resolved when the step is over
         self._replies: dict[tuple[int, str], asyncio.Future[MimicryReply]] = {}  # (step, student) -> its gradient
         self.halted: str | None = None  # why frames are refused, while the cohort rolls back

@@ -161,6 +161,7 @@ class CoordinatorConfig(_Strict):
     cpus: float = Field(1.0, gt=0)
     gpus: float = Field(0.0, ge=0, le=1)
     on_head_node: bool = False  # a stable address for Prometheus: the coordinator runs on the Ray head
+    shards: int = Field(1, ge=1)  # Ray: coordinator actors, each serving its rows of every step's batch (rdml_dist.shards)
 
 
 class CheckpointConfig(_Strict):
@@ -287,6 +288,19 @@ class ExperimentConfig(_Strict):
                 "mimicry.update: sequential runs with Ray and local students only; external students "
                 f"({', '.join(self.external_students())}) exchange simultaneously"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _coordinator_shards_serve_ray_students_with_rows_to_share(self) -> "ExperimentConfig":
+        shards = self.runtime.coordinator.shards
+        if shards > 1 and self.external_students():
+            raise ValueError(
+                f"runtime.coordinator.shards: {shards} splits the exchange between Ray actors; external students "
+                f"({', '.join(self.external_students())}) join one coordinator: use shards: 1"
+            )
+        if shards > self.training.batch_size:
+            raise ValueError(f"runtime.coordinator.shards: {shards} is more than training.batch_size "
+                             f"({self.training.batch_size}): every shard needs rows of the batch")
         return self
 
     def external_students(self) -> list[str]:

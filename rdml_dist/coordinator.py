@@ -18,6 +18,7 @@ from rdml_dist.divergence import mimicry_gradients
 from rdml_dist.errors import FrameRejected
 from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
 from rdml_dist.schedules import alpha_at, mimicry_weight_at
+from rdml_dist.shards import shard_rows
 from rdml_dist.student import resolve_device
 
 NON_FINITE = "non_finite"  # the rejection reason that sends a student back to its last checkpoint
@@ -61,10 +62,18 @@ class EpochEvaluation:
 
 
 class CohortCoordinator:
-    """Per-step barrier logic and the batched mimicry computation, without any transport."""
+    """Per-step barrier logic and the batched mimicry computation, without any transport.
 
-    def __init__(self, config: ExperimentConfig, clock: Callable[[], float] = time.perf_counter) -> None:
+    As shard ``shard`` of ``shards`` (the Ray engine's ``runtime.coordinator.shards``) it takes its rows
+    of every frame (:func:`rdml_dist.shards.shard_rows`) and weights gradients, losses and records by their share.
+    """
+
+    def __init__(
+        self, config: ExperimentConfig, clock: Callable[[], float] = time.perf_counter, shard: int = 0, shards: int = 1
+    ) -> None:
         self.config = config
+        shard_rows(1, shards, shard)  # refuses an index outside the shards
+        self.shard, self.shards = shard, shards
         self.members: list[str] = config.student_names()
         self.live: set[str] = set()
         self.clock = clock
@@ -158,7 +167,8 @@ class CohortCoordinator:
             raise FrameRejected(f"frame from {frame.student!r} is for step {frame.step}, cohort is at step {self.step}", "wrong_step")
         if frame.student in self._pending:
             raise FrameRejected(f"duplicate frame from {frame.student!r} for step {frame.step}", "duplicate")
-        expected, rows = self.expected_batch(frame.step)
+        expected, batch_rows = self.expected_batch(frame.step)
+        rows = self._rows_served(batch_rows)
         if frame.batch_hash != expected:
             raise FrameRejected(
                 f"frame from {frame.student!r} at step {frame.step} has batch hash {frame.batch_hash}, expected {expected}",
@@ -170,6 +180,11 @@ class CohortCoordinator:
             raise FrameRejected(f"logits from {frame.student!r} have shape {tuple(logits.shape)}, expected {rows}×{num_classes}", "wrong_shape")
         if not bool(torch.isfinite(logits).all()) or not math.isfinite(frame.ce_loss):
             raise FrameRejected(f"frame from {frame.student!r} at step {frame.step} holds NaN or infinite values", NON_FINITE)
+
+    def _rows_served(self, batch_rows: int) -> int:
+        """How many of a ``batch_rows``-row batch this shard serves."""
+        served = shard_rows(batch_rows, self.shards, self.shard)
+        return served.stop - served.start
 
     # -- the step barrier -----------------------------------------------------------------
     def submit(self, frame: LogitsFrame) -> None:
@@ -275,6 +290,9 @@ class CohortCoordinator:
             with_targets=False,
         )
         grads, losses = result.grads.cpu(), result.losses.cpu()
+        batch_rows = self.expected_batch(self.step)[1]
+        share = frames[0].logits.shape[0] / batch_rows  # this shard's part of the batch mean (1 unsharded)
+        losses = losses * share
         scale = weight * mimicry.temperature**2
         elapsed = self.clock() - started
         last_arrival = max(self._arrivals[name] for name in names)
@@ -286,7 +304,7 @@ class CohortCoordinator:
             divergence_value = float(losses[position])
             replies[name] = MimicryReply(
                 step=self.step,
-                grad=(grads[position] * scale).to(frame.logits.dtype),  # back in the dtype it was sent in
+                grad=(grads[position] * (scale * share)).to(frame.logits.dtype),  # back in the dtype it was sent in
                 mimicry_loss=scale * divergence_value,
                 alpha=alpha,
                 weight=weight,
@@ -312,7 +330,7 @@ class CohortCoordinator:
         self.latest.update({name: step_records[name] for name in replies})
         if self._refreshing is not None:
             return replies
-        self._measure_throughput(names, frames[0].logits.shape[0], self.clock())
+        self._measure_throughput(names, batch_rows, self.clock())
         self._advance()
         return replies
 

@@ -18,8 +18,11 @@ from rdml_dist.metrics import CohortMetrics
 class MeteredCoordinator(CohortCoordinator):
     """A :class:`CohortCoordinator` that reports to ``metrics`` as it goes."""
 
-    def __init__(self, config: ExperimentConfig, metrics: CohortMetrics, clock: Callable[[], float] = time.perf_counter) -> None:
-        super().__init__(config, clock)
+    def __init__(
+        self, config: ExperimentConfig, metrics: CohortMetrics, clock: Callable[[], float] = time.perf_counter,
+        shard: int = 0, shards: int = 1,
+    ) -> None:
+        super().__init__(config, clock, shard, shards)
         self.metrics = metrics
         self._timed_steps: dict[str, int] = {}  # the last step whose timing each student reported
 

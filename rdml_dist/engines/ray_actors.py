@@ -23,10 +23,11 @@ from rdml_dist.config import ExperimentConfig
 from rdml_dist.coordinator import NON_FINITE, EpochEvaluation, StepRecord
 from rdml_dist.errors import ConfigError, FrameRejected, StudentRestarted
 from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
-from rdml_dist.lane.client import FrameLaneClient
+from rdml_dist.lane.client import ShardLanes
 from rdml_dist.lane.server import FrameLaneServer
 from rdml_dist.metrics import metrics_address, serve
 from rdml_dist.rpc.server import CohortServer, start_cohort_server
+from rdml_dist.shards import join_replies, split_frame
 from rdml_dist.storage import Storage
 from rdml_dist.student import Student, resolve_device
 
@@ -43,9 +44,9 @@ class Coordinator:
     Prometheus metrics, each scrape taken under the barrier's lock.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], shard: int = 0) -> None:
         self.config = ExperimentConfig.model_validate(config)
-        self.barrier = CohortBarrier(self.config)
+        self.barrier = CohortBarrier(self.config, shard, self.config.runtime.coordinator.shards)
         if _restarted():  # refuse frames and joins until the driver has restored the cohort
             self.barrier.halted = "the coordinator restarted; the driver is restoring the cohort"
         self._metrics_address: str | None = None
@@ -156,8 +157,8 @@ class StudentActor:
             )
         self.checkpoints = CheckpointStore(storage)
         self.name = self.config.students[index].name
-        self._restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)  # cleared by restore()
-        self._lane: FrameLaneClient | None = None
+        self._restarted = _restarted()  # cleared by restore()
+        self._lane: ShardLanes | None = None
         self._startup_error: ConfigError | None = None
         try:
             self.student = Student(self.config, index, resolve_device(self.config.runtime.device))
@@ -183,15 +184,17 @@ class StudentActor:
         }
 
     def run_steps(
-        self, start: int, end: int, coordinator: "ray.actor.ActorHandle", restore_step: int, lane: tuple[str, str] | None = None
+        self, start: int, end: int, coordinators: list["ray.actor.ActorHandle"], restore_step: int,
+        lane: tuple[list[str], str] | None = None,
     ) -> list[dict[str, Any]]:
         """Train steps ``[start, end)`` in lock-step with the cohort; returns non-finite recoveries.
 
-        ``lane`` (address, secret): exchange over the coordinator's frame lane; None: actor calls.
+        ``coordinators``: every coordinator shard, the first holding the cohort's records. ``lane``
+        (their addresses, secret): exchange over their frame lanes; None: actor calls.
         """
         self._refuse_if_not_restored()
         events = []
-        exchange, refresh = self._transport(coordinator, lane)
+        exchange, refresh = self._transport(coordinators, lane)
         for step in range(start, end):
             frame = self.student.forward_step(step)
             sent = time.perf_counter()
@@ -206,22 +209,29 @@ class StudentActor:
             self.student.apply(reply.grad, time.perf_counter() - sent)
             if reply.refresh:  # sequential update: later peers read this student's updated logits
                 refresh(self.student.refreshed_frame())
-        ray.get(coordinator.record_timing.remote(self.student.name, self.student.last_timing))
+        ray.get(coordinators[0].record_timing.remote(self.student.name, self.student.last_timing))
         return events
 
     def _transport(
-        self, coordinator: "ray.actor.ActorHandle", lane: tuple[str, str] | None
+        self, coordinators: list["ray.actor.ActorHandle"], lane: tuple[list[str], str] | None
     ) -> tuple[Callable[[LogitsFrame], MimicryReply], Callable[[LogitsFrame], None]]:
-        """The exchange and refresh calls of this chunk: the frame lane (connected again when the coordinator
-        moved or the last connection broke) or actor calls."""
+        """The exchange and refresh calls of this chunk: the frame lanes (connected again when a coordinator
+        moved or a connection broke) or actor calls, each split by rows over the coordinator shards."""
         if lane is None:
-            return (lambda frame: ray.get(coordinator.exchange.remote(frame))), (lambda frame: ray.get(coordinator.refresh.remote(frame)))
-        address, secret = lane
-        if self._lane is None or self._lane.address != address or self._lane.broken:
+            def ask(method: str, frame: LogitsFrame) -> list[Any]:
+                parts = split_frame(frame, len(coordinators))
+                return ray.get([getattr(shard, method).remote(part) for shard, part in zip(coordinators, parts)])
+
+            def refresh(frame: LogitsFrame) -> None:
+                ask("refresh", frame)
+
+            return (lambda frame: join_replies(ask("exchange", frame))), refresh
+        addresses, secret = lane
+        if self._lane is None or self._lane.addresses != addresses or self._lane.broken:
             if self._lane is not None:
                 self._lane.close()
-            self._lane = FrameLaneClient(address, secret, self.student.name, self.config.runtime.ray.exchange_timeout_s,
-                                         self.config.rpc.max_message_mb << 20)
+            self._lane = ShardLanes(addresses, secret, self.student.name, self.config.runtime.ray.exchange_timeout_s,
+                                    self.config.rpc.max_message_mb << 20)
         return self._lane.exchange, self._lane.refresh
 
     def evaluate(self, epoch: int, coordinator: "ray.actor.ActorHandle") -> None:

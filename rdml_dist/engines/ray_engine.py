@@ -28,6 +28,7 @@ from rdml_dist.frames import StudentInfo
 from rdml_dist.metrics import write_file_sd
 from rdml_dist.rpc.auth import check_bind, resolve_token
 from rdml_dist.run_directory import RunDirectory
+from rdml_dist.shards import merge_records
 from rdml_dist.storage import Storage
 
 POLL_SECONDS = 0.25
@@ -77,14 +78,15 @@ def coordinator_resources(config: ExperimentConfig) -> dict[str, float]:
 def reserve_cohort(config: ExperimentConfig, bundles: dict[str, dict[str, float]]) -> PlacementGroup:
     """Gang-schedule coordinator and students in one placement group: ready whole, or a clear failure."""
     settings = config.runtime.ray
-    reserved = [coordinator_resources(config), *(dict(bundle) for bundle in bundles.values())]
+    shards = config.runtime.coordinator.shards
+    reserved = [*(coordinator_resources(config) for _ in range(shards)), *(dict(bundle) for bundle in bundles.values())]
     group = placement_group(reserved, strategy=settings.placement_strategy)
     ready, _ = ray.wait([group.ready()], timeout=settings.placement_timeout_s)
     if not ready:
         remove_placement_group(group)
         asked = ", ".join(f"{name} {bundle}" for name, bundle in bundles.items())
         raise CohortDoesNotFit(
-            f"the cluster cannot hold the cohort: a coordinator {reserved[0]} and {len(bundles)} students ({asked}) "
+            f"the cluster cannot hold the cohort: {shards} coordinator shard(s) of {reserved[0]} and {len(bundles)} students ({asked}) "
             f"with strategy {settings.placement_strategy} did not fit within {settings.placement_timeout_s:.0f} s "
             f"(cluster total: {ray.cluster_resources()}, available: {ray.available_resources()}); add nodes, lower "
             "runtime.ray.cpus_per_student/gpus_per_student, students[].resources or runtime.coordinator.cpus, "
@@ -129,12 +131,17 @@ class RayCohort:
         storage.write_bytes(STORAGE_MARKER, marker.encode())  # every student must see it: the storage is shared
         payload = config.model_dump(mode="json")
         restarts = -1 if config.runtime.fault.on_student_failure != "fail" else 0
-        self.coordinator = CoordinatorActor.options(
-            num_cpus=config.runtime.coordinator.cpus,
-            num_gpus=config.runtime.coordinator.gpus,
-            max_restarts=restarts,
-            scheduling_strategy=_bundle(group, COORDINATOR_BUNDLE),
-        ).remote(payload)
+        shards = config.runtime.coordinator.shards
+        self.shards = [  # each serves its rows of every step; the first also holds records, evaluation, services
+            CoordinatorActor.options(
+                num_cpus=config.runtime.coordinator.cpus,
+                num_gpus=config.runtime.coordinator.gpus,
+                max_restarts=restarts,
+                scheduling_strategy=_bundle(group, COORDINATOR_BUNDLE + shard),
+            ).remote(payload, shard)
+            for shard in range(shards)
+        ]
+        self.coordinator = self.shards[0]
         self.token = token
         self.external = config.external_students()
         self.names = [name for name in config.student_names() if name not in self.external]
@@ -149,7 +156,7 @@ class RayCohort:
                     num_cpus=bundles[name]["CPU"],
                     num_gpus=bundles[name].get("GPU", 0),
                     max_restarts=restarts,
-                    scheduling_strategy=_bundle(group, COORDINATOR_BUNDLE + 1 + position),
+                    scheduling_strategy=_bundle(group, COORDINATOR_BUNDLE + shards + position),
                 ).remote(
                     payload,
                     config.student_names().index(name),
@@ -160,7 +167,7 @@ class RayCohort:
                 for position, name in enumerate(self.names)
             }
             self.infos = dict(zip(self.names, _get_with_user_errors([actor.info.remote() for actor in self.actors.values()])))
-            ray.get([self.coordinator.register.remote(info) for info in self.infos.values()])
+            ray.get([shard.register.remote(info) for shard in self.shards for info in self.infos.values()])
             self.metrics_address = self._serve_metrics()
             self._wait_for_external_students()
             self._update_placements()
@@ -180,11 +187,11 @@ class RayCohort:
         """Have the coordinator serve the gRPC cohort service (again, after a restart)."""
         return _get_with_user_errors(self.coordinator.serve_rpc.remote(self.token))
 
-    def _serve_lane(self) -> tuple[str, str] | None:
-        """Have the coordinator open its frame lane (again, after a restart) when the students exchange over TCP."""
+    def _serve_lane(self) -> tuple[list[str], str] | None:
+        """Have every coordinator shard open its frame lane (again, after a restart) when the students exchange over TCP."""
         if self.config.runtime.exchange.transport != "tcp":
             return None
-        return ray.get(self.coordinator.serve_lane.remote(self._lane_secret)), self._lane_secret
+        return ray.get([shard.serve_lane.remote(self._lane_secret) for shard in self.shards]), self._lane_secret
 
     def _wait_for_external_students(self) -> None:
         """Block until every external student has joined the coordinator, or fail naming the missing ones."""
@@ -216,9 +223,12 @@ class RayCohort:
     def _update_placements(self) -> None:
         """Learn (again, after restarts) where every student and the coordinator run, and record it."""
         self.where = self.placements()
-        state = ray.get(self.coordinator.state.remote())
-        coordinator = {"node_id": state["node_id"], "pid": state["pid"], "metrics": self.metrics_address, "rpc": self.rpc_address,
-                       "lane": self.lane[0] if self.lane else None}
+        states = ray.get([shard.state.remote() for shard in self.shards])
+        lanes = self.lane[0] if self.lane else [None] * len(self.shards)
+        coordinator = {"node_id": states[0]["node_id"], "pid": states[0]["pid"], "metrics": self.metrics_address,
+                       "rpc": self.rpc_address, "lane": lanes[0]}
+        if len(self.shards) > 1:
+            coordinator["shards"] = [{"node_id": state["node_id"], "pid": state["pid"], "lane": lane} for state, lane in zip(states, lanes)]
         external = {name: {"external": True, "coordinator": self.rpc_address} for name in self.external}
         self.record_placements({**self.where, **external}, coordinator)
 
@@ -229,7 +239,7 @@ class RayCohort:
     def run_steps(self, start: int, end: int, restore_step: int, on_progress: Callable[[int], None]) -> list[dict[str, Any]]:
         self.latest_checkpoint = restore_step
         calls = {
-            self.actors[name].run_steps.remote(start, end, self.coordinator, restore_step, self.lane): name
+            self.actors[name].run_steps.remote(start, end, self.shards, restore_step, self.lane): name
             for name in self.live_members()
         }
         events: list[dict[str, Any]] = []
@@ -286,9 +296,9 @@ class RayCohort:
         raise error
 
     def _coordinator_death(self) -> BaseException | None:
-        """Why the coordinator cannot answer (Ray's error), or None while it is alive."""
+        """Why a coordinator shard cannot answer (Ray's error), or None while all are alive."""
         try:
-            ray.get(self.coordinator.state.remote(), timeout=10)
+            ray.get([shard.state.remote() for shard in self.shards], timeout=10)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
             return error
         return None
@@ -309,7 +319,7 @@ class RayCohort:
     def _roll_back(self, failure: Failure, pending: list[ray.ObjectRef]) -> None:
         """Stop the chunk on every student and have the loop take the cohort back to its latest checkpoint."""
         try:
-            ray.get(self.coordinator.abort.remote(failure.describe()), timeout=10)
+            ray.get([shard.abort.remote(failure.describe()) for shard in self.shards], timeout=10)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             pass  # a dead coordinator already failed every waiting student
         ray.wait(pending, num_returns=len(pending), timeout=self.config.runtime.ray.exchange_timeout_s)
@@ -331,7 +341,7 @@ class RayCohort:
         cohort's epoch and takes part again."""
         self._wait_until_restarted(self.actors[name], f"student {name!r}")
         info = ray.get(self.actors[name].restore.remote(restore_step, cohort_epoch))
-        ray.get(self.coordinator.revive.remote(info))
+        ray.get([shard.revive.remote(info) for shard in self.shards])
         self.live.add(name)
         self._update_placements()
 
@@ -341,7 +351,7 @@ class RayCohort:
         return ray.get(self.coordinator.evaluation.remote(epoch, self.config.runtime.ray.exchange_timeout_s))
 
     def pop_records(self, before_step: int) -> list[StepRecord]:
-        return ray.get(self.coordinator.pop_records.remote(before_step))
+        return merge_records(ray.get([shard.pop_records.remote(before_step) for shard in self.shards]))
 
     def pop_events(self) -> list[dict[str, Any]]:
         events, self._events = self._events, []
@@ -372,7 +382,7 @@ class RayCohort:
         failure = self._student_failure(name, step, error)
         if self.policy.decide(failure) is not Decision.CONTINUE or self.latest_checkpoint is None:
             self._roll_back(failure, pending)
-        ray.get(self.coordinator.mark_dead.remote(name))
+        ray.get([shard.mark_dead.remote(name) for shard in self.shards])
         self.live.discard(name)
         return {**failure.event(), "action": "the live students went on"}
 
@@ -380,20 +390,21 @@ class RayCohort:
         """Every student (restarted ones included) and the coordinator go back to the checkpoint of ``step``."""
         for name, actor in self.actors.items():
             self._wait_until_restarted(actor, f"student {name!r}")
-        self._wait_until_restarted(self.coordinator, "the coordinator")
+        for index, shard in enumerate(self.shards):
+            self._wait_until_restarted(shard, "the coordinator" if len(self.shards) == 1 else f"coordinator shard {index}")
         self.rpc_address = self._serve_rpc()
         self.lane = self._serve_lane()
         self.metrics_address = self._serve_metrics()
         epoch = step // self.steps_per_epoch
         infos: list[StudentInfo] = ray.get([self.actors[name].restore.remote(step, epoch) for name in self.names])
-        ray.get(self.coordinator.restore.remote(step, infos))
+        ray.get([shard.restore.remote(step, infos) for shard in self.shards])
         self._wait_for_external_students()  # a restarted coordinator knows none of them until they join again
         self.live = set(self.names)
         self.latest_checkpoint = step
         self._update_placements()
 
     def shutdown(self) -> None:
-        for actor in [*self.actors.values(), self.coordinator]:
+        for actor in [*self.actors.values(), *self.shards]:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.group)
 
@@ -423,7 +434,7 @@ def run_ray(session: RunSession, show_progress: bool = True) -> RunDirectory:
     token = resolve_token(config.rpc)
     if config.rpc.enabled:
         check_bind(config.rpc, token)
-    cpus_needed = config.runtime.coordinator.cpus + sum(
+    cpus_needed = config.runtime.coordinator.cpus * config.runtime.coordinator.shards + sum(
         student_cpus(config, student) for student in config.students if not student.external
     )
     connection = connect(config.runtime.ray.address, cpus_needed)

@@ -77,6 +77,21 @@ def test_half_precision_frames_on_ray_reproduce_the_in_process_engine(tmp_path: 
     assert coordinator["lane"].startswith("127.0.0.1:")  # the default transport: the frame lane, on loopback
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("transport", "update"), [("tcp", "simultaneous"), ("actor_calls", "simultaneous"), ("tcp", "sequential")])
+def test_two_coordinator_shards_reproduce_the_in_process_engine(tmp_path: Path, transport: str, update: str) -> None:
+    """Each shard serves half of every batch's rows; the students join the halves, the driver the records."""
+    coordinator = assert_ray_reproduces_local(
+        tmp_path, SMALL_TRIO, training={"epochs": 2, "batch_size": 256}, mimicry={"update": update},
+        runtime={"exchange": {"transport": transport}, "coordinator": {"shards": 2, "cpus": 0.5}},
+    )
+    shards = coordinator["shards"]
+    assert len(shards) == 2 and shards[0]["pid"] == coordinator["pid"] and shards[1]["pid"] != coordinator["pid"]
+    assert [shard["lane"] is not None for shard in shards] == [transport == "tcp"] * 2
+    rows = _by_step_and_student(read_steps(tmp_path / "ray"))
+    assert rows[(0, "mlp")]["rows"] == "256"  # the shards' records are joined, not listed twice
+
+
 @pytest.mark.timeout(180)
 def test_ray_engine_reproduces_the_in_process_engine(tmp_path: Path) -> None:
     config = make_config(tmp_path / "ray", HETEROGENEOUS, training={"epochs": 2})
