@@ -282,7 +282,8 @@ class CohortCoordinator:
         alpha = alpha_at(mimicry, progress, self.config.training.epochs)
         weight = mimicry_weight_at(mimicry, progress)
         result = mimicry_gradients(
-            torch.stack([frame.logits for frame in frames]).to(self.device, torch.float32),  # any wire dtype
+            # Any wire dtype, stacked by sample (B×K×C memory, a K×B×C view): the row blocks are then plain slices.
+            torch.stack([frame.logits for frame in frames], dim=1).to(self.device, torch.float32).transpose(0, 1),
             alpha=alpha,
             temperature=mimicry.temperature,
             mode=mimicry.mode,

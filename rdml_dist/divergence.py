@@ -193,7 +193,7 @@ def _factored_pairs(logp: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]
     peer = _saturating_exp_(peer.sub_(peer_shift))
     extreme = deviation.amax(-1, keepdim=True) if alpha < 1 else deviation.amin(-1, keepdim=True)
     own_shift = (1 - alpha) * extreme  # max over classes of (1−α)(ℓ_k − r)
-    own = _saturating_exp_(deviation.mul_(1 - alpha).sub_(own_shift))
+    own = _saturating_exp_(torch.add(-own_shift, deviation, alpha=1 - alpha, out=deviation))  # one pass, in place
     overlap = torch.bmm(peer, own.transpose(1, 2))  # B×K(j)×K(k), ≤ C
     floor = classes * torch.finfo(logp.dtype).tiny / torch.finfo(logp.dtype).eps
     pairs = ~torch.eye(k, dtype=torch.bool, device=logp.device)
@@ -321,11 +321,12 @@ def _closed_form_in_row_chunks(
     grads = torch.empty(batch, k, classes, dtype=compute_dtype, device=logits.device)
     targets = torch.empty_like(grads) if with_targets else None
     losses = torch.zeros(k, dtype=compute_dtype, device=logits.device)
+    by_sample = logits.transpose(0, 1)  # B×K×C: each block a plain slice when the caller stacked the logits by sample
     for start in range(0, batch, rows):
-        block = logits[:, start : start + rows].transpose(0, 1).to(compute_dtype, memory_format=torch.contiguous_format, copy=True)
+        block = by_sample[start : start + rows].to(compute_dtype)
         if temperature != 1:
-            block.div_(temperature)
-        logp = F.log_softmax(block, dim=-1).transpose(0, 1)  # K×rows×C view of a rows×K×C tensor
+            block = block / temperature
+        logp = F.log_softmax(block.contiguous(), dim=-1).transpose(0, 1)  # K×rows×C view of a rows×K×C tensor
         block_targets, block_losses = _closed_form(logp, alpha, mode)
         if targets is not None:
             targets[start : start + rows] = block_targets.transpose(0, 1)
