@@ -226,6 +226,29 @@ def test_killed_coordinator_is_restarted_and_the_run_is_unchanged(undisturbed: P
 
 
 @pytest.mark.timeout(300)
+def test_a_killed_coordinator_shard_is_restarted_and_the_run_follows_the_same_trajectory(undisturbed: Path, tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    config = config.model_copy(update={"runtime": config.runtime.model_copy(update={
+        "coordinator": config.runtime.coordinator.model_copy(update={"shards": 2})})})
+    background = Background(config, tmp_path)
+    wait_until(lambda: (tmp_path / "checkpoints" / f"step-{4:08d}" / "manifest.json").exists(), "checkpoint 4", 120)
+    killed = read_json(tmp_path / "placements.json")["coordinator"]["shards"][1]["pid"]
+    os.kill(killed, signal.SIGKILL)
+    background.join()
+    assert background.error is None, background.error
+
+    events = read_json(tmp_path / "results.json")["faults"]["events"]
+    assert [event["kind"] for event in events] == ["coordinator_died"]
+    assert read_json(tmp_path / "placements.json")["coordinator"]["shards"][1]["pid"] != killed
+    _assert_every_step_once(tmp_path)
+    expected = {(row["step"], row["student"]): row for row in read_steps(undisturbed)}
+    for row in read_steps(tmp_path):  # the same trajectory as one coordinator, up to the rounding of the split
+        for column in ("ce_loss", "mimicry_loss"):
+            assert float(row[column]) == pytest.approx(float(expected[(row["step"], row["student"])][column]), abs=1e-4)
+    wait_until(cohort_released, "the cohort is released")
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("victim", ["cnn", "coordinator"])
 def test_a_kill_under_fail_stops_the_run_naming_what_died_where_and_why(tmp_path: Path, victim: str) -> None:
     background = Background(_config(tmp_path, on_student_failure="fail"), tmp_path)
