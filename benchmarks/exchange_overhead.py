@@ -7,7 +7,8 @@
    the Ray engine with the same config (1 torch thread per student), per-step time of each and
    the Ray run's per-step breakdown (compute, round trip, wait for the slowest peer, overhead).
 
-Writes benchmarks/results/exchange_overhead.{json,md}. Run:
+Writes benchmarks/results/exchange_overhead.{json,md}. Run (2 min on 2 cores; --render-only rewrites
+the report from the JSON):
     .venv/bin/python benchmarks/exchange_overhead.py
 """
 
@@ -115,10 +116,13 @@ def engine_comparison(epochs: int) -> dict[str, object]:
             run.finish()
             elapsed = time.perf_counter() - began
             steps = sum(entry["students"][config.student_names()[0]]["steps"] for entry in run.epochs)
+            training_seconds = sum(entry["seconds"] for entry in run.epochs)
+            samples = sum(row.rows for row in run.rows if row.student == config.student_names()[0])  # each student sees each
             timings[engine] = {
                 "wall_seconds": elapsed,
-                "training_seconds": sum(entry["seconds"] for entry in run.epochs),
+                "training_seconds": training_seconds,
                 "steps": steps,
+                "samples_per_second": samples / training_seconds,
             }
             summaries[engine] = run.summary()
     per_step = {engine: values["training_seconds"] / values["steps"] for engine, values in timings.items()}
@@ -160,13 +164,14 @@ def render_markdown(results: dict[str, object]) -> str:
         "",
         f"## Whole engine: packaged digits cohort ({', '.join(engines['students'])}), {engines['epochs']} epochs, 1 thread per student",
         "",
-        "| engine | training s | steps | ms per step | final ensemble acc |",
-        "|--------|------------|-------|-------------|--------------------|",
+        "| engine | training s | steps | ms per step | samples/s (cohort) | final ensemble acc |",
+        "|--------|------------|-------|-------------|--------------------|--------------------|",
     ]
     for engine, values in engines["engines"].items():
         lines.append(
             f"| {engine} | {values['training_seconds']:.1f} | {values['steps']} | "
-            f"{1000 * engines['seconds_per_step'][engine]:.1f} | {100 * engines['final_accuracy'][engine]:.2f}% |"
+            f"{1000 * engines['seconds_per_step'][engine]:.1f} | {values['samples_per_second']:.0f} | "
+            f"{100 * engines['final_accuracy'][engine]:.2f}% |"
         )
     lines += [
         "",
@@ -175,13 +180,15 @@ def render_markdown(results: dict[str, object]) -> str:
         "",
         "Ray engine per-step breakdown per student (means, ms):",
         "",
-        "| student | compute | round trip | wait for slowest peer | exchange overhead |",
-        "|---------|---------|------------|-----------------------|-------------------|",
+        "| student | compute | round trip | wait for slowest peer | exchange overhead | share of the step: waiting / exchange |",
+        "|---------|---------|------------|-----------------------|-------------------|---------------------------------------|",
     ]
+    step = engines["seconds_per_step"]["ray"]
     for name, values in engines["ray_breakdown"].items():
         lines.append(
             f"| {name} | {1000 * values['mean_compute_seconds']:.2f} | {1000 * values['mean_round_trip_seconds']:.2f} | "
-            f"{1000 * values['mean_wait_seconds']:.2f} | {1000 * values['mean_exchange_overhead_seconds']:.2f} |"
+            f"{1000 * values['mean_wait_seconds']:.2f} | {1000 * values['mean_exchange_overhead_seconds']:.2f} | "
+            f"{values['mean_wait_seconds'] / step:.0%} / {values['mean_exchange_overhead_seconds'] / step:.0%} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -191,20 +198,24 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=200, help="lock-step exchanges per transport measurement")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the engine comparison")
     parser.add_argument("--cohorts", type=int, nargs="+", default=[2, 4, 8], help="cohort sizes K for the transport test")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the report from the saved JSON, measuring nothing")
     args = parser.parse_args()
-    ray.init(num_cpus=max(8, max(args.cohorts)), include_dashboard=False)
-    try:
-        transport = [transport_only(k, args.steps, 128, 100) for k in args.cohorts]
-    finally:
-        ray.shutdown()
-    results = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {sys.version.split()[0]}, "
-        f"torch {torch.__version__}, ray {ray.__version__}",
-        "transport": transport,
-        "engines": engine_comparison(args.epochs),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "exchange_overhead.json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.render_only:
+        results = json.loads((RESULTS / "exchange_overhead.json").read_text())
+    else:
+        ray.init(num_cpus=max(8, max(args.cohorts)), include_dashboard=False)
+        try:
+            transport = [transport_only(k, args.steps, 128, 100) for k in args.cohorts]
+        finally:
+            ray.shutdown()
+        results = {
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {sys.version.split()[0]}, "
+            f"torch {torch.__version__}, ray {ray.__version__}",
+            "transport": transport,
+            "engines": engine_comparison(args.epochs),
+        }
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "exchange_overhead.json").write_text(json.dumps(results, indent=2) + "\n")
     markdown = render_markdown(results)
     (RESULTS / "exchange_overhead.md").write_text(markdown)
     print(markdown)
