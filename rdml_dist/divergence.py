@@ -358,6 +358,9 @@ def mimicry_gradients(
         raise ValueError(f"logits must be K×B×C, got shape {tuple(logits.shape)}")
     logits = logits.detach()
     k, batch, _ = logits.shape
+    if batch == 0:  # a coordinator shard's part of a batch with fewer rows than shards: nothing to average
+        empty = torch.zeros_like(logits)
+        return MimicryResult(empty if with_targets else None, empty, torch.zeros(k, dtype=logits.dtype, device=logits.device))
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)  # half-precision range is too narrow
     if k >= 2 and divergence in ("renyi", "kl") and not (divergence == "renyi" and alpha == 0):
         result = _closed_form_in_row_chunks(logits, 1.0 if divergence == "kl" else alpha, temperature, mode, compute_dtype, with_targets)

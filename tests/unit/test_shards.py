@@ -50,7 +50,7 @@ def test_rows_are_split_contiguously_and_completely() -> None:
         shard_rows(8, 2, 2)
 
 
-@pytest.mark.parametrize("shards", [2, 3])
+@pytest.mark.parametrize("shards", [2, 3, 5])  # 5: the last batch (4 rows) leaves a shard without rows
 @pytest.mark.parametrize("mimicry", [{}, {"mode": "ensemble"}, {"divergence": "js"}])
 def test_sharded_replies_and_records_equal_one_coordinators(shards: int, mimicry: dict[str, object]) -> None:
     single, sharded = _cores(1, **mimicry), _cores(shards, **mimicry)
