@@ -65,7 +65,8 @@ class CohortCoordinator:
     """Per-step barrier logic and the batched mimicry computation, without any transport.
 
     As shard ``shard`` of ``shards`` (the Ray engine's ``runtime.coordinator.shards``) it takes its rows
-    of every frame (:func:`rdml_dist.shards.shard_rows`) and weights gradients, losses and records by their share.
+    of every frame (:func:`rdml_dist.shards.shard_rows`) and weights the gradients by their share of the
+    batch; losses and records are means over its rows (the student and the driver average them by rows).
     """
 
     def __init__(
@@ -293,7 +294,6 @@ class CohortCoordinator:
         grads, losses = result.grads.cpu(), result.losses.cpu()
         batch_rows = self.expected_batch(self.step)[1]
         share = frames[0].logits.shape[0] / batch_rows  # this shard's part of the batch mean (1 unsharded)
-        losses = losses * share
         scale = weight * mimicry.temperature**2
         elapsed = self.clock() - started
         last_arrival = max(self._arrivals[name] for name in names)

@@ -61,7 +61,7 @@ class MeteredCoordinator(CohortCoordinator):
         if self.step == step:  # a sequential step still under way: reported once it is over
             return replies
         records = self.records.get(step, {})
-        batch = next(iter(records.values())).rows if records else 0
+        batch = self.expected_batch(step)[1] if records else 0  # the whole batch, also on a coordinator shard
         self.metrics.step_computed(step, self.epoch_of(step), records, batch, self.samples_per_second)
         return replies
 

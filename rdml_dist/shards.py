@@ -2,10 +2,13 @@
 
 Mimicry targets are per sample, so a step's batch splits exactly by rows: shard ``s`` of ``S``
 serves rows ``[s·B//S, (s+1)·B//S)`` of every student's logits. Each shard weights its gradients
-and losses by its share of the rows, so a student concatenates the shards' gradients and adds
-their losses, and the driver adds the shards' step records, to get what one coordinator computes.
+by its share of the rows, so a student concatenates them; losses are means over a shard's rows, so
+the student and the driver average the shards' losses and step records by rows. Either way the
+result is what one coordinator computes. A frame holding NaN/inf anywhere is poisoned in every
+part, so that all shards refuse it together.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -26,35 +29,50 @@ def shard_rows(rows: int, shards: int, index: int) -> slice:
 
 
 def split_frame(frame: LogitsFrame, shards: int) -> list[LogitsFrame]:
-    """One frame per shard, each with its rows of the logits and the whole frame's other fields."""
+    """One frame per shard, each with its rows of the logits and the whole frame's other fields.
+
+    A non-finite value in any row makes every part non-finite: each shard checks only its own rows,
+    and a frame refused by some shards and used by others would split the cohort's step.
+    """
     if shards == 1:
         return [frame]
-    rows = frame.logits.shape[0]
-    return [replace(frame, logits=frame.logits[shard_rows(rows, shards, index)]) for index in range(shards)]
+    logits = frame.logits
+    if not bool(torch.isfinite(logits).all()):
+        logits = torch.full_like(logits, math.nan)
+    return [replace(frame, logits=logits[shard_rows(logits.shape[0], shards, index)]) for index in range(shards)]
 
 
 def join_replies(replies: Sequence[MimicryReply]) -> MimicryReply:
-    """The reply one coordinator would give: the shards' gradients in row order, their weighted losses added."""
+    """The reply one coordinator would give: the shards' gradients in row order, their losses averaged by rows."""
     if len(replies) == 1:
         return replies[0]
-    first = replies[0]
-    return replace(first, grad=torch.cat([reply.grad for reply in replies]), mimicry_loss=sum(reply.mimicry_loss for reply in replies))
+    rows = [reply.grad.shape[0] for reply in replies]
+    loss = sum(reply.mimicry_loss * count for reply, count in zip(replies, rows)) / sum(rows)
+    return replace(replies[0], grad=torch.cat([reply.grad for reply in replies]), mimicry_loss=loss)
 
 
 def merge_records(per_shard: Sequence[list["StepRecord"]]) -> list["StepRecord"]:
-    """Each (step, student)'s record over all shards: losses and rows added, waits and computation times the
-    longest (the shards compute side by side); the rest as the first shard, which also holds the timings."""
+    """Each (step, student)'s record over all shards: losses averaged and rows added, waits and computation
+    times the longest (the shards compute side by side); the rest as the first shard, which holds the timings.
+
+    A record missing on some shard is of a step its student did not complete (it died while sending its
+    parts): it is left out, as one coordinator would have no record of it.
+    """
     if len(per_shard) == 1:
         return per_shard[0]
-    merged = {(record.step, record.student): replace(record) for record in per_shard[0]}
-    for records in per_shard[1:]:
-        for record in records:
-            total = merged.get((record.step, record.student))
-            if total is None:
-                raise RuntimeError(f"coordinator shards disagree: step {record.step} of {record.student!r} is missing on shard 0")
-            total.mimicry_loss += record.mimicry_loss
-            total.divergence += record.divergence
-            total.rows += record.rows
-            total.wait_seconds = max(total.wait_seconds, record.wait_seconds)
-            total.coordinator_seconds = max(total.coordinator_seconds, record.coordinator_seconds)
-    return list(merged.values())
+    keyed = [{(record.step, record.student): record for record in records} for records in per_shard]
+    merged = []
+    for key, first in keyed[0].items():
+        parts = [records.get(key) for records in keyed]
+        if any(part is None for part in parts):
+            continue
+        rows = sum(part.rows for part in parts)
+        merged.append(replace(
+            first,
+            mimicry_loss=sum(part.mimicry_loss * part.rows for part in parts) / rows,
+            divergence=sum(part.divergence * part.rows for part in parts) / rows,
+            rows=rows,
+            wait_seconds=max(part.wait_seconds for part in parts),
+            coordinator_seconds=max(part.coordinator_seconds for part in parts),
+        ))
+    return merged

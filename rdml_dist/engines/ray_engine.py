@@ -147,7 +147,7 @@ class RayCohort:
         self.names = [name for name in config.student_names() if name not in self.external]
         self.actors: dict[str, ray.actor.ActorHandle] = {}
         self._lane_secret = uuid.uuid4().hex  # reaches the students through Ray only: the lane's credential
-        self.lane: tuple[str, str] | None = None
+        self.lane: tuple[list[str], str] | None = None  # every shard's frame-lane address, and the secret
         try:
             self.rpc_address = self._serve_rpc()  # before the students start: external ones may join meanwhile
             self.lane = self._serve_lane()
@@ -348,10 +348,21 @@ class RayCohort:
     # -- epoch end, checkpoints, rollback -------------------------------------------------------
     def evaluate(self, epoch: int) -> EpochEvaluation:
         self._on_live_students(lambda actor: actor.evaluate.remote(epoch, self.coordinator), (epoch + 1) * self.steps_per_epoch, epoch)
-        return ray.get(self.coordinator.evaluation.remote(epoch, self.config.runtime.ray.exchange_timeout_s))
+        scored = self._from_coordinators([self.coordinator.evaluation.remote(epoch, self.config.runtime.ray.exchange_timeout_s)],
+                                         (epoch + 1) * self.steps_per_epoch)
+        return scored[0]
 
     def pop_records(self, before_step: int) -> list[StepRecord]:
-        return merge_records(ray.get([shard.pop_records.remote(before_step) for shard in self.shards]))
+        return merge_records(self._from_coordinators([shard.pop_records.remote(before_step) for shard in self.shards], before_step))
+
+    def _from_coordinators(self, references: list[ray.ObjectRef], step: int) -> list[Any]:
+        """Results of calls on coordinator shards between chunks; a shard that died meanwhile is a lost
+        coordinator, handed to the policy like one that dies during the steps."""
+        try:
+            return ray.get(references)
+        except ray.exceptions.RayActorError as error:
+            self._decide_and_roll_back(Failure("coordinator_died", step, _cause(error)), [])
+            raise  # unreachable: rolling back raises
 
     def pop_events(self) -> list[dict[str, Any]]:
         events, self._events = self._events, []

@@ -112,14 +112,14 @@ class ShardLanes:
     def _ask(self, kind: str, frame: LogitsFrame) -> list[tuple[dict, bytearray]]:
         for client, part in zip(self._clients, split_frame(frame, len(self._clients))):
             client.send(kind, part)
-        answers, failure = [], None
+        answers, failures = [], []
         for client in self._clients:
             try:
                 answers.append(client.receive())
             except Exception as error:  # noqa: BLE001 - every answer is read first: none is left for the next request
-                failure = failure or error
-        if failure is not None:
-            raise failure
+                failures.append(error)
+        if failures:  # a broken lane or a timeout says more than a refusal of the frame by another shard
+            raise next((error for error in failures if not isinstance(error, FrameRejected)), failures[0])
         return answers
 
     def close(self) -> None:

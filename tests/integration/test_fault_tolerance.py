@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ class Background:
             self.run.finish()
         except BaseException as error:  # noqa: BLE001 - handed to the test
             self.error = error
+            traceback.print_exc()  # shown by pytest with the failing test
 
     def join(self, timeout_s: float = 240) -> None:
         self.thread.join(timeout_s)

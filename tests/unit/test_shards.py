@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rdml_dist.config import ConfigError, parse_config
-from rdml_dist.coordinator import CohortCoordinator
+from rdml_dist.coordinator import NON_FINITE, CohortCoordinator
+from rdml_dist.errors import FrameRejected
 from rdml_dist.frames import StudentInfo
 from rdml_dist.shards import join_replies, merge_records, shard_rows, split_frame
 from tests.unit.test_coordinator import BATCH, CLASSES, NUM_TRAIN, frame
@@ -81,3 +82,33 @@ def test_shards_are_refused_where_they_cannot_work() -> None:
                       "runtime": {"coordinator": {"shards": 2}}})
     with pytest.raises(ConfigError, match="shards: 9 is more than training.batch_size \\(8\\)"):
         parse_config({"students": [{"model": "mlp"}] * 2, "training": {"batch_size": 8}, "runtime": {"coordinator": {"shards": 9}}})
+
+
+def test_a_frame_non_finite_in_one_shards_rows_is_refused_by_every_shard() -> None:
+    cores = _cores(2)
+    logits = torch.randn(BATCH, CLASSES)
+    logits[-1, 0] = float("inf")  # a row of the second shard only
+    parts = split_frame(frame("a", 0, logits), 2)
+    for core, part in zip(cores, parts):
+        with pytest.raises(FrameRejected) as refused:
+            core.submit(part)
+        assert refused.value.reason == NON_FINITE
+        for name in ("b", "c"):
+            core.submit(split_frame(frame(name, 0, torch.randn(BATCH, CLASSES)), 2)[cores.index(core)])
+        assert set(core.compute()) == {"b", "c"}  # the peers' step went on without it, on both shards alike
+    records = merge_records([core.pop_records(1) for core in cores])
+    assert sorted(record.student for record in records) == ["b", "c"] and all(record.rows == BATCH for record in records)
+
+
+def test_a_record_missing_on_some_shard_is_left_out() -> None:
+    """A student that died between sending its parts: one coordinator would have no record of that step."""
+    cores = _cores(2)
+    for index, core in enumerate(cores):
+        names = NAMES if index == 0 else ("b", "c")  # 'a' reached the first shard only
+        for name in names:
+            core.submit(split_frame(frame(name, 0, torch.randn(BATCH, CLASSES)), 2)[index])
+        if index == 1:
+            core.mark_dead("a")
+        core.compute()
+    records = merge_records([core.pop_records(1) for core in cores])
+    assert sorted(record.student for record in records) == ["b", "c"]
