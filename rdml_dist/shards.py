@@ -46,8 +46,7 @@ def join_replies(replies: Sequence[MimicryReply]) -> MimicryReply:
     """The reply one coordinator would give: the shards' gradients in row order, their losses averaged by rows."""
     if len(replies) == 1:
         return replies[0]
-    rows = [reply.grad.shape[0] for reply in replies]
-    loss = sum(reply.mimicry_loss * count for reply, count in zip(replies, rows)) / sum(rows)
+    loss = _mean_by_rows([(reply.mimicry_loss, reply.grad.shape[0]) for reply in replies])
     return replace(replies[0], grad=torch.cat([reply.grad for reply in replies]), mimicry_loss=loss)
 
 
@@ -66,13 +65,17 @@ def merge_records(per_shard: Sequence[list["StepRecord"]]) -> list["StepRecord"]
         parts = [records.get(key) for records in keyed]
         if any(part is None for part in parts):
             continue
-        rows = sum(part.rows for part in parts)
         merged.append(replace(
             first,
-            mimicry_loss=sum(part.mimicry_loss * part.rows for part in parts) / rows,
-            divergence=sum(part.divergence * part.rows for part in parts) / rows,
-            rows=rows,
+            mimicry_loss=_mean_by_rows([(part.mimicry_loss, part.rows) for part in parts]),
+            divergence=_mean_by_rows([(part.divergence, part.rows) for part in parts]),
+            rows=sum(part.rows for part in parts),
             wait_seconds=max(part.wait_seconds for part in parts),
             coordinator_seconds=max(part.coordinator_seconds for part in parts),
         ))
     return merged
+
+
+def _mean_by_rows(values_and_rows: Sequence[tuple[float, int]]) -> float:
+    """The batch mean from the shards' means over their rows."""
+    return sum(value * rows for value, rows in values_and_rows) / sum(rows for _, rows in values_and_rows)

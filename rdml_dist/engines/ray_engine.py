@@ -305,10 +305,15 @@ class RayCohort:
 
     def _coordinator_step(self, start: int, pending: list[ray.ObjectRef]) -> int:
         """The cohort's step for the progress bar; a coordinator that died goes to the policy."""
+        return self._from_coordinators([self.coordinator.state.remote()], start, pending)[0]["step"]
+
+    def _from_coordinators(self, references: list[ray.ObjectRef], step: int, pending: list[ray.ObjectRef] | None = None) -> list[Any]:
+        """Results of calls on coordinator shards; a shard that died meanwhile is a lost coordinator, handed to the
+        policy (the students' calls still ``pending`` are stopped with the rollback)."""
         try:
-            return ray.get(self.coordinator.state.remote())["step"]
+            return ray.get(references)
         except ray.exceptions.RayActorError as error:
-            self._decide_and_roll_back(Failure("coordinator_died", start, _cause(error)), pending)
+            self._decide_and_roll_back(Failure("coordinator_died", step, _cause(error)), pending or [])
             raise  # unreachable: rolling back raises
 
     def _decide_and_roll_back(self, failure: Failure, pending: list[ray.ObjectRef]) -> None:
@@ -347,22 +352,12 @@ class RayCohort:
 
     # -- epoch end, checkpoints, rollback -------------------------------------------------------
     def evaluate(self, epoch: int) -> EpochEvaluation:
-        self._on_live_students(lambda actor: actor.evaluate.remote(epoch, self.coordinator), (epoch + 1) * self.steps_per_epoch, epoch)
-        scored = self._from_coordinators([self.coordinator.evaluation.remote(epoch, self.config.runtime.ray.exchange_timeout_s)],
-                                         (epoch + 1) * self.steps_per_epoch)
-        return scored[0]
+        end = (epoch + 1) * self.steps_per_epoch
+        self._on_live_students(lambda actor: actor.evaluate.remote(epoch, self.coordinator), end, epoch)
+        return self._from_coordinators([self.coordinator.evaluation.remote(epoch, self.config.runtime.ray.exchange_timeout_s)], end)[0]
 
     def pop_records(self, before_step: int) -> list[StepRecord]:
         return merge_records(self._from_coordinators([shard.pop_records.remote(before_step) for shard in self.shards], before_step))
-
-    def _from_coordinators(self, references: list[ray.ObjectRef], step: int) -> list[Any]:
-        """Results of calls on coordinator shards between chunks; a shard that died meanwhile is a lost
-        coordinator, handed to the policy like one that dies during the steps."""
-        try:
-            return ray.get(references)
-        except ray.exceptions.RayActorError as error:
-            self._decide_and_roll_back(Failure("coordinator_died", step, _cause(error)), [])
-            raise  # unreachable: rolling back raises
 
     def pop_events(self) -> list[dict[str, Any]]:
         events, self._events = self._events, []
