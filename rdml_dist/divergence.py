@@ -147,97 +147,164 @@ def _off_diagonal_mean_matrix(k: int, dtype: torch.dtype, device: torch.device) 
 def _saturating_exp_(x: Tensor) -> Tensor:
     """In-place exp that stops at the smallest normal number instead of underflowing.
 
-    Subnormal or zero results make exp an order of magnitude slower on CPUs (confident students
-    produce many), and where this is used such terms are negligible by construction.
+    Subnormal or zero results make exp one to two orders of magnitude slower on CPUs (confident
+    students produce many), and where this is used such terms are negligible by construction.
     """
     return x.clamp_(min=math.log(torch.finfo(x.dtype).tiny) + 1).exp_()
 
 
-def _pairwise_renyi(logp: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """Log-normalisers logZ[b, j, k] = logsumexp_c(α ℓ_j + (1−α) ℓ_k) and targets T[b, k, c] of all pairs.
+class _RenyiBuffers(NamedTuple):
+    """What the pairwise Rényi computation writes, laid out by sample so a block of rows is a slice.
 
-    The factored matmul form (:func:`_factored_pairs`) serves almost every pair. In float32 the
-    samples where some pair's overlap underflows are redone in float64, whose exponent range is
-    ten times wider; the pairs that underflow even there (peers with essentially disjoint support)
-    are recomputed exactly. So the cost grows with the number of such pairs only.
+    ``grads`` (B×K×C) is scale·(q_k − T_k), ``targets`` (B×K×C or None) T_k; ``log_overlap``
+    (B×K×K) and ``shifts`` (B×2×K, the peer and own factors' row shifts) give every
+    logZ_jk = logsumexp_c(α ℓ_j + (1−α) ℓ_k) through :func:`_normaliser_parts`.
     """
-    log_norm, targets, underflow = _factored_pairs(logp, alpha)
-    if logp.dtype == torch.float32:
+
+    grads: Tensor
+    targets: Tensor | None
+    log_overlap: Tensor
+    shifts: Tensor
+
+    @classmethod
+    def empty(cls, batch: int, k: int, classes: int, dtype: torch.dtype, device: torch.device, with_targets: bool) -> "_RenyiBuffers":
+        grads = torch.empty(batch, k, classes, dtype=dtype, device=device)
+        return cls(
+            grads,
+            torch.empty_like(grads) if with_targets else None,
+            torch.empty(batch, k, k, dtype=dtype, device=device),
+            torch.empty(batch, 2, k, dtype=dtype, device=device),
+        )
+
+    def rows(self, start: int, stop: int) -> "_RenyiBuffers":
+        return _RenyiBuffers(*(None if buffer is None else buffer[start:stop] for buffer in self))
+
+    def assign(self, samples: Tensor, other: "_RenyiBuffers") -> None:
+        """Overwrite the rows ``samples`` with ``other`` (same fields, any dtype)."""
+        for buffer, source in zip(self, other):
+            if buffer is not None:
+                buffer[samples] = source.to(buffer.dtype)
+
+
+def _normaliser_parts(buffers: _RenyiBuffers, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """log Σ_c e^{z_k/τ} and the parts u_j, v_k of logZ_jk = log overlap_jk + u_j + v_k (all rows×K)."""
+    peer_shift, own_shift = buffers.shifts.unbind(1)
+    own_lse = buffers.log_overlap.diagonal(dim1=1, dim2=2) + peer_shift + own_shift  # logZ_kk = 0
+    return own_lse, torch.sub(peer_shift, own_lse, alpha=alpha), torch.sub(own_shift, own_lse, alpha=1 - alpha)
+
+
+def _pairwise_renyi_losses(buffers: _RenyiBuffers, alpha: float) -> Tensor:
+    """Student k's loss 1/((K−1)(α−1)) · Σ_{j≠k} logZ_jk, batch mean."""
+    batch, k = buffers.shifts.shape[0], buffers.shifts.shape[2]
+    _, peer_part, own_part = _normaliser_parts(buffers, alpha)
+    log_overlap = buffers.log_overlap
+    per_sample = (
+        log_overlap.sum(1) - log_overlap.diagonal(dim1=1, dim2=2)
+        + (peer_part.sum(1, keepdim=True) - peer_part) + (k - 1) * own_part
+    )
+    return per_sample.sum(0) / ((k - 1) * (alpha - 1) * batch)
+
+
+def _pairwise_renyi(z: Tensor, alpha: float, temperature: float, scale: float, out: _RenyiBuffers) -> None:
+    """Pairwise Rényi gradients of a block of samples (``z``: rows×K×C raw logits, any strides) into ``out``.
+
+    The factored form (:func:`_factored_pairs`) serves almost every pair. In float32 the samples
+    where some pair's overlap underflows are redone in float64, whose exponent range is ten times
+    wider; the pairs that underflow even there (peers with essentially disjoint support) are
+    recomputed exactly. So the cost grows with the number of such pairs only.
+    """
+    underflow = _factored_pairs(z, alpha, temperature, scale, out)
+    if underflow is None:
+        return
+    if out.grads.dtype == torch.float32:
         samples = underflow.flatten(1).any(1).nonzero().squeeze(1)  # host sync
-        if samples.numel():
-            wide_norm, wide_targets = _pairwise_renyi(logp[:, samples].double(), alpha)
-            log_norm[samples], targets[samples] = wide_norm.float(), wide_targets.float()
+        wide = _RenyiBuffers.empty(samples.numel(), *z.shape[1:], torch.float64, z.device, out.targets is not None)
+        _pairwise_renyi(z[samples].double(), alpha, temperature, scale, wide)
+        out.assign(samples, wide)
     else:
-        _recompute_underflowed_pairs(logp, alpha, underflow, log_norm, targets)
-    return log_norm, targets
+        _recompute_underflowed_pairs(z, alpha, temperature, scale, underflow, out)
 
 
-def _factored_pairs(logp: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
-    """logZ (B×K×K), targets (B×K×C) and the pairs (B×K×K) where the factored form underflowed.
+def _factored_pairs(z: Tensor, alpha: float, temperature: float, scale: float, out: _RenyiBuffers) -> Tensor | None:
+    """Fills ``out`` from two matmuls; returns the pairs (rows×K×K) whose overlap underflowed, None if none did.
 
-    Z factorises over classes, Σ_c a_jc·s_kc, so all K² pairs of a sample come from one matmul and
-    the targets T_k = 1/(K−1) Σ_{j≠k} s_k·a_j / Z_jk from a second: O(K²·B·C) multiply-adds inside
-    ``bmm`` and O(K·B·C) memory. The factors are taken relative to the cohort's mean log-probability
-    r, a_j = exp(r + α(ℓ_j − r) − max) and s_k = exp((1−α)(ℓ_k − r) − max): their product is the
-    same, but when the students roughly agree (the usual case, confident or not) neither factor
-    peaks where the other is negligible, so Z stays far from underflow even for large α. Where Z
-    falls below C·tiny/eps the truncated terms could matter: those pairs are flagged, left out of
-    the targets and given a placeholder logZ.
+    Z factorises over classes, Z_jk = Σ_c a_jc·s_kc with a_j = e^{α ℓ_j + (1−α) r} and s_k =
+    e^{(1−α)(ℓ_k − r)}, so all K² pairs of a sample come from one matmul. Its diagonal gives the
+    student's own distribution for free (α ℓ_k + (1−α) ℓ_k = ℓ_k: q_k = a_k·s_k / Z_kk), so the
+    gradient q_k − T_k = s_k · Σ_j V_jk a_j comes from a second matmul with V_kk = 1/Z_kk and
+    V_jk = −1/((K−1) Z_jk): O(K²·B·C) multiply-adds inside ``bmm``, O(K·B·C) memory and no pass
+    over the K×B×C data besides making the two factors. The reference r is the cohort's mean
+    logit: when students roughly agree (the usual case, confident or not) neither factor peaks where
+    the other is negligible, so Z stays far from underflow even for large α. Each factor row is
+    shifted by its maximum; constants per row (the log-softmax normaliser among them) cancel in the
+    factors and come back through the shifts (:func:`_normaliser_parts`). Where Z falls below
+    C·tiny/eps the truncated terms could matter: off the diagonal those pairs are flagged and left
+    out; on it, q_k and its normaliser are computed directly.
     """
-    k, _, classes = logp.shape
-    by_sample = logp.transpose(0, 1)  # B×K×C view
-    reference = by_sample.mean(1, keepdim=True)  # B×1×C
-    deviation = by_sample - reference
-    peer = torch.add(reference, deviation, alpha=alpha)  # α ℓ_j + (1−α) r
-    peer_shift = peer.amax(-1, keepdim=True)
-    peer = _saturating_exp_(peer.sub_(peer_shift))
-    extreme = deviation.amax(-1, keepdim=True) if alpha < 1 else deviation.amin(-1, keepdim=True)
-    own_shift = (1 - alpha) * extreme  # max over classes of (1−α)(ℓ_k − r)
-    own = _saturating_exp_(torch.add(-own_shift, deviation, alpha=1 - alpha, out=deviation))  # one pass, in place
-    overlap = torch.bmm(peer, own.transpose(1, 2))  # B×K(j)×K(k), ≤ C
-    floor = classes * torch.finfo(logp.dtype).tiny / torch.finfo(logp.dtype).eps
-    pairs = ~torch.eye(k, dtype=torch.bool, device=logp.device)
-    accurate = pairs & (overlap >= floor)
-    overlap = torch.where(accurate, overlap, 1.0)
-    log_norm = overlap.log() + peer_shift + own_shift.transpose(1, 2)
-    weights = torch.where(accurate, 1 / ((k - 1) * overlap), 0.0)
-    targets = torch.bmm(weights.transpose(1, 2), peer).mul_(own)
-    return log_norm, targets, pairs & ~accurate
+    rows, k, classes = z.shape
+    dtype = out.grads.dtype
+    # [α ℓ_j + (1−α) r, (1−α)(ℓ_k − r)] up to per-row constants, divided by τ: one rows×2×K×C pass
+    weights = torch.tensor([[alpha, 1 - alpha], [1 - alpha, alpha - 1]], dtype=dtype, device=z.device).div_(temperature)
+    reference = z.mean(1, keepdim=True).unsqueeze(1)  # rows×1×1×C
+    pre = torch.addcmul(reference * weights[1].view(2, 1, 1), weights[0].view(2, 1, 1), z.unsqueeze(1))
+    torch.amax(pre, -1, out=out.shifts)
+    peer, own = _saturating_exp_(pre.sub_(out.shifts[..., None])).unbind(1)
+    overlap = torch.bmm(peer, own.transpose(1, 2))  # rows×K(j)×K(k), ≤ C
+    accurate = overlap >= classes * torch.finfo(dtype).tiny / torch.finfo(dtype).eps
+    safe = torch.where(accurate, overlap, 1.0)
+    inverse = accurate / safe
+    if out.targets is not None:
+        peer_weights = inverse / (k - 1)
+        peer_weights.diagonal(dim1=1, dim2=2).zero_()
+        torch.bmm(peer_weights.transpose(1, 2), peer, out=out.targets).mul_(own)
+    inverse.mul_(-scale / (k - 1)).diagonal(dim1=1, dim2=2).mul_(1 - k)  # V·scale
+    torch.bmm(inverse.transpose(1, 2), peer, out=out.grads).mul_(own)
+    torch.log(safe, out=out.log_overlap)
+    if bool(accurate.all()):  # host sync; the rest is rare: students far from the cohort
+        return None
+    samples, students = (~accurate.diagonal(dim1=1, dim2=2)).nonzero(as_tuple=True)
+    scaled = z[samples, students].to(dtype) / temperature
+    peer_shift, own_shift = out.shifts[samples, :, students].unbind(-1)
+    out.log_overlap[samples, students, students] = torch.logsumexp(scaled, dim=-1) - peer_shift - own_shift
+    out.grads[samples, students] += scaled.softmax(-1) * scale
+    underflow = ~accurate
+    underflow.diagonal(dim1=1, dim2=2).zero_()
+    return underflow if bool(underflow.any()) else None
 
 
-def _recompute_underflowed_pairs(logp: Tensor, alpha: float, mask: Tensor, log_norm: Tensor, targets: Tensor) -> None:
-    """Exact logZ and target share for the (b, j, k) flagged in ``mask`` (B×K×K), in bounded chunks.
+def _recompute_underflowed_pairs(z: Tensor, alpha: float, temperature: float, scale: float, mask: Tensor, out: _RenyiBuffers) -> None:
+    """Exact logZ and target share for the (b, j, k) flagged in ``mask`` (rows×K×K), in bounded chunks.
 
-    Writes ``log_norm`` (B×K×K) and adds to ``targets`` (B×K×C) in place.
+    The factored form left these pairs out; their share is added to ``out.grads`` and
+    ``out.targets``, and ``out.log_overlap`` gets the value that makes logZ exact.
     """
-    k, batch, classes = logp.shape
+    k, classes = z.shape[1:]
+    own_lse, peer_part, own_part = _normaliser_parts(out, alpha)
     samples, peers, students = mask.nonzero(as_tuple=True)  # host sync
-    rows = logp.reshape(-1, classes)  # row j·B + b
-    target_rows = targets.view(-1, classes)  # row b·K + k
     chunk = max(1, _CHUNK_ELEMENTS // classes)
     for start in range(0, samples.numel(), chunk):
         b, j, s = samples[start : start + chunk], peers[start : start + chunk], students[start : start + chunk]
-        mix = torch.add(rows.index_select(0, s * batch + b).mul_(1 - alpha), rows.index_select(0, j * batch + b), alpha=alpha)
+        peer_logp = z[b, j].to(out.grads.dtype) / temperature - own_lse[b, j, None]
+        own_logp = z[b, s].to(out.grads.dtype) / temperature - own_lse[b, s, None]
+        mix = torch.add(own_logp.mul_(1 - alpha), peer_logp, alpha=alpha)
         top = mix.amax(-1, keepdim=True)
         weights = _saturating_exp_(mix.sub_(top))
         total = weights.sum(-1, keepdim=True)
-        log_norm[b, j, s] = (top + total.log()).squeeze(-1)
-        target_rows.index_add_(0, b * k + s, weights.div_(total * (k - 1)))
+        out.log_overlap[b, j, s] = (top + total.log()).squeeze(-1) - peer_part[b, j] - own_part[b, s]
+        share = weights.div_(total * (k - 1))
+        out.grads.index_put_((b, s), share * -scale, accumulate=True)
+        if out.targets is not None:
+            out.targets.index_put_((b, s), share, accumulate=True)
 
 
-def _pairwise_closed_form(logp: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """Targets T_k and losses for Rényi (KL at α = 1) averaged over peers."""
-    k = logp.shape[0]
-    mean_over_peers = _off_diagonal_mean_matrix(k, logp.dtype, logp.device)
-    if alpha == 1:
-        probs = logp.exp()
-        targets = torch.einsum("jk,jbc->kbc", mean_over_peers, probs)
-        neg_entropy = torch.xlogy(probs, probs).sum(-1)  # K×B
-        losses = torch.einsum("jk,jb->kb", mean_over_peers, neg_entropy) - (targets * logp).sum(-1)
-        return targets, losses.mean(-1)
-    log_norm, targets = _pairwise_renyi(logp, alpha)
-    losses = torch.einsum("jk,bjk->k", mean_over_peers, log_norm) / ((alpha - 1) * logp.shape[1])
-    return targets.transpose(0, 1), losses
+def _pairwise_kl(logp: Tensor) -> tuple[Tensor, Tensor]:
+    """Targets T_k (the mean of the peers' probabilities) and KL losses averaged over peers."""
+    mean_over_peers = _off_diagonal_mean_matrix(logp.shape[0], logp.dtype, logp.device)
+    probs = logp.exp()
+    targets = torch.einsum("jk,jbc->kbc", mean_over_peers, probs)
+    neg_entropy = torch.xlogy(probs, probs).sum(-1)  # K×B
+    losses = torch.einsum("jk,jb->kb", mean_over_peers, neg_entropy) - (targets * logp).sum(-1)
+    return targets, losses.mean(-1)
 
 
 def _log_mean_of_others(logp: Tensor) -> Tensor:
@@ -264,10 +331,10 @@ def _ensemble_log_target(scaled: Tensor, name: str) -> Tensor:
     return _log_mean_of_others(F.log_softmax(scaled, dim=-1))
 
 
-def _closed_form(logp: Tensor, alpha: float, mode: str) -> tuple[Tensor, Tensor]:
-    """Targets and losses for Rényi/KL from the closed-form gradient."""
+def _kl_or_ensemble(logp: Tensor, alpha: float, mode: str) -> tuple[Tensor, Tensor]:
+    """Targets and losses from log-probabilities (K×rows×C) for pairwise KL and for the ensemble teacher."""
     if mode == "pairwise":
-        return _pairwise_closed_form(logp, alpha)
+        return _pairwise_kl(logp)
     teacher_logp = _log_mean_of_others(logp)
     losses = _renyi_from_log_probs(teacher_logp, logp, alpha).mean(-1)
     targets = torch.softmax(alpha * teacher_logp + (1 - alpha) * logp, dim=-1) if alpha != 1 else teacher_logp.exp()
@@ -302,8 +369,8 @@ def _autograd_losses_and_grads(scaled: Tensor, name: str, alpha: float, mode: st
     return losses, grads
 
 
-# Rows of the batch per pass of the closed-form path: the K×rows×C temporaries of one pass stay
-# in the CPU's cache (about 1 MiB each) instead of streaming K×B×C tensors through memory a dozen times.
+# Rows of the batch per pass of the closed-form path: the temporaries of one pass stay in the CPU's
+# cache (about 1 MiB per K×rows×C tensor) instead of streaming K×B×C tensors through memory.
 _CHUNK_BYTES = 1 << 20
 
 
@@ -312,27 +379,28 @@ def _closed_form_in_row_chunks(
 ) -> MimicryResult:
     """Rényi/KL targets, gradients and losses, a block of batch rows at a time (targets are per sample).
 
-    Each block is copied once into a contiguous rows×K×C layout, which every later pass reads with
-    unit stride; its batch-mean losses are weighted by its share of the rows. The outputs are
-    laid out by sample too and returned as K×B×C views.
+    The outputs are laid out by sample (B×K×C, returned as K×B×C views), so each block writes a
+    contiguous slice.
     """
     k, batch, classes = logits.shape
     rows = max(1, _CHUNK_BYTES // (k * classes * compute_dtype.itemsize))
-    grads = torch.empty(batch, k, classes, dtype=compute_dtype, device=logits.device)
-    targets = torch.empty_like(grads) if with_targets else None
+    buffers = _RenyiBuffers.empty(batch, k, classes, compute_dtype, logits.device, with_targets)
+    grads, targets = buffers.grads, buffers.targets
     losses = torch.zeros(k, dtype=compute_dtype, device=logits.device)
     by_sample = logits.transpose(0, 1)  # B×K×C: each block a plain slice when the caller stacked the logits by sample
     for start in range(0, batch, rows):
         block = by_sample[start : start + rows].to(compute_dtype)
-        if temperature != 1:
-            block = block / temperature
-        logp = F.log_softmax(block.contiguous(), dim=-1).transpose(0, 1)  # K×rows×C view of a rows×K×C tensor
-        block_targets, block_losses = _closed_form(logp, alpha, mode)
+        if mode == "pairwise" and alpha != 1:
+            _pairwise_renyi(block, alpha, temperature, 1 / (temperature * batch), buffers.rows(start, start + rows))
+            continue
+        logp = F.log_softmax(block / temperature, dim=-1).transpose(0, 1)  # K×rows×C
+        block_targets, block_losses = _kl_or_ensemble(logp, alpha, mode)
         if targets is not None:
             targets[start : start + rows] = block_targets.transpose(0, 1)
-        block_grads = grads[start : start + rows].transpose(0, 1)
-        torch.sub(logp.exp_(), block_targets, out=block_grads).div_(temperature * batch)  # logp is done with: q in place
+        torch.sub(logp.exp_(), block_targets, out=grads[start : start + rows].transpose(0, 1)).div_(temperature * batch)
         losses.add_(block_losses, alpha=logp.shape[1] / batch)
+    if mode == "pairwise" and alpha != 1:
+        losses = _pairwise_renyi_losses(buffers, alpha)
     return MimicryResult(None if targets is None else targets.transpose(0, 1), grads.transpose(0, 1), losses)
 
 

@@ -276,9 +276,9 @@ def test_only_pairs_with_disjoint_support_are_recomputed_exactly(
     recomputed: list[int] = []
     original = divergence_module._recompute_underflowed_pairs
 
-    def counting(logp, alpha, mask, log_norm, targets):
+    def counting(z, alpha, temperature, scale, mask, out):
         recomputed.append(int(mask.sum()))
-        return original(logp, alpha, mask, log_norm, targets)
+        return original(z, alpha, temperature, scale, mask, out)
 
     monkeypatch.setattr(divergence_module, "_recompute_underflowed_pairs", counting)
     logits = cohort_logits(kind, 16, b=32, c=100, seed=5)
