@@ -12,7 +12,8 @@ the same class of each sample, as late in training), one torch thread, it times:
   logits builds K×K×B×C tensors: cells where that would exceed ``--baseline-max-gib`` are skipped.
 - ``rows/S``: the batched computation on B/S rows, what each of S coordinator shards computes.
 
-Each timing is the median of repeated calls (at least 3, up to ``--min-seconds`` of calls).
+The contenders of a cell are timed in interleaved rounds (each round calls every one of them), and
+each timing is the median over the rounds, so their ratios are taken side by side.
 Writes benchmarks/results/coordinator_cost{,_quick}.{json,md} and a PNG plot. Run:
     .venv/bin/python benchmarks/coordinator_cost.py            # full grid, 6 min on 2 cores
     .venv/bin/python benchmarks/coordinator_cost.py --quick    # K in {2, 16, 64}, 4 min
@@ -22,6 +23,7 @@ Writes benchmarks/results/coordinator_cost{,_quick}.{json,md} and a PNG plot. Ru
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -91,15 +93,30 @@ def load_baseline(commit: str) -> ModuleType | None:
     return module
 
 
-def median_seconds(call: Callable[[], Any], min_seconds: float, max_calls: int = 50) -> float:
-    """Median wall time of ``call`` after one warm-up: at least 3 calls, more until ``min_seconds`` is spent."""
-    call()
-    times: list[float] = []
-    while len(times) < 3 or (sum(times) < min_seconds and len(times) < max_calls):
+def interleaved_seconds(calls: dict[str, Callable[[], Any]], budget_seconds: float, max_rounds: int = 30) -> dict[str, float]:
+    """Median seconds per call of each of ``calls``, timed in rounds that run all of them back to back.
+
+    This machine's speed drifts by up to 1.5× within minutes; timing the contenders in the same
+    rounds makes their ratio follow the same drift. After one warm-up call each, a call cheaper than
+    about 20 ms is repeated within a round and its mean taken, so that no round is timer noise.
+    At least 3 rounds, more until ``budget_seconds`` is spent.
+    """
+    repeats = {}
+    for name, call in calls.items():
         started = time.perf_counter()
         call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        repeats[name] = max(1, math.ceil(0.02 / max(time.perf_counter() - started, 1e-6)))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    started = time.perf_counter()
+    for done in range(1, max_rounds + 1):
+        for name, call in calls.items():
+            round_started = time.perf_counter()
+            for _ in range(repeats[name]):
+                call()
+            times[name].append((time.perf_counter() - round_started) / repeats[name])
+        if done >= 3 and time.perf_counter() - started > budget_seconds:
+            break
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def measure_cell(k: int, b: int, c: int, kind: str, baseline: ModuleType | None, args: argparse.Namespace) -> dict[str, Any]:
@@ -111,16 +128,20 @@ def measure_cell(k: int, b: int, c: int, kind: str, baseline: ModuleType | None,
     reference_targets, reference_losses = per_pair_loop(logits.double(), alpha)
     row["max_target_error"] = float((result.targets.double() - reference_targets).abs().max())
     row["max_loss_relative_error"] = float(((result.losses.double() - reference_losses) / reference_losses.abs()).abs().max())
-    row["batched_s"] = median_seconds(lambda: mimicry_gradients(logits, alpha=alpha, with_targets=False), args.min_seconds)
-    row["per_pair_s"] = median_seconds(lambda: per_pair_loop(logits, alpha), args.min_seconds, max_calls=3)
-    row["per_pair_over_batched"] = row["per_pair_s"] / row["batched_s"]
+    calls = {
+        "batched": lambda: mimicry_gradients(logits, alpha=alpha, with_targets=False),
+        "per_pair": lambda: per_pair_loop(logits, alpha),
+    }
     exact_path_gib = k * k * b * c * 4 / 2**30
     if baseline is not None and (kind == "random" or exact_path_gib <= args.baseline_max_gib):
-        row["baseline_s"] = median_seconds(lambda: baseline.mimicry_gradients(logits, alpha=alpha), args.min_seconds, max_calls=3)
-        row["baseline_over_batched"] = row["baseline_s"] / row["batched_s"]
+        calls["baseline"] = lambda: baseline.mimicry_gradients(logits, alpha=alpha)
     for shards in args.shards:
-        rows = logits[:, : b // shards]
-        row[f"shard_{shards}_s"] = median_seconds(lambda: mimicry_gradients(rows, alpha=alpha, with_targets=False), args.min_seconds)
+        calls[f"shard_{shards}"] = lambda rows=logits[:, : b // shards]: mimicry_gradients(rows, alpha=alpha, with_targets=False)
+    for name, seconds in interleaved_seconds(calls, args.seconds_per_cell).items():
+        row[f"{name}_s"] = seconds
+    row["per_pair_over_batched"] = row["per_pair_s"] / row["batched_s"]
+    if "baseline_s" in row:
+        row["baseline_over_batched"] = row["baseline_s"] / row["batched_s"]
     return row
 
 
@@ -134,7 +155,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Baseline: `rdml_dist/divergence.py` at commit {report['baseline_commit']}"
         f"{'' if report['baseline_loaded'] else ' (not available: no git checkout)'}. "
         f"Random logits use α = {ALPHA['random']}, confident ones (+{CONFIDENCE_BONUS:.0f} on a shared class) α = {ALPHA['confident']}. "
-        "Median ms per call of the whole cohort's targets, gradients and losses.",
+        "Median over interleaved rounds of ms per call computing the whole cohort's gradients and losses.",
         "",
         "| K | B | C | logits | batched | per-pair loop | loop / batched | baseline | baseline / batched | "
         + " | ".join(f"B/{column.split('_')[1]} rows" for column in shard_columns) + " | max target error |",
@@ -198,7 +219,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="K in {2, 16, 64} and the cells the checks need")
-    parser.add_argument("--min-seconds", type=float, default=0.3, help="keep calling a timed function until this much time is spent")
+    parser.add_argument("--seconds-per-cell", type=float, default=2.0, help="keep timing rounds of a cell until this much time is spent (at least 3 rounds)")
     parser.add_argument("--baseline-commit", default=BASELINE_COMMIT)
     parser.add_argument("--baseline-max-gib", type=float, default=8.0, help="skip baseline cells whose exact path would need more")
     parser.add_argument("--shards", type=int, nargs="+", default=[2, 4], help="coordinator shard counts S to time B/S rows for")

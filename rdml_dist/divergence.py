@@ -13,6 +13,7 @@ of its mimicry loss with respect to its own logits. For Rényi and KL it uses th
 so a coordinator holding all logits can answer each student with a single B×C tensor.
 """
 
+import functools
 import math
 from typing import Literal, NamedTuple
 
@@ -243,16 +244,16 @@ def _factored_pairs(z: Tensor, alpha: float, temperature: float, scale: float, o
     """
     rows, k, classes = z.shape
     dtype = out.grads.dtype
-    # [α ℓ_j + (1−α) r, (1−α)(ℓ_k − r)] up to per-row constants, divided by τ: one rows×2×K×C pass
-    weights = torch.tensor([[alpha, 1 - alpha], [1 - alpha, alpha - 1]], dtype=dtype, device=z.device).div_(temperature)
-    reference = z.mean(1, keepdim=True).unsqueeze(1)  # rows×1×1×C
-    pre = torch.addcmul(reference * weights[1].view(2, 1, 1), weights[0].view(2, 1, 1), z.unsqueeze(1))
+    on_logits, on_reference = _factor_weights(alpha, temperature, k, dtype, z.device)
+    reference = z.sum(1, keepdim=True).unsqueeze(1)  # rows×1×1×C, K times the mean (the weights divide)
+    pre = torch.addcmul(reference * on_reference, on_logits, z.unsqueeze(1))  # rows×2×K×C in one pass
     torch.amax(pre, -1, out=out.shifts)
-    peer, own = _saturating_exp_(pre.sub_(out.shifts[..., None])).unbind(1)
+    peer, own = _saturating_exp_(pre.sub_(out.shifts.unsqueeze(-1))).unbind(1)
     overlap = torch.bmm(peer, own.transpose(1, 2))  # rows×K(j)×K(k), ≤ C
-    accurate = overlap >= classes * torch.finfo(dtype).tiny / torch.finfo(dtype).eps
-    safe = torch.where(accurate, overlap, 1.0)
-    inverse = accurate / safe
+    floor = classes * torch.finfo(dtype).tiny / torch.finfo(dtype).eps
+    accurate = None if bool(overlap.amin() >= floor) else overlap >= floor  # host sync; usually every pair is
+    safe = overlap if accurate is None else torch.where(accurate, overlap, 1.0)
+    inverse = safe.reciprocal() if accurate is None else accurate / safe
     if out.targets is not None:
         peer_weights = inverse / (k - 1)
         peer_weights.diagonal(dim1=1, dim2=2).zero_()
@@ -260,8 +261,9 @@ def _factored_pairs(z: Tensor, alpha: float, temperature: float, scale: float, o
     inverse.mul_(-scale / (k - 1)).diagonal(dim1=1, dim2=2).mul_(1 - k)  # V·scale
     torch.bmm(inverse.transpose(1, 2), peer, out=out.grads).mul_(own)
     torch.log(safe, out=out.log_overlap)
-    if bool(accurate.all()):  # host sync; the rest is rare: students far from the cohort
+    if accurate is None:
         return None
+    # Rare: students far from the cohort.
     samples, students = (~accurate.diagonal(dim1=1, dim2=2)).nonzero(as_tuple=True)
     scaled = z[samples, students].to(dtype) / temperature
     peer_shift, own_shift = out.shifts[samples, :, students].unbind(-1)
@@ -270,6 +272,20 @@ def _factored_pairs(z: Tensor, alpha: float, temperature: float, scale: float, o
     underflow = ~accurate
     underflow.diagonal(dim1=1, dim2=2).zero_()
     return underflow if bool(underflow.any()) else None
+
+
+@functools.lru_cache(maxsize=64)
+def _factor_weights(
+    alpha: float, temperature: float, k: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Coefficients (each 2×1×1) of the logits and of their sum over the K students in
+    [α ℓ_j + (1−α) r, (1−α)(ℓ_k − r)] / τ, r the mean, up to constants per row (the shifts absorb them).
+
+    Cached: made once per α, not once per block.
+    """
+    weights = torch.tensor([[alpha, 1 - alpha], [(1 - alpha) / k, (alpha - 1) / k]], dtype=dtype, device=device)
+    weights /= temperature
+    return weights[0].view(2, 1, 1), weights[1].view(2, 1, 1)
 
 
 def _recompute_underflowed_pairs(z: Tensor, alpha: float, temperature: float, scale: float, mask: Tensor, out: _RenyiBuffers) -> None:
@@ -369,8 +385,9 @@ def _autograd_losses_and_grads(scaled: Tensor, name: str, alpha: float, mode: st
     return losses, grads
 
 
-# Rows of the batch per pass of the closed-form path: the temporaries of one pass stay in the CPU's
-# cache (about 1 MiB per K×rows×C tensor) instead of streaming K×B×C tensors through memory.
+# Rows of the batch per pass of the closed-form path on a CPU: the temporaries of one pass stay in
+# its cache (about 1 MiB per K×rows×C tensor) instead of streaming K×B×C tensors through memory.
+# On a GPU the whole batch is one pass: there, small kernels would cost more than memory traffic.
 _CHUNK_BYTES = 1 << 20
 
 
@@ -383,7 +400,7 @@ def _closed_form_in_row_chunks(
     contiguous slice.
     """
     k, batch, classes = logits.shape
-    rows = max(1, _CHUNK_BYTES // (k * classes * compute_dtype.itemsize))
+    rows = max(1, _CHUNK_BYTES // (k * classes * compute_dtype.itemsize)) if logits.device.type == "cpu" else batch
     buffers = _RenyiBuffers.empty(batch, k, classes, compute_dtype, logits.device, with_targets)
     grads, targets = buffers.grads, buffers.targets
     losses = torch.zeros(k, dtype=compute_dtype, device=logits.device)
