@@ -169,6 +169,7 @@ class _RenyiBuffers(NamedTuple):
 
     @classmethod
     def empty(cls, batch: int, k: int, classes: int, dtype: torch.dtype, device: torch.device, with_targets: bool) -> "_RenyiBuffers":
+        """Buffers for ``batch`` samples (targets only when asked for)."""
         grads = torch.empty(batch, k, classes, dtype=dtype, device=device)
         return cls(
             grads,
@@ -178,6 +179,7 @@ class _RenyiBuffers(NamedTuple):
         )
 
     def rows(self, start: int, stop: int) -> "_RenyiBuffers":
+        """The views one block of samples writes into."""
         return _RenyiBuffers(*(None if buffer is None else buffer[start:stop] for buffer in self))
 
     def assign(self, samples: Tensor, other: "_RenyiBuffers") -> None:
@@ -242,7 +244,7 @@ def _factored_pairs(z: Tensor, alpha: float, temperature: float, scale: float, o
     C·tiny/eps the truncated terms could matter: off the diagonal those pairs are flagged and left
     out; on it, q_k and its normaliser are computed directly.
     """
-    rows, k, classes = z.shape
+    _, k, classes = z.shape
     dtype = out.grads.dtype
     on_logits, on_reference = _factor_weights(alpha, temperature, k, dtype, z.device)
     reference = z.sum(1, keepdim=True).unsqueeze(1)  # rows×1×1×C, K times the mean (the weights divide)
