@@ -15,6 +15,7 @@ so a coordinator holding all logits can answer each student with a single B×C t
 
 import functools
 import math
+from collections.abc import Iterator
 from typing import Literal, NamedTuple
 
 import torch
@@ -178,9 +179,9 @@ class _RenyiBuffers(NamedTuple):
             torch.empty(batch, 2, k, dtype=dtype, device=device),
         )
 
-    def rows(self, start: int, stop: int) -> "_RenyiBuffers":
+    def rows(self, rows: slice) -> "_RenyiBuffers":
         """The views one block of samples writes into."""
-        return _RenyiBuffers(*(None if buffer is None else buffer[start:stop] for buffer in self))
+        return _RenyiBuffers(*(None if buffer is None else buffer[rows] for buffer in self))
 
     def assign(self, samples: Tensor, other: "_RenyiBuffers") -> None:
         """Overwrite the rows ``samples`` with ``other`` (same fields, any dtype)."""
@@ -393,6 +394,18 @@ def _autograd_losses_and_grads(scaled: Tensor, name: str, alpha: float, mode: st
 _CHUNK_BYTES = 1 << 20
 
 
+def _row_blocks(logits: Tensor, compute_dtype: torch.dtype) -> Iterator[tuple[slice, Tensor]]:
+    """The batch rows of each pass and their logits (rows×K×C, in the compute dtype).
+
+    The logits are read by sample: each block is a plain slice when the caller stacked them so.
+    """
+    k, batch, classes = logits.shape
+    rows = max(1, _CHUNK_BYTES // (k * classes * compute_dtype.itemsize)) if logits.device.type == "cpu" else batch
+    by_sample = logits.transpose(0, 1)  # B×K×C
+    for start in range(0, batch, rows):
+        yield slice(start, start + rows), by_sample[start : start + rows].to(compute_dtype)
+
+
 def _closed_form_in_row_chunks(
     logits: Tensor, alpha: float, temperature: float, mode: str, compute_dtype: torch.dtype, with_targets: bool
 ) -> MimicryResult:
@@ -402,24 +415,22 @@ def _closed_form_in_row_chunks(
     contiguous slice.
     """
     k, batch, classes = logits.shape
-    rows = max(1, _CHUNK_BYTES // (k * classes * compute_dtype.itemsize)) if logits.device.type == "cpu" else batch
-    buffers = _RenyiBuffers.empty(batch, k, classes, compute_dtype, logits.device, with_targets)
-    grads, targets = buffers.grads, buffers.targets
-    losses = torch.zeros(k, dtype=compute_dtype, device=logits.device)
-    by_sample = logits.transpose(0, 1)  # B×K×C: each block a plain slice when the caller stacked the logits by sample
-    for start in range(0, batch, rows):
-        block = by_sample[start : start + rows].to(compute_dtype)
-        if mode == "pairwise" and alpha != 1:
-            _pairwise_renyi(block, alpha, temperature, 1 / (temperature * batch), buffers.rows(start, start + rows))
-            continue
-        logp = F.log_softmax(block / temperature, dim=-1).transpose(0, 1)  # K×rows×C
-        block_targets, block_losses = _kl_or_ensemble(logp, alpha, mode)
-        if targets is not None:
-            targets[start : start + rows] = block_targets.transpose(0, 1)
-        torch.sub(logp.exp_(), block_targets, out=grads[start : start + rows].transpose(0, 1)).div_(temperature * batch)
-        losses.add_(block_losses, alpha=logp.shape[1] / batch)
     if mode == "pairwise" and alpha != 1:
-        losses = _pairwise_renyi_losses(buffers, alpha)
+        buffers = _RenyiBuffers.empty(batch, k, classes, compute_dtype, logits.device, with_targets)
+        for rows, block in _row_blocks(logits, compute_dtype):
+            _pairwise_renyi(block, alpha, temperature, 1 / (temperature * batch), buffers.rows(rows))
+        grads, targets, losses = buffers.grads, buffers.targets, _pairwise_renyi_losses(buffers, alpha)
+    else:
+        grads = torch.empty(batch, k, classes, dtype=compute_dtype, device=logits.device)
+        targets = torch.empty_like(grads) if with_targets else None
+        losses = torch.zeros(k, dtype=compute_dtype, device=logits.device)
+        for rows, block in _row_blocks(logits, compute_dtype):
+            logp = F.log_softmax(block / temperature, dim=-1).transpose(0, 1)  # K×rows×C
+            block_targets, block_losses = _kl_or_ensemble(logp, alpha, mode)
+            if targets is not None:
+                targets[rows] = block_targets.transpose(0, 1)
+            torch.sub(logp.exp_(), block_targets, out=grads[rows].transpose(0, 1)).div_(temperature * batch)
+            losses.add_(block_losses, alpha=logp.shape[1] / batch)
     return MimicryResult(None if targets is None else targets.transpose(0, 1), grads.transpose(0, 1), losses)
 
 
