@@ -1,9 +1,11 @@
 """Engines run a validated experiment and fill a run directory: ``local`` (one process) and ``ray``."""
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.errors import ConfigError
+from rdml_dist.engines.loop import RunObserver
 from rdml_dist.engines.loopback import keep_local_ray_on_loopback
 from rdml_dist.engines.session import RunSession, new_session, resume_session
 from rdml_dist.run_directory import RunDirectory
@@ -25,8 +27,8 @@ def resume_cohort(location: str, address: str | None = None, show_progress: bool
     return run_session(resume_session(location, address), show_progress)
 
 
-def run_session(session: RunSession, show_progress: bool = True) -> RunDirectory:
-    """Hand an opened run to its engine."""
+def run_session(session: RunSession, show_progress: bool = True, observers: Sequence[RunObserver] = ()) -> RunDirectory:
+    """Hand an opened run to its engine; ``observers`` follow its epochs and checkpoints."""
     if session.config.runtime.engine == "local":
         external = [index for index, student in enumerate(session.config.students) if student.external]
         if external:
@@ -34,9 +36,9 @@ def run_session(session: RunSession, show_progress: bool = True) -> RunDirectory
                               "external students join a Ray-engine cohort over gRPC; use runtime.engine: ray")
         from rdml_dist.engines.local import run_local
 
-        return run_local(session, show_progress)
+        return run_local(session, show_progress, observers)
     if session.config.runtime.ray.address is None:
         keep_local_ray_on_loopback()
     from rdml_dist.engines.ray_engine import run_ray
 
-    return run_ray(session, show_progress)
+    return run_ray(session, show_progress, observers)

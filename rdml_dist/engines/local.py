@@ -6,7 +6,7 @@ two engines follow the same trajectory for the same config and seed.
 """
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import torch
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.coordinator import NON_FINITE, EpochEvaluation, StepRecord
-from rdml_dist.engines.loop import train_loop
+from rdml_dist.engines.loop import RunObserver, train_loop
 from rdml_dist.engines.session import RunSession, new_session
 from rdml_dist.errors import FrameRejected
 from rdml_dist.metered_coordinator import MeteredCoordinator
@@ -99,7 +99,7 @@ class LocalCohort:
         return [student.name for student in self.students]
 
 
-def run_local(session: RunSession, show_progress: bool = True) -> RunDirectory:
+def run_local(session: RunSession, show_progress: bool = True, observers: Sequence[RunObserver] = ()) -> RunDirectory:
     """Train an opened run in this process (serving its metrics meanwhile); returns its run directory."""
     cohort = LocalCohort(session.config, session.checkpoints)
     monitoring = session.config.monitoring
@@ -107,7 +107,7 @@ def run_local(session: RunSession, show_progress: bool = True) -> RunDirectory:
     try:
         if server is not None:
             print(f"rdml-dist: metrics at http://{metrics_address(monitoring.host, server, monitoring.host)}/metrics", flush=True)
-        return train_loop(session.config, cohort, session.run, session.checkpoints, session.start, show_progress)
+        return train_loop(session.config, cohort, session.run, session.checkpoints, session.start, show_progress, observers)
     finally:
         if server is not None:
             server.shutdown()

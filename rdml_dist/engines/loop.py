@@ -9,7 +9,7 @@ back to the latest complete checkpoint; the loop does that and carries on.
 """
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from tqdm import tqdm
@@ -56,6 +56,20 @@ class Cohort(Protocol):
         """Students currently taking part."""
 
 
+class RunObserver(Protocol):
+    """Something that follows a run from outside the loop: TensorBoard, a Ray Tune trial's reports.
+
+    Observers only read; they are called after the loop has written the results and committed the
+    checkpoint, so what they see is what a resumed run would see.
+    """
+
+    def on_epoch(self, entry: dict[str, Any]) -> None:
+        """An epoch was scored: ``entry`` is its row of ``results.json`` (per-student and ensemble metrics)."""
+
+    def on_checkpoint(self, step: int, manifest: dict[str, Any]) -> None:
+        """The cohort checkpoint of ``step`` is complete (``manifest`` is what was committed)."""
+
+
 def next_boundary(step: int, steps_per_epoch: int, every_steps: int | None) -> int:
     """The end of the chunk starting at ``step``: the next checkpoint point or the epoch's end, whichever is first."""
     epoch_end = (step // steps_per_epoch + 1) * steps_per_epoch
@@ -71,6 +85,7 @@ def train_loop(
     checkpoints: CheckpointStore,
     start: dict[str, Any] | None,
     show_progress: bool,
+    observers: Sequence[RunObserver] = (),
 ) -> RunDirectory:
     """Train from ``start`` (a checkpoint manifest; None for a fresh run) to the last epoch."""
     steps_per_epoch = cohort.steps_per_epoch
@@ -95,7 +110,12 @@ def train_loop(
                     entry = run.record_epoch(epoch, cohort.evaluate(epoch), time.perf_counter() - epoch_started)
                     bar.set_postfix_str(describe_epoch(entry))
                     epoch_started = time.perf_counter()
-                _checkpoint(config, cohort, run, checkpoints, end)
+                manifest = _checkpoint(config, cohort, run, checkpoints, end)
+                if end % steps_per_epoch == 0:
+                    for observer in observers:
+                        observer.on_epoch(entry)
+                for observer in observers:
+                    observer.on_checkpoint(end, manifest)
             except CohortRollback as rollback:
                 manifest = checkpoints.latest()
                 if manifest is None:
@@ -112,13 +132,17 @@ def train_loop(
     return run
 
 
-def _checkpoint(config: ExperimentConfig, cohort: Cohort, run: RunDirectory, checkpoints: CheckpointStore, step: int) -> None:
+def _checkpoint(
+    config: ExperimentConfig, cohort: Cohort, run: RunDirectory, checkpoints: CheckpointStore, step: int
+) -> dict[str, Any]:
     """Students write their files, then the results, then the manifest that makes the checkpoint complete."""
     cohort.save_checkpoint(step)
     run.add_events(cohort.pop_events())
     run.write_progress()
-    checkpoints.commit(run.manifest(step, cohort.live_members()))
+    manifest = run.manifest(step, cohort.live_members())
+    checkpoints.commit(manifest)
     checkpoints.prune(config.runtime.checkpoint.keep)
+    return manifest
 
 
 def _progress_callback(bar: tqdm) -> Callable[[int], None]:

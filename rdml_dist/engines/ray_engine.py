@@ -7,7 +7,8 @@ polls the actors, hands every failure to the :class:`FailurePolicy` and carries 
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig, StudentConfig
 from rdml_dist.coordinator import EpochEvaluation, StepRecord
 from rdml_dist.engines.failure_policy import Decision, Failure, FailurePolicy
-from rdml_dist.engines.loop import CohortRollback, train_loop
+from rdml_dist.engines.loop import CohortRollback, RunObserver, train_loop
 from rdml_dist.engines.ray_actors import STORAGE_MARKER, CoordinatorActor, StudentActor
 from rdml_dist.engines.ray_cluster import connect
 from rdml_dist.engines.session import RunSession, new_session
@@ -33,12 +34,27 @@ from rdml_dist.storage import Storage
 
 POLL_SECONDS = 0.25
 RESTART_TIMEOUT_S = 120.0
-COORDINATOR_BUNDLE = 0
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 class CohortDoesNotFit(ClusterError):
     """The cluster cannot hold the cohort's placement group within the timeout."""
+
+
+@dataclass(frozen=True)
+class GivenPlacement:
+    """A placement group reserved by someone else (a Ray Tune trial), in which the cohort's bundles start at
+    ``first_bundle``: coordinator shards first, then one bundle per Ray student. The cohort uses it as it
+    is and never removes it; its owner does."""
+
+    group: PlacementGroup
+    first_bundle: int
+
+
+def cohort_bundles(config: ExperimentConfig, bundles: dict[str, dict[str, float]]) -> list[dict[str, float]]:
+    """The cohort's bundles in placement order: one per coordinator shard, then one per Ray student."""
+    shards = config.runtime.coordinator.shards
+    return [*(coordinator_resources(config) for _ in range(shards)), *(dict(bundle) for bundle in bundles.values())]
 
 
 def student_cpus(config: ExperimentConfig, student: StudentConfig) -> float:
@@ -79,7 +95,7 @@ def reserve_cohort(config: ExperimentConfig, bundles: dict[str, dict[str, float]
     """Gang-schedule coordinator and students in one placement group: ready whole, or a clear failure."""
     settings = config.runtime.ray
     shards = config.runtime.coordinator.shards
-    reserved = [*(coordinator_resources(config) for _ in range(shards)), *(dict(bundle) for bundle in bundles.values())]
+    reserved = cohort_bundles(config, bundles)
     group = placement_group(reserved, strategy=settings.placement_strategy)
     ready, _ = ray.wait([group.ready()], timeout=settings.placement_timeout_s)
     if not ready:
@@ -116,15 +132,18 @@ class RayCohort:
     def __init__(
         self,
         config: ExperimentConfig,
-        group: PlacementGroup,
+        placement: GivenPlacement,
         bundles: dict[str, dict[str, float]],
         storage: Storage,
         record_placements: Callable[[dict[str, dict[str, Any]], dict[str, Any]], None],
         token: str | None = None,
+        owns_group: bool = True,
     ) -> None:
         self.config = config
         self.record_placements = record_placements
-        self.group = group
+        self.group = group = placement.group
+        self.owns_group = owns_group  # a group given by a Tune trial is its owner's to remove
+        first = placement.first_bundle
         self.policy = FailurePolicy(config.runtime.fault)
         self.checkpoints = CheckpointStore(storage)
         marker = uuid.uuid4().hex
@@ -137,7 +156,7 @@ class RayCohort:
                 num_cpus=config.runtime.coordinator.cpus,
                 num_gpus=config.runtime.coordinator.gpus,
                 max_restarts=restarts,
-                scheduling_strategy=_bundle(group, COORDINATOR_BUNDLE + shard),
+                scheduling_strategy=_bundle(group, first + shard),
             ).remote(payload, shard)
             for shard in range(shards)
         ]
@@ -156,7 +175,7 @@ class RayCohort:
                     num_cpus=bundles[name]["CPU"],
                     num_gpus=bundles[name].get("GPU", 0),
                     max_restarts=restarts,
-                    scheduling_strategy=_bundle(group, COORDINATOR_BUNDLE + shards + position),
+                    scheduling_strategy=_bundle(group, first + shards + position),
                 ).remote(
                     payload,
                     config.student_names().index(name),
@@ -412,7 +431,8 @@ class RayCohort:
     def shutdown(self) -> None:
         for actor in [*self.actors.values(), *self.shards]:
             ray.kill(actor, no_restart=True)
-        remove_placement_group(self.group)
+        if self.owns_group:
+            remove_placement_group(self.group)
 
 
 def _get_with_user_errors(references: Any) -> Any:
@@ -434,8 +454,17 @@ def _student_died(error: ray.exceptions.RayError) -> bool:
     return isinstance(error, ray.exceptions.RayActorError)
 
 
-def run_ray(session: RunSession, show_progress: bool = True) -> RunDirectory:
-    """Train an opened run as Ray actors on the requested cluster (or a private local Ray)."""
+def run_ray(
+    session: RunSession,
+    show_progress: bool = True,
+    observers: Sequence[RunObserver] = (),
+    placement: GivenPlacement | None = None,
+) -> RunDirectory:
+    """Train an opened run as Ray actors on the requested cluster (or a private local Ray).
+
+    By default the cohort reserves its own placement group; a Ray Tune trial passes the trial's
+    group (``placement``) instead, since a group reserved inside a trial can hang the sweep.
+    """
     config = session.config
     token = resolve_token(config.rpc)
     if config.rpc.enabled:
@@ -447,13 +476,15 @@ def run_ray(session: RunSession, show_progress: bool = True) -> RunDirectory:
     print(f"rdml-dist: {connection.description}", flush=True)
     try:
         bundles = student_resources(config)
-        cohort = RayCohort(config, reserve_cohort(config, bundles), bundles, session.storage, session.run.write_placements, token)
+        owned = placement is None
+        given = GivenPlacement(reserve_cohort(config, bundles), 0) if placement is None else placement
+        cohort = RayCohort(config, given, bundles, session.storage, session.run.write_placements, token, owns_group=owned)
         if cohort.rpc_address:
             print(f"rdml-dist: cohort service (gRPC) at {cohort.rpc_address}", flush=True)
         if cohort.metrics_address:
             print(f"rdml-dist: metrics at http://{cohort.metrics_address}/metrics", flush=True)
         try:
-            return train_loop(config, cohort, session.run, session.checkpoints, session.start, show_progress)
+            return train_loop(config, cohort, session.run, session.checkpoints, session.start, show_progress, observers)
         finally:
             cohort.shutdown()
     finally:
