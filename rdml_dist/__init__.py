@@ -5,41 +5,46 @@ training loop), the config loader, the transport-free coordinator core and stude
 :func:`train_cohort`, which runs an experiment with the local or the Ray engine. No top-level name
 shadows a module of the package: ``rdml_dist.divergence`` is the module (its ``divergence()``
 function picks a divergence by name).
+
+The names load on first use, so that importing one module of the package (``rdml_dist.config``
+for the schema, ``rdml_dist.cli`` for ``--help``) does not load torch's model and data code.
 """
 
-from rdml_dist.config import ExperimentConfig, load_config, parse_config
-from rdml_dist.coordinator import CohortCoordinator
-from rdml_dist.divergence import (
-    DIVERGENCES,
-    TARGET_MODES,
-    MimicryResult,
-    js_divergence,
-    kl_divergence,
-    mimicry_gradients,
-    mse_logits,
-    renyi_divergence,
-)
-from rdml_dist.engines import train_cohort
-from rdml_dist.errors import ConfigError, FrameRejected
-from rdml_dist.student import Student
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DIVERGENCES",
-    "TARGET_MODES",
-    "CohortCoordinator",
-    "ConfigError",
-    "ExperimentConfig",
-    "FrameRejected",
-    "MimicryResult",
-    "Student",
-    "js_divergence",
-    "kl_divergence",
-    "load_config",
-    "mimicry_gradients",
-    "mse_logits",
-    "parse_config",
-    "renyi_divergence",
-    "train_cohort",
-]
+_HOMES = {
+    "ExperimentConfig": "rdml_dist.config",
+    "load_config": "rdml_dist.config",
+    "parse_config": "rdml_dist.config",
+    "CohortCoordinator": "rdml_dist.coordinator",
+    "DIVERGENCES": "rdml_dist.divergence",
+    "TARGET_MODES": "rdml_dist.divergence",
+    "MimicryResult": "rdml_dist.divergence",
+    "js_divergence": "rdml_dist.divergence",
+    "kl_divergence": "rdml_dist.divergence",
+    "mimicry_gradients": "rdml_dist.divergence",
+    "mse_logits": "rdml_dist.divergence",
+    "renyi_divergence": "rdml_dist.divergence",
+    "train_cohort": "rdml_dist.engines",
+    "ConfigError": "rdml_dist.errors",
+    "FrameRejected": "rdml_dist.errors",
+    "Student": "rdml_dist.student",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name from its module on first use (PEP 562)."""
+    if name not in _HOMES:
+        raise AttributeError(f"module 'rdml_dist' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

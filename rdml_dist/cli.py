@@ -1,20 +1,20 @@
-"""``rdml-dist``: validate a config, train a cohort, run an external student, or show a running cohort."""
+"""``rdml-dist``: validate a config, train a cohort, run an external student, or show a running cohort.
+
+Each command imports what it needs when it runs: ``rdml-dist status`` never loads torch's model and
+data code, and ``--help`` loads nothing beyond this module.
+"""
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import grpc
-
-from rdml_dist.config import RpcConfig, load_config
-from rdml_dist.engines import resume_cohort, train_cohort
-from rdml_dist.engines.failure_policy import RunFailed
 from rdml_dist.errors import ClusterError, ConfigError
-from rdml_dist.external_student import run_external_student
-from rdml_dist.rpc.auth import resolve_token
-from rdml_dist.rpc.client import CohortClient, describe, status_code
-from rdml_dist.rpc.status import render_status
-from rdml_dist.run_directory import RunDirectory
+from rdml_dist.logs import configure_logging
 from rdml_dist.user_modules import make_user_modules_importable
+
+if TYPE_CHECKING:
+    from rdml_dist.run_directory import RunDirectory
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,25 +49,74 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging()
+    make_user_modules_importable(getattr(args, "config", None))
+    command: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
+    try:
+        return command(args)
+    except ClusterError as error:
+        print(f"rdml-dist: {error}", file=sys.stderr)
+        return 1
+
+
+def _config_problems(error: ConfigError, what: str = "invalid config") -> int:
+    """One line per problem, every problem at once; exit code 2."""
+    for field, problem in error.problems:
+        print(f"rdml-dist: {what}: {field}: {problem}", file=sys.stderr)
+    return 2
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from rdml_dist.config import load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        return _config_problems(error)
+    source = args.config or "the embedded default"
+    print(f"{source}: valid ({len(config.students)} students: {', '.join(config.student_names())}; "
+          f"{config.mimicry.divergence}, alpha={config.mimicry.alpha}; engine {config.runtime.engine})")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rdml_dist.engines.failure_policy import RunFailed
+
+    try:
+        return _resume(args) if args.resume else _train_new(args)
+    except RunFailed as error:
+        print(f"rdml-dist: {error}", file=sys.stderr)
+        return 1
+
+
+def _train_new(args: argparse.Namespace) -> int:
+    from rdml_dist.config import load_config
+    from rdml_dist.engines import train_cohort
+
+    try:
+        config = load_config(args.config, _engine_overrides(args))
+        run = train_cohort(config, show_progress=not args.no_progress, overwrite=args.overwrite)
+    except ConfigError as error:
+        return _config_problems(error)
+    return _report(run)
+
+
 def _engine_overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
-    if getattr(args, "engine", None):
+    if args.engine:
         overrides.append(f"runtime.engine={args.engine}")
-    if getattr(args, "address", None):
+    if args.address:
         overrides.append(f"runtime.ray.address={args.address}")
-    if getattr(args, "run_dir", None):
+    if args.run_dir:
         overrides.append(f"runtime.run_dir={args.run_dir}")
     return overrides
 
 
-def _report(run: RunDirectory) -> int:
-    print(run.finish())
-    where = run.storage.describe
-    print(f"\nresults: {where('results.json')}  table: {where('results.txt')}  checkpoints: {where('checkpoints')}")
-    return 0
-
-
 def _resume(args: argparse.Namespace) -> int:
+    from rdml_dist.engines import resume_cohort
+
     if args.config or args.overrides or args.engine or args.run_dir or args.overwrite:
         print("rdml-dist: --resume continues a run with the config it started with; "
               "drop CONFIG, --set, --engine, --run-dir and --overwrite", file=sys.stderr)
@@ -78,24 +127,21 @@ def _resume(args: argparse.Namespace) -> int:
         return _config_problems(error, "cannot resume")
 
 
-def _config_problems(error: ConfigError, what: str = "invalid config") -> int:
-    """One line per problem, every problem at once; exit code 2."""
-    for field, problem in error.problems:
-        print(f"rdml-dist: {what}: {field}: {problem}", file=sys.stderr)
-    return 2
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    make_user_modules_importable(getattr(args, "config", None))
-    try:
-        return _command(args)
-    except (ClusterError, RunFailed) as error:
-        print(f"rdml-dist: {error}", file=sys.stderr)
-        return 1
+def _report(run: "RunDirectory") -> int:
+    print(run.finish())
+    where = run.storage.describe
+    print(f"\nresults: {where('results.json')}  table: {where('results.txt')}  checkpoints: {where('checkpoints')}")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from rdml_dist.config import RpcConfig
+    from rdml_dist.rpc.auth import resolve_token
+    from rdml_dist.rpc.client import CohortClient, describe, status_code
+    from rdml_dist.rpc.status import render_status
+
     rpc = RpcConfig()
     client = CohortClient(args.coordinator, rpc, resolve_token(rpc, args.token), args.ca_file)
     try:
@@ -116,37 +162,23 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _student(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
-    result = run_external_student(config, args.name, args.coordinator, resolve_token(config.rpc, args.token), args.ca_file)
+    from rdml_dist.config import load_config
+    from rdml_dist.external_student import run_external_student
+    from rdml_dist.rpc.auth import resolve_token
+
+    try:
+        config = load_config(args.config, args.overrides)
+        result = run_external_student(config, args.name, args.coordinator, resolve_token(config.rpc, args.token), args.ca_file)
+    except ConfigError as error:
+        return _config_problems(error)
     print(f"rdml-dist: student {result.student} finished at step {result.steps} ({result.evaluations} evaluations, "
           f"{result.rejoins} rejoins, {result.recoveries} non-finite recoveries)")
     return 0
 
 
-def _command(args: argparse.Namespace) -> int:
-    if args.command == "status":
-        return _status(args)
-    if args.command == "student":
-        try:
-            return _student(args)
-        except ConfigError as error:
-            return _config_problems(error)
-    if getattr(args, "resume", None):
-        return _resume(args)
-    try:
-        config = load_config(args.config, _engine_overrides(args))
-    except ConfigError as error:
-        return _config_problems(error)
-    if args.command == "validate":
-        source = args.config or "the embedded default"
-        print(f"{source}: valid ({len(config.students)} students: {', '.join(config.student_names())}; "
-              f"{config.mimicry.divergence}, alpha={config.mimicry.alpha}; engine {config.runtime.engine})")
-        return 0
-    try:
-        run = train_cohort(config, show_progress=not args.no_progress, overwrite=args.overwrite)
-    except ConfigError as error:
-        return _config_problems(error)
-    return _report(run)
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _train, "validate": _validate, "student": _student, "status": _status,
+}
 
 
 if __name__ == "__main__":
