@@ -13,13 +13,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.data import batch_plan, indices_hash
+from rdml_dist.data.batch_plan import batch_plan, indices_hash
+from rdml_dist.devices import resolve_device
 from rdml_dist.divergence import mimicry_gradients
 from rdml_dist.errors import FrameRejected
 from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
 from rdml_dist.schedules import alpha_at, mimicry_weight_at
 from rdml_dist.shards import shard_rows
-from rdml_dist.student import resolve_device
 
 NON_FINITE = "non_finite"  # the rejection reason that sends a student back to its last checkpoint
 BAD_TENSOR = "bad_tensor"  # a frame whose tensor a transport could not decode

@@ -20,6 +20,7 @@ from rdml_dist.checkpoints import CheckpointStore, to_cpu
 from rdml_dist.config import ExperimentConfig, OptimizerConfig, data_spec
 from rdml_dist.data import augment_seed, batch_plan, data_fingerprint, indices_hash, load_dataset
 from rdml_dist.data.split import Batch
+from rdml_dist.devices import resolve_device
 from rdml_dist.frames import EvalFrame, LogitsFrame, StepTiming, StudentInfo
 from rdml_dist.models import build_model
 
@@ -27,15 +28,6 @@ from rdml_dist.models import build_model
 def student_seed(seed: int, index: int) -> int:
     """Each student's own initialisation/dropout seed, derived from the experiment seed."""
     return seed * 1_000_003 + index
-
-
-def resolve_device(preference: str) -> torch.device:
-    """``auto`` takes the GPU when one is visible (Ray sets CUDA_VISIBLE_DEVICES per actor)."""
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device is 'cuda' but no CUDA device is visible to this process")
-    if preference == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
 
 
 def build_optimizer(parameters: Iterator[nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:

@@ -2,16 +2,27 @@
 
 Each student process loads its data itself; identical seeds give identical splits, label
 corruption, batch order and augmentation, and ``indices_hash`` lets the coordinator check that.
+The names load on first use: the batch plan and the spec do not load the data sets' libraries
+(torchvision, scikit-learn).
 """
 
-from rdml_dist.data.batch_plan import augment_seed, batch_plan, indices_hash
-from rdml_dist.data.check import check_data_spec
-from rdml_dist.data.fingerprint import data_fingerprint
-from rdml_dist.data.loader import load_dataset
-from rdml_dist.data.registry import SOURCES
-from rdml_dist.data.spec import DataSpec
-from rdml_dist.data.split import Dataset, Split, TensorSplit
-from rdml_dist.data.streamed import StreamedSplit
+import importlib
+from typing import Any
+
+_HOMES = {
+    "augment_seed": "rdml_dist.data.batch_plan",
+    "batch_plan": "rdml_dist.data.batch_plan",
+    "indices_hash": "rdml_dist.data.batch_plan",
+    "check_data_spec": "rdml_dist.data.check",
+    "data_fingerprint": "rdml_dist.data.fingerprint",
+    "load_dataset": "rdml_dist.data.loader",
+    "SOURCES": "rdml_dist.data.registry",
+    "DataSpec": "rdml_dist.data.spec",
+    "Dataset": "rdml_dist.data.split",
+    "Split": "rdml_dist.data.split",
+    "TensorSplit": "rdml_dist.data.split",
+    "StreamedSplit": "rdml_dist.data.streamed",
+}
 
 __all__ = [
     "SOURCES",
@@ -27,3 +38,12 @@ __all__ = [
     "indices_hash",
     "load_dataset",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name from its module on first use (PEP 562)."""
+    if name not in _HOMES:
+        raise AttributeError(f"module 'rdml_dist.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
