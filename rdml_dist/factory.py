@@ -1,4 +1,4 @@
-"""Resolve user-supplied ``package.module:function`` factories for models and data sets."""
+"""Resolve user-supplied ``package.module:name`` references: factories for models and data sets, divergences."""
 
 import importlib
 import inspect
@@ -13,11 +13,11 @@ def is_factory_reference(name: str) -> bool:
     return ":" in name
 
 
-def load_factory(reference: str, field: str) -> Callable[..., Any]:
-    """Import ``package.module:function`` and return the callable, or raise ConfigError naming ``field``."""
+def load_reference(reference: str, field: str) -> Any:
+    """Import ``package.module:attribute`` and return the attribute, or raise ConfigError naming ``field``."""
     module_name, _, attribute = reference.partition(":")
     if not module_name or not attribute:
-        raise ConfigError(field, f"factory reference {reference!r} must look like 'package.module:function'")
+        raise ConfigError(field, f"reference {reference!r} must look like 'package.module:name'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -27,6 +27,12 @@ def load_factory(reference: str, field: str) -> Callable[..., Any]:
         if not hasattr(target, part):
             raise ConfigError(field, f"module {module_name!r} has no attribute {attribute!r}")
         target = getattr(target, part)
+    return target
+
+
+def load_factory(reference: str, field: str) -> Callable[..., Any]:
+    """Import ``package.module:function`` and return the callable, or raise ConfigError naming ``field``."""
+    target = load_reference(reference, field)
     if not callable(target):
         raise ConfigError(field, f"{reference!r} is not callable")
     return target

@@ -20,6 +20,7 @@ from rdml_dist.divergence import (
     mse_logits,
     renyi_divergence,
 )
+from rdml_dist.errors import ConfigError
 
 
 def naive_per_sample(name: str, target: torch.Tensor, inp: torch.Tensor, alpha: float, tau: float) -> torch.Tensor:
@@ -367,3 +368,75 @@ def test_shape_errors() -> None:
         mimicry_gradients(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="shape"):
         divergence("kl", torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+USER_DIVERGENCES = textwrap.dedent(
+    '''
+    """A user's own divergences, in a module beside the experiment's config."""
+    from rdml_dist.divergence import Divergence
+
+
+    def squared_hellinger(target_logp, input_logp, alpha):
+        return 1 - ((target_logp + input_logp) / 2).exp().sum(-1)
+
+
+    hellinger = Divergence("hellinger", squared_hellinger)
+    not_a_divergence = squared_hellinger
+    '''
+)
+
+
+@pytest.fixture
+def user_module_dir(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """A directory holding ``user_divergences.py``, first on the import path (as the config's directory is)."""
+    (tmp_path / "user_divergences.py").write_text(USER_DIVERGENCES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("user_divergences", None)
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+def test_a_user_divergence_named_by_module_reference_gets_autograd_gradients(user_module_dir, mode: str) -> None:
+    """No closed form: the cohort's gradients come from differentiating the user's value, and match a naive loop."""
+    logits = random_logits(4, seed=31)
+    tau = 2.0
+    result = mimicry_gradients(logits, temperature=tau, mode=mode, divergence="user_divergences:hellinger")
+    for student in range(4):
+        leaf = logits.clone().requires_grad_(True)
+        peers = [torch.softmax(leaf[j].detach() / tau, -1) for j in range(4) if j != student]
+        q = torch.softmax(leaf[student] / tau, -1)
+        teachers = peers if mode == "pairwise" else [torch.stack(peers).mean(0)]
+        loss = torch.stack([(1 - (p * q).sqrt().sum(-1)).mean() for p in teachers]).mean()
+        (grad,) = torch.autograd.grad(loss, leaf)
+        assert torch.allclose(result.losses[student], loss.detach(), rtol=1e-9)
+        assert (result.grads[student] - grad[student]).norm() <= 1e-9 * grad[student].norm()
+    assert torch.allclose(result.targets.sum(-1), torch.ones(4, 6, dtype=torch.float64))
+
+
+def test_a_registered_divergence_is_used_by_name_and_names_are_not_taken_twice() -> None:
+    twice_kl = divergence_module.Divergence("twice_kl", lambda target, inp, alpha: 2 * (target.exp() * (target - inp)).sum(-1))
+    divergence_module.register_divergence(twice_kl)
+    try:
+        logits = random_logits(3, seed=8)
+        assert torch.allclose(mimicry_gradients(logits, divergence="twice_kl").losses,
+                              2 * mimicry_gradients(logits, divergence="kl").losses, rtol=1e-10)
+        with pytest.raises(ValueError, match="already registered"):
+            divergence_module.register_divergence(twice_kl)
+    finally:
+        divergence_module.DIVERGENCES.pop("twice_kl")
+
+
+@pytest.mark.parametrize(
+    "name,fragment",
+    [
+        ("wasserstein", "unknown divergence 'wasserstein' (registered: renyi, kl, js, mse_logits;"),
+        ("user_divergences:not_a_divergence", "is a function, not a rdml_dist.divergence.Divergence"),
+        ("user_divergences:missing", "module 'user_divergences' has no attribute 'missing'"),
+        ("no_such_module_here:hellinger", "cannot import module 'no_such_module_here'"),
+        ("user_divergences:", "must look like 'package.module:name'"),
+    ],
+)
+def test_a_name_that_is_not_a_divergence_is_refused_naming_the_field(user_module_dir, name: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        divergence_module.resolve_divergence(name, field="mimicry.divergence")
+    assert caught.value.field == "mimicry.divergence" and fragment in caught.value.problem, caught.value.problem
