@@ -95,11 +95,14 @@ def _cell(text: str) -> str:
 
 
 def _about(info: FieldInfo | None, model: type[BaseModel]) -> str:
-    """A section's intro: the field's description, else the first paragraph of the model's docstring."""
+    """A section's intro sentence: the field's description, else the first paragraph of the model's docstring."""
     if info is not None and info.description:
-        return _cell(info.description)
-    first_paragraph = (model.__doc__ or "").strip().split("\n\n")[0]
-    return _cell(first_paragraph.replace("``", "`"))
+        text = _cell(info.description)
+    else:
+        text = _cell((model.__doc__ or "").strip().split("\n\n")[0].replace("``", "`"))
+    if not text:
+        return ""
+    return text[0].upper() + text[1:] + ("" if text.endswith((".", ":")) else ".")
 
 
 def sections(model: type[BaseModel], path: str = "", info: FieldInfo | None = None) -> list[Section]:
