@@ -19,12 +19,20 @@ def train_cohort(
     ``run_dir`` (a path or URI) defaults to ``runtime.run_dir``. The Ray engine joins
     ``runtime.ray.address`` or starts a local Ray on loopback (Ray is imported only when this engine is used).
     """
-    return run_session(new_session(config, run_dir, overwrite), show_progress)
+    return _observed(new_session(config, run_dir, overwrite), show_progress)
 
 
 def resume_cohort(location: str, address: str | None = None, show_progress: bool = True) -> RunDirectory:
     """Continue a stopped, crashed or killed run from its latest complete cohort checkpoint."""
-    return run_session(resume_session(location, address), show_progress)
+    return _observed(resume_session(location, address), show_progress)
+
+
+def _observed(session: RunSession, show_progress: bool) -> RunDirectory:
+    """Run ``session`` with its TensorBoard events and final plots (imported here: the writer is not light)."""
+    from rdml_dist.engines.observers import standard_observers
+
+    with standard_observers(session) as observers:
+        return run_session(session, show_progress, observers)
 
 
 def run_session(session: RunSession, show_progress: bool = True, observers: Sequence[RunObserver] = ()) -> RunDirectory:
