@@ -1,4 +1,4 @@
-"""``rdml-dist``: validate a config, train a cohort, run an external student, or show a running cohort.
+"""``rdml-dist``: validate a config, train a cohort, run an external student, show a running cohort, or plot a run.
 
 Each command imports what it needs when it runs: ``rdml-dist status`` never loads torch's model and
 data code, and ``--help`` loads nothing beyond this module.
@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show a running cohort (members, step, losses, samples/s)")
     status.add_argument("--watch", action="store_true", help="keep following the cohort until it ends (Ctrl-C stops)")
     status.add_argument("--interval", type=float, default=2.0, help="seconds between updates with --watch (default 2)")
+    report = commands.add_parser("report", help="draw the PNG plots of a run (accuracy, losses, time per step)")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory (a path or a URI)")
+    report.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR/plots)")
     for command in (student, status):
         command.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the cohort service's address")
         command.add_argument("--token", help="the cohort's bearer token (default: the RDML_RPC_TOKEN variable)")
@@ -131,6 +134,21 @@ def _report(run: "RunDirectory") -> int:
     print(run.finish())
     where = run.storage.describe
     print(f"\nresults: {where('results.json')}  table: {where('results.txt')}  checkpoints: {where('checkpoints')}")
+    print(f"tensorboard: {where('tensorboard')}  plots: {where('plots')}")
+    return 0
+
+
+def _plots(args: argparse.Namespace) -> int:
+    from rdml_dist.plots import PLOTS_DIR, read_results, write_plots
+    from rdml_dist.storage import Storage
+
+    try:
+        run = Storage(args.run_dir, field="RUN_DIR")
+        out = Storage(args.out or run.describe(PLOTS_DIR), field="--out")
+        written = write_plots(read_results(run), out)
+    except ConfigError as error:
+        return _config_problems(error, "cannot report")
+    print("\n".join(written))
     return 0
 
 
@@ -177,7 +195,7 @@ def _student(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": _train, "validate": _validate, "student": _student, "status": _status,
+    "train": _train, "validate": _validate, "student": _student, "status": _status, "report": _plots,
 }
 
 
