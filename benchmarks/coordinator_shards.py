@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from rdml_dist.config import parse_config  # noqa: E402
 from rdml_dist.data import batch_plan, indices_hash  # noqa: E402
 from rdml_dist.engines.ray_actors import CoordinatorActor  # noqa: E402
-from rdml_dist.frames import LogitsFrame, StudentInfo  # noqa: E402
+from rdml_dist.messages import LogitsFrame, StudentInfo  # noqa: E402
 from rdml_dist.lane.client import ShardLanes  # noqa: E402
 from rdml_dist.shards import merge_records  # noqa: E402
 

@@ -35,7 +35,7 @@ from rdml_dist.divergence import mimicry_gradients  # noqa: E402
 from rdml_dist.engines.local import train_local  # noqa: E402
 from rdml_dist.engines.ray_actors import CoordinatorActor  # noqa: E402
 from rdml_dist.engines.ray_engine import train_ray  # noqa: E402
-from rdml_dist.frames import LogitsFrame, StudentInfo  # noqa: E402
+from rdml_dist.messages import LogitsFrame, StudentInfo  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -66,7 +66,7 @@ from rdml_dist.config import ExperimentConfig, RpcConfig, parse_config  # noqa: 
 from rdml_dist.data import batch_plan, indices_hash  # noqa: E402
 from rdml_dist.divergence import mimicry_gradients  # noqa: E402
 from rdml_dist.engines.ray_actors import CoordinatorActor  # noqa: E402
-from rdml_dist.frames import LogitsFrame, MimicryReply, StudentInfo  # noqa: E402
+from rdml_dist.messages import LogitsFrame, MimicryReply, StudentInfo  # noqa: E402
 from rdml_dist.lane.client import FrameLaneClient  # noqa: E402
 from rdml_dist.rpc.client import CohortClient, ExchangeStream  # noqa: E402
 

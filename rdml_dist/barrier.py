@@ -13,9 +13,10 @@ import threading
 import time
 
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.coordinator import EpochEvaluation, StepRecord
 from rdml_dist.errors import CohortStepFailed, FrameRejected
-from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
+from rdml_dist.messages import (
+    EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepTiming, StudentInfo,
+)
 from rdml_dist.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import CohortMetrics, LockedRegistry
 

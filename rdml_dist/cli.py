@@ -157,11 +157,11 @@ def _status(args: argparse.Namespace) -> int:
 
     from rdml_dist.config import RpcConfig
     from rdml_dist.rpc.auth import resolve_token
-    from rdml_dist.rpc.client import CohortClient, describe, status_code
+    from rdml_dist.rpc.channel import StatusClient, describe, status_code
     from rdml_dist.rpc.status import render_status
 
     rpc = RpcConfig()
-    client = CohortClient(args.coordinator, rpc, resolve_token(rpc, args.token), args.ca_file)
+    client = StatusClient(args.coordinator, rpc, resolve_token(rpc, args.token), args.ca_file)
     try:
         updates = client.watch(args.interval) if args.watch else iter([client.status(timeout_s=10)])
         for status in updates:

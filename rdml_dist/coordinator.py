@@ -8,7 +8,6 @@ cohort state: the step, the members and which are live, per-student losses and t
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -17,48 +16,12 @@ from rdml_dist.data.batch_plan import batch_plan, indices_hash
 from rdml_dist.devices import resolve_device
 from rdml_dist.divergence import mimicry_gradients
 from rdml_dist.errors import FrameRejected
-from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
+from rdml_dist.messages import (
+    BATCH_MISMATCH, DATA_MISMATCH, DUPLICATE, NON_FINITE, NOT_LIVE, UNKNOWN_STUDENT, WRONG_SHAPE, WRONG_STEP,
+    EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepTiming, StudentInfo,
+)
 from rdml_dist.schedules import alpha_at, mimicry_weight_at
 from rdml_dist.shards import shard_rows
-
-NON_FINITE = "non_finite"  # the rejection reason that sends a student back to its last checkpoint
-BAD_TENSOR = "bad_tensor"  # a frame whose tensor a transport could not decode
-REJECTION_REASONS = (
-    "unknown_student", "not_live", "wrong_step", "duplicate", "batch_mismatch", "wrong_shape", NON_FINITE, "data_mismatch",
-    BAD_TENSOR,
-)
-
-
-@dataclass
-class StepRecord:
-    """One student's numbers for one step (a row of ``steps.csv``)."""
-
-    step: int
-    epoch: int
-    student: str
-    ce_loss: float
-    mimicry_loss: float
-    divergence: float
-    alpha: float
-    weight: float
-    correct: int
-    labelled: int
-    correct_clean: int
-    rows: int
-    wait_seconds: float
-    coordinator_seconds: float
-    compute_seconds: float = math.nan
-    round_trip_seconds: float = math.nan
-
-
-@dataclass
-class EpochEvaluation:
-    """Validation accuracy of each student and of the cohort ensemble (mean of probabilities)."""
-
-    epoch: int
-    accuracy: dict[str, float]
-    ensemble_accuracy: float
-    members: list[str] = field(default_factory=list)
 
 
 class CohortCoordinator:
@@ -99,14 +62,14 @@ class CohortCoordinator:
     def register(self, info: StudentInfo) -> None:
         """Admit a student; its data must agree with the students already registered."""
         if info.name not in self.members:
-            raise FrameRejected(f"unknown student {info.name!r} (members: {', '.join(self.members)})", "unknown_student")
+            raise FrameRejected(f"unknown student {info.name!r} (members: {', '.join(self.members)})", UNKNOWN_STUDENT)
         for other in self.info.values():
             for attribute in ("num_train", "num_val", "num_classes", "steps_per_epoch", "data_fingerprint"):
                 if other.name != info.name and getattr(info, attribute) != getattr(other, attribute):
                     raise FrameRejected(
                         f"student {info.name!r} has {attribute}={getattr(info, attribute)} but "
                         f"{other.name!r} has {getattr(other, attribute)}: students must load the same data",
-                        "data_mismatch",
+                        DATA_MISMATCH,
                     )
         self.info[info.name] = info
         self.live.add(info.name)
@@ -124,7 +87,7 @@ class CohortCoordinator:
     def revive(self, name: str) -> None:
         """A restarted student rejoins; it takes part from the next step it submits."""
         if name not in self.info:
-            raise FrameRejected(f"student {name!r} never registered", "unknown_student")
+            raise FrameRejected(f"student {name!r} never registered", UNKNOWN_STUDENT)
         self.live.add(name)
 
     def restore(self, step: int) -> None:
@@ -161,24 +124,24 @@ class CohortCoordinator:
 
     def _validate(self, frame: LogitsFrame) -> None:
         if frame.student not in self.members:
-            raise FrameRejected(f"unknown student {frame.student!r}", "unknown_student")
+            raise FrameRejected(f"unknown student {frame.student!r}", UNKNOWN_STUDENT)
         if frame.student not in self.live:
-            raise FrameRejected(f"student {frame.student!r} is not a live member (register first)", "not_live")
+            raise FrameRejected(f"student {frame.student!r} is not a live member (register first)", NOT_LIVE)
         if frame.step != self.step:
-            raise FrameRejected(f"frame from {frame.student!r} is for step {frame.step}, cohort is at step {self.step}", "wrong_step")
+            raise FrameRejected(f"frame from {frame.student!r} is for step {frame.step}, cohort is at step {self.step}", WRONG_STEP)
         if frame.student in self._pending:
-            raise FrameRejected(f"duplicate frame from {frame.student!r} for step {frame.step}", "duplicate")
+            raise FrameRejected(f"duplicate frame from {frame.student!r} for step {frame.step}", DUPLICATE)
         expected, batch_rows = self.expected_batch(frame.step)
         rows = self._rows_served(batch_rows)
         if frame.batch_hash != expected:
             raise FrameRejected(
                 f"frame from {frame.student!r} at step {frame.step} has batch hash {frame.batch_hash}, expected {expected}",
-                "batch_mismatch",
+                BATCH_MISMATCH,
             )
         logits = frame.logits
         num_classes = self.info[frame.student].num_classes
         if logits.dim() != 2 or tuple(logits.shape) != (rows, num_classes):
-            raise FrameRejected(f"logits from {frame.student!r} have shape {tuple(logits.shape)}, expected {rows}×{num_classes}", "wrong_shape")
+            raise FrameRejected(f"logits from {frame.student!r} have shape {tuple(logits.shape)}, expected {rows}×{num_classes}", WRONG_SHAPE)
         if not bool(torch.isfinite(logits).all()) or not math.isfinite(frame.ce_loss):
             raise FrameRejected(f"frame from {frame.student!r} at step {frame.step} holds NaN or infinite values", NON_FINITE)
 
@@ -267,7 +230,7 @@ class CohortCoordinator:
         if self._refreshing != frame.student or frame.step != self.step:
             raise FrameRejected(
                 f"refresh from {frame.student!r} for step {frame.step}; the cohort waits for {self._refreshing!r} at step {self.step}",
-                "wrong_step",
+                WRONG_STEP,
             )
         self._refreshing = None
         logits = frame.logits
@@ -400,7 +363,7 @@ class CohortCoordinator:
             "members": list(self.members),
             "live": [name for name in self.members if name in self.live],
             "waiting_for": self.waiting_for() if self.info else [],
-            "evaluations": {epoch: asdict(evaluation) for epoch, evaluation in self.evaluations.items()},
+            "last_scored_epoch": max(self.evaluations, default=None),  # the scores themselves travel on request only
         }
 
 

@@ -1,5 +1,7 @@
 """Exceptions with messages meant for the person running a cohort."""
 
+from rdml_dist.messages.reasons import INVALID
+
 
 class ConfigError(ValueError):
     """Invalid configuration values; the message is one ``field: problem`` line per problem.
@@ -29,11 +31,11 @@ class FrameRejected(ValueError):
     """A student's exchange frame is invalid (shape, step, batch hash, non-finite values, unknown sender).
 
     Rejection is per frame: the other students' frames for the same step are unaffected.
-    ``reason`` is a short fixed code (``non_finite``, ``wrong_step`` …) a transport can map to a
-    status code and a student can act on.
+    ``reason`` is a code of :mod:`rdml_dist.messages.reasons` (``non_finite``, ``wrong_step`` …) a
+    transport maps to its status code and a student can act on.
     """
 
-    def __init__(self, message: str, reason: str = "invalid") -> None:
+    def __init__(self, message: str, reason: str = INVALID) -> None:
         super().__init__(message)
         self.reason = reason
 

@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable
 
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.coordinator import CohortCoordinator, EpochEvaluation
+from rdml_dist.coordinator import CohortCoordinator
 from rdml_dist.errors import FrameRejected
-from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
+from rdml_dist.messages import EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
 from rdml_dist.metrics import CohortMetrics
 
 

@@ -21,9 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summ
 from prometheus_client.metrics_core import Metric
 
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.coordinator import REJECTION_REASONS, EpochEvaluation, StepRecord
 from rdml_dist.errors import ClusterError
-from rdml_dist.frames import StepTiming
+from rdml_dist.messages import REJECTION_REASONS, EpochEvaluation, StepRecord, StepTiming
 from rdml_dist.storage import atomic_write
 
 # Per-step times on CPUs and GPUs range from sub-millisecond exchanges to multi-second steps.

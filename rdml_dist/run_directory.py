@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.coordinator import EpochEvaluation, StepRecord
+from rdml_dist.messages import EpochEvaluation, StepRecord
 from rdml_dist.storage import Storage
 
 STEP_LOG = "steps.csv"

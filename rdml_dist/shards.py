@@ -11,14 +11,10 @@ part, so that all shards refuse it together.
 import math
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
 
-from rdml_dist.frames import LogitsFrame, MimicryReply
-
-if TYPE_CHECKING:  # the coordinator imports this module
-    from rdml_dist.coordinator import StepRecord
+from rdml_dist.messages import LogitsFrame, MimicryReply, StepRecord
 
 
 def shard_rows(rows: int, shards: int, index: int) -> slice:
@@ -50,7 +46,7 @@ def join_replies(replies: Sequence[MimicryReply]) -> MimicryReply:
     return replace(replies[0], grad=torch.cat([reply.grad for reply in replies]), mimicry_loss=loss)
 
 
-def merge_records(per_shard: Sequence[list["StepRecord"]]) -> list["StepRecord"]:
+def merge_records(per_shard: Sequence[list[StepRecord]]) -> list[StepRecord]:
     """Each (step, student)'s record over all shards: losses averaged and rows added, waits and computation
     times the longest (the shards compute side by side); the rest as the first shard, which holds the timings.
 

@@ -21,7 +21,7 @@ from rdml_dist.config import ExperimentConfig, OptimizerConfig, data_spec
 from rdml_dist.data import augment_seed, batch_plan, data_fingerprint, indices_hash, load_dataset
 from rdml_dist.data.split import Batch
 from rdml_dist.devices import resolve_device
-from rdml_dist.frames import EvalFrame, LogitsFrame, StepTiming, StudentInfo
+from rdml_dist.messages import EvalFrame, LogitsFrame, StepTiming, StudentInfo
 from rdml_dist.models import build_model
 
 

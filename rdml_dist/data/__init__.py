@@ -2,17 +2,16 @@
 
 Each student process loads its data itself; identical seeds give identical splits, label
 corruption, batch order and augmentation, and ``indices_hash`` lets the coordinator check that.
-The names load on first use: the batch plan and the spec do not load the data sets' libraries
+The other names load on first use: the batch plan and the spec do not load the data sets' libraries
 (torchvision, scikit-learn).
 """
 
 import importlib
 from typing import Any
 
+from rdml_dist.data.batch_plan import augment_seed, batch_plan, indices_hash  # light, and batch_plan names a module too
+
 _HOMES = {
-    "augment_seed": "rdml_dist.data.batch_plan",
-    "batch_plan": "rdml_dist.data.batch_plan",
-    "indices_hash": "rdml_dist.data.batch_plan",
     "check_data_spec": "rdml_dist.data.check",
     "data_fingerprint": "rdml_dist.data.fingerprint",
     "load_dataset": "rdml_dist.data.loader",

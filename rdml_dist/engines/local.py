@@ -14,10 +14,10 @@ import torch
 
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.coordinator import NON_FINITE, EpochEvaluation, StepRecord
 from rdml_dist.engines.loop import RunObserver, train_loop
 from rdml_dist.engines.session import RunSession, new_session
 from rdml_dist.errors import FrameRejected
+from rdml_dist.messages import NON_FINITE, EpochEvaluation, StepRecord
 from rdml_dist.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import CohortMetrics, LockedRegistry, metrics_address, serve
 from rdml_dist.run_directory import RunDirectory

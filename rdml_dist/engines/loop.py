@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.coordinator import EpochEvaluation, StepRecord
 from rdml_dist.engines.progress import describe_epoch
+from rdml_dist.messages import EpochEvaluation, StepRecord
 from rdml_dist.run_directory import RunDirectory
 
 

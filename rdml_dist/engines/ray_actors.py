@@ -20,16 +20,18 @@ import torch
 from rdml_dist.barrier import CohortBarrier
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.coordinator import NON_FINITE, EpochEvaluation, StepRecord
+from rdml_dist.devices import resolve_device
 from rdml_dist.errors import ConfigError, FrameRejected, StudentRestarted
-from rdml_dist.frames import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
 from rdml_dist.lane.client import ShardLanes
 from rdml_dist.lane.server import FrameLaneServer
+from rdml_dist.messages import (
+    NON_FINITE, EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepTiming, StudentInfo,
+)
 from rdml_dist.metrics import metrics_address, serve
 from rdml_dist.rpc.server import CohortServer, start_cohort_server
 from rdml_dist.shards import join_replies, split_frame
 from rdml_dist.storage import Storage
-from rdml_dist.student import Student, resolve_device
+from rdml_dist.student import Student
 
 CONTROL_GROUP = "control"
 STORAGE_MARKER = ".storage-marker"

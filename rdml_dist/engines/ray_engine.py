@@ -18,14 +18,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig, StudentConfig
-from rdml_dist.coordinator import EpochEvaluation, StepRecord
 from rdml_dist.engines.failure_policy import Decision, Failure, FailurePolicy
 from rdml_dist.engines.loop import CohortRollback, RunObserver, train_loop
 from rdml_dist.engines.ray_actors import STORAGE_MARKER, CoordinatorActor, StudentActor
 from rdml_dist.engines.ray_cluster import connect
 from rdml_dist.engines.session import RunSession, new_session
 from rdml_dist.errors import ClusterError, CohortStepFailed, ConfigError, CoordinatorUnreachable, StudentRestarted
-from rdml_dist.frames import StudentInfo
+from rdml_dist.messages import EpochEvaluation, StepRecord, StudentInfo
 from rdml_dist.metrics import write_file_sd
 from rdml_dist.rpc.auth import check_bind, resolve_token
 from rdml_dist.run_directory import RunDirectory

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from rdml_dist.errors import CohortStepFailed, CoordinatorUnreachable, FrameRejected
-from rdml_dist.frames import LogitsFrame, MimicryReply
+from rdml_dist.messages import HALTED, INVALID, TIMEOUT, UNAUTHENTICATED, LogitsFrame, MimicryReply
 from rdml_dist.lane.wire import LaneProtocolError, frame_header, receive_message, reply_from, send_message
 from rdml_dist.shards import join_replies, split_frame
 
@@ -58,15 +58,15 @@ class FrameLaneClient:
         if answer.get("ok"):
             return answer, payload
         message = str(answer.get("message", ""))
-        error = answer.get("error")
-        if error == "rejected":
-            raise FrameRejected(message, str(answer.get("reason", "invalid")))
-        if error == "halted":
+        reason = str(answer.get("reason", INVALID))
+        if reason == HALTED:
             raise CohortStepFailed(message)
-        if error == "timeout":
+        if reason == TIMEOUT:
             raise TimeoutError(message)
-        self.close()
-        raise CoordinatorUnreachable(f"the coordinator at {self.address} refused the frame lane: {message}")
+        if reason == UNAUTHENTICATED:
+            self.close()
+            raise CoordinatorUnreachable(f"the coordinator at {self.address} refused the frame lane: {message}")
+        raise FrameRejected(message, reason)
 
     def _guarded(self, operation: Callable[[], T]) -> T:
         """Run a socket operation; a timeout or a broken connection closes it (a late answer must not be read

@@ -3,8 +3,8 @@
 Each Ray student opens one connection, proves it got the run's secret through Ray (the first
 message), and then sends one frame at a time. A frame goes into the same
 :class:`~rdml_dist.barrier.CohortBarrier` as an actor call would take it; what the barrier
-raises (a refusal, a halted cohort, a timeout) goes back as an error message the client turns
-into the same exception.
+raises (a refusal, a halted cohort, a timeout) goes back as an error message with its reason code,
+which the client turns into the same exception.
 """
 
 import asyncio
@@ -13,10 +13,14 @@ import socket
 from typing import Any
 
 from rdml_dist.barrier import CohortBarrier
-from rdml_dist.coordinator import BAD_TENSOR
+from rdml_dist.messages import BAD_TENSOR, HALTED, TIMEOUT, UNAUTHENTICATED
 from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.lane.wire import LaneProtocolError, encode, frame_from, read_message, reply_header
 
+
+def _refusal(reason: str, message: str) -> dict[str, Any]:
+    """The header of an error answer: the refusal's reason code (rdml_dist.messages.reasons) and what happened."""
+    return {"ok": False, "reason": reason, "message": message}
 
 
 class FrameLaneServer:
@@ -45,7 +49,7 @@ class FrameLaneServer:
         try:
             hello, _ = await read_message(reader, 0)
             if not hmac.compare_digest(str(hello.get("secret", "")).encode(), self.secret.encode()):
-                await _send(writer, {"ok": False, "error": "unauthenticated", "message": "wrong or missing run secret"})
+                await _send(writer, _refusal(UNAUTHENTICATED, "wrong or missing run secret"))
                 return
             student = str(hello.get("student", ""))
             await _send(writer, {"ok": True})
@@ -65,18 +69,18 @@ class FrameLaneServer:
         except LaneProtocolError as error:
             step = header.get("step")
             self.barrier.refuse(student, step if isinstance(step, int) else -1, BAD_TENSOR)
-            return {"ok": False, "error": "rejected", "reason": BAD_TENSOR, "message": str(error)}, None
+            return _refusal(BAD_TENSOR, str(error)), None
         try:
             if header.get("kind") == "refresh":
                 self.barrier.refresh(frame)
                 return {"ok": True}, None
             reply = await self.barrier.exchange(frame)
         except FrameRejected as rejected:
-            return {"ok": False, "error": "rejected", "reason": rejected.reason, "message": str(rejected)}, None
+            return _refusal(rejected.reason, str(rejected)), None
         except CohortStepFailed as failed:
-            return {"ok": False, "error": "halted", "message": str(failed)}, None
+            return _refusal(HALTED, str(failed)), None
         except asyncio.TimeoutError:
-            return {"ok": False, "error": "timeout", "message": f"step {frame.step} did not complete within the exchange timeout"}, None
+            return _refusal(TIMEOUT, f"step {frame.step} did not complete within the exchange timeout"), None
         return reply_header(reply), reply.grad
 
     async def stop(self) -> None:

@@ -12,15 +12,12 @@ from typing import Any
 
 import torch
 
-from rdml_dist.frames import LogitsFrame, MimicryReply, StepTiming
+from rdml_dist.messages import WIRE_DTYPES, LogitsFrame, MimicryReply, from_fields, scalar_fields, torch_dtype, wire_dtype
 from rdml_dist.rpc.tensors import WireFormatError, little_endian_bytes, tensor_from_bytes
 
 PREFIX_BYTES = 12
 MAX_HEADER_BYTES = 1 << 16
-LANE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in LANE_DTYPES.items()}
+LANE_DTYPES = [name for name, dtype in WIRE_DTYPES.items() if dtype.floating]  # logits and gradients only
 
 
 class LaneProtocolError(ValueError):
@@ -31,7 +28,10 @@ def encode(header: dict[str, Any], tensor: torch.Tensor | None = None) -> list[b
     """The parts of one message, the tensor's bytes without a copy when it is already contiguous on the CPU."""
     payload: bytes | memoryview = b""
     if tensor is not None:
-        header = {**header, "dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
+        dtype = wire_dtype(tensor.dtype)
+        if dtype is None or not dtype.floating:
+            raise LaneProtocolError(f"a {tensor.dtype} tensor cannot travel on the frame lane (allowed: {', '.join(LANE_DTYPES)})")
+        header = {**header, "dtype": dtype.name, "shape": list(tensor.shape)}
         payload = memoryview(little_endian_bytes(tensor).numpy()) if tensor.numel() else b""
     text = json.dumps(header, separators=(",", ":")).encode()
     return [_prefix(len(text), len(payload)) + text, payload]
@@ -92,48 +92,38 @@ def send_message(connection: socket.socket, header: dict[str, Any], tensor: torc
 
 def decode_tensor(header: dict[str, Any], payload: bytes | bytearray, what: str) -> torch.Tensor:
     """The tensor a message carries, checked against its header (``LaneProtocolError`` names the problem)."""
-    dtype = LANE_DTYPES.get(str(header.get("dtype")))
+    name = str(header.get("dtype"))
     shape = header.get("shape")
-    if dtype is None:
+    if name not in LANE_DTYPES:
         raise LaneProtocolError(f"{what}: dtype {header.get('dtype')!r} is not one of {', '.join(LANE_DTYPES)}")
     if not isinstance(shape, list) or not all(isinstance(size, int) and size >= 0 for size in shape):
         raise LaneProtocolError(f"{what}: shape {shape!r} is not a list of sizes")
     try:
-        return tensor_from_bytes(payload, dtype, shape, what)
+        return tensor_from_bytes(payload, torch_dtype(WIRE_DTYPES[name]), shape, what)
     except WireFormatError as error:
         raise LaneProtocolError(str(error)) from None
 
 
 def frame_header(kind: str, frame: LogitsFrame) -> dict[str, Any]:
-    """The header of an ``exchange`` or ``refresh`` request; the logits are its payload."""
-    previous = frame.previous
-    return {
-        "kind": kind, "step": frame.step, "batch_hash": frame.batch_hash, "ce_loss": frame.ce_loss,
-        "correct": frame.correct, "labelled": frame.labelled, "correct_clean": frame.correct_clean,
-        "previous": None if previous is None else [previous.step, previous.compute_seconds, previous.round_trip_seconds],
-    }
+    """The header of an ``exchange`` or ``refresh`` request: the frame's fields by name; the logits are its payload."""
+    return {"kind": kind, **scalar_fields(frame, leave_out=("student",))}
 
 
 def frame_from(student: str, header: dict[str, Any], payload: bytes | bytearray) -> LogitsFrame:
     """The frame a request carries for ``student`` (the one the connection authenticated as)."""
     try:
-        previous = header["previous"]
-        return LogitsFrame(
-            student, int(header["step"]), str(header["batch_hash"]), decode_tensor(header, payload, f"logits from {student!r}"),
-            float(header["ce_loss"]), int(header["correct"]), int(header["labelled"]), int(header["correct_clean"]),
-            None if previous is None else StepTiming(int(previous[0]), float(previous[1]), float(previous[2])),
-        )
-    except (KeyError, TypeError, ValueError, IndexError) as error:
+        logits = decode_tensor(header, payload, f"logits from {student!r}")
+        return from_fields(LogitsFrame, header, student=student, logits=logits)
+    except (KeyError, TypeError, ValueError) as error:
         if isinstance(error, LaneProtocolError):
             raise
         raise LaneProtocolError(f"a frame from {student!r} lacks or garbles a field ({type(error).__name__}: {error})") from None
 
 
 def reply_header(reply: MimicryReply) -> dict[str, Any]:
-    return {"ok": True, "step": reply.step, "mimicry_loss": reply.mimicry_loss, "alpha": reply.alpha,
-            "weight": reply.weight, "live_students": reply.live_students, "refresh": reply.refresh}
+    """The header of a successful answer: the reply's fields by name; the gradient is its payload."""
+    return {"ok": True, **scalar_fields(reply)}
 
 
 def reply_from(header: dict[str, Any], payload: bytes | bytearray) -> MimicryReply:
-    return MimicryReply(int(header["step"]), decode_tensor(header, payload, "gradient"), float(header["mimicry_loss"]),
-                        float(header["alpha"]), float(header["weight"]), int(header["live_students"]), bool(header["refresh"]))
+    return from_fields(MimicryReply, header, grad=decode_tensor(header, payload, "gradient"))

@@ -17,6 +17,7 @@ from rdml_dist.config import RpcConfig
 from rdml_dist.errors import ClusterError
 from rdml_dist.metrics import reachable_address
 from rdml_dist.rpc.auth import BearerTokenInterceptor, check_bind
+from rdml_dist.rpc.channel import message_options
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2, cohort_pb2_grpc
 from rdml_dist.rpc.service import CohortServicer
 from rdml_dist.rpc.status import cohort_phase
@@ -26,12 +27,6 @@ HEALTH_REFRESH_S = 0.2
 
 
 KEEPALIVE_MS = 20_000  # ping an idle connection: a student whose machine vanished is noticed, not waited for
-
-
-def message_options(rpc: RpcConfig) -> list[tuple[str, int]]:
-    """Send and receive limits sized for large logits (1024 x 21,841 float32 is 85 MiB)."""
-    limit = rpc.max_message_mb * 1024 * 1024
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
 def server_options(rpc: RpcConfig) -> list[tuple[str, int]]:

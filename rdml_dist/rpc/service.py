@@ -14,37 +14,31 @@ from collections.abc import AsyncIterator
 import grpc
 
 from rdml_dist.barrier import CohortBarrier
-from rdml_dist.coordinator import BAD_TENSOR, NON_FINITE
+from rdml_dist.messages import (
+    BAD_TENSOR, DUPLICATE, HALTED, INVALID, NOT_EXTERNAL, NOT_LIVE, REASON_KEY, REASONS, TIMEOUT, UNKNOWN_STUDENT,
+    EvalFrame, LogitsFrame, StepTiming, StudentInfo,
+)
 from rdml_dist.errors import CohortStepFailed, FrameRejected
-from rdml_dist.frames import EvalFrame, LogitsFrame, StepTiming, StudentInfo
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2, cohort_pb2_grpc
 from rdml_dist.rpc.status import cohort_status
 from rdml_dist.rpc.tensors import WireFormatError, decode_tensor, encode_tensor
 
-REASON_KEY = "rdml-reason"
-STATUS_CODES = {
-    "unknown_student": grpc.StatusCode.NOT_FOUND,
-    "not_live": grpc.StatusCode.FAILED_PRECONDITION,
-    "wrong_step": grpc.StatusCode.FAILED_PRECONDITION,
-    "duplicate": grpc.StatusCode.ALREADY_EXISTS,
-    "batch_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
-    "data_mismatch": grpc.StatusCode.FAILED_PRECONDITION,
-    "wrong_shape": grpc.StatusCode.INVALID_ARGUMENT,
-    NON_FINITE: grpc.StatusCode.INVALID_ARGUMENT,
-    BAD_TENSOR: grpc.StatusCode.INVALID_ARGUMENT,
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
-}
 MIN_WATCH_INTERVAL_S = 0.1
 
 
-async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason: str, message: str) -> None:
+async def _refuse(context: grpc.aio.ServicerContext, reason: str, message: str, code: grpc.StatusCode | None = None) -> None:
+    """Abort the call with the status of ``reason`` (or ``code``), the reason code in the trailing metadata."""
     context.set_trailing_metadata(((REASON_KEY, reason),))
-    await context.abort(code, message)
+    await context.abort(code or _status_of(reason), message)
 
 
-async def _refuse_rejected(context: grpc.aio.ServicerContext, rejected: FrameRejected, default: grpc.StatusCode) -> None:
-    """The core's refusal with the status code of its reason (``default`` for reasons without one)."""
-    await _refuse(context, STATUS_CODES.get(rejected.reason, default), rejected.reason, str(rejected))
+def _status_of(reason: str) -> grpc.StatusCode:
+    return grpc.StatusCode[REASONS[reason].grpc_status] if reason in REASONS else grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def _refuse_rejected(context: grpc.aio.ServicerContext, rejected: FrameRejected) -> None:
+    """The core's refusal with the status code of its reason."""
+    await _refuse(context, rejected.reason, str(rejected))
 
 
 def _timing(message: cohort_pb2.StepTiming, present: bool) -> StepTiming | None:
@@ -61,13 +55,13 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
 
     async def _check_member(self, context: grpc.aio.ServicerContext, student: str) -> None:
         if student not in self.barrier.core.members:
-            await _refuse(context, grpc.StatusCode.NOT_FOUND, "unknown_student",
+            await _refuse(context, UNKNOWN_STUDENT,
                           f"unknown student {student!r} (members: {', '.join(self.barrier.core.members)})")
 
     async def _check_session(self, context: grpc.aio.ServicerContext, student: str, session: str) -> None:
         await self._check_member(context, student)
         if self.sessions.get(student) != session:
-            await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "not_live",
+            await _refuse(context, NOT_LIVE,
                           f"{student!r} has not joined with session {session!r}: call Join first")
 
     async def Join(self, request: cohort_pb2.JoinRequest, context: grpc.aio.ServicerContext) -> cohort_pb2.JoinResponse:
@@ -75,26 +69,27 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
         core = self.barrier.core
         await self._check_member(context, name)
         if name not in self.external:
-            await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "not_external",
+            await _refuse(context, NOT_EXTERNAL,
                           f"student {name!r} runs as a Ray actor; only students marked external: true join over gRPC")
         if self.barrier.halted is not None:
-            await _refuse(context, grpc.StatusCode.UNAVAILABLE, "halted", f"the cohort is rolling back; join again shortly ({self.barrier.halted})")
+            await _refuse(context, HALTED, f"the cohort is rolling back; join again shortly ({self.barrier.halted})",
+                          grpc.StatusCode.UNAVAILABLE)
         sizes = {"num_train": request.num_train, "num_val": request.num_val, "num_classes": request.num_classes,
                  "steps_per_epoch": request.steps_per_epoch}
         if any(value <= 0 for value in sizes.values()):
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid",
+            await _refuse(context, INVALID,
                           f"registration of {name!r} needs positive sizes, got {sizes}")
         with self.barrier.lock:
             live = name in core.live
         if live and request.session_id != self.sessions.get(name):
-            await _refuse(context, grpc.StatusCode.ALREADY_EXISTS, "duplicate",
+            await _refuse(context, DUPLICATE,
                           f"student {name!r} has already joined this cohort; a second process cannot take its place")
         info = StudentInfo(name, request.num_train, request.num_val, request.num_classes, request.steps_per_epoch,
                            request.data_fingerprint)
         try:
             self.barrier.register(info)
         except FrameRejected as rejected:
-            await _refuse_rejected(context, rejected, grpc.StatusCode.FAILED_PRECONDITION)
+            await _refuse_rejected(context, rejected)
         session = request.session_id if live else uuid.uuid4().hex
         self.sessions[name] = session
         with self.barrier.lock:
@@ -118,7 +113,7 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
                     logits = decode_tensor(request.logits, f"logits from {student!r}")
                 except WireFormatError as error:
                     self.barrier.refuse(student, request.step, BAD_TENSOR)
-                    await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, BAD_TENSOR, str(error))
+                    await _refuse(context, BAD_TENSOR, str(error))
                 frame = LogitsFrame(
                     student, request.step, request.batch_hash, logits.float(), request.ce_loss, request.correct,
                     request.labelled, request.correct_clean, _timing(request.previous, request.HasField("previous")),
@@ -126,11 +121,11 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
                 try:
                     reply = await self.barrier.exchange(frame)
                 except FrameRejected as rejected:
-                    await _refuse_rejected(context, rejected, grpc.StatusCode.INVALID_ARGUMENT)
+                    await _refuse_rejected(context, rejected)
                 except CohortStepFailed as failed:
-                    await _refuse(context, grpc.StatusCode.ABORTED, "halted", str(failed))
+                    await _refuse(context, HALTED, str(failed))
                 except asyncio.TimeoutError:
-                    await _refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED, "timeout",
+                    await _refuse(context, TIMEOUT,
                                   f"step {request.step} did not complete within the exchange timeout")
                 yield cohort_pb2.ExchangeResponse(
                     step=reply.step, grad=encode_tensor(reply.grad.to(logits.dtype)), mimicry_loss=reply.mimicry_loss,
@@ -153,10 +148,10 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
             )
             evaluation = self.barrier.submit_eval(frame)
         except WireFormatError as error:
-            await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, BAD_TENSOR, str(error))
+            await _refuse(context, BAD_TENSOR, str(error))
         except FrameRejected as rejected:
             code = grpc.StatusCode.FAILED_PRECONDITION if request.student not in self.barrier.core.live else grpc.StatusCode.INVALID_ARGUMENT
-            await _refuse(context, code, rejected.reason, str(rejected))
+            await _refuse(context, rejected.reason, str(rejected), code)
         return cohort_pb2.SubmitEvaluationResponse(scored=evaluation is not None)
 
     async def Leave(self, request: cohort_pb2.LeaveRequest, context: grpc.aio.ServicerContext) -> cohort_pb2.LeaveResponse:

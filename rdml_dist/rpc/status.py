@@ -1,12 +1,15 @@
 """The cohort's live status: built from the barrier for ``GetStatus``/``WatchStatus``, rendered for ``rdml-dist status``."""
 
 import math
+from typing import TYPE_CHECKING
 
-from rdml_dist.barrier import CohortBarrier
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2
 
+if TYPE_CHECKING:  # the server side passes the barrier; rendering (rdml-dist status) needs neither it nor torch
+    from rdml_dist.barrier import CohortBarrier
 
-def cohort_phase(barrier: CohortBarrier) -> int:
+
+def cohort_phase(barrier: "CohortBarrier") -> int:
     """HALTED while rolling back (or restarted and not yet restored), FORMING until every member has registered, else TRAINING."""
     if barrier.halted is not None:
         return cohort_pb2.COHORT_PHASE_HALTED
@@ -15,7 +18,7 @@ def cohort_phase(barrier: CohortBarrier) -> int:
     return cohort_pb2.COHORT_PHASE_TRAINING
 
 
-def cohort_status(barrier: CohortBarrier) -> cohort_pb2.CohortStatus:
+def cohort_status(barrier: "CohortBarrier") -> cohort_pb2.CohortStatus:
     """A snapshot of the cohort, taken under the barrier's lock."""
     phase = cohort_phase(barrier)
     config = barrier.config

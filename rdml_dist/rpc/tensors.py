@@ -10,17 +10,14 @@ import sys
 
 import torch
 
+from rdml_dist.messages import WIRE_DTYPES, torch_dtype
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2
 
-WIRE_DTYPES: dict[int, torch.dtype] = {
-    cohort_pb2.TENSOR_DTYPE_FLOAT32: torch.float32,
-    cohort_pb2.TENSOR_DTYPE_FLOAT16: torch.float16,
-    cohort_pb2.TENSOR_DTYPE_BFLOAT16: torch.bfloat16,
-    cohort_pb2.TENSOR_DTYPE_FLOAT64: torch.float64,
-    cohort_pb2.TENSOR_DTYPE_INT64: torch.int64,
+PROTO_DTYPES: dict[int, torch.dtype] = {  # rdml.v1.TensorDtype codes of the message vocabulary's wire dtypes
+    cohort_pb2.TensorDtype.Value(dtype.proto): torch_dtype(dtype) for dtype in WIRE_DTYPES.values()
 }
-DTYPE_CODES = {dtype: code for code, dtype in WIRE_DTYPES.items()}
-FLOATING_CODES = frozenset(code for code, dtype in WIRE_DTYPES.items() if dtype.is_floating_point)
+DTYPE_CODES = {dtype: code for code, dtype in PROTO_DTYPES.items()}
+FLOATING_CODES = frozenset(code for code, dtype in PROTO_DTYPES.items() if dtype.is_floating_point)
 LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 
 
@@ -38,11 +35,11 @@ def encode_tensor(tensor: torch.Tensor) -> cohort_pb2.Tensor:
 
 def decode_tensor(message: cohort_pb2.Tensor, what: str, floating: bool = True) -> torch.Tensor:
     """The tensor ``message`` holds; ``what`` names it in errors; ``floating`` refuses integer dtypes."""
-    if message.dtype not in WIRE_DTYPES:
+    if message.dtype not in PROTO_DTYPES:
         raise WireFormatError(f"{what}: dtype {_dtype_name(message.dtype)} is not allowed (allowed: {_allowed()})")
     if floating and message.dtype not in FLOATING_CODES:
         raise WireFormatError(f"{what}: dtype {cohort_pb2.TensorDtype.Name(message.dtype)} is not a floating-point type")
-    return tensor_from_bytes(message.data, WIRE_DTYPES[message.dtype], list(message.shape), what)
+    return tensor_from_bytes(message.data, PROTO_DTYPES[message.dtype], list(message.shape), what)
 
 
 def little_endian_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -78,4 +75,4 @@ def _dtype_name(code: int) -> str:
 
 
 def _allowed() -> str:
-    return ", ".join(cohort_pb2.TensorDtype.Name(code) for code in WIRE_DTYPES)
+    return ", ".join(cohort_pb2.TensorDtype.Name(code) for code in PROTO_DTYPES)

@@ -27,9 +27,10 @@ from rdml_dist.config import ExperimentConfig, parse_config
 from rdml_dist.data import batch_plan, indices_hash
 from rdml_dist.divergence import mimicry_gradients
 from rdml_dist.errors import ConfigError
-from rdml_dist.frames import LogitsFrame, StudentInfo
+from rdml_dist.messages import LogitsFrame, StudentInfo
 from rdml_dist.rpc.auth import bearer_metadata
-from rdml_dist.rpc.client import CohortClient, ExchangeStream, rejection_reason
+from rdml_dist.rpc.channel import rejection_reason
+from rdml_dist.rpc.client import CohortClient, ExchangeStream
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2, cohort_pb2_grpc
 from rdml_dist.rpc.server import CohortServer, start_cohort_server
 from rdml_dist.rpc.tensors import encode_tensor

@@ -14,7 +14,7 @@ from rdml_dist.data import batch_plan, indices_hash
 from rdml_dist.divergence import mimicry_gradients
 from rdml_dist.engines.ray_actors import CONTROL_GROUP, Coordinator, CoordinatorActor
 from rdml_dist.errors import CohortStepFailed, FrameRejected
-from rdml_dist.frames import LogitsFrame, MimicryReply, StudentInfo
+from rdml_dist.messages import LogitsFrame, MimicryReply, StudentInfo
 from tests.integration.conftest import make_config
 
 NUM_TRAIN, BATCH, CLASSES, SEED = 20, 8, 4, 7

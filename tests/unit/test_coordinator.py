@@ -8,7 +8,7 @@ from rdml_dist.coordinator import CohortCoordinator, score_epoch
 from rdml_dist.data import batch_plan, indices_hash
 from rdml_dist.divergence import mimicry_gradients
 from rdml_dist.errors import FrameRejected
-from rdml_dist.frames import EvalFrame, LogitsFrame, StepTiming, StudentInfo
+from rdml_dist.messages import EvalFrame, LogitsFrame, StepTiming, StudentInfo
 
 NUM_TRAIN, BATCH, CLASSES = 20, 8, 4
 

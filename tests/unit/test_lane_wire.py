@@ -7,7 +7,7 @@ import socket
 import pytest
 import torch
 
-from rdml_dist.frames import LogitsFrame, MimicryReply, StepTiming
+from rdml_dist.messages import LogitsFrame, MimicryReply, StepTiming
 from rdml_dist.lane.wire import (
     LaneProtocolError, decode_tensor, encode, frame_from, frame_header, receive_message, reply_from, reply_header, send_message,
 )

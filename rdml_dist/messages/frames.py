@@ -1,8 +1,20 @@
-"""The messages students and the coordinator exchange, independent of the transport that carries them."""
+"""The messages students and the coordinator exchange, independent of the transport that carries them.
 
-from dataclasses import dataclass
+A transport that writes a message as named fields (the frame lane's JSON header) takes them from
+:func:`scalar_fields` and builds the message back with :func:`from_fields`, so the field names are
+defined here once.
+"""
 
-from torch import Tensor
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, fields, is_dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+M = TypeVar("M")
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 @dataclass
@@ -73,3 +85,35 @@ class EvalFrame:
     logits: Tensor
     labels: Tensor
     previous: StepTiming | None = None
+
+
+def scalar_fields(message: Any, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``message``'s fields by name, without its tensors and ``leave_out``; a nested message becomes a mapping."""
+    return {
+        item.name: asdict(value) if is_dataclass(value) else value
+        for item in fields(message)
+        if item.name not in leave_out and "Tensor" not in item.type
+        for value in [getattr(message, item.name)]
+    }
+
+
+def from_fields(kind: type[M], named: dict[str, Any], **given: Any) -> M:
+    """A ``kind`` message from the named fields of :func:`scalar_fields` plus ``given`` (its tensors, its sender).
+
+    Scalars are converted to their field's type; a missing field without a default raises ``KeyError``,
+    a value that does not convert ``ValueError`` or ``TypeError``.
+    """
+    values = dict(given)
+    for item in fields(kind):
+        if item.name in given:
+            continue
+        if item.name not in named:
+            if item.default is MISSING:
+                raise KeyError(item.name)
+            continue
+        value = named[item.name]
+        if item.type == "StepTiming | None":
+            values[item.name] = None if value is None else from_fields(StepTiming, value)
+        else:
+            values[item.name] = _SCALARS[item.type](value)
+    return kind(**values)
