@@ -1,26 +1,33 @@
 """The run directory: resolved config, per-step log, per-epoch results (JSON + table) and fault events.
 
 It lives in the run's :class:`~rdml_dist.storage.Storage` (local, shared or object store) and
-every file is replaced all at once, so a crash never leaves a truncated file behind. Checkpoints
-live beside these files and are managed by :mod:`rdml_dist.checkpoints`.
+every file is written all at once, so a crash never leaves a truncated file behind. What a
+checkpoint writes is proportional to its chunk, never to the run: the chunk's step rows become
+one new part of the step log (:mod:`rdml_dist.step_log`), ``results.json`` is rewritten only when
+an epoch or a fault was added, and the manifest holds the position and the open epoch's sums.
+Checkpoints live beside these files and are managed by :mod:`rdml_dist.checkpoints`.
 """
 
-import csv
-import io
 import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import asdict, fields
 from typing import Any
 
 import yaml
 
+from rdml_dist import step_log
+from rdml_dist.checkpoints import CHECKPOINTS
 from rdml_dist.config import ExperimentConfig
+from rdml_dist.epoch_totals import EpochTotals
+from rdml_dist.errors import ConfigError
 from rdml_dist.messages import EpochEvaluation, StepRecord
+from rdml_dist.step_log import WHOLE_LOG as STEP_LOG
+from rdml_dist.step_log import read_step_log
 from rdml_dist.storage import Storage
 
-STEP_LOG = "steps.csv"
+__all__ = ["STEP_LOG", "RunDirectory", "format_table", "read_step_log"]
+
 RESULTS_JSON = "results.json"
 RESULTS_TABLE = "results.txt"
 CONFIG_FILE = "config.yaml"
@@ -30,37 +37,6 @@ PLACEMENTS_JSON = "placements.json"
 def _mean(values: Iterable[float]) -> float:
     finite = [value for value in values if not math.isnan(value)]
     return sum(finite) / len(finite) if finite else math.nan
-
-
-def summarize_training(records: list[StepRecord]) -> dict[str, dict[str, float]]:
-    """Per-student means over an epoch's steps: losses, train accuracy and the timing breakdown.
-
-    ``exchange_overhead_seconds`` is the round trip minus the wait for the slowest peer and the
-    coordinator's computation: what the transport itself costs per step.
-    """
-    by_student: dict[str, list[StepRecord]] = defaultdict(list)
-    for record in records:
-        by_student[record.student].append(record)
-    summary = {}
-    for student, rows in by_student.items():
-        labelled = sum(row.labelled for row in rows)
-        round_trip = _mean(row.round_trip_seconds for row in rows)
-        wait = _mean(row.wait_seconds for row in rows)
-        coordinator = _mean(row.coordinator_seconds for row in rows)
-        summary[student] = {
-            "train_ce": _mean(row.ce_loss for row in rows),
-            "train_mimicry": _mean(row.mimicry_loss for row in rows),
-            "train_divergence": _mean(row.divergence for row in rows),
-            "train_accuracy": sum(row.correct for row in rows) / labelled if labelled else math.nan,
-            "train_accuracy_clean": sum(row.correct_clean for row in rows) / sum(row.rows for row in rows),
-            "compute_seconds": _mean(row.compute_seconds for row in rows),
-            "round_trip_seconds": round_trip,
-            "wait_seconds": wait,
-            "coordinator_seconds": coordinator,
-            "exchange_overhead_seconds": max(round_trip - wait - coordinator, 0.0) if not math.isnan(round_trip) else math.nan,
-            "steps": len(rows),
-        }
-    return summary
 
 
 def _json_safe(value: Any) -> Any:
@@ -77,8 +53,9 @@ def _json_safe(value: Any) -> Any:
 class RunDirectory:
     """Owns one run's files in its storage; the epoch loop feeds it step records, evaluations and fault events.
 
-    Step rows are kept in memory and ``steps.csv`` is rewritten whole (atomically) at every
-    checkpoint, so the files always describe a prefix of the run that a checkpoint can continue.
+    Only the rows since the last checkpoint are held in memory (``rows``); each epoch's summary is
+    summed as its rows arrive. The files always describe a prefix of the run that a checkpoint can
+    continue, plus every fault event seen, those of chunks that were rolled back included.
     """
 
     def __init__(self, storage: Storage, config: ExperimentConfig, engine: str, resume_from: dict[str, Any] | None = None) -> None:
@@ -88,13 +65,47 @@ class RunDirectory:
         self.rows: list[StepRecord] = []
         self.epochs: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
+        self._epoch_texts: list[str] = []  # each epoch's entry as JSON, encoded once
+        self._open_epochs: dict[int, EpochTotals] = {}
+        self._results_stale = False
         if resume_from is not None:
-            self.rows = [row for row in read_step_log(storage) if row.step < resume_from["step"]]
-            self.epochs = list(resume_from["epochs"])
-            self.events = list(resume_from["events"])
+            epochs, self.events = self._saved_results(resume_from)
+            self._set_epochs(epochs)
+            self._restore_position(resume_from)
+
+    def _saved_results(self, manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The epochs up to the checkpoint and every fault event, from ``results.json`` (or an older manifest)."""
+        if "epochs" in manifest:  # a manifest written before results.json held them
+            return list(manifest["epochs"]), list(manifest["events"])
+        if not self.storage.exists(RESULTS_JSON):
+            raise ConfigError("--resume", f"{self.storage.describe(RESULTS_JSON)} is missing: the run's results cannot be restored")
+        results = json.loads(self.storage.read_bytes(RESULTS_JSON))
+        if len(results["epochs"]) < manifest["epochs_done"]:
+            raise ConfigError("--resume", f"{self.storage.describe(RESULTS_JSON)} holds {len(results['epochs'])} epochs, "
+                                          f"fewer than the {manifest['epochs_done']} of the checkpoint at step {manifest['step']}")
+        return results["epochs"][:manifest["epochs_done"]], results["faults"]["events"]
+
+    def _set_epochs(self, epochs: list[dict[str, Any]]) -> None:
+        self.epochs = list(epochs)
+        self._epoch_texts = [json.dumps(_json_safe(entry)) for entry in self.epochs]
+
+    def _restore_position(self, manifest: dict[str, Any]) -> None:
+        """Step log, open epochs and pending rows as they were at the checkpoint ``manifest``."""
+        step = manifest["step"]
+        self.rows = [row for row in self.rows if row.step < step]
+        self._open_epochs = {int(epoch): EpochTotals.from_json(saved) for epoch, saved in manifest.get("open_epochs", {}).items()}
+        step_log.truncate(self.storage, step)
 
     def write_config(self) -> None:
-        """Save the validated config (defaults filled in): what ``--resume`` continues with."""
+        """Begin a fresh run's files: remove what an earlier run left here, then save the validated config.
+
+        The loop calls this once the cohort is up, so ``--overwrite`` deletes the replaced run's
+        checkpoints and logs only when the new run has really started. The saved config (defaults
+        filled in) is what ``--resume`` continues with.
+        """
+        for leftover in (CHECKPOINTS, RESULTS_JSON, RESULTS_TABLE):
+            self.storage.delete(leftover)
+        step_log.clear(self.storage)
         config_text = yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False).encode()
         self.storage.write_bytes(CONFIG_FILE, config_text)
 
@@ -103,26 +114,32 @@ class RunDirectory:
         return self.storage.describe()
 
     def add_records(self, records: list[StepRecord]) -> None:
+        """Hold the chunk's rows until its checkpoint and add them to their epoch's sums."""
         self.rows.extend(records)
+        for record in records:
+            self._open_epochs.setdefault(record.epoch, EpochTotals()).add(record)
 
     def add_events(self, events: list[dict[str, Any]]) -> None:
-        """Fault events (failures, rollbacks, non-finite losses): kept in ``results.json`` and in every manifest."""
-        self.events.extend(events)
+        """Fault events (failures, rollbacks, non-finite losses): written to ``results.json`` at once, kept for good."""
+        if events:
+            self.events.extend(events)
+            self.write_results()
 
     def rollback(self, manifest: dict[str, Any]) -> None:
         """Forget the steps and epochs after a checkpoint the cohort went back to (fault events stay)."""
-        self.rows = [row for row in self.rows if row.step < manifest["step"]]
-        self.epochs = list(manifest["epochs"])
+        self._set_epochs(self.epochs[:manifest["epochs_done"]])
+        self._restore_position(manifest)
+        self._results_stale = True
 
     def record_epoch(self, epoch: int, evaluation: EpochEvaluation, seconds: float) -> dict[str, Any]:
         """Summarise the epoch's steps with its scores and rewrite ``results.json``; returns the epoch entry."""
-        records = [row for row in self.rows if row.epoch == epoch]
-        training = summarize_training(records)
+        totals = self._open_epochs.pop(epoch, EpochTotals())
+        training = totals.summary()
         entry = {
             "epoch": epoch,
             "seconds": seconds,
-            "alpha": records[-1].alpha if records else math.nan,
-            "mimicry_weight": records[-1].weight if records else math.nan,
+            "alpha": totals.alpha,
+            "mimicry_weight": totals.weight,
             "ensemble_val_accuracy": evaluation.ensemble_accuracy,
             "students": {
                 name: {**training.get(name, {}), "val_accuracy": evaluation.accuracy.get(name, math.nan)}
@@ -130,30 +147,33 @@ class RunDirectory:
             },
         }
         self.epochs.append(entry)
+        self._epoch_texts.append(json.dumps(_json_safe(entry)))
         self.write_results()
         return entry
 
     def manifest(self, step: int, live: list[str]) -> dict[str, Any]:
-        """The cohort part of a checkpoint: position, members, and the results written so far."""
-        return _json_safe({
+        """The cohort part of a checkpoint: position, members and the open epoch's sums (results are in ``results.json``)."""
+        return {
             "step": step,
             "epochs_done": len(self.epochs),
             "members": self.config.student_names(),
             "live": live,
             "engine": self.engine,
-            "epochs": self.epochs,
-            "events": self.events,
-        })
+            "results": RESULTS_JSON,
+            "open_epochs": {str(epoch): totals.to_json() for epoch, totals in self._open_epochs.items()},
+        }
 
     def write_progress(self) -> None:
-        """Rewrite ``steps.csv`` and ``results.json`` from memory (before a checkpoint's manifest)."""
-        lines = io.StringIO()
-        writer = csv.writer(lines)
-        writer.writerow([column.name for column in fields(StepRecord)])
-        for row in self.rows:
-            writer.writerow(list(asdict(row).values()))
-        self.storage.write_bytes(STEP_LOG, lines.getvalue().encode())
-        self.write_results()
+        """Before a checkpoint's manifest: the chunk's rows as a new part of the step log, and the results if they changed.
+
+        Once the last epoch is in, the parts are also joined into ``steps.csv``, the whole log in one file.
+        """
+        step_log.write_part(self.storage, self.rows)
+        self.rows = []
+        if self._results_stale:
+            self.write_results()
+        if len(self.epochs) >= self.config.training.epochs:
+            step_log.write_whole_log(self.storage)
 
     def summary(self) -> dict[str, Any]:
         """Final, best and last-k-mean validation accuracy per student and for the ensemble (the papers' score)."""
@@ -183,15 +203,15 @@ class RunDirectory:
         return dict(counts)
 
     def write_results(self) -> None:
-        document = {
-            "name": self.config.name,
-            "engine": self.engine,
-            "students": self.config.student_names(),
-            "epochs": self.epochs,
-            "summary": self.summary(),
-            "faults": {"counts": self.fault_counts(), "events": self.events},
-        }
-        self.storage.write_bytes(RESULTS_JSON, json.dumps(_json_safe(document), indent=2).encode())
+        """Rewrite ``results.json``: one line per epoch (each encoded once, when it was scored), then summary and faults."""
+        head = {"name": self.config.name, "engine": self.engine, "students": self.config.student_names()}
+        tail = {"summary": self.summary(), "faults": {"counts": self.fault_counts(), "events": self.events}}
+        members = [f"{json.dumps(key)}: {json.dumps(_json_safe(value))}" for key, value in head.items()]
+        members.append('"epochs": [' + ",".join(f"\n    {text}" for text in self._epoch_texts) + "\n  ]")
+        members += [f"{json.dumps(key)}: {json.dumps(_json_safe(value))}" for key, value in tail.items()]
+        document = "{\n  " + ",\n  ".join(members) + "\n}\n"
+        self.storage.write_bytes(RESULTS_JSON, document.encode())
+        self._results_stale = False
 
     def write_placements(self, students: dict[str, dict[str, Any]], coordinator: dict[str, Any]) -> None:
         """Record where each student and the coordinator run (node, GPU ids, device, pid) in ``placements.json``."""
@@ -203,15 +223,6 @@ class RunDirectory:
         table = format_table(self.summary(), self.config.training.last_epochs_reported)
         self.storage.write_bytes(RESULTS_TABLE, (table + "\n").encode())
         return table
-
-
-def read_step_log(storage: Storage) -> list[StepRecord]:
-    """The rows of a run's ``steps.csv`` as records (empty when the run wrote none yet)."""
-    if not storage.exists(STEP_LOG):
-        return []
-    columns = fields(StepRecord)
-    reader = csv.DictReader(io.StringIO(storage.read_bytes(STEP_LOG).decode()))
-    return [StepRecord(**{column.name: column.type(row[column.name]) for column in columns}) for row in reader]
 
 
 def format_table(summary: dict[str, dict[str, float]], last_k: int) -> str:
@@ -238,7 +249,7 @@ def format_table(summary: dict[str, dict[str, float]], last_k: int) -> str:
 
 
 def _percent(value: float) -> str:
-    return "-" if math.isnan(value) else f"{100 * value:.2f}%"
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
 
 
 def _milliseconds(value: float) -> str:

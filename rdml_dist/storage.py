@@ -8,7 +8,7 @@ temporary file is renamed over the target, on an object store a single put is at
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
@@ -91,6 +91,16 @@ class Storage:
         else:
             self.fs.pipe_file(self.path(relative), data)
 
+    def write_chunks(self, relative: str, chunks: Iterable[bytes]) -> None:
+        """Like :meth:`write_bytes` for data too large to hold at once: a local file is renamed into place when
+        complete, an object store's upload becomes visible only when it is closed."""
+        if self.is_local:
+            atomic_write(Path(self.path(relative)), lambda handle: handle.writelines(chunks))
+        else:
+            with self.fs.open(self.path(relative), "wb") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self.path(relative))
 
@@ -99,10 +109,17 @@ class Storage:
 
     def list_directories(self, relative: str) -> list[str]:
         """Names of the sub-directories of ``relative`` (empty if it does not exist)."""
+        return self._names(relative, "directory")
+
+    def list_files(self, relative: str) -> list[str]:
+        """Names of the files directly in ``relative`` (empty if it does not exist)."""
+        return self._names(relative, "file")
+
+    def _names(self, relative: str, kind: str) -> list[str]:
         if not self.fs.exists(self.path(relative)):
             return []
         entries = self.fs.ls(self.path(relative), detail=True)
-        return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry["type"] == "directory")
+        return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry["type"] == kind)
 
     def delete(self, relative: str) -> None:
         """Remove a file or a directory tree; a missing one is not an error."""

@@ -1,0 +1,118 @@
+"""A run's per-step log as append-only parts: ``steps/part-<first step>-<last step>.csv``, one per chunk.
+
+Object stores cannot append, and rewriting one growing file at every checkpoint costs the whole
+run each time; so each chunk's rows become one part, written once, whole and atomically, and
+never touched again. A rollback (or a resume after a crash between a part and its checkpoint)
+removes the parts beyond the checkpoint. :func:`iter_step_log` reads the parts in step order as
+one continuous log; when the last epoch is checkpointed the parts are also joined into
+``steps.csv``, the whole log in one file.
+"""
+
+import csv
+import io
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import astuple, fields
+
+from rdml_dist.messages import StepRecord
+from rdml_dist.storage import Storage
+
+PARTS = "steps"
+WHOLE_LOG = "steps.csv"
+COLUMNS = tuple(column.name for column in fields(StepRecord))
+_TYPES = tuple(column.type for column in fields(StepRecord))
+_PART = re.compile(r"part-(\d+)-(\d+)\.csv")
+
+
+def part_name(first: int, last: int) -> str:
+    """Where the part holding steps ``first`` to ``last`` (both included) goes."""
+    return f"{PARTS}/part-{first:08d}-{last:08d}.csv"
+
+
+def encode(records: Iterable[StepRecord], header: bool = True) -> bytes:
+    """Records as CSV text (floats written exactly, as ``repr`` writes them)."""
+    lines = io.StringIO()
+    writer = csv.writer(lines)
+    if header:
+        writer.writerow(COLUMNS)
+    writer.writerows(astuple(record) for record in records)
+    return lines.getvalue().encode()
+
+
+def decode(data: bytes) -> Iterator[StepRecord]:
+    reader = csv.reader(io.StringIO(data.decode()))
+    if next(reader, None) is None:
+        return
+    for row in reader:
+        yield StepRecord(*(kind(value) for kind, value in zip(_TYPES, row, strict=True)))
+
+
+def write_part(storage: Storage, records: list[StepRecord]) -> str | None:
+    """Write a chunk's records as one new part; returns its name (None when there is nothing to write)."""
+    if not records:
+        return None
+    steps = [record.step for record in records]
+    name = part_name(min(steps), max(steps))
+    storage.write_bytes(name, encode(records))
+    return name
+
+
+def parts(storage: Storage) -> list[tuple[int, int, str]]:
+    """``(first step, last step, name)`` of every part, in step order."""
+    found = []
+    for file_name in storage.list_files(PARTS):
+        match = _PART.fullmatch(file_name)
+        if match:
+            found.append((int(match[1]), int(match[2]), f"{PARTS}/{file_name}"))
+    return sorted(found)
+
+
+def iter_step_log(storage: Storage) -> Iterator[StepRecord]:
+    """Every step record of the run in step order, one part at a time (a run from before parts: its ``steps.csv``)."""
+    found = parts(storage)
+    if found:
+        for _, _, name in found:
+            yield from decode(storage.read_bytes(name))
+    elif storage.exists(WHOLE_LOG):
+        yield from decode(storage.read_bytes(WHOLE_LOG))
+
+
+def read_step_log(storage: Storage) -> list[StepRecord]:
+    """The run's whole step log as records (empty when the run wrote none yet)."""
+    return list(iter_step_log(storage))
+
+
+def truncate(storage: Storage, step: int) -> None:
+    """Forget the steps from ``step`` on: parts beyond it go, a part across it is rewritten with its earlier rows.
+
+    A run from before parts (only ``steps.csv``) has its rows before ``step`` turned into one part.
+    """
+    found = parts(storage)
+    if not found and storage.exists(WHOLE_LOG):
+        write_part(storage, [record for record in decode(storage.read_bytes(WHOLE_LOG)) if record.step < step])
+        found = parts(storage)
+    storage.delete(WHOLE_LOG)
+    for first, last, name in found:
+        if first >= step:
+            storage.delete(name)
+        elif last >= step:
+            write_part(storage, [record for record in decode(storage.read_bytes(name)) if record.step < step])
+            storage.delete(name)  # after its earlier rows are safe under their new name
+
+
+def clear(storage: Storage) -> None:
+    """Remove the whole log (a fresh run in a directory an earlier run used)."""
+    storage.delete(PARTS)
+    storage.delete(WHOLE_LOG)
+
+
+def write_whole_log(storage: Storage) -> None:
+    """Join the parts into ``steps.csv`` (streamed: one part in memory at a time)."""
+
+    def chunks() -> Iterator[bytes]:
+        yield encode([], header=True)
+        for _, _, name in parts(storage):
+            data = storage.read_bytes(name)
+            yield data[data.index(b"\n") + 1:]
+
+    storage.write_chunks(WHOLE_LOG, chunks())

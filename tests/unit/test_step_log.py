@@ -1,0 +1,225 @@
+"""The step log as append-only parts, epoch sums across chunks, small manifests, and rollbacks that keep every fault.
+
+A run is driven through the real RunDirectory, CheckpointStore and Storage with made-up step
+records, on a local directory and on fsspec's in-memory object store (where nothing is appended).
+"""
+
+import json
+import math
+import random
+import uuid
+from dataclasses import astuple
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rdml_dist.checkpoints import CheckpointStore
+from rdml_dist.config import ExperimentConfig, parse_config
+from rdml_dist.coordinator import EpochEvaluation, StepRecord
+from rdml_dist.run_directory import RESULTS_JSON, RunDirectory
+from rdml_dist.step_log import WHOLE_LOG, encode, part_name, parts, read_step_log, truncate, write_part
+from rdml_dist.storage import Storage
+
+STUDENTS = ("a", "b", "c")
+STEPS_PER_EPOCH = 10
+
+
+def experiment(location: str, epochs: int = 3, **training: Any) -> ExperimentConfig:
+    return parse_config({
+        "name": "log", "students": [{"model": "mlp", "name": name} for name in STUDENTS],
+        "training": {"epochs": epochs, **training}, "runtime": {"engine": "local", "run_dir": location},
+    })
+
+
+def record(step: int, student: str, rng: random.Random) -> StepRecord:
+    nan_or = (lambda value: math.nan if rng.random() < 0.2 else value)  # some steps measure no timings
+    return StepRecord(
+        step=step, epoch=step // STEPS_PER_EPOCH, student=student, ce_loss=rng.uniform(0, 3), mimicry_loss=rng.uniform(0, 1),
+        divergence=rng.uniform(0, 1), alpha=1 + step / 100, weight=0.5, correct=rng.randint(0, 32), labelled=32,
+        correct_clean=rng.randint(0, 32), rows=32, wait_seconds=rng.uniform(0, 1e-3), coordinator_seconds=rng.uniform(0, 1e-3),
+        compute_seconds=nan_or(rng.uniform(0, 1e-2)), round_trip_seconds=nan_or(rng.uniform(0, 1e-2)),
+    )
+
+
+def chunk(start: int, end: int, seed: int) -> list[StepRecord]:
+    rng = random.Random(seed * 100_003 + start)
+    return [record(step, student, rng) for step in range(start, end) for student in STUDENTS]
+
+
+class Driver:
+    """What the epoch loop does with a run directory: chunks of steps ending at checkpoint points."""
+
+    def __init__(self, storage: Storage, config: ExperimentConfig, every: int, resume: bool = False) -> None:
+        self.storage, self.config, self.every = storage, config, every
+        self.checkpoints = CheckpointStore(storage)
+        start = self.checkpoints.latest() if resume else None
+        self.run = RunDirectory(storage, config, "local", resume_from=start)
+        if start is None:
+            self.run.write_config()
+            self.checkpoint(0)
+        self.step = 0 if start is None else start["step"]
+
+    def checkpoint(self, step: int) -> dict[str, Any]:
+        self.run.write_progress()
+        manifest = self.run.manifest(step, live=[])
+        self.checkpoints.commit(manifest)
+        self.checkpoints.prune(self.config.runtime.checkpoint.keep)
+        return manifest
+
+    def chunk(self, seed: int = 0, checkpoint: bool = True) -> int:
+        end = min((self.step // self.every + 1) * self.every, (self.step // STEPS_PER_EPOCH + 1) * STEPS_PER_EPOCH)
+        self.run.add_records(chunk(self.step, end, seed))
+        if end % STEPS_PER_EPOCH == 0:
+            epoch = end // STEPS_PER_EPOCH - 1
+            self.run.record_epoch(epoch, EpochEvaluation(epoch, dict.fromkeys(STUDENTS, 0.5 + epoch / 10), 0.7), 1.0)
+        if checkpoint:
+            self.checkpoint(end)
+        self.step = end
+        return end
+
+    def until(self, step: int) -> None:
+        while self.step < step:
+            self.chunk()
+
+
+def texts(rows: list[StepRecord]) -> list[str]:
+    """Records compared as text (NaN is a value here: a timing not measured)."""
+    return [repr(astuple(row)) for row in rows]
+
+
+def expected_summary(rows: list[StepRecord]) -> dict[str, dict[str, float]]:
+    """Per-student epoch means computed the plain way, from all of the epoch's rows at once."""
+    def mean(values: list[float]) -> float:
+        finite = [value for value in values if not math.isnan(value)]
+        return sum(finite) / len(finite) if finite else math.nan
+
+    summary = {}
+    for student in STUDENTS:
+        mine = [row for row in rows if row.student == student]
+        summary[student] = {
+            "train_ce": mean([row.ce_loss for row in mine]),
+            "train_accuracy": sum(row.correct for row in mine) / sum(row.labelled for row in mine),
+            "round_trip_seconds": mean([row.round_trip_seconds for row in mine]),
+            "compute_seconds": mean([row.compute_seconds for row in mine]),
+            "steps": len(mine),
+        }
+    return summary
+
+
+@pytest.fixture(params=["local", "memory"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    """A local directory, or fsspec's in-memory object store (no appends, no renames)."""
+    return Storage(str(tmp_path / "run") if request.param == "local" else f"memory://rdml-test-{uuid.uuid4().hex}/run")
+
+
+def test_each_chunk_is_one_part_and_the_readers_see_one_log(storage: Storage) -> None:
+    driver = Driver(storage, experiment(storage.url), every=4)
+    driver.until(20)
+    chunks = [(0, 3), (4, 7), (8, 9), (10, 11), (12, 15), (16, 19)]  # every 4 steps and at each epoch's end
+    assert [(first, last) for first, last, _ in parts(storage)] == chunks
+    assert driver.run.rows == []  # nothing of the run is held once its chunk is written
+    expected = [row for first, last in chunks for row in chunk(first, last + 1, 0)]
+    assert texts(read_step_log(storage)) == texts(expected)
+    assert not storage.exists(WHOLE_LOG)  # the run is not over
+    driver.until(30)
+    whole = storage.read_bytes(WHOLE_LOG).decode().splitlines()
+    assert len(whole) == 1 + 30 * len(STUDENTS) and whole[0].startswith("step,epoch,student")
+    assert [line.split(",")[:3] for line in whole[1:]] == [[str(row.step), str(row.epoch), row.student] for row in read_step_log(storage)]
+
+
+def test_epoch_summaries_over_several_chunks_match_the_whole_epoch(storage: Storage) -> None:
+    driver = Driver(storage, experiment(storage.url), every=3)
+    driver.until(30)
+    results = json.loads(storage.read_bytes(RESULTS_JSON))
+    rows = read_step_log(storage)
+    for entry in results["epochs"]:
+        expected = expected_summary([row for row in rows if row.epoch == entry["epoch"]])
+        for student in STUDENTS:
+            got = entry["students"][student]
+            for key, value in expected[student].items():
+                assert got[key] == value or (got[key] is None and math.isnan(value)), (entry["epoch"], student, key)
+        assert entry["alpha"] == [row for row in rows if row.epoch == entry["epoch"]][-1].alpha
+
+
+def test_a_rollback_drops_later_parts_and_keeps_the_faults_of_the_rolled_back_chunk(storage: Storage) -> None:
+    driver = Driver(storage, experiment(storage.url), every=4)
+    driver.until(12)  # checkpoints at 4, 8, 10, 12; epoch 0 done
+    manifest = driver.checkpoints.latest()
+    driver.chunk(seed=1, checkpoint=False)  # steps 12-15 are lost with a failure before their checkpoint...
+    driver.run.write_progress()  # ...after their part was written (a crash between part and manifest)
+    fault = {"kind": "student_failure", "student": "b", "step": 14, "cause": "killed"}
+    driver.run.add_events([fault])
+    assert (12, 15) in [(first, last) for first, last, _ in parts(storage)]
+    driver.run.rollback(manifest)
+    assert [last for _, last, _ in parts(storage)][-1] == 11
+    driver.step = manifest["step"]
+    driver.until(30)
+    steps = [(row.step, row.student) for row in read_step_log(storage)]
+    assert steps == [(step, student) for step in range(30) for student in STUDENTS]  # every step exactly once
+    assert texts([row for row in read_step_log(storage) if row.step >= 12 and row.epoch == 1]) == \
+        texts(chunk(12, 16, 0) + chunk(16, 20, 0))  # the redone chunk, not the lost one
+    results = json.loads(storage.read_bytes(RESULTS_JSON))
+    assert results["faults"]["events"] == [fault] and results["faults"]["counts"] == {"student_failure": 1}
+
+
+def test_a_part_across_the_checkpoint_keeps_only_its_earlier_rows(storage: Storage) -> None:
+    write_part(storage, chunk(0, 4, 0))
+    write_part(storage, chunk(4, 9, 0))
+    truncate(storage, 6)
+    assert [(first, last) for first, last, _ in parts(storage)] == [(0, 3), (4, 5)]
+    assert texts(read_step_log(storage)) == texts((chunk(0, 4, 0) + chunk(4, 9, 0))[:len(STUDENTS) * 6])
+
+
+def test_resume_restores_epochs_faults_and_the_open_epoch_exactly(storage: Storage, tmp_path: Path) -> None:
+    whole = Storage(str(tmp_path / "whole"))
+    Driver(whole, experiment(whole.url), every=4).until(30)
+
+    config = experiment(storage.url)
+    first = Driver(storage, config, every=4)
+    first.until(16)  # mid-epoch 1: its sums so far travel in the manifest
+    first.run.add_events([{"kind": "student_failure", "student": "a", "step": 17, "cause": "killed"}])
+    first.chunk(seed=2, checkpoint=False)
+    first.run.write_progress()  # the driver dies after the part of 16-19 but before its manifest
+    resumed = Driver(storage, config, every=4, resume=True)
+    assert resumed.step == 16
+    resumed.until(30)
+
+    def epochs(location: Storage) -> list[dict[str, Any]]:
+        return [{**entry, "seconds": None} for entry in json.loads(location.read_bytes(RESULTS_JSON))["epochs"]]
+
+    assert epochs(storage) == epochs(whole)
+    assert texts(read_step_log(storage)) == texts(read_step_log(whole))
+    assert storage.read_bytes(WHOLE_LOG) == whole.read_bytes(WHOLE_LOG)
+    assert json.loads(storage.read_bytes(RESULTS_JSON))["faults"]["counts"] == {"student_failure": 1}
+
+
+def test_manifests_stay_small_however_long_the_run(tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path / "long"))
+    driver = Driver(storage, experiment(storage.url, epochs=40), every=5)
+    sizes = {}
+    for epoch in range(40):
+        driver.run.add_events([{"kind": "non_finite", "student": "a", "step": driver.step, "cause": "NaN"}])
+        driver.until((epoch + 1) * STEPS_PER_EPOCH - 5)  # a mid-epoch checkpoint: one epoch open
+        sizes[epoch] = len(json.dumps(driver.checkpoints.latest()))
+        driver.until((epoch + 1) * STEPS_PER_EPOCH)
+    assert sizes[39] == pytest.approx(sizes[1], rel=0.05)  # the same fields, whatever the epochs and events so far
+    assert len(json.loads(storage.read_bytes(RESULTS_JSON))["faults"]["events"]) == 40
+
+
+def test_a_fresh_run_starts_from_an_empty_log(tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path / "run"))
+    write_part(storage, chunk(0, 5, 9))  # left by a run that never completed a checkpoint
+    storage.write_bytes(WHOLE_LOG, b"stale")
+    Driver(storage, experiment(storage.url), every=4).until(4)
+    assert not storage.exists(WHOLE_LOG) and [name for _, _, name in parts(storage)] == [part_name(0, 3)]
+
+
+def test_a_run_from_before_parts_resumes_from_its_whole_log(tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path / "old"))
+    rows = chunk(0, 8, 0)
+    storage.write_bytes(WHOLE_LOG, encode(rows))
+    assert texts(read_step_log(storage)) == texts(rows)
+    truncate(storage, 6)
+    assert texts(read_step_log(storage)) == texts([row for row in rows if row.step < 6])
+    assert [(first, last) for first, last, _ in parts(storage)] == [(0, 5)] and not storage.exists(WHOLE_LOG)
