@@ -10,9 +10,11 @@ Each scrape is taken under the coordinator's lock, so the values of one scrape a
 the same completed step.
 """
 
-import threading
-from collections.abc import Iterable, Iterator
+import errno
+import fcntl
 import json
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from http.server import HTTPServer
 from pathlib import Path
 from typing import Any
@@ -169,21 +171,55 @@ class CohortMetrics:
 
 
 def serve(registry: CollectorRegistry, host: str, port: int) -> HTTPServer:
-    """Serve ``/metrics`` over HTTP on ``host:port`` (0: any free port) from a daemon thread."""
+    """Serve ``/metrics`` over HTTP on ``host:port`` from a daemon thread; when that port is taken (another run on
+    the node), on any free port instead: nobody has to agree on it, the driver prints it and file_sd lists it."""
     try:
         server, _thread = start_http_server(port, addr=host, registry=registry)
     except OSError as error:
-        raise ClusterError(
-            f"monitoring: cannot serve metrics on {host}:{port} ({error.strerror or error}); choose another "
-            "monitoring.port (0 takes any free port) or set monitoring.enabled: false"
-        ) from None
+        if error.errno != errno.EADDRINUSE or port == 0:
+            raise ClusterError(
+                f"monitoring: cannot serve metrics on {host}:{port} ({error.strerror or error}); choose another "
+                "monitoring.host or set monitoring.enabled: false"
+            ) from None
+        return serve(registry, host, 0)
     return server
 
 
-def write_file_sd(path: str, address: str, run: str) -> None:
-    """Point a Prometheus ``file_sd_configs`` file at the coordinator (rewritten after it restarts)."""
-    document = [{"targets": [address], "labels": {"run": run}}]
-    atomic_write(Path(path).expanduser(), lambda handle: handle.write(json.dumps(document, indent=2).encode()))
+class FileSdEntry:
+    """This run's target in a Prometheus ``file_sd_configs`` file that several runs (or a sweep's trials) share.
+
+    Each run keeps its own entry (``{"targets": [address], "labels": {"run": run}}``) current: it
+    replaces its previous address after the coordinator restarts and removes it when the run ends,
+    leaving the other runs' entries alone. Writers take an exclusive lock on ``PATH.lock`` around each
+    read-modify-write, and the file itself is replaced atomically, so Prometheus never reads a part.
+    """
+
+    def __init__(self, path: str, run: str) -> None:
+        self.path = Path(path).expanduser()
+        self.run = run
+        self.address: str | None = None
+
+    def point_at(self, address: str) -> None:
+        """List this run at ``address`` (dropping its previous address, and any stale entry of that address)."""
+        stale = {address, self.address}
+        self._update(lambda entries: [entry for entry in entries if not stale & set(entry["targets"])]
+                     + [{"targets": [address], "labels": {"run": self.run}}])
+        self.address = address
+
+    def remove(self) -> None:
+        """The run ended: its target goes."""
+        if self.address is not None:
+            mine = self.address
+            self._update(lambda entries: [entry for entry in entries if mine not in entry["targets"]])
+            self.address = None
+
+    def _update(self, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = json.loads(self.path.read_text()) if self.path.exists() and self.path.stat().st_size else []
+            document = json.dumps(change(entries), indent=2).encode()
+            atomic_write(self.path, lambda handle: handle.write(document))
 
 
 def reachable_address(host: str, port: int, node_address: str) -> str:

@@ -25,7 +25,7 @@ from rdml_dist.engines.ray_cluster import connect
 from rdml_dist.engines.session import RunSession, new_session
 from rdml_dist.errors import ClusterError, CohortStepFailed, ConfigError, CoordinatorUnreachable, StudentRestarted
 from rdml_dist.messages import EpochEvaluation, StepRecord, StudentInfo
-from rdml_dist.metrics import write_file_sd
+from rdml_dist.metrics import FileSdEntry
 from rdml_dist.rpc.auth import check_bind, resolve_token
 from rdml_dist.run_directory import RunDirectory
 from rdml_dist.shards import merge_records
@@ -161,6 +161,7 @@ class RayCohort:
         ]
         self.coordinator = self.shards[0]
         self.token = token
+        self.file_sd = FileSdEntry(config.monitoring.file_sd, config.name) if config.monitoring.file_sd else None
         self.external = config.external_students()
         self.names = [name for name in config.student_names() if name not in self.external]
         self.actors: dict[str, ray.actor.ActorHandle] = {}
@@ -234,8 +235,8 @@ class RayCohort:
     def _serve_metrics(self) -> str | None:
         """Have the coordinator serve its metrics (again, after a restart); keep Prometheus's file_sd current."""
         address = _get_with_user_errors(self.coordinator.serve_metrics.remote())
-        if address is not None and self.config.monitoring.file_sd:
-            write_file_sd(self.config.monitoring.file_sd, address, self.config.name)
+        if address is not None and self.file_sd is not None:
+            self.file_sd.point_at(address)
         return address
 
     def _update_placements(self) -> None:
@@ -428,6 +429,8 @@ class RayCohort:
         self._update_placements()
 
     def shutdown(self) -> None:
+        if self.file_sd is not None:
+            self.file_sd.remove()
         for actor in [*self.actors.values(), *self.shards]:
             ray.kill(actor, no_restart=True)
         if self.owns_group:

@@ -36,6 +36,24 @@ def server_options(rpc: RpcConfig) -> list[tuple[str, int]]:
             ("grpc.keepalive_timeout_ms", KEEPALIVE_MS // 2)]
 
 
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _add_port(server: grpc.aio.Server, rpc: RpcConfig, port: int) -> int:
+    """Listen on ``rpc.host:port`` (TLS when configured); returns the port taken, 0 when it could not bind."""
+    bind = _bind(rpc.host, port)
+    try:
+        if rpc.tls_cert_file is not None and rpc.tls_key_file is not None:
+            pair = (Path(rpc.tls_key_file).expanduser().read_bytes(), Path(rpc.tls_cert_file).expanduser().read_bytes())
+            return server.add_secure_port(bind, grpc.ssl_server_credentials([pair]))
+        return server.add_insecure_port(bind)
+    except OSError as error:
+        raise ClusterError(f"rpc: cannot serve the cohort service on {bind} ({error})") from None
+    except RuntimeError:  # grpc's "Failed to bind to address"
+        return 0
+
+
 class CohortServer:
     """A running cohort service; ``address`` is where clients reach it."""
 
@@ -61,23 +79,23 @@ class CohortServer:
 
 
 async def start_cohort_server(barrier: CohortBarrier, token: str | None, node_address: str) -> CohortServer:
-    """Serve ``barrier`` on ``rpc.host:rpc.port`` (0: any free port); must run on the barrier's event loop."""
+    """Serve ``barrier`` on ``rpc.host:rpc.port``; must run on the barrier's event loop.
+
+    External students are told the configured address, so with one the port is required. Without
+    one nobody has to agree on it (``rdml-dist status`` reads it from the driver's output or
+    ``placements.json``): a port already taken by another run on the node is replaced by a free one.
+    """
     rpc = barrier.config.rpc
     check_bind(rpc, token)
     interceptors = [BearerTokenInterceptor(token)] if token else []
     server = grpc.aio.server(interceptors=interceptors, options=server_options(rpc))
     cohort_pb2_grpc.add_CohortServiceServicer_to_server(CohortServicer(barrier), server)
-    bind = f"[{rpc.host}]:{rpc.port}" if ":" in rpc.host else f"{rpc.host}:{rpc.port}"
-    try:
-        if rpc.tls_cert_file is not None and rpc.tls_key_file is not None:
-            pair = (Path(rpc.tls_key_file).expanduser().read_bytes(), Path(rpc.tls_cert_file).expanduser().read_bytes())
-            port = server.add_secure_port(bind, grpc.ssl_server_credentials([pair]))
-        else:
-            port = server.add_insecure_port(bind)
-    except (OSError, RuntimeError) as error:
-        raise ClusterError(f"rpc: cannot serve the cohort service on {bind} ({error}); choose another rpc.port") from None
+    port = _add_port(server, rpc, rpc.port)
+    if port == 0 and rpc.port != 0 and not barrier.config.external_students():
+        port = _add_port(server, rpc, 0)
     if port == 0:
-        raise ClusterError(f"rpc: cannot serve the cohort service on {bind} (the port is taken?); choose another rpc.port")
+        raise ClusterError(f"rpc: cannot serve the cohort service on {_bind(rpc.host, rpc.port)} (the port is taken?); "
+                           "choose another rpc.port")
     cohort = CohortServer(server, barrier, reachable_address(rpc.host, port, node_address))
     health_pb2_grpc.add_HealthServicer_to_server(cohort.health, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
