@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:10001 (default: start a local one)")
     train.add_argument("--run-dir", help="override runtime.run_dir (a path or a URI such as s3://bucket/runs/x)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped, crashed or killed run from its latest checkpoint")
-    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same run directory")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run in the run directory (without it an unfinished run of this config is "
+                            "continued, and a finished one is kept: this run goes to a numbered sibling)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
     student = commands.add_parser("student", help="run one external student (students[].external) outside Ray, over gRPC")
     student.add_argument("config", help="the cohort's experiment YAML file")
@@ -96,11 +98,16 @@ def _train(args: argparse.Namespace) -> int:
 
 def _train_new(args: argparse.Namespace) -> int:
     from rdml_dist.config import load_config
-    from rdml_dist.engines import train_cohort
+    from rdml_dist.engines import resume_cohort, train_cohort
+    from rdml_dist.engines.session import plan_run
 
     try:
         config = load_config(args.config, _engine_overrides(args))
-        run = train_cohort(config, show_progress=not args.no_progress, overwrite=args.overwrite)
+        plan = plan_run(config, overwrite=args.overwrite)  # a retried job continues its run
+        print(f"rdml-dist: {plan.says}", flush=True)
+        show_progress = not args.no_progress
+        run = (resume_cohort(plan.location, config.runtime.ray.address, show_progress) if plan.resume
+               else train_cohort(config, plan.location, show_progress, overwrite=args.overwrite))
     except ConfigError as error:
         return _config_problems(error)
     return _report(run)
