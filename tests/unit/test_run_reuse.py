@@ -112,13 +112,12 @@ def test_a_plain_train_continues_an_interrupted_run_and_a_second_one_goes_next_t
         without_timings(whole["epochs"])
 
 
-def test_overwrite_deletes_nothing_when_the_run_cannot_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_overwrite_deletes_nothing_before_the_cluster_is_reached(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = experiment(tmp_path / "run")
     kept = saved_run(config, epochs_done=2)
-    with socket.socket() as taken:  # the metrics port is taken: the engine fails before the loop starts
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        code = main(["train", "--run-dir", str(tmp_path / "run"), "--overwrite", *CLI_RUN[:-2], "--set", f"monitoring.port={port}"])
-    assert code == 1 and "cannot serve metrics" in capsys.readouterr().err
+    with socket.socket() as probe:  # a loopback port nothing listens on: no cluster there
+        probe.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{probe.getsockname()[1]}"
+    code = main(["train", "--run-dir", str(tmp_path / "run"), "--overwrite", *CLI_RUN[2:], "--engine", "ray", "--address", nowhere])
+    assert code == 1 and f"no Ray cluster answers at {nowhere}" in capsys.readouterr().err
     assert CheckpointStore(kept).complete_steps() == [20] and kept.exists("config.yaml")
