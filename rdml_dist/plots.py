@@ -39,6 +39,14 @@ def _series(epochs: list[dict[str, Any]], student: str, key: str) -> list[float]
     return [_value(entry["students"].get(student, {}).get(key)) for entry in epochs]
 
 
+def _epoch_axis(axes: Any) -> None:
+    """Whole epochs on the x axis, and a light grid."""
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+
+
 def _png(figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
@@ -57,7 +65,7 @@ def accuracy_plot(results: dict[str, Any]) -> bytes:
         axes.plot(x, [100 * value for value in _series(epochs, student, "val_accuracy")], marker="o", markersize=3, label=student)
     axes.plot(x, [100 * _value(entry["ensemble_val_accuracy"]) for entry in epochs], label="ensemble", **ENSEMBLE_STYLE)
     axes.set(title=f"{results['name']}: validation accuracy", xlabel="epoch", ylabel="accuracy (%)")
-    axes.grid(alpha=0.3)
+    _epoch_axis(axes)
     axes.legend()
     return _png(figure)
 
@@ -79,7 +87,7 @@ def losses_plot(results: dict[str, Any]) -> bytes:
     schedule.plot(x, [_value(entry.get("mimicry_weight")) for entry in epochs], marker="s", markersize=3, label="λ (mimicry weight)")
     schedule.set(title="α and λ at the epoch's last step", xlabel="epoch")
     for axes in (ce, mimicry, schedule):
-        axes.grid(alpha=0.3)
+        _epoch_axis(axes)
         axes.legend(fontsize="small")
     return _png(figure)
 
@@ -89,7 +97,7 @@ def timing_plot(results: dict[str, Any]) -> bytes:
     from matplotlib.figure import Figure
 
     students = list(results["students"])
-    figure = Figure(figsize=(8, 1.2 + 0.6 * len(students)), layout="constrained")
+    figure = Figure(figsize=(8, 1.8 + 0.6 * len(students)), layout="constrained")
     axes = figure.add_subplot()
     left = [0.0] * len(students)
     for key, label in TIMING_PARTS:
@@ -100,7 +108,7 @@ def timing_plot(results: dict[str, Any]) -> bytes:
     axes.invert_yaxis()
     axes.set(title="mean time per step (blank parts: not measured by this engine)", xlabel="milliseconds")
     axes.grid(axis="x", alpha=0.3)
-    axes.legend(fontsize="small", loc="lower right")
+    axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
     return _png(figure)
 
 
