@@ -10,9 +10,11 @@ other threads.
 
 import asyncio
 import threading
-import time
+
+from prometheus_client import Gauge
 
 from rdml_dist.config import ExperimentConfig
+from rdml_dist.engines.controller import DriverState
 from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.messages import (
     EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepTiming, StudentInfo,
@@ -35,6 +37,13 @@ class CohortBarrier:
         self.core = MeteredCoordinator(config, CohortMetrics.for_config(config, self.registry), shard=shard, shards=shards)
         self._step_results: dict[int, asyncio.Future[None]] = {}  # resolved when the step is over
         self._replies: dict[tuple[int, str], asyncio.Future[MimicryReply]] = {}  # (step, student) -> its gradient
+        self._scores: dict[int, asyncio.Future[EpochEvaluation]] = {}  # epoch -> its scores, once every live student sent them
+        self._members: asyncio.Future[None] | None = None  # resolved once every member has registered
+        self.driver_state = DriverState.STARTING.value  # set by the driver: what ``rdml-dist status`` shows
+        self._driver_gauge = Gauge("rdml_driver_state", "The driver's state: 1 for the current one, 0 for the others",
+                                   ["run", "state"], registry=self.registry)
+        for state in DriverState:
+            self._driver_gauge.labels(config.name, state.value).set(1 if state.value == self.driver_state else 0)
         self.halted: str | None = None  # why frames are refused, while the cohort rolls back
 
     def _step_future(self, step: int) -> "asyncio.Future[None]":
@@ -74,7 +83,7 @@ class CohortBarrier:
     def _halt(self, reason: str) -> None:
         """Refuse further frames and fail every waiting student now, until the driver restores the cohort."""
         self.halted = reason
-        for future in [*self._step_results.values(), *self._replies.values()]:
+        for future in [*self._step_results.values(), *self._replies.values(), *self._scores.values()]:
             if not future.done():
                 future.set_exception(CohortStepFailed(reason))
 
@@ -83,6 +92,8 @@ class CohortBarrier:
         with self.lock:
             self.core.register(info)
             self._complete_if_ready()
+            if self._members is not None and not self._members.done() and len(self.core.info) == len(self.core.members):
+                self._members.set_result(None)
 
     async def exchange(self, frame: LogitsFrame) -> MimicryReply:
         """Submit one student's logits and wait for its mimicry gradient (the per-step barrier)."""
@@ -129,8 +140,17 @@ class CohortBarrier:
             self.core.record_timing(student, timing)
 
     def submit_eval(self, frame: EvalFrame) -> EpochEvaluation | None:
+        """Collect a student's validation logits; the last one scores the epoch and wakes whoever awaits it."""
         with self.lock:
-            return self.core.submit_eval(frame)
+            evaluation = self.core.submit_eval(frame)
+            if evaluation is not None:
+                future = self._score_future(evaluation.epoch)
+                if not future.done():
+                    future.set_result(evaluation)
+            return evaluation
+
+    def _score_future(self, epoch: int) -> "asyncio.Future[EpochEvaluation]":
+        return self._scores.setdefault(epoch, asyncio.get_running_loop().create_future())
 
     def mark_dead(self, name: str) -> None:
         """Stop waiting for ``name``; a step that only waited for it completes now."""
@@ -152,6 +172,7 @@ class CohortBarrier:
             self._halt(f"the cohort was restored to its checkpoint of step {step}")
             self._step_results.clear()
             self._replies.clear()
+            self._scores.clear()
             self.halted = None
 
     def student_restarted(self, name: str) -> None:
@@ -160,15 +181,46 @@ class CohortBarrier:
             self.core.student_restarted(name)
 
     async def evaluation(self, epoch: int, timeout_s: float) -> EpochEvaluation:
-        """Wait until every live student has evaluated ``epoch`` and return the scores."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with self.lock:
-                if epoch in self.core.evaluations:
-                    return self.core.evaluations[epoch]
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"epoch {epoch} was not scored within {timeout_s} s")
-            await asyncio.sleep(0.01)
+        """Wait until every live student has evaluated ``epoch`` and return the scores (awaited, never polled)."""
+        with self.lock:
+            if epoch in self.core.evaluations:
+                return self.core.evaluations[epoch]
+            if self.halted is not None:
+                raise CohortStepFailed(self.halted)
+            future = self._score_future(epoch)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"epoch {epoch} was not scored within {timeout_s} s") from None
+
+    async def step_after(self, step: int) -> int:
+        """The cohort's step once it is past ``step``; sooner when the step stops (a halt, a restore)."""
+        with self.lock:
+            if self.halted is not None:
+                raise CohortStepFailed(self.halted)
+            if self.core.step > step:
+                return self.core.step
+            future = self._step_future(self.core.step)
+        await asyncio.shield(future)  # a halt or a restore fails it: the driver hears why
+        with self.lock:
+            return self.core.step
+
+    async def wait_for_members(self, timeout_s: float) -> list[str]:
+        """Wait until every member has registered (external students join by themselves); returns the missing."""
+        if self.unregistered():
+            if self._members is None or self._members.done():
+                self._members = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._members), timeout=timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        return self.unregistered()
+
+    def set_driver_state(self, state: str) -> None:
+        with self.lock:
+            for known in DriverState:
+                self._driver_gauge.labels(self.config.name, known.value).set(1 if known.value == state else 0)
+            self.driver_state = state
 
     def pop_records(self, before_step: int) -> list[StepRecord]:
         with self.lock:

@@ -40,8 +40,9 @@ class MeteredCoordinator(CohortCoordinator):
         self.metrics.membership(self.live)
 
     def student_restarted(self, name: str) -> None:
-        """The driver saw this student's process die; Ray is restarting it."""
+        """The driver saw this student's process die; Ray is restarting it (it takes no part until restored)."""
         self.metrics.restarted(name)
+        self.metrics.membership(self.live - {name})
 
     def submit(self, frame: LogitsFrame) -> None:
         try:

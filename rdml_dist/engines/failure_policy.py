@@ -1,35 +1,50 @@
 """What to do when a student or the coordinator fails: roll the cohort back, carry on without it, or stop.
 
-Modelled on Ray Train's controller: the Ray cohort notices a failure, hands it to the policy,
-and acts on the decision. The policy also keeps the failure budget
-(``runtime.fault.max_failures``), so a run that keeps failing ends with every cause listed.
+Modelled on Ray Train's controller: the Ray cohort notices a failure, :func:`~rdml_dist.engines.failures.classify`
+names its kind, the policy decides, and the controller acts on the decision. The policy also
+keeps the failure budget (``runtime.fault.max_failures``), so a run that keeps failing ends with
+every cause listed. A user error (config, data contract, a model factory that fails) ends the run
+at once: no restart can cure it.
 """
 
 import enum
 from dataclasses import asdict, dataclass
 
 from rdml_dist.config import FaultConfig
+from rdml_dist.engines.failures import FailureKind
+
+WHAT_HAPPENED = {
+    FailureKind.USER_ERROR: "cannot run",
+    FailureKind.STUDENT_DIED: "died",
+    FailureKind.STUDENT_ERROR: "failed",
+    FailureKind.COORDINATOR_DIED: "died",
+    FailureKind.COORDINATOR_ERROR: "failed",
+    FailureKind.TIMEOUT: "timed out",
+}
 
 
 class Decision(enum.Enum):
     RESTART_COHORT = "restart_cohort"  # every student and the coordinator go back to the latest checkpoint
-    CONTINUE = "continue"  # the live students go on; the restarted student rejoins at the next chunk
+    CONTINUE = "continue"  # the live students go on; the restarted student rejoins from the latest checkpoint
 
 
 @dataclass(frozen=True)
 class Failure:
-    """One failure as the driver saw it."""
+    """One failure as the driver saw it: its kind (a :class:`FailureKind` value), the failing step, the cause."""
 
-    kind: str  # student_died | coordinator_died | coordinator_error
+    kind: str
     step: int
     cause: str
     student: str | None = None
     node: str | None = None
 
+    @property
+    def failure_kind(self) -> FailureKind:
+        return FailureKind(self.kind)
+
     def describe(self) -> str:
         where = f"student {self.student!r} on node {self.node}" if self.student else "the coordinator"
-        what = {"student_died": "died", "coordinator_died": "died", "coordinator_error": "failed"}[self.kind]
-        return f"{where} {what} at step {self.step}: {self.cause}"
+        return f"{where} {WHAT_HAPPENED[self.failure_kind]} at step {self.step}: {self.cause}"
 
     def event(self) -> dict[str, object]:
         return {key: value for key, value in asdict(self).items() if value is not None}
@@ -47,12 +62,15 @@ class FailurePolicy:
         self.failures: list[Failure] = []
 
     def decide(self, failure: Failure) -> Decision:
+        """The decision for ``failure``; raises :class:`RunFailed` when the run must stop."""
+        if failure.failure_kind is FailureKind.USER_ERROR:
+            raise RunFailed(failure.describe())
         self.failures.append(failure)
         if self.fault.on_student_failure == "fail":
             raise RunFailed(f"{failure.describe()} (runtime.fault.on_student_failure is 'fail')")
         if len(self.failures) > self.fault.max_failures:
             causes = "; ".join(f"{number}. {item.describe()}" for number, item in enumerate(self.failures, 1))
             raise RunFailed(f"{len(self.failures)} failures, more than runtime.fault.max_failures={self.fault.max_failures}: {causes}")
-        if failure.kind == "student_died" and self.fault.on_student_failure == "continue":
+        if failure.failure_kind.of_a_student and self.fault.on_student_failure == "continue":
             return Decision.CONTINUE
         return Decision.RESTART_COHORT

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
+from rdml_dist.engines.controller import DriverState, DriverStates
 from rdml_dist.engines.progress import describe_epoch
 from rdml_dist.messages import EpochEvaluation, StepRecord
 from rdml_dist.run_directory import RunDirectory
@@ -49,8 +50,9 @@ class Cohort(Protocol):
     def pop_events(self) -> list[dict[str, Any]]:
         """Fault events handled outside a chunk of steps (a student lost while evaluating or checkpointing), once."""
 
-    def restore(self, step: int) -> None:
-        """Students and coordinator go back to the cohort checkpoint of ``step``."""
+    def restore(self, step: int | None) -> None:
+        """Students and coordinator go back to the cohort checkpoint of ``step`` (None: to the initial state,
+        after a failure before the step-0 checkpoint was complete)."""
 
     def live_members(self) -> list[str]:
         """Students currently taking part."""
@@ -86,50 +88,94 @@ def train_loop(
     start: dict[str, Any] | None,
     show_progress: bool,
     observers: Sequence[RunObserver] = (),
+    publish_state: Callable[[DriverState], None] | None = None,
 ) -> RunDirectory:
-    """Train from ``start`` (a checkpoint manifest; None for a fresh run) to the last epoch."""
+    """Train from ``start`` (a checkpoint manifest; None for a fresh run) to the last epoch.
+
+    The loop is the driver's state machine (:class:`DriverState`). Every state's work may end in
+    :class:`CohortRollback`, the failure policy's decision to go back: then the run's files go back
+    to the latest complete checkpoint (rolling back) and the cohort restores it (restoring), which
+    may itself fail and roll back again. A failure before the step-0 checkpoint is complete goes
+    back to the cohort's initial state and writes that checkpoint again.
+    """
+    states = DriverStates(publish_state)
     steps_per_epoch = cohort.steps_per_epoch
     total = config.training.epochs * steps_per_epoch
-    if start is None:
-        run.write_config()
-        _checkpoint(config, cohort, run, checkpoints, 0)
-        restore_step = step = 0
-    else:
-        cohort.restore(start["step"])
-        restore_step = step = start["step"]
+    state, why = DriverState.STARTING, ""
+    target: int | None = None if start is None else start["step"]  # the checkpoint the cohort goes back to
+    step = restore_step = 0 if target is None else target
     epoch_started = time.perf_counter()
-    with tqdm(total=total, initial=step, disable=not show_progress, unit="step") as bar:
-        progress = _progress_callback(bar)
-        while step < total:
-            end = next_boundary(step, steps_per_epoch, config.runtime.checkpoint.every_steps)
-            try:
-                run.add_events(cohort.run_steps(step, end, restore_step, progress))
-                run.add_records(cohort.pop_records(end))
-                if end % steps_per_epoch == 0:
-                    epoch = end // steps_per_epoch - 1
-                    entry = run.record_epoch(epoch, cohort.evaluate(epoch), time.perf_counter() - epoch_started)
-                    bar.set_postfix_str(describe_epoch(entry))
-                    epoch_started = time.perf_counter()
-                manifest = _checkpoint(config, cohort, run, checkpoints, end)
-                if end % steps_per_epoch == 0:
-                    for observer in observers:
-                        observer.on_epoch(entry)
-                for observer in observers:
-                    observer.on_checkpoint(end, manifest)
-            except CohortRollback as rollback:
-                manifest = checkpoints.latest()
-                if manifest is None:
-                    raise RuntimeError(f"no complete checkpoint to go back to after: {rollback}") from rollback
-                run.add_events([{**rollback.event, "action": f"rolled back to step {manifest['step']}"}])
-                cohort.restore(manifest["step"])
-                run.rollback(manifest)
-                restore_step = step = manifest["step"]
-                bar.n = step
-                bar.refresh()
-                continue
-            restore_step = step = end
-            progress(step)
+    try:
+        with tqdm(total=total, initial=step, disable=not show_progress, unit="step") as bar:
+            progress = _progress_callback(bar)
+            while state is not DriverState.FINISHING:
+                states.enter(state, why)
+                try:
+                    if state is DriverState.STARTING:
+                        if target is None:
+                            run.write_config()
+                            _checkpoint(config, cohort, run, checkpoints, 0)
+                            state = DriverState.RUNNING
+                        else:
+                            state = DriverState.RESTORING
+                    elif state is DriverState.RESTORING:
+                        cohort.restore(target)
+                        restore_step = step = target or 0
+                        bar.n = step
+                        bar.refresh()
+                        state, why = (DriverState.STARTING if target is None else DriverState.RUNNING), ""
+                        epoch_started = time.perf_counter()
+                    elif state is DriverState.RUNNING:
+                        if step >= total:
+                            state = DriverState.FINISHING
+                            continue
+                        end = next_boundary(step, steps_per_epoch, config.runtime.checkpoint.every_steps)
+                        entry = _run_chunk(config, cohort, run, checkpoints, step, end, restore_step, progress, observers,
+                                           time.perf_counter() - epoch_started)
+                        if entry is not None:
+                            bar.set_postfix_str(describe_epoch(entry))
+                            epoch_started = time.perf_counter()
+                        restore_step = step = end
+                        progress(step)
+                    elif state is DriverState.ROLLING_BACK:
+                        manifest = checkpoints.latest()
+                        target = None if manifest is None else manifest["step"]
+                        if manifest is not None:
+                            run.rollback(manifest)
+                        state = DriverState.RESTORING
+                except CohortRollback as rollback:
+                    latest = checkpoints.latest()
+                    where = "the initial state" if latest is None else f"step {latest['step']}"
+                    run.add_events([{**rollback.event, "action": f"rolled back to {where}"}])
+                    state, why = DriverState.ROLLING_BACK, str(rollback)
+            states.enter(DriverState.FINISHING)
+    except BaseException as error:
+        states.enter(DriverState.FAILED, f"{type(error).__name__}: {error}")
+        raise
     return run
+
+
+def _run_chunk(
+    config: ExperimentConfig, cohort: Cohort, run: RunDirectory, checkpoints: CheckpointStore, step: int, end: int,
+    restore_step: int, progress: Callable[[int], None], observers: Sequence[RunObserver], epoch_seconds: float,
+) -> dict[str, Any] | None:
+    """Steps ``[step, end)``, their records, the epoch's score when it ends there, and the checkpoint of ``end``.
+
+    Returns the epoch's results entry when the chunk closed an epoch.
+    """
+    steps_per_epoch = cohort.steps_per_epoch
+    run.add_events(cohort.run_steps(step, end, restore_step, progress))
+    run.add_records(cohort.pop_records(end))
+    entry = None
+    if end % steps_per_epoch == 0:
+        epoch = end // steps_per_epoch - 1
+        entry = run.record_epoch(epoch, cohort.evaluate(epoch), epoch_seconds)
+    manifest = _checkpoint(config, cohort, run, checkpoints, end)
+    for observer in observers:
+        if entry is not None:
+            observer.on_epoch(entry)
+        observer.on_checkpoint(end, manifest)
+    return entry
 
 
 def _checkpoint(

@@ -10,6 +10,7 @@ run's latest checkpoint.
 
 import os
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from rdml_dist.barrier import CohortBarrier
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.devices import resolve_device
+from rdml_dist.engines.failures import CoordinatorReplaced
 from rdml_dist.errors import ConfigError, FrameRejected, StudentRestarted
 from rdml_dist.lane.client import ShardLanes
 from rdml_dist.lane.server import FrameLaneServer
@@ -43,7 +45,12 @@ class Coordinator:
     Every method that resolves a step's future (exchange, membership, abort, restore) runs on the
     default group's event loop, and so does the gRPC cohort service started by :meth:`serve_rpc`:
     Ray students and external students meet at one barrier. It also serves the cohort's
-    Prometheus metrics, each scrape taken under the barrier's lock.
+    Prometheus metrics, each scrape taken under the barrier's lock. The driver waits on futures
+    here (the next step, an epoch's scores, the members), never by polling.
+
+    Each process has its own ``incarnation``: the driver's control calls carry the one it restored,
+    so a process Ray restarted meanwhile refuses them (:class:`CoordinatorReplaced`) instead of
+    answering from an empty core.
     """
 
     def __init__(self, config: dict[str, Any], shard: int = 0) -> None:
@@ -51,6 +58,8 @@ class Coordinator:
         self.barrier = CohortBarrier(self.config, shard, self.config.runtime.coordinator.shards)
         if _restarted():  # refuse frames and joins until the driver has restored the cohort
             self.barrier.halted = "the coordinator restarted; the driver is restoring the cohort"
+        self.incarnation = uuid.uuid4().hex
+        self.driver_state = "starting"
         self._metrics_address: str | None = None
         self._rpc: CohortServer | None = None
         self._lane: FrameLaneServer | None = None
@@ -69,21 +78,51 @@ class Coordinator:
     async def record_timing(self, student: str, timing: StepTiming | None) -> None:
         self.barrier.record_timing(student, timing)
 
-    async def submit_eval(self, frame: EvalFrame) -> None:
+    def _check(self, incarnation: str | None) -> None:
+        """Refuse a control call meant for another process of this actor (Ray restarted it since)."""
+        if incarnation is not None and incarnation != self.incarnation:
+            raise CoordinatorReplaced(f"the coordinator was restarted (pid {os.getpid()}) and lost the cohort's state")
+
+    async def submit_eval(self, frame: EvalFrame, incarnation: str | None = None) -> None:
+        self._check(incarnation)
         self.barrier.submit_eval(frame)
 
-    async def mark_dead(self, name: str) -> None:
+    async def mark_dead(self, name: str, incarnation: str | None = None) -> None:
+        self._check(incarnation)
         self.barrier.mark_dead(name)
 
     async def abort(self, reason: str) -> None:
         self.barrier.abort(reason)
 
-    async def restore(self, step: int, infos: list[StudentInfo]) -> None:
+    async def restore(self, step: int, infos: list[StudentInfo]) -> str:
+        """Go back to the checkpoint of ``step`` with these members; returns this process's incarnation, which the
+        driver's later control calls carry."""
         self.barrier.restore(step, infos)
+        return self.incarnation
 
-    async def revive(self, info: StudentInfo) -> None:
+    async def revive(self, info: StudentInfo, incarnation: str | None = None) -> None:
         """A restarted student rejoins the live members (``continue`` policy)."""
+        self._check(incarnation)
         self.barrier.register(info)
+
+    async def step_after(self, step: int, incarnation: str | None = None) -> int:
+        """The cohort's step once it has moved past ``step`` (or the step stopped: a halt, a restore)."""
+        self._check(incarnation)
+        return await self.barrier.step_after(step)
+
+    async def evaluation(self, epoch: int, timeout_s: float, incarnation: str | None = None) -> EpochEvaluation:
+        """Wait until every live student has evaluated ``epoch`` and return the scores (on the loop that scores it)."""
+        self._check(incarnation)
+        return await self.barrier.evaluation(epoch, timeout_s)
+
+    async def wait_for_members(self, timeout_s: float) -> list[str]:
+        """Wait until every member has registered; returns those still missing after ``timeout_s``."""
+        return await self.barrier.wait_for_members(timeout_s)
+
+    async def set_driver_state(self, state: str) -> None:
+        """The driver's state, for ``rdml-dist status`` and the ``rdml_driver_state`` metric."""
+        self.driver_state = state
+        self.barrier.set_driver_state(state)
 
     async def student_restarted(self, name: str) -> None:
         self.barrier.student_restarted(name)
@@ -111,12 +150,8 @@ class Coordinator:
         return self._metrics_address
 
     @ray.method(concurrency_group=CONTROL_GROUP)
-    async def evaluation(self, epoch: int, timeout_s: float) -> EpochEvaluation:
-        """Wait until every live student has evaluated ``epoch`` and return the scores."""
-        return await self.barrier.evaluation(epoch, timeout_s)
-
-    @ray.method(concurrency_group=CONTROL_GROUP)
-    async def pop_records(self, before_step: int) -> list[StepRecord]:
+    async def pop_records(self, before_step: int, incarnation: str | None = None) -> list[StepRecord]:
+        self._check(incarnation)
         return self.barrier.pop_records(before_step)
 
     @ray.method(concurrency_group=CONTROL_GROUP)
@@ -124,7 +159,8 @@ class Coordinator:
         with self.barrier.lock:
             state = self.barrier.core.state()
         return {**state, "unregistered": self.barrier.unregistered(), "steps_per_epoch": self.barrier.steps_per_epoch(), "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(), "incarnation": self.incarnation,
+                "driver_state": self.driver_state}
 
 
 def _restarted() -> bool:
@@ -161,11 +197,18 @@ class StudentActor:
         self.name = self.config.students[index].name
         self._restarted = _restarted()  # cleared by restore()
         self._lane: ShardLanes | None = None
+        self.index = index
         self._startup_error: ConfigError | None = None
         try:
-            self.student = Student(self.config, index, resolve_device(self.config.runtime.device))
+            self.student = self._new_student()
         except ConfigError as error:  # a user's mistake: kept for the driver as itself, not a dead actor's traceback
             self._startup_error = error
+        except Exception as error:  # noqa: BLE001 - a model factory or data set that fails is the user's to fix
+            self._startup_error = ConfigError(
+                f"students.{index}", f"student {self.name!r} could not be built: {type(error).__name__}: {error}")
+
+    def _new_student(self) -> Student:
+        return Student(self.config, self.index, resolve_device(self.config.runtime.device))
 
     def info(self) -> StudentInfo:
         """Registration data for the coordinator (where the actor runs is :meth:`placement`)."""
@@ -236,20 +279,25 @@ class StudentActor:
                                     self.config.rpc.max_message_mb << 20)
         return self._lane.exchange, self._lane.refresh
 
-    def evaluate(self, epoch: int, coordinator: "ray.actor.ActorHandle") -> None:
-        """Close the epoch (learning-rate schedule) and send the validation logits to the coordinator."""
+    def evaluate(self, epoch: int, coordinator: "ray.actor.ActorHandle", incarnation: str | None = None) -> None:
+        """Close the epoch (learning-rate schedule) and send the validation logits to the coordinator process the
+        driver restored (``incarnation``)."""
         self._refuse_if_not_restored()
         self.student.end_epoch()
-        ray.get(coordinator.submit_eval.remote(self.student.evaluate(epoch)))
+        ray.get(coordinator.submit_eval.remote(self.student.evaluate(epoch), incarnation))
 
     def save_checkpoint(self, step: int) -> str:
         """Write this student's state for ``step`` straight into the run's storage; returns where."""
         self._refuse_if_not_restored()
         return self.checkpoints.save_student(step, self.student.name, self.student.state_dict())
 
-    def restore(self, step: int, cohort_epoch: int) -> StudentInfo:
-        """Load this student's file of the checkpoint at ``step``; returns its registration data."""
-        self.student.restore_from(self.checkpoints, step, cohort_epoch)
+    def restore(self, step: int | None, cohort_epoch: int) -> StudentInfo:
+        """Load this student's file of the checkpoint at ``step`` (None: start again from the initial weights, after
+        a failure before the step-0 checkpoint was complete); returns its registration data."""
+        if step is None:
+            self.student = self._new_student()
+        else:
+            self.student.restore_from(self.checkpoints, step, cohort_epoch)
         self._restarted = False
         return self.student.info()
 

@@ -194,7 +194,7 @@ class WatchStatusResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[CohortStatus, _Mapping]] = ...) -> None: ...
 
 class CohortStatus(_message.Message):
-    __slots__ = ("cohort", "phase", "step", "epoch", "total_steps", "alpha", "weight", "students", "waiting_for", "last_evaluation")
+    __slots__ = ("cohort", "phase", "step", "epoch", "total_steps", "alpha", "weight", "students", "waiting_for", "last_evaluation", "driver_state")
     COHORT_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,7 @@ class CohortStatus(_message.Message):
     STUDENTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
     LAST_EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_STATE_FIELD_NUMBER: _ClassVar[int]
     cohort: str
     phase: CohortPhase
     step: int
@@ -215,7 +216,8 @@ class CohortStatus(_message.Message):
     students: _containers.RepeatedCompositeFieldContainer[StudentStatus]
     waiting_for: _containers.RepeatedScalarFieldContainer[str]
     last_evaluation: EpochEvaluation
-    def __init__(self, cohort: _Optional[str] = ..., phase: _Optional[_Union[CohortPhase, str]] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., total_steps: _Optional[int] = ..., alpha: _Optional[float] = ..., weight: _Optional[float] = ..., students: _Optional[_Iterable[_Union[StudentStatus, _Mapping]]] = ..., waiting_for: _Optional[_Iterable[str]] = ..., last_evaluation: _Optional[_Union[EpochEvaluation, _Mapping]] = ...) -> None: ...
+    driver_state: str
+    def __init__(self, cohort: _Optional[str] = ..., phase: _Optional[_Union[CohortPhase, str]] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., total_steps: _Optional[int] = ..., alpha: _Optional[float] = ..., weight: _Optional[float] = ..., students: _Optional[_Iterable[_Union[StudentStatus, _Mapping]]] = ..., waiting_for: _Optional[_Iterable[str]] = ..., last_evaluation: _Optional[_Union[EpochEvaluation, _Mapping]] = ..., driver_state: _Optional[str] = ...) -> None: ...
 
 class StudentStatus(_message.Message):
     __slots__ = ("name", "model", "external", "live", "last_step", "ce_loss", "mimicry_loss", "samples_per_second")

@@ -1,0 +1,437 @@
+"""The Ray cohort: the coordinator shards and one student actor per bundle, and the driver's calls on them.
+
+Images never pass through the driver, and neither do weights: each student actor loads its own
+data and writes its own checkpoints to the run's storage. Every call the driver makes is awaited
+on its future; every error met on the way is turned into a plain cause, classified once
+(:func:`~rdml_dist.engines.failures.classify`) and handed to the :class:`FailurePolicy`. Its
+decision is carried out here: the live students go on (``continue``), or the chunk is stopped
+and :class:`CohortRollback` tells the loop to go back to the latest checkpoint. Control calls on
+a coordinator carry the incarnation the driver restored: a process Ray replaced meanwhile
+refuses them, which is a coordinator failure like its death.
+"""
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import ray
+
+from rdml_dist.checkpoints import CheckpointStore
+from rdml_dist.config import ExperimentConfig
+from rdml_dist.engines.controller import DriverState
+from rdml_dist.engines.failure_policy import Decision, Failure, FailurePolicy, RunFailed
+from rdml_dist.engines.failures import COORDINATOR, CoordinatorReplaced, FailureKind, ProcessDied, classify, one_line
+from rdml_dist.engines.loop import CohortRollback
+from rdml_dist.engines.placement import GivenPlacement, bundle_strategy
+from rdml_dist.engines.ray_actors import STORAGE_MARKER, CoordinatorActor, StudentActor
+from rdml_dist.errors import ClusterError, ConfigError, StudentRestarted
+from rdml_dist.messages import EpochEvaluation, StepRecord, StudentInfo
+from rdml_dist.metrics import FileSdEntry
+from rdml_dist.shards import merge_records
+from rdml_dist.storage import Storage
+
+RESTART_TIMEOUT_S = 120.0
+RESTART_POLL_S = 0.25
+STALL_MARGIN_S = 60.0  # beyond the exchange timeout: a chunk in which nothing moved for that long has hung
+
+
+def cause_of(error: BaseException, who: str) -> BaseException:
+    """The plain cause behind a Ray error met on a call to ``who``: the task's own exception, :class:`ProcessDied`
+    for a dead actor (``who``, or the coordinator when a call a student made died under it), ``TimeoutError``."""
+    if isinstance(error, ray.exceptions.RayTaskError):  # first: Ray's wrapper may also be a RayActorError
+        cause = error.cause
+        while isinstance(cause, ray.exceptions.RayTaskError):
+            cause = cause.cause
+        if isinstance(cause, ray.exceptions.RayActorError):  # students call only coordinators
+            return ProcessDied(COORDINATOR, one_line(cause))
+        return cause if isinstance(cause, BaseException) else error
+    if isinstance(error, ray.exceptions.RayActorError):
+        return ProcessDied(who, one_line(error))
+    if isinstance(error, ray.exceptions.GetTimeoutError):
+        return TimeoutError(str(error))
+    return error
+
+
+class RayCohort:
+    """The live actors of one run: coordinator shards and one student actor per placement-group bundle.
+
+    External students (``students[].external``) have no actor: they join the coordinator's gRPC
+    service from their own processes, and the driver waits for them whenever the coordinator
+    starts (at launch, after its restart). They keep their own snapshots and follow a rollback
+    by themselves, so the driver's calls (chunks, evaluation, checkpoints) go to Ray students only.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        placement: GivenPlacement,
+        bundles: dict[str, dict[str, float]],
+        storage: Storage,
+        record_placements: Callable[[dict[str, dict[str, Any]], dict[str, Any]], None],
+        token: str | None = None,
+        owns_group: bool = True,
+    ) -> None:
+        self.config = config
+        self.record_placements = record_placements
+        self.group = placement.group
+        self.owns_group = owns_group  # a group given by a Tune trial is its owner's to remove
+        self.policy = FailurePolicy(config.runtime.fault)
+        self.checkpoints = CheckpointStore(storage)
+        self.token = token
+        self.file_sd = FileSdEntry(config.monitoring.file_sd, config.name) if config.monitoring.file_sd else None
+        self.external = config.external_students()
+        self.names = [name for name in config.student_names() if name not in self.external]
+        self.shards: list[ray.actor.ActorHandle] = []
+        self.actors: dict[str, ray.actor.ActorHandle] = {}
+        self.where: dict[str, dict[str, Any]] = {}
+        self._lane_secret = uuid.uuid4().hex  # reaches the students through Ray only: the lane's credential
+        self.lane: tuple[list[str], str] | None = None  # every shard's frame-lane address, and the secret
+        self.latest_checkpoint: int | None = None  # the step a student restarted under ``continue`` restores
+        self._events: list[dict[str, Any]] = []  # failures met while evaluating or checkpointing, for pop_events
+        try:  # whatever fails while starting must not leave the actors and the reservation behind
+            self._start(placement.first_bundle, bundles, storage)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.live = set(self.names)
+
+    def _start(self, first: int, bundles: dict[str, dict[str, float]], storage: Storage) -> None:
+        config = self.config
+        marker = uuid.uuid4().hex
+        storage.write_bytes(STORAGE_MARKER, marker.encode())  # every student must see it: the storage is shared
+        payload = config.model_dump(mode="json")
+        restarts = -1 if config.runtime.fault.on_student_failure != "fail" else 0
+        shards = config.runtime.coordinator.shards
+        self.shards = [  # each serves its rows of every step; the first also holds records, evaluation, services
+            CoordinatorActor.options(
+                num_cpus=config.runtime.coordinator.cpus,
+                num_gpus=config.runtime.coordinator.gpus,
+                max_restarts=restarts,
+                scheduling_strategy=bundle_strategy(self.group, first + shard),
+            ).remote(payload, shard)
+            for shard in range(shards)
+        ]
+        self.coordinator = self.shards[0]
+        self.rpc_address = self._serve_rpc()  # before the students start: external ones may join meanwhile
+        self.lane = self._serve_lane()
+        self.actors = {
+            name: StudentActor.options(
+                num_cpus=bundles[name]["CPU"],
+                num_gpus=bundles[name].get("GPU", 0),
+                max_restarts=restarts,
+                scheduling_strategy=bundle_strategy(self.group, first + shards + position),
+            ).remote(payload, config.student_names().index(name),
+                     config.runtime.torch_threads or max(1, int(bundles[name]["CPU"])), storage.url, marker)
+            for position, name in enumerate(self.names)
+        }
+        self.infos = dict(zip(self.names, _get_with_user_errors([actor.info.remote() for actor in self.actors.values()])))
+        _get_with_user_errors([shard.register.remote(info) for shard in self.shards for info in self.infos.values()])
+        self.incarnations: list[str] = [state["incarnation"] for state in ray.get([shard.state.remote() for shard in self.shards])]
+        self.metrics_address = self._serve_metrics()
+        self._wait_for_external_students()
+        self.steps_per_epoch = ray.get(self.coordinator.state.remote())["steps_per_epoch"]
+        self._update_placements()
+
+    def placements(self) -> dict[str, dict[str, Any]]:
+        """Where each student runs (node id, GPU ids, device, pid)."""
+        return dict(zip(self.names, ray.get([self.actors[name].placement.remote() for name in self.names])))
+
+    def _serve_rpc(self) -> str | None:
+        """Have the coordinator serve the gRPC cohort service (again, after a restart)."""
+        return _get_with_user_errors(self.coordinator.serve_rpc.remote(self.token))
+
+    def _serve_lane(self) -> tuple[list[str], str] | None:
+        """Have every coordinator shard open its frame lane (again, after a restart) when the students exchange over TCP."""
+        if self.config.runtime.exchange.transport != "tcp":
+            return None
+        return ray.get([shard.serve_lane.remote(self._lane_secret) for shard in self.shards]), self._lane_secret
+
+    def _wait_for_external_students(self) -> None:
+        """Wait until every external student has joined the coordinator (a future the coordinator resolves),
+        or fail naming the missing ones."""
+        if not self.external:
+            return
+        timeout = self.config.rpc.join_timeout_s
+        print(f"rdml-dist: waiting up to {timeout:.0f} s for external students {', '.join(self.external)} at "
+              f"{self.rpc_address} (rdml-dist student CONFIG --coordinator {self.rpc_address} --name NAME)", flush=True)
+        missing = ray.get(self.coordinator.wait_for_members.remote(timeout))
+        if missing:
+            raise ClusterError(
+                f"external student(s) {', '.join(missing)} did not join the cohort service at {self.rpc_address} "
+                f"within {timeout:.0f} s (rpc.join_timeout_s); start each with: rdml-dist student CONFIG "
+                f"--coordinator {self.rpc_address} --name NAME"
+            )
+
+    def _serve_metrics(self) -> str | None:
+        """Have the coordinator serve its metrics (again, after a restart); keep Prometheus's file_sd current."""
+        address = _get_with_user_errors(self.coordinator.serve_metrics.remote())
+        if address is not None and self.file_sd is not None:
+            self.file_sd.point_at(address)
+        return address
+
+    def _update_placements(self) -> None:
+        """Learn (again, after restarts) where every student and the coordinator run, and record it."""
+        self.where = self.placements()
+        states = ray.get([shard.state.remote() for shard in self.shards])
+        lanes = self.lane[0] if self.lane else [None] * len(self.shards)
+        coordinator = {"node_id": states[0]["node_id"], "pid": states[0]["pid"], "metrics": self.metrics_address,
+                       "rpc": self.rpc_address, "lane": lanes[0]}
+        if len(self.shards) > 1:
+            coordinator["shards"] = [{"node_id": state["node_id"], "pid": state["pid"], "lane": lane} for state, lane in zip(states, lanes)]
+        external = {name: {"external": True, "coordinator": self.rpc_address} for name in self.external}
+        self.record_placements({**self.where, **external}, coordinator)
+
+    def live_members(self) -> list[str]:
+        return [name for name in self.names if name in self.live]
+
+    def publish_state(self, state: DriverState) -> None:
+        """Tell every coordinator shard the driver's state (status, metrics); nothing waits for it."""
+        for shard in self.shards:
+            shard.set_driver_state.remote(state.value)
+
+    # -- failures: one cause, one kind, one decision --------------------------------------------
+    def _failure(self, error: BaseException, source: str, step: int, restoring: bool = False) -> Failure:
+        """``error``, met on a call to ``source`` at ``step``, as a classified failure. A student's call that broke
+        while a coordinator died (or was replaced) is the coordinator's failure: Ray's account says more (not while
+        ``restoring``, when the coordinator is expected to be a new process)."""
+        cause = cause_of(error, source)
+        if source != COORDINATOR and not restoring and not isinstance(cause, (ProcessDied, StudentRestarted)):
+            death = self._coordinator_death()
+            if death is not None:
+                cause, source = death, COORDINATOR
+        kind = classify(cause, source)
+        student = None if source == COORDINATOR or kind in (FailureKind.COORDINATOR_DIED, FailureKind.COORDINATOR_ERROR) else source
+        node = self.where.get(student, {}).get("node_id") if student else None
+        return Failure(kind.value, step, one_line(cause), student=student, node=node)
+
+    def _coordinator_death(self) -> BaseException | None:
+        """Why a coordinator shard cannot answer as the one the driver restored, or None while all can."""
+        try:
+            states = ray.get([shard.state.remote() for shard in self.shards], timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
+            return cause_of(error, COORDINATOR)
+        for index, (state, incarnation) in enumerate(zip(states, self.incarnations)):
+            if state["incarnation"] != incarnation:
+                return CoordinatorReplaced(f"coordinator shard {index} was restarted (pid {state['pid']}) and lost its state")
+        return None
+
+    def _current_step(self, default: int) -> int:
+        """The step the coordinator is at (the failing one, when a student fails in a chunk), if it can still say."""
+        try:
+            state = ray.get(self.coordinator.state.remote(), timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return default
+        return state["step"] if state["incarnation"] == self.incarnations[0] else default
+
+    def _handle(self, failure: Failure, pending: Iterable[ray.ObjectRef] = (), may_continue: bool = True) -> None:
+        """Hand ``failure`` to the policy. Returns when the live students go on (``continue``, with a checkpoint to
+        rejoin from and some student still live); else the cohort stops and rolls back (raises)."""
+        try:
+            decision = self.policy.decide(failure)
+        except RunFailed:
+            self._abort(failure)
+            raise
+        if failure.kind == FailureKind.STUDENT_DIED.value and failure.student is not None:
+            self.coordinator.student_restarted.remote(failure.student)  # metrics only, and only for a restart
+        others = [name for name in self.live if name != failure.student] + list(self.external)
+        if decision is Decision.CONTINUE and may_continue and self.latest_checkpoint is not None and others:
+            return
+        self._roll_back(failure, list(pending))
+
+    def _abort(self, failure: Failure) -> None:
+        """Fail every step waiting on a coordinator shard now (a dead one already failed its callers)."""
+        try:
+            ray.get([shard.abort.remote(failure.describe()) for shard in self.shards], timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+
+    def _roll_back(self, failure: Failure, pending: list[ray.ObjectRef]) -> None:
+        """Stop the chunk on every student and have the loop take the cohort back to its latest checkpoint."""
+        self._abort(failure)
+        if pending:  # their errors are the abort's echo, not new failures: the restore meets any real one
+            ray.wait(pending, num_returns=len(pending), timeout=self.config.runtime.ray.exchange_timeout_s)
+        raise CohortRollback(failure.event())
+
+    def _on_coordinators(self, call: Callable[["ray.actor.ActorHandle", str], ray.ObjectRef], step: int,
+                         pending: Iterable[ray.ObjectRef] = ()) -> list[Any]:
+        """``call(shard, incarnation)`` on every coordinator shard; a failure goes to the policy (rolls back)."""
+        references = [call(shard, incarnation) for shard, incarnation in zip(self.shards, self.incarnations)]
+        try:
+            return ray.get(references)
+        except ray.exceptions.RayError as error:
+            self._handle(self._failure(error, COORDINATOR, step), pending, may_continue=False)
+            raise  # unreachable: a coordinator's failure always rolls back
+
+    # -- one chunk of steps ---------------------------------------------------------------------
+    def run_steps(self, start: int, end: int, restore_step: int, on_progress: Callable[[int], None]) -> list[dict[str, Any]]:
+        """Steps ``[start, end)``: the driver waits on the students' calls and on the coordinator's next step."""
+        self.latest_checkpoint = restore_step
+        calls = {
+            self.actors[name].run_steps.remote(start, end, self.shards, restore_step, self.lane): name
+            for name in self.live_members()
+        }
+        events: list[dict[str, Any]] = []
+        rejoining: list[str] = []
+        pending = list(calls)
+        step = start
+        watch = self._next_step(step)
+        stall = self.config.runtime.ray.exchange_timeout_s + STALL_MARGIN_S
+        while pending or (not calls and step < end):
+            done, _ = ray.wait([*pending, watch], num_returns=1, timeout=stall)
+            if not done:
+                self._handle(Failure(FailureKind.TIMEOUT.value, step, f"no step of the cohort finished within {stall:.0f} s"),
+                             pending, may_continue=False)
+            if done[0] == watch:
+                step = self._from_watch(watch, step, pending)
+                on_progress(step)
+                watch = self._next_step(step)
+                continue
+            pending.remove(done[0])
+            name = calls[done[0]]
+            try:
+                events.extend(ray.get(done[0]))
+            except ray.exceptions.RayError as error:
+                events.append(self._lose_student(name, error, self._current_step(step), pending))
+                rejoining.append(name)
+        for name in rejoining:
+            # The epoch the chunk ending at ``end`` belongs to: its end (if any) is closed by evaluate().
+            self._rejoin(name, restore_step, (end - 1) // self.steps_per_epoch, end)
+        return events
+
+    def _next_step(self, after: int) -> ray.ObjectRef:
+        """A future of the coordinator's step once it has moved past ``after``."""
+        return self.coordinator.step_after.remote(after, self.incarnations[0])
+
+    def _from_watch(self, watch: ray.ObjectRef, step: int, pending: list[ray.ObjectRef]) -> int:
+        try:
+            return ray.get(watch)
+        except ray.exceptions.RayError as error:
+            self._handle(self._failure(error, COORDINATOR, step), pending, may_continue=False)
+            raise  # unreachable
+
+    def _lose_student(self, name: str, error: ray.exceptions.RayError, step: int, pending: list[ray.ObjectRef]) -> dict[str, Any]:
+        """A call on student ``name`` failed at ``step``. Under ``continue`` it leaves the cohort (returns the
+        event) and the caller has it rejoin; anything else rolls the cohort back (raises)."""
+        failure = self._failure(error, name, step)
+        self._handle(failure, pending)
+        self._on_coordinators(lambda shard, incarnation: shard.mark_dead.remote(name, incarnation), step, pending)
+        self.live.discard(name)
+        return {**failure.event(), "action": "the live students went on"}
+
+    def _wait_until_restarted(self, actor: "ray.actor.ActorHandle", who: str, step: int) -> None:
+        """Wait until Ray has a process for ``actor`` again; one that never comes back fails the run."""
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while True:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=10)
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
+                if time.monotonic() > deadline or isinstance(error, ray.exceptions.ActorDiedError):
+                    failure = self._failure(error, who, step)
+                    raise RunFailed(f"{failure.describe()}; it was not restarted within {RESTART_TIMEOUT_S:.0f} s") from None
+                time.sleep(RESTART_POLL_S)  # Ray is starting its process: there is no future to wait on yet
+
+    def _rejoin(self, name: str, restore_step: int, cohort_epoch: int, step: int) -> None:
+        """A student lost under ``continue`` restores its checkpoint of ``restore_step``, catches up with the cohort's
+        epoch and takes part again. Failing meanwhile is a failure like any other: the policy counts it and,
+        under ``continue``, the rejoin is tried again."""
+        while True:
+            try:
+                self._wait_until_restarted(self.actors[name], name, step)
+                info = ray.get(self.actors[name].restore.remote(restore_step, cohort_epoch))
+            except ray.exceptions.RayError as error:
+                self._handle(self._failure(error, name, step), may_continue=True)
+                self._events.append({**self._last_failure_event(), "action": "the live students went on"})
+                continue
+            self._on_coordinators(lambda shard, incarnation: shard.revive.remote(info, incarnation), step)
+            self.live.add(name)
+            self._update_placements()
+            return
+
+    def _last_failure_event(self) -> dict[str, Any]:
+        return self.policy.failures[-1].event()
+
+    # -- epoch end, checkpoints, restore --------------------------------------------------------
+    def evaluate(self, epoch: int) -> EpochEvaluation:
+        end = (epoch + 1) * self.steps_per_epoch
+        self._on_live_students(lambda actor: actor.evaluate.remote(epoch, self.coordinator, self.incarnations[0]), end, epoch)
+        timeout = self.config.runtime.ray.exchange_timeout_s
+        return self._on_coordinators(lambda shard, incarnation: shard.evaluation.remote(epoch, timeout, incarnation), end)[0]
+
+    def pop_records(self, before_step: int) -> list[StepRecord]:
+        return merge_records(self._on_coordinators(
+            lambda shard, incarnation: shard.pop_records.remote(before_step, incarnation), before_step))
+
+    def pop_events(self) -> list[dict[str, Any]]:
+        events, self._events = self._events, []
+        return events
+
+    def save_checkpoint(self, step: int) -> None:
+        self._on_live_students(lambda actor: actor.save_checkpoint.remote(step), step, step // self.steps_per_epoch)
+
+    def _on_live_students(self, call: Callable[["ray.actor.ActorHandle"], ray.ObjectRef], step: int, cohort_epoch: int) -> None:
+        """Run ``call`` on every live student. One that fails meanwhile goes to the policy: under ``continue`` it is
+        restarted at ``cohort_epoch`` from the latest checkpoint and called again, else the cohort rolls back."""
+        calls = {call(self.actors[name]): name for name in self.live_members()}
+        while calls:
+            done, _ = ray.wait(list(calls), num_returns=1)
+            name = calls.pop(done[0])
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayError as error:
+                self._events.append(self._lose_student(name, error, step, list(calls)))
+                self._rejoin(name, self.latest_checkpoint, cohort_epoch, step)
+                calls[call(self.actors[name])] = name
+
+    def restore(self, step: int | None) -> None:
+        """Every student (restarted ones included) and the coordinator go back to the checkpoint of ``step`` (None: to
+        the initial state). A failure meanwhile goes to the policy, and the loop rolls back and restores again."""
+        at = step or 0
+        try:
+            for name, actor in self.actors.items():
+                self._wait_until_restarted(actor, name, at)
+            for shard in self.shards:
+                self._wait_until_restarted(shard, COORDINATOR, at)
+            self.rpc_address = self._serve_rpc()
+            self.lane = self._serve_lane()
+            self.metrics_address = self._serve_metrics()
+            epoch = at // self.steps_per_epoch
+            calls = {self.actors[name].restore.remote(step, epoch): name for name in self.names}
+            infos: list[StudentInfo] = [self._get_or_handle(reference, name, at, calls) for reference, name in calls.items()]
+            self.incarnations = [self._get_or_handle(shard.restore.remote(at, infos), COORDINATOR, at, {}) for shard in self.shards]
+            self._wait_for_external_students()  # a restarted coordinator knows none of them until they join again
+            self.live = set(self.names)
+            self.latest_checkpoint = step
+            self._update_placements()
+        except ray.exceptions.RayError as error:  # a call outside the restore calls proper (serving, placements)
+            self._handle(self._failure(error, COORDINATOR, at, restoring=True), may_continue=False)
+
+    def _get_or_handle(self, reference: ray.ObjectRef, source: str, step: int, others: dict[ray.ObjectRef, str]) -> Any:
+        try:
+            return ray.get(reference)
+        except ray.exceptions.RayError as error:
+            self._handle(self._failure(error, source, step, restoring=True), others, may_continue=False)
+            raise  # unreachable
+
+    def shutdown(self) -> None:
+        if self.file_sd is not None:
+            self.file_sd.remove()
+        for actor in [*self.actors.values(), *self.shards]:
+            ray.kill(actor, no_restart=True)
+        if self.owns_group:
+            ray.util.remove_placement_group(self.group)
+
+
+def _get_with_user_errors(references: Any) -> Any:
+    """``ray.get``, with an error meant for the user raised inside an actor (a config problem met by a
+    student, a model factory that fails, a port the coordinator cannot bind) re-raised as itself: one line
+    in the CLI, not a traceback."""
+    try:
+        return ray.get(references)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, (ConfigError, ClusterError)):
+            raise error.cause from None
+        if classify(cause_of(error, COORDINATOR), COORDINATOR) is FailureKind.USER_ERROR:
+            raise error.cause from None
+        raise

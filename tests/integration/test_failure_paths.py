@@ -1,0 +1,122 @@
+"""Every failure path goes through the failure policy: one test per path, on both transports.
+
+Each fault is triggered at a chosen call by a test model (:mod:`tests.integration.faulty_models`):
+a student that raises, dies or hangs at step N, in ``state_dict``, in evaluation or in restore, or
+that kills the coordinator while the cohort is idle between chunks. Nothing waits for a file to
+appear and then kills "a few seconds later". Each test asserts what the policy did, that the step
+log and ``results.json`` hold every step and epoch exactly once, and that no checkpoint is
+mislabelled: every checkpoint of a run the policy rolled back holds exactly the undisturbed run's
+weights of its step.
+"""
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rdml_dist.engines.failure_policy import RunFailed
+from rdml_dist.engines.ray_engine import train_ray
+from rdml_dist.errors import ConfigError
+from tests.integration.conftest import cohort_released, make_config, read_json, read_steps, wait_until
+from tests.integration.faulty_models import SIMULATED_OOM
+
+TRANSPORTS = ["tcp", "actor_calls"]
+NAMES = ["a", "b"]
+EPOCHS = 2
+STEPS_PER_EPOCH = math.ceil(round(1797 * 0.8) / 256)  # 6
+TOTAL = EPOCHS * STEPS_PER_EPOCH
+EXCHANGE_TIMEOUT_S = 20.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray(ray_session: None) -> None:
+    """Every test here shares the module's Ray session."""
+
+
+def _config(run_dir: Path, transport: str, faults: dict[str, list[dict[str, Any]]] | None = None, **fault: Any) -> Any:
+    faults = faults or {}
+    students = []
+    for name in NAMES:
+        if name in faults:
+            markers = run_dir.parent / f"{run_dir.name}-markers-{name}"
+            markers.mkdir(exist_ok=True)
+            students.append({"name": name, "model": "tests.integration.faulty_models:mlp_with_faults",
+                             "options": {"faults": faults[name], "markers": str(markers), "run_dir": str(run_dir)}})
+        else:
+            students.append({"name": name, "model": "mlp"})
+    return make_config(
+        run_dir, students,
+        training={"epochs": EPOCHS, "batch_size": 256},
+        runtime={"checkpoint": {"every_steps": 2, "keep": 100}, "fault": {"max_failures": 4, **fault},
+                 "exchange": {"transport": transport}},
+        ray={"exchange_timeout_s": EXCHANGE_TIMEOUT_S},
+    )
+
+
+_UNDISTURBED: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The undisturbed run of each transport, trained once when a test first needs it."""
+
+    def run(transport: str) -> Path:
+        if transport not in _UNDISTURBED:
+            run_dir = tmp_path_factory.mktemp(f"undisturbed-{transport}")
+            train_ray(_config(run_dir, transport), run_dir, show_progress=False).finish()
+            _UNDISTURBED[transport] = run_dir
+        return _UNDISTURBED[transport]
+
+    return run
+
+
+def _train(run_dir: Path, transport: str, faults: dict[str, list[dict[str, Any]]], **fault: Any) -> dict[str, Any]:
+    train_ray(_config(run_dir, transport, faults, **fault), run_dir, show_progress=False).finish()
+    wait_until(cohort_released, "the cohort is released")
+    return read_json(run_dir / "results.json")
+
+
+def _events(results: dict[str, Any]) -> list[tuple[Any, ...]]:
+    return [(event["kind"], event.get("student"), event["step"], event["action"]) for event in results["faults"]["events"]]
+
+
+def _checkpoints(run_dir: Path) -> dict[int, Path]:
+    return {int(path.parent.name.removeprefix("step-")): path.parent
+            for path in (run_dir / "checkpoints").glob("step-*/manifest.json")}
+
+
+def _assert_as_undisturbed(run_dir: Path, undisturbed: Path) -> None:
+    """Every step once, every epoch once, the same numbers, and every checkpoint the undisturbed one of its step."""
+    rows = read_steps(run_dir)
+    assert sorted((int(row["step"]), row["student"]) for row in rows) == [(step, name) for step in range(TOTAL) for name in NAMES]
+    expected = {(row["step"], row["student"]): row for row in read_steps(undisturbed)}
+    for row in rows:
+        for column in ("ce_loss", "mimicry_loss", "correct"):
+            assert row[column] == expected[(row["step"], row["student"])][column], (row["step"], row["student"], column)
+    results, reference = read_json(run_dir / "results.json"), read_json(undisturbed / "results.json")
+    assert [entry["epoch"] for entry in results["epochs"]] == list(range(EPOCHS))
+    assert [entry["ensemble_val_accuracy"] for entry in results["epochs"]] == [
+        entry["ensemble_val_accuracy"] for entry in reference["epochs"]]
+    checkpoints, reference_checkpoints = _checkpoints(run_dir), _checkpoints(undisturbed)
+    assert set(checkpoints) == set(reference_checkpoints)
+    for step, directory in checkpoints.items():
+        assert read_json(directory / "manifest.json")["step"] == step
+        for name in NAMES:
+            mine = torch.load(directory / f"{name}.pt", weights_only=True)["model"]
+            theirs = torch.load(reference_checkpoints[step] / f"{name}.pt", weights_only=True)["model"]
+            assert mine.keys() == theirs.keys() or {key.removeprefix("inner.") for key in mine} == set(theirs)
+            for key, tensor in theirs.items():
+                assert torch.equal(mine.get(key, mine.get(f"inner.{key}")), tensor), (step, name, key)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_students_own_exception_goes_to_the_policy_and_names_the_failing_step(
+    undisturbed: Any, tmp_path: Path, transport: str
+) -> None:
+    results = _train(tmp_path / "run", transport, {"a": [{"how": "raise", "where": "step", "after": 3}]})
+    assert _events(results) == [("student_error", "a", 3, "rolled back to step 2")]
+    assert SIMULATED_OOM in results["faults"]["events"][0]["cause"]
+    _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
