@@ -59,6 +59,17 @@ def test_a_tensor_that_does_not_match_its_header_is_refused(header: dict, payloa
         decode_tensor(header, payload, "logits")
 
 
+def test_the_header_names_every_field_of_the_frame() -> None:
+    """The header is the message vocabulary's fields by name (no positional lists), so either end can evolve them."""
+    frame = LogitsFrame("a", 3, "abc123", torch.zeros(1, 2), 1.25, 4, 5, 3, StepTiming(2, 0.5, 0.25))
+    header = frame_header("exchange", frame)
+    assert header == {"kind": "exchange", "step": 3, "batch_hash": "abc123", "ce_loss": 1.25, "correct": 4, "labelled": 5,
+                      "correct_clean": 3, "previous": {"step": 2, "compute_seconds": 0.5, "round_trip_seconds": 0.25}}
+    garbled = {**header, "previous": [2, 0.5, 0.25], "dtype": "float32", "shape": [1, 2]}
+    with pytest.raises(LaneProtocolError, match="lacks or garbles a field"):
+        frame_from("a", garbled, b"\0" * 8)
+
+
 def test_a_frame_without_its_fields_is_refused() -> None:
     with pytest.raises(LaneProtocolError, match="lacks or garbles a field"):
         frame_from("a", {"kind": "exchange", "dtype": "float32", "shape": [0]}, b"")

@@ -1,0 +1,115 @@
+"""The package's import structure: no cycles, and the light modules stay light (no torchvision, scikit-learn or torch)."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import rdml_dist
+
+PACKAGE = Path(rdml_dist.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(path): path for path in PACKAGE.rglob("*.py") if "generated" not in path.parts}
+
+
+def _imports(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
+    """Every package module ``path`` imports, anywhere in the file (module level, functions, TYPE_CHECKING)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], *filter(None, [base])])
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+    return {module for module in found if module in modules and module != name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(path, name, modules) for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a path that ends where it starts, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = 1
+        path.append(module)
+        for imported in sorted(graph[module]):
+            if state.get(imported) == 1:
+                return [*path[path.index(imported):], imported]
+            if imported not in state and (cycle := visit(imported)):
+                return cycle
+        path.pop()
+        state[module] = 2
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_graph_sees_imports_inside_functions_and_type_checking_blocks() -> None:
+    graph = import_graph()
+    assert "rdml_dist.engines.failure_policy" in graph["rdml_dist.cli"]  # inside a command function
+    assert "rdml_dist.barrier" in graph["rdml_dist.rpc.status"]  # under TYPE_CHECKING
+    assert "rdml_dist.messages.reasons" in graph["rdml_dist.errors"]
+
+
+def test_no_import_cycle_in_the_package() -> None:
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def _loaded_after(code: str) -> list[str]:
+    """The top-level names in ``sys.modules`` after a fresh interpreter runs ``code``."""
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted({{name.split('.')[0] for name in sys.modules}})))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_config_core_metrics_barrier_and_rpc_load_neither_torchvision_nor_sklearn() -> None:
+    loaded = _loaded_after(
+        "import rdml_dist.config, rdml_dist.coordinator, rdml_dist.metrics, rdml_dist.barrier, rdml_dist.rpc.server, "
+        "rdml_dist.rpc.service, rdml_dist.lane.server, rdml_dist.messages"
+    )
+    assert "torch" in loaded  # the core computes with torch: the check below is not vacuous
+    assert "torchvision" not in loaded and "sklearn" not in loaded
+
+
+def test_the_status_command_and_help_load_no_torch() -> None:
+    """``rdml-dist status`` runs for real (against a closed port: it reports the refusal) and loads no torch."""
+    loaded = _loaded_after(
+        "import contextlib, io, socket\nfrom rdml_dist.cli import main\n"
+        "for command in ('status', 'validate', 'train', 'student'):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main([command, '--help'])\n"
+        "with socket.socket() as free:\n"
+        "    free.bind(('127.0.0.1', 0))\n"
+        "    port = free.getsockname()[1]\n"
+        "with contextlib.redirect_stderr(io.StringIO()) as err:\n"
+        "    assert main(['status', '--coordinator', f'127.0.0.1:{port}']) == 1\n"
+        "assert 'cannot read the cohort' in err.getvalue(), err.getvalue()"
+    )
+    assert "grpc" in loaded and "pydantic" in loaded
+    assert "torch" not in loaded
