@@ -12,7 +12,8 @@ import csv
 import io
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import astuple, fields
+from dataclasses import fields
+from operator import attrgetter
 
 from rdml_dist.messages import StepRecord
 from rdml_dist.storage import Storage
@@ -21,6 +22,7 @@ PARTS = "steps"
 WHOLE_LOG = "steps.csv"
 COLUMNS = tuple(column.name for column in fields(StepRecord))
 _TYPES = tuple(column.type for column in fields(StepRecord))
+_VALUES = attrgetter(*COLUMNS)
 _PART = re.compile(r"part-(\d+)-(\d+)\.csv")
 
 
@@ -35,7 +37,7 @@ def encode(records: Iterable[StepRecord], header: bool = True) -> bytes:
     writer = csv.writer(lines)
     if header:
         writer.writerow(COLUMNS)
-    writer.writerows(astuple(record) for record in records)
+    writer.writerows(map(_VALUES, records))
     return lines.getvalue().encode()
 
 
