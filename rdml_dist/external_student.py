@@ -12,7 +12,6 @@ and follows the cohort through failures by itself:
 - a frame refused for NaN/inf sends it back to its latest snapshot, as a Ray student would.
 """
 
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from rdml_dist.checkpoints import CheckpointStore, checkpoint_directory
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.engines.loop import next_boundary
 from rdml_dist.errors import ClusterError, ConfigError
+from rdml_dist.logs import logger
 from rdml_dist.messages import NON_FINITE
 from rdml_dist.rpc.channel import describe, rejection_reason, status_code
 from rdml_dist.rpc.client import CohortClient, ExchangeStream
@@ -169,8 +169,7 @@ class ExternalStudent:
             self._snapshot(0)
         else:
             position = "its initial weights" if first else f"its weights of step {self.step}"
-            print(f"rdml-dist: student {self.name} has no snapshot of step {step}: it continues there from {position}",
-                  file=sys.stderr, flush=True)
+            logger.warning(f"student {self.name} has no snapshot of step {step}: it continues there from {position}")
             self.student.advance_to_epoch(step // self.student.steps_per_epoch)
             self._snapshot(step)
         return step

@@ -17,6 +17,7 @@ from rdml_dist.config import ExperimentConfig
 from rdml_dist.engines.loop import RunObserver, train_loop
 from rdml_dist.engines.session import RunSession, new_session
 from rdml_dist.errors import FrameRejected
+from rdml_dist.logs import logger
 from rdml_dist.messages import NON_FINITE, EpochEvaluation, StepRecord
 from rdml_dist.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import CohortMetrics, LockedRegistry, metrics_address, serve
@@ -106,7 +107,7 @@ def run_local(session: RunSession, show_progress: bool = True, observers: Sequen
     server = serve(cohort.registry, monitoring.host, monitoring.port) if monitoring.enabled else None
     try:
         if server is not None:
-            print(f"rdml-dist: metrics at http://{metrics_address(monitoring.host, server, monitoring.host)}/metrics", flush=True)
+            logger.info(f"metrics at http://{metrics_address(monitoring.host, server, monitoring.host)}/metrics")
         return train_loop(session.config, cohort, session.run, session.checkpoints, session.start, show_progress, observers)
     finally:
         if server is not None:

@@ -26,6 +26,7 @@ from rdml_dist.engines.loop import CohortRollback
 from rdml_dist.engines.placement import GivenPlacement, bundle_strategy
 from rdml_dist.engines.ray_actors import STORAGE_MARKER, CoordinatorActor, StudentActor
 from rdml_dist.errors import ClusterError, ConfigError, StudentRestarted
+from rdml_dist.logs import logger
 from rdml_dist.messages import EpochEvaluation, StepRecord, StudentInfo
 from rdml_dist.metrics import FileSdEntry
 from rdml_dist.shards import merge_records
@@ -153,8 +154,8 @@ class RayCohort:
         if not self.external:
             return
         timeout = self.config.rpc.join_timeout_s
-        print(f"rdml-dist: waiting up to {timeout:.0f} s for external students {', '.join(self.external)} at "
-              f"{self.rpc_address} (rdml-dist student CONFIG --coordinator {self.rpc_address} --name NAME)", flush=True)
+        logger.info(f"waiting up to {timeout:.0f} s for external students {', '.join(self.external)} at "
+                    f"{self.rpc_address} (rdml-dist student CONFIG --coordinator {self.rpc_address} --name NAME)")
         missing = ray.get(self.coordinator.wait_for_members.remote(timeout))
         if missing:
             raise ClusterError(

@@ -19,6 +19,7 @@ from rdml_dist.engines.placement import (
 from rdml_dist.engines.ray_cluster import connect
 from rdml_dist.engines.ray_cohort import RayCohort
 from rdml_dist.engines.session import RunSession, new_session
+from rdml_dist.logs import logger
 from rdml_dist.rpc.auth import check_bind, resolve_token
 from rdml_dist.run_directory import RunDirectory
 
@@ -45,16 +46,16 @@ def run_ray(
         student_cpus(config, student) for student in config.students if not student.external
     )
     connection = connect(config.runtime.ray.address, cpus_needed)
-    print(f"rdml-dist: {connection.description}", flush=True)
+    logger.info(connection.description)
     try:
         bundles = student_resources(config)
         owned = placement is None
         given = GivenPlacement(reserve_cohort(config, bundles), 0) if placement is None else placement
         cohort = RayCohort(config, given, bundles, session.storage, session.run.write_placements, token, owns_group=owned)
         if cohort.rpc_address:
-            print(f"rdml-dist: cohort service (gRPC) at {cohort.rpc_address}", flush=True)
+            logger.info(f"cohort service (gRPC) at {cohort.rpc_address}")
         if cohort.metrics_address:
-            print(f"rdml-dist: metrics at http://{cohort.metrics_address}/metrics", flush=True)
+            logger.info(f"metrics at http://{cohort.metrics_address}/metrics")
         try:
             return train_loop(config, cohort, session.run, session.checkpoints, session.start, show_progress, observers,
                               publish_state=cohort.publish_state)

@@ -61,8 +61,8 @@ def _train_without_address(tmp_path: Path) -> subprocess.CompletedProcess[str]:
 
 def _assert_trained_on_its_own_ray(result: subprocess.CompletedProcess[str], tmp_path: Path, cluster: str) -> None:
     assert result.returncode == 0, result.stderr
-    startup = [line for line in result.stdout.splitlines() if line.startswith("rdml-dist: ")]
-    assert startup and startup[0].startswith("rdml-dist: started a local Ray at 127.0.0.1:"), result.stdout
+    startup = [line.split(" rdml-dist INFO ", 1)[1] for line in result.stderr.splitlines() if " rdml-dist INFO " in line]
+    assert startup and startup[0].startswith("started a local Ray at 127.0.0.1:"), result.stderr
     assert cluster not in startup[0]
     assert len(read_json(tmp_path / "run" / "results.json")["epochs"]) == 1
 

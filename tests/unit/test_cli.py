@@ -1,6 +1,7 @@
 """The command line: validation messages, overrides, and a short local training run."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,11 @@ def test_train_default_locally_prints_the_table(tmp_path: Path, capsys: pytest.C
     run_dir = tmp_path / "run"
     overrides = ["--set", "training.epochs=1", "--set", "students.2.model=mlp", "--set", "runtime.torch_threads=1"]
     assert main(["train", "--engine", "local", "--no-progress", "--run-dir", str(run_dir), *overrides]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    log_line = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} rdml-dist INFO metrics at http://127\.0\.0\.1:\d+/metrics$"
+    assert re.search(log_line, captured.err, re.MULTILINE), captured.err  # events are log records in one format
+    assert "rdml-dist INFO" not in out  # the result table stays plain output
     assert "ensemble" in out and "final acc" in out
     results = json.loads((run_dir / "results.json").read_text())
     assert results["engine"] == "local" and len(results["epochs"]) == 1
