@@ -13,6 +13,7 @@ the same completed step.
 import errno
 import fcntl
 import json
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from http.server import HTTPServer
@@ -190,7 +191,7 @@ class FileSdEntry:
 
     Each run keeps its own entry (``{"targets": [address], "labels": {"run": run}}``) current: it
     replaces its previous address after the coordinator restarts and removes it when the run ends,
-    leaving the other runs' entries alone. Writers take an exclusive lock on ``PATH.lock`` around each
+    leaving the other runs' entries alone. Writers take an exclusive lock on the file's directory around each
     read-modify-write, and the file itself is replaced atomically, so Prometheus never reads a part.
     """
 
@@ -215,11 +216,14 @@ class FileSdEntry:
 
     def _update(self, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        directory = os.open(self.path.parent, os.O_RDONLY)  # the lock: the file itself is replaced, and no lock file stays
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX)
             entries = json.loads(self.path.read_text()) if self.path.exists() and self.path.stat().st_size else []
             document = json.dumps(change(entries), indent=2).encode()
             atomic_write(self.path, lambda handle: handle.write(document))
+        finally:
+            os.close(directory)  # closing the descriptor releases the lock
 
 
 def reachable_address(host: str, port: int, node_address: str) -> str:
