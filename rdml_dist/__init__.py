@@ -10,8 +10,7 @@ The names load on first use, so that importing one module of the package (``rdml
 for the schema, ``rdml_dist.cli`` for ``--help``) does not load torch's model and data code.
 """
 
-import importlib
-from typing import Any
+from rdml_dist.lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -37,14 +36,4 @@ _HOMES = {
 __all__ = sorted(_HOMES)
 
 
-def __getattr__(name: str) -> Any:
-    """Load a public name from its module on first use (PEP 562)."""
-    if name not in _HOMES:
-        raise AttributeError(f"module 'rdml_dist' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_HOMES])
+__getattr__ = lazy_names(__name__, _HOMES, globals())

@@ -17,7 +17,7 @@ from rdml_dist.config import ExperimentConfig
 from rdml_dist.engines.controller import DriverState
 from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.messages import (
-    EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepTiming, StudentInfo,
+    NOT_LIVE, EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepTiming, StudentInfo,
 )
 from rdml_dist.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import CohortMetrics, LockedRegistry
@@ -75,7 +75,7 @@ class CohortBarrier:
             if reply_step == step:
                 if not future.done():
                     future.set_exception(FrameRejected(
-                        f"student {name!r} is no longer a live member (it left during step {step})", "not_live"))
+                        f"student {name!r} is no longer a live member (it left during step {step})", NOT_LIVE))
                 del self._replies[(reply_step, name)]
         self._step_future(step).set_result(None)
         self._step_results.pop(step - 1, None)

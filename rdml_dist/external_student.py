@@ -24,7 +24,7 @@ from rdml_dist.config import ExperimentConfig
 from rdml_dist.engines.loop import next_boundary
 from rdml_dist.errors import ClusterError, ConfigError
 from rdml_dist.logs import logger
-from rdml_dist.messages import NON_FINITE
+from rdml_dist.messages import NON_FINITE, NOT_LIVE, WRONG_STEP
 from rdml_dist.rpc.channel import describe, rejection_reason, status_code
 from rdml_dist.rpc.client import CohortClient, ExchangeStream
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2
@@ -133,7 +133,7 @@ class ExternalStudent:
             self.result.recoveries += 1
             self._step_done()  # the cohort finished this step without the refused frame
             return
-        if code in FOLLOWED or rejection_reason(error) in ("wrong_step", "not_live"):
+        if code in FOLLOWED or rejection_reason(error) in (WRONG_STEP, NOT_LIVE):
             self.result.rejoins += 1
             self.step = self._join(first=False)
             return

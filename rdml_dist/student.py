@@ -21,7 +21,7 @@ from rdml_dist.config import ExperimentConfig, OptimizerConfig, data_spec
 from rdml_dist.data import augment_seed, batch_plan, data_fingerprint, indices_hash, load_dataset
 from rdml_dist.data.split import Batch
 from rdml_dist.devices import resolve_device
-from rdml_dist.messages import EvalFrame, LogitsFrame, StepTiming, StudentInfo
+from rdml_dist.messages import NON_FINITE, EvalFrame, LogitsFrame, StepTiming, StudentInfo
 from rdml_dist.models import build_model
 
 
@@ -277,7 +277,7 @@ class Student:
         """
         self.restore_from(checkpoints, restore_step, step // self.steps_per_epoch)
         self.back_off_learning_rate(self.config.runtime.fault.nan_lr_backoff)
-        return {"kind": "non_finite", "student": self.name, "step": step, "cause": cause,
+        return {"kind": NON_FINITE, "student": self.name, "step": step, "cause": cause,
                 "action": f"restored its checkpoint of step {restore_step}"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -6,10 +6,8 @@ The other names load on first use: the batch plan and the spec do not load the d
 (torchvision, scikit-learn).
 """
 
-import importlib
-from typing import Any
-
 from rdml_dist.data.batch_plan import augment_seed, batch_plan, indices_hash  # light, and batch_plan names a module too
+from rdml_dist.lazy import lazy_names
 
 _HOMES = {
     "check_data_spec": "rdml_dist.data.check",
@@ -38,11 +36,4 @@ __all__ = [
     "load_dataset",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """Load a public name from its module on first use (PEP 562)."""
-    if name not in _HOMES:
-        raise AttributeError(f"module 'rdml_dist.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _HOMES, globals())

@@ -8,9 +8,10 @@ kind of failure each is. The failure policy then decides what the cohort does ab
 import enum
 
 from rdml_dist.errors import ClusterError, CohortStepFailed, ConfigError, CoordinatorUnreachable, FrameRejected, StudentRestarted
+from rdml_dist.messages import DATA_MISMATCH, UNKNOWN_STUDENT
 
 COORDINATOR = "coordinator"  # the ``source`` of a failure met on a coordinator call
-USER_REJECTIONS = ("data_mismatch", "unknown_student")  # a refusal that no restart can cure: the user's data or config
+USER_REJECTIONS = (DATA_MISMATCH, UNKNOWN_STUDENT)  # a refusal that no restart can cure: the user's data or config
 
 
 class FailureKind(str, enum.Enum):

@@ -113,3 +113,25 @@ def test_the_status_command_and_help_load_no_torch() -> None:
     )
     assert "grpc" in loaded and "pydantic" in loaded
     assert "torch" not in loaded
+
+
+# A string equal to a reason code that means something else: allowed, with the reason.
+OTHER_MEANINGS = {("rdml_dist/engines/failures.py", "timeout"): "a failure kind, not a refusal"}
+
+
+def test_message_shapes_and_reason_codes_are_defined_once_in_the_vocabulary() -> None:
+    """Outside rdml_dist.messages (and generated code) no module redefines a message type or spells a reason code."""
+    import rdml_dist.messages as messages
+
+    found = []
+    for name, path in _modules().items():
+        if name.startswith("rdml_dist.messages"):
+            continue
+        where = str(path.relative_to(PACKAGE.parent))
+        for node in ast.walk(ast.parse(path.read_text(), where)):
+            if isinstance(node, ast.ClassDef) and node.name in messages.__all__:
+                found.append(f"{where}:{node.lineno} defines {node.name}")
+            if (isinstance(node, ast.Constant) and node.value in messages.REASONS
+                    and (where, node.value) not in OTHER_MEANINGS):
+                found.append(f"{where}:{node.lineno} spells the reason code {node.value!r}")
+    assert not found, "\n".join(found)
