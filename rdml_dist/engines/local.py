@@ -20,7 +20,7 @@ from rdml_dist.errors import FrameRejected
 from rdml_dist.logs import logger
 from rdml_dist.messages import NON_FINITE, EpochEvaluation, StepRecord
 from rdml_dist.metered_coordinator import MeteredCoordinator
-from rdml_dist.metrics import CohortMetrics, LockedRegistry, metrics_address, serve
+from rdml_dist.metrics import CohortMetrics, FileSdEntry, LockedRegistry, metrics_address, serve
 from rdml_dist.run_directory import RunDirectory
 from rdml_dist.student import Student
 
@@ -105,11 +105,17 @@ def run_local(session: RunSession, show_progress: bool = True, observers: Sequen
     cohort = LocalCohort(session.config, session.checkpoints)
     monitoring = session.config.monitoring
     server = serve(cohort.registry, monitoring.host, monitoring.port) if monitoring.enabled else None
+    file_sd = FileSdEntry(monitoring.file_sd, session.config.name) if server is not None and monitoring.file_sd else None
     try:
         if server is not None:
-            logger.info(f"metrics at http://{metrics_address(monitoring.host, server, monitoring.host)}/metrics")
+            address = metrics_address(monitoring.host, server, monitoring.host)
+            logger.info(f"metrics at http://{address}/metrics")
+            if file_sd is not None:
+                file_sd.point_at(address)
         return train_loop(session.config, cohort, session.run, session.checkpoints, session.start, show_progress, observers)
     finally:
+        if file_sd is not None:
+            file_sd.remove()
         if server is not None:
             server.shutdown()
             server.server_close()

@@ -85,3 +85,35 @@ def test_file_sd_keeps_one_entry_per_run_and_drops_it_when_the_run_ends(tmp_path
     runs[1].remove()
     listed = {entry["labels"]["run"]: entry["targets"] for entry in json.loads(path.read_text())}
     assert listed["run-0"] == ["127.0.0.1:9600"] and "run-1" not in listed and len(listed) == 7
+
+
+class FileSdProbe:
+    """Reads the file_sd file while the run goes on (an observer of its epochs)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen: list[list[dict]] = []
+
+    def on_epoch(self, entry: dict) -> None:
+        self.seen.append(json.loads(self.path.read_text()))
+
+    def on_checkpoint(self, step: int, manifest: dict) -> None:
+        pass
+
+
+def test_a_local_run_lists_its_metrics_in_file_sd_while_it_runs(tmp_path: Path) -> None:
+    from rdml_dist.engines import run_session
+    from rdml_dist.engines.session import new_session
+
+    targets = tmp_path / "targets.json"
+    FileSdEntry(str(targets), "another-run").point_at("127.0.0.1:1")  # a run already listed stays listed
+    config = parse_config({
+        "name": "local-sd", "students": [{"model": "mlp", "name": "a"}, {"model": "mlp", "name": "b"}],
+        "training": {"epochs": 1, "batch_size": 256}, "runtime": {"engine": "local", "torch_threads": 1},
+        "monitoring": {"port": 0, "file_sd": str(targets)},
+    })
+    probe = FileSdProbe(targets)
+    run_session(new_session(config, tmp_path / "run"), show_progress=False, observers=[probe])
+    (during,) = probe.seen
+    assert {entry["labels"]["run"] for entry in during} == {"another-run", "local-sd"}
+    assert json.loads(targets.read_text()) == [{"targets": ["127.0.0.1:1"], "labels": {"run": "another-run"}}]
