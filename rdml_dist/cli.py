@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="draw the PNG plots of a run (accuracy, losses, time per step)")
     report.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory (a path or a URI)")
     report.add_argument("--out", metavar="DIR", help="where the PNGs go (default: RUN_DIR/plots)")
+    tune = commands.add_parser("tune", help="a Ray Tune sweep, each trial one whole cohort (needs rdml-dist[tune])")
+    tune.add_argument("config", metavar="SWEEP", help="sweep YAML file (base experiment, search space, metric, scheduler)")
+    tune.add_argument("--resume", action="store_true", help="continue the sweep after its driver died (finished trials stay)")
+    tune.add_argument("--address", help="Ray cluster to join (default: the sweep's address, else start a local one)")
     for command in (student, status):
         command.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the cohort service's address")
         command.add_argument("--token", help="the cohort's bearer token (default: the RDML_RPC_TOKEN variable)")
@@ -75,8 +79,13 @@ def _config_problems(error: ConfigError, what: str = "invalid config") -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from rdml_dist.config import load_config
+    from rdml_dist.tune.sweep import is_sweep_file
 
     try:
+        if args.config and not args.overrides and is_sweep_file(args.config):
+            from rdml_dist.tune.command import validate_command
+
+            return validate_command(args.config)
         config = load_config(args.config, args.overrides)
     except ConfigError as error:
         return _config_problems(error)
@@ -201,8 +210,23 @@ def _student(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from rdml_dist.tune import TUNE_MISSING, tune_available
+
+    if not tune_available():
+        print(f"rdml-dist: {TUNE_MISSING}", file=sys.stderr)
+        return 2
+    from rdml_dist.tune.command import tune_command
+
+    try:
+        return tune_command(args.config, args.resume, args.address)
+    except ConfigError as error:
+        return _config_problems(error, "invalid sweep")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _train, "validate": _validate, "student": _student, "status": _status, "report": _plots,
+    "tune": _tune,
 }
 
 
