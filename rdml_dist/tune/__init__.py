@@ -4,7 +4,7 @@
 extra) runs it and ``results`` turns Tune's results into a table, ``best.yaml`` and plots.
 """
 
-TUNE_MISSING = 'rdml-dist tune needs Ray Tune: pip install "rdml-dist[tune]" (or "ray[tune]==2.60.*")'
+TUNE_MISSING = 'tune needs Ray Tune, which is not installed: pip install "rdml-dist[tune]" (or "ray[tune]==2.60.*")'
 
 
 def tune_available() -> bool:
