@@ -10,6 +10,7 @@ other threads.
 
 import asyncio
 import threading
+from typing import Any
 
 from prometheus_client import Gauge
 
@@ -23,6 +24,25 @@ from rdml_dist.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import CohortMetrics, LockedRegistry
 
 
+class LockedMetrics:
+    """The cohort's metrics, each update taken under ``lock``: the lock a scrape takes instead of the barrier's,
+    so a scrape never waits behind a step's computation, and still never sees half an update."""
+
+    def __init__(self, metrics: CohortMetrics, lock: threading.Lock) -> None:
+        self._metrics, self._lock = metrics, lock
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._metrics, name)
+        if not callable(attribute):
+            return attribute
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attribute(*args, **kwargs)
+
+        return locked
+
+
 class CohortBarrier:
     """Async barrier around the coordinator core: one batched computation answers all students.
 
@@ -32,9 +52,11 @@ class CohortBarrier:
 
     def __init__(self, config: ExperimentConfig, shard: int = 0, shards: int = 1) -> None:
         self.config = config
-        self.lock = threading.Lock()
-        self.registry = LockedRegistry(self.lock)
-        self.core = MeteredCoordinator(config, CohortMetrics.for_config(config, self.registry), shard=shard, shards=shards)
+        self.lock = threading.Lock()  # the core's: held by every step's computation
+        self.metrics_lock = threading.Lock()  # the metrics': held only while they are updated or scraped
+        self.registry = LockedRegistry(self.metrics_lock)
+        metrics = LockedMetrics(CohortMetrics.for_config(config, self.registry), self.metrics_lock)
+        self.core = MeteredCoordinator(config, metrics, shard=shard, shards=shards)  # type: ignore[arg-type]
         self._step_results: dict[int, asyncio.Future[None]] = {}  # resolved when the step is over
         self._replies: dict[tuple[int, str], asyncio.Future[MimicryReply]] = {}  # (step, student) -> its gradient
         self._scores: dict[int, asyncio.Future[EpochEvaluation]] = {}  # epoch -> its scores, once every live student sent them
@@ -217,10 +239,10 @@ class CohortBarrier:
         return self.unregistered()
 
     def set_driver_state(self, state: str) -> None:
-        with self.lock:
+        with self.metrics_lock:
             for known in DriverState:
                 self._driver_gauge.labels(self.config.name, known.value).set(1 if known.value == state else 0)
-            self.driver_state = state
+        self.driver_state = state
 
     def pop_records(self, before_step: int) -> list[StepRecord]:
         with self.lock:

@@ -23,11 +23,13 @@ from rdml_dist.run_directory import RunDirectory
 
 
 class CohortRollback(Exception):
-    """The cohort must go back to its latest complete checkpoint (``event`` says why)."""
+    """The cohort must go back to its latest complete checkpoint (``event`` says why; ``earlier`` holds the fault
+    events met before it in the stopped work, which the rollback must not lose)."""
 
-    def __init__(self, event: dict[str, Any]) -> None:
+    def __init__(self, event: dict[str, Any], earlier: list[dict[str, Any]] | None = None) -> None:
         super().__init__(event.get("cause", "rollback"))
         self.event = event
+        self.earlier = list(earlier or [])
 
 
 class Cohort(Protocol):
@@ -105,6 +107,7 @@ def train_loop(
     target: int | None = None if start is None else start["step"]  # the checkpoint the cohort goes back to
     step = restore_step = 0 if target is None else target
     epoch_started = time.perf_counter()
+    begun = False
     try:
         with tqdm(total=total, initial=step, disable=not show_progress, unit="step") as bar:
             progress = _progress_callback(bar)
@@ -113,7 +116,9 @@ def train_loop(
                 try:
                     if state is DriverState.STARTING:
                         if target is None:
-                            run.write_config()
+                            if not begun:  # once: a second start (after a failure before step 0's checkpoint) keeps the events
+                                run.write_config()
+                                begun = True
                             _checkpoint(config, cohort, run, checkpoints, 0)
                             state = DriverState.RUNNING
                         else:
@@ -146,7 +151,7 @@ def train_loop(
                 except CohortRollback as rollback:
                     latest = checkpoints.latest()
                     where = "the initial state" if latest is None else f"step {latest['step']}"
-                    run.add_events([{**rollback.event, "action": f"rolled back to {where}"}])
+                    run.add_events([*cohort.pop_events(), *rollback.earlier, {**rollback.event, "action": f"rolled back to {where}"}])
                     state, why = DriverState.ROLLING_BACK, str(rollback)
             states.enter(DriverState.FINISHING)
     except BaseException as error:

@@ -90,6 +90,9 @@ class RayCohort:
         self.lane: tuple[list[str], str] | None = None  # every shard's frame-lane address, and the secret
         self.latest_checkpoint: int | None = None  # the step a student restarted under ``continue`` restores
         self._events: list[dict[str, Any]] = []  # failures met while evaluating or checkpointing, for pop_events
+        self._inflight: dict[ray.ObjectRef, str] = {}  # the students' calls under way, by student
+        self._reported_deaths: set[str] = set()  # processes whose death is in an event since the placements were read
+        self._coordinator_pids: list[int] = []
         try:  # whatever fails while starting must not leave the actors and the reservation behind
             self._start(placement.first_bundle, bundles, storage)
         except BaseException:
@@ -172,9 +175,23 @@ class RayCohort:
         return address
 
     def _update_placements(self) -> None:
-        """Learn (again, after restarts) where every student and the coordinator run, and record it."""
+        """Learn (again, after restarts) where every student and the coordinator run, and record it. A process that
+        was replaced without any call meeting its death (it died while nothing was asked of it) is reported here."""
+        before, pids_before = self.where, self._coordinator_pids
         self.where = self.placements()
         states = ray.get([shard.state.remote() for shard in self.shards])
+        self._coordinator_pids = [state["pid"] for state in states]
+        replaced = [(name, before[name]["pid"], self.where[name]["pid"]) for name in self.names
+                    if name in before and before[name]["pid"] != self.where[name]["pid"]]
+        replaced += [(COORDINATOR, old, new) for old, new in zip(pids_before, self._coordinator_pids) if old != new]
+        for who, old, new in replaced:
+            if who not in self._reported_deaths:
+                kind = FailureKind.COORDINATOR_DIED if who == COORDINATOR else FailureKind.STUDENT_DIED
+                student = None if who == COORDINATOR else who
+                self._events.append({**Failure(kind.value, self.latest_checkpoint or 0, f"its process was replaced (pid {old} -> {new})",
+                                               student=student, node=self.where.get(who, {}).get("node_id")).event(),
+                                     "action": "restored with the cohort"})
+        self._reported_deaths.clear()
         lanes = self.lane[0] if self.lane else [None] * len(self.shards)
         coordinator = {"node_id": states[0]["node_id"], "pid": states[0]["pid"], "metrics": self.metrics_address,
                        "rpc": self.rpc_address, "lane": lanes[0]}
@@ -202,6 +219,8 @@ class RayCohort:
             if death is not None:
                 cause, source = death, COORDINATOR
         kind = classify(cause, source)
+        if kind in (FailureKind.STUDENT_DIED, FailureKind.COORDINATOR_DIED):
+            self._reported_deaths.add(source if kind is FailureKind.STUDENT_DIED else COORDINATOR)
         student = None if source == COORDINATOR or kind in (FailureKind.COORDINATOR_DIED, FailureKind.COORDINATOR_ERROR) else source
         node = self.where.get(student, {}).get("node_id") if student else None
         return Failure(kind.value, step, one_line(cause), student=student, node=node)
@@ -248,11 +267,24 @@ class RayCohort:
             pass
 
     def _roll_back(self, failure: Failure, pending: list[ray.ObjectRef]) -> None:
-        """Stop the chunk on every student and have the loop take the cohort back to its latest checkpoint."""
+        """Stop the chunk on every student and have the loop take the cohort back to its latest checkpoint.
+
+        The calls still under way fail with the abort's echo; a student that died meanwhile is reported
+        (the restore brings it back with the cohort), never silently dropped.
+        """
         self._abort(failure)
-        if pending:  # their errors are the abort's echo, not new failures: the restore meets any real one
-            ray.wait(pending, num_returns=len(pending), timeout=self.config.runtime.ray.exchange_timeout_s)
-        raise CohortRollback(failure.event())
+        deaths = []
+        if pending:
+            done, _ = ray.wait(pending, num_returns=len(pending), timeout=self.config.runtime.ray.exchange_timeout_s)
+            for reference in done:
+                name = self._inflight.get(reference)
+                died = _own_death(reference)
+                if name is not None and died is not None and name != failure.student:
+                    self._reported_deaths.add(name)
+                    deaths.append({**Failure(FailureKind.STUDENT_DIED.value, failure.step, one_line(died), student=name,
+                                             node=self.where.get(name, {}).get("node_id")).event(),
+                                   "action": "restored with the cohort"})
+        raise CohortRollback(failure.event(), deaths)
 
     def _on_coordinators(self, call: Callable[["ray.actor.ActorHandle", str], ray.ObjectRef], step: int,
                          pending: Iterable[ray.ObjectRef] = ()) -> list[Any]:
@@ -272,7 +304,16 @@ class RayCohort:
             self.actors[name].run_steps.remote(start, end, self.shards, restore_step, self.lane): name
             for name in self.live_members()
         }
+        self._inflight = dict(calls)
         events: list[dict[str, Any]] = []
+        try:
+            return self._follow_chunk(calls, events, start, end, restore_step, on_progress)
+        except CohortRollback as rollback:  # what the chunk met before the rollback stays in the run's faults
+            rollback.earlier[:0] = events
+            raise
+
+    def _follow_chunk(self, calls: dict[ray.ObjectRef, str], events: list[dict[str, Any]], start: int, end: int,
+                      restore_step: int, on_progress: Callable[[int], None]) -> list[dict[str, Any]]:
         rejoining: list[str] = []
         pending = list(calls)
         step = start
@@ -316,7 +357,11 @@ class RayCohort:
         event) and the caller has it rejoin; anything else rolls the cohort back (raises)."""
         failure = self._failure(error, name, step)
         self._handle(failure, pending)
-        self._on_coordinators(lambda shard, incarnation: shard.mark_dead.remote(name, incarnation), step, pending)
+        try:
+            self._on_coordinators(lambda shard, incarnation: shard.mark_dead.remote(name, incarnation), step, pending)
+        except CohortRollback as rollback:  # the coordinator failed too: the student's failure is still reported
+            rollback.earlier.append({**failure.event(), "action": "restored with the cohort (the coordinator failed too)"})
+            raise
         self.live.discard(name)
         return {**failure.event(), "action": "the live students went on"}
 
@@ -342,16 +387,14 @@ class RayCohort:
                 self._wait_until_restarted(self.actors[name], name, step)
                 info = ray.get(self.actors[name].restore.remote(restore_step, cohort_epoch))
             except ray.exceptions.RayError as error:
-                self._handle(self._failure(error, name, step), may_continue=True)
-                self._events.append({**self._last_failure_event(), "action": "the live students went on"})
+                failure = self._failure(error, name, step)
+                self._handle(failure)
+                self._events.append({**failure.event(), "action": "the live students went on; it rejoins again"})
                 continue
             self._on_coordinators(lambda shard, incarnation: shard.revive.remote(info, incarnation), step)
             self.live.add(name)
             self._update_placements()
             return
-
-    def _last_failure_event(self) -> dict[str, Any]:
-        return self.policy.failures[-1].event()
 
     # -- epoch end, checkpoints, restore --------------------------------------------------------
     def evaluate(self, epoch: int) -> EpochEvaluation:
@@ -375,6 +418,7 @@ class RayCohort:
         """Run ``call`` on every live student. One that fails meanwhile goes to the policy: under ``continue`` it is
         restarted at ``cohort_epoch`` from the latest checkpoint and called again, else the cohort rolls back."""
         calls = {call(self.actors[name]): name for name in self.live_members()}
+        self._inflight = calls
         while calls:
             done, _ = ray.wait(list(calls), num_returns=1)
             name = calls.pop(done[0])
@@ -422,6 +466,19 @@ class RayCohort:
             ray.kill(actor, no_restart=True)
         if self.owns_group:
             ray.util.remove_placement_group(self.group)
+
+
+def _own_death(reference: ray.ObjectRef) -> BaseException | None:
+    """The error of a finished student call when it is the student's own death (not the abort's echo), else None."""
+    try:
+        ray.get(reference, timeout=0)
+    except ray.exceptions.RayTaskError as error:
+        return error.cause if isinstance(error.cause, StudentRestarted) else None
+    except ray.exceptions.RayActorError as error:
+        return error
+    except ray.exceptions.RayError:
+        return None
+    return None
 
 
 def _get_with_user_errors(references: Any) -> Any:

@@ -120,3 +120,112 @@ def test_a_students_own_exception_goes_to_the_policy_and_names_the_failing_step(
     assert _events(results) == [("student_error", "a", 3, "rolled back to step 2")]
     assert SIMULATED_OOM in results["faults"]["events"][0]["cause"]
     _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_death_during_restore_rolls_back_again(undisturbed: Any, tmp_path: Path, transport: str) -> None:
+    faults = {"a": [{"how": "exit", "where": "step", "after": 3}, {"how": "exit", "where": "restore"}]}
+    results = _train(tmp_path / "run", transport, faults)
+    assert _events(results) == [("student_died", "a", 3, "rolled back to step 2"), ("student_died", "a", 2, "rolled back to step 2")]
+    _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_second_death_while_the_cohort_rolls_back_is_handled_too(undisturbed: Any, tmp_path: Path, transport: str) -> None:
+    faults = {"a": [{"how": "raise", "where": "step", "after": 3}], "b": [{"how": "exit", "where": "restore"}]}
+    results = _train(tmp_path / "run", transport, faults)
+    assert _events(results) == [("student_error", "a", 3, "rolled back to step 2"), ("student_died", "b", 2, "rolled back to step 2")]
+    _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_death_while_rejoining_under_continue_is_retried(tmp_path: Path, transport: str) -> None:
+    faults = {"a": [{"how": "exit", "where": "step", "after": 3}, {"how": "exit", "where": "restore"}]}
+    results = _train(tmp_path / "run", transport, faults, on_student_failure="continue")
+    assert _events(results) == [("student_died", "a", 3, "the live students went on"),
+                                ("student_died", "a", 4, "the live students went on; it rejoins again")]
+    rows = read_steps(tmp_path / "run")
+    assert sorted(int(row["step"]) for row in rows if row["student"] == "b") == list(range(TOTAL))  # b never stopped
+    assert sorted(int(row["step"]) for row in rows if row["student"] == "a") == [step for step in range(TOTAL) if step != 3]
+    assert [entry["epoch"] for entry in results["epochs"]] == list(range(EPOCHS))
+    assert all(entry["students"]["a"]["val_accuracy"] is not None for entry in results["epochs"])  # a rejoined
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_exchange_timeout_goes_to_the_policy(undisturbed: Any, tmp_path: Path, transport: str) -> None:
+    faults = {"a": [{"how": "hang", "where": "step", "after": 3, "seconds": EXCHANGE_TIMEOUT_S + 8}]}
+    results = _train(tmp_path / "run", transport, faults)
+    assert _events(results) == [("timeout", "b", 3, "rolled back to step 2")]  # b waited for a at the barrier
+    _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_death_in_the_step_0_checkpoint_starts_the_cohort_again(undisturbed: Any, tmp_path: Path, transport: str) -> None:
+    results = _train(tmp_path / "run", transport, {"a": [{"how": "exit", "where": "state_dict"}]})
+    assert _events(results) == [("student_died", "a", 0, "rolled back to the initial state")]
+    _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_coordinator_killed_while_idle_between_chunks_is_a_coordinator_failure(
+    undisturbed: Any, tmp_path: Path, transport: str
+) -> None:
+    """Killed while the students score epoch 0: the calls that follow reach a fresh process, which refuses them."""
+    faults = {"a": [{"how": "kill_coordinator", "where": "evaluation", "after": STEPS_PER_EPOCH}]}
+    results = _train(tmp_path / "run", transport, faults)
+    assert _events(results) == [("coordinator_died", None, STEPS_PER_EPOCH, "rolled back to step 4")]
+    _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_student_lost_under_continue_while_the_coordinator_dies_rolls_back(
+    undisturbed: Any, tmp_path: Path, transport: str
+) -> None:
+    """mark_dead on a dead coordinator is a coordinator failure; the student's death is reported too."""
+    faults = {"a": [{"how": "kill_coordinator_and_exit", "where": "step", "after": 3}]}
+    results = _train(tmp_path / "run", transport, faults, on_student_failure="continue")
+    kinds = {(event["kind"], event.get("student")) for event in results["faults"]["events"]}
+    assert kinds == {("coordinator_died", None), ("student_died", "a")}, results["faults"]["events"]
+    assert results["faults"]["events"][-1]["action"] == "rolled back to step 2"
+    _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_losing_every_live_student_under_continue_rolls_back_instead_of_a_mislabelled_checkpoint(
+    undisturbed: Any, tmp_path: Path, transport: str
+) -> None:
+    faults = {name: [{"how": "exit", "where": "step", "after": 3}] for name in NAMES}
+    results = _train(tmp_path / "run", transport, faults, on_student_failure="continue")
+    events = _events(results)
+    assert sorted(event[1] for event in events) == NAMES and {event[2] for event in events} == {3}
+    assert [event[3] for event in events] == ["the live students went on", "rolled back to step 2"]
+    _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))  # every checkpoint holds its own step's weights
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_under_fail_the_report_names_the_failing_step(tmp_path: Path, transport: str) -> None:
+    with pytest.raises(RunFailed, match=r"student 'a' on node \w+ died at step 3: ActorDiedError"):
+        _train(tmp_path / "run", transport, {"a": [{"how": "exit", "where": "step", "after": 3}]}, on_student_failure="fail")
+    wait_until(cohort_released, "the cohort is released")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_model_factory_that_fails_ends_the_run_with_one_line_and_leaves_nothing_behind(tmp_path: Path, transport: str) -> None:
+    config = make_config(tmp_path, [{"name": "a", "model": "tests.integration.faulty_models:failing_factory"},
+                                    {"name": "b", "model": "mlp"}],
+                         runtime={"exchange": {"transport": transport}})
+    with pytest.raises(ConfigError) as error:
+        train_ray(config, tmp_path, show_progress=False)
+    assert str(error.value) == ("students.0: student 'a' could not be built: RuntimeError: the model factory failed: "
+                                "simulated bug in the user's code")
+    wait_until(cohort_released, "the placement group and the actors are released")
