@@ -10,15 +10,21 @@ weights of its step.
 """
 
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 import torch
 
 from rdml_dist.engines.failure_policy import RunFailed
+from rdml_dist.engines.failures import CoordinatorReplaced
+from rdml_dist.engines.ray_actors import CoordinatorActor
 from rdml_dist.engines.ray_engine import train_ray
 from rdml_dist.errors import ConfigError
+from rdml_dist.messages import EvalFrame, StudentInfo
 from tests.integration.conftest import cohort_released, make_config, read_json, read_steps, wait_until
 from tests.integration.faulty_models import SIMULATED_OOM
 
@@ -229,3 +235,41 @@ def test_a_model_factory_that_fails_ends_the_run_with_one_line_and_leaves_nothin
     assert str(error.value) == ("students.0: student 'a' could not be built: RuntimeError: the model factory failed: "
                                 "simulated bug in the user's code")
     wait_until(cohort_released, "the placement group and the actors are released")
+
+
+def _refusal(reference: Any) -> BaseException:
+    with pytest.raises(ray.exceptions.RayTaskError) as refused:
+        ray.get(reference, timeout=60)
+    return refused.value.cause
+
+
+def _pid_or_none(coordinator: Any) -> int | None:
+    try:
+        return ray.get(coordinator.state.remote(), timeout=10)["pid"]
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None
+
+
+@pytest.mark.timeout(180)
+def test_control_calls_to_a_restarted_coordinator_are_refused_not_answered_from_an_empty_core(tmp_path: Path) -> None:
+    """pop_records must not return [] and submit_eval must not say "not a live member": the process changed."""
+    config = _config(tmp_path, "actor_calls")
+    coordinator = CoordinatorActor.options(max_restarts=-1, num_cpus=0).remote(config.model_dump(mode="json"))
+    infos = [StudentInfo(name, 20, 4, 3, steps_per_epoch=3) for name in NAMES]
+    try:
+        ray.get([coordinator.register.remote(info) for info in infos])
+        first = ray.get(coordinator.state.remote())
+        assert ray.get(coordinator.pop_records.remote(0, first["incarnation"])) == []
+        os.kill(first["pid"], signal.SIGKILL)
+        wait_until(lambda: _pid_or_none(coordinator) not in (None, first["pid"]), "Ray restarts the coordinator", 90)
+        stale = first["incarnation"]
+        scores = EvalFrame("a", 0, torch.eye(3)[[0, 1, 2, 0]], torch.tensor([0, 1, 2, 1]))
+        for call in (coordinator.pop_records.remote(3, stale), coordinator.submit_eval.remote(scores, stale),
+                     coordinator.mark_dead.remote("a", stale), coordinator.step_after.remote(0, stale),
+                     coordinator.evaluation.remote(0, 5.0, stale)):
+            cause = _refusal(call)
+            assert isinstance(cause, CoordinatorReplaced) and "lost the cohort's state" in str(cause), cause
+        fresh = ray.get(coordinator.restore.remote(0, infos))  # the driver restores it and adopts the new process
+        assert fresh != stale and ray.get(coordinator.pop_records.remote(0, fresh)) == []
+    finally:
+        ray.kill(coordinator, no_restart=True)
