@@ -11,7 +11,6 @@ Checkpoints live beside these files and are managed by :mod:`rdml_dist.checkpoin
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable
 from typing import Any
 
 import yaml
@@ -20,6 +19,7 @@ from rdml_dist import step_log
 from rdml_dist.checkpoints import CHECKPOINTS
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.epoch_totals import EpochTotals
+from rdml_dist.run_summary import RunSummary
 from rdml_dist.errors import ConfigError
 from rdml_dist.messages import EpochEvaluation, StepRecord
 from rdml_dist.step_log import WHOLE_LOG as STEP_LOG
@@ -32,11 +32,6 @@ RESULTS_JSON = "results.json"
 RESULTS_TABLE = "results.txt"
 CONFIG_FILE = "config.yaml"
 PLACEMENTS_JSON = "placements.json"
-
-
-def _mean(values: Iterable[float]) -> float:
-    finite = [value for value in values if not math.isnan(value)]
-    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _json_safe(value: Any) -> Any:
@@ -66,6 +61,7 @@ class RunDirectory:
         self.epochs: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self._epoch_texts: list[str] = []  # each epoch's entry as JSON, encoded once
+        self._summary = RunSummary(config.student_names(), config.training.last_epochs_reported)
         self._open_epochs: dict[int, EpochTotals] = {}
         self._results_stale = False
         if resume_from is not None:
@@ -88,6 +84,7 @@ class RunDirectory:
     def _set_epochs(self, epochs: list[dict[str, Any]]) -> None:
         self.epochs = list(epochs)
         self._epoch_texts = [json.dumps(_json_safe(entry)) for entry in self.epochs]
+        self._summary = RunSummary(self.config.student_names(), self.config.training.last_epochs_reported, self.epochs)
 
     def _restore_position(self, manifest: dict[str, Any]) -> None:
         """Step log, open epochs and pending rows as they were at the checkpoint ``manifest``."""
@@ -148,6 +145,7 @@ class RunDirectory:
         }
         self.epochs.append(entry)
         self._epoch_texts.append(json.dumps(_json_safe(entry)))
+        self._summary.add(entry)
         self.write_results()
         return entry
 
@@ -177,23 +175,7 @@ class RunDirectory:
 
     def summary(self) -> dict[str, Any]:
         """Final, best and last-k-mean validation accuracy per student and for the ensemble (the papers' score)."""
-        last_k = self.config.training.last_epochs_reported
-        series = {name: [entry["students"][name]["val_accuracy"] for entry in self.epochs] for name in self.config.student_names()}
-        series["ensemble"] = [entry["ensemble_val_accuracy"] for entry in self.epochs]
-        timing_keys = ("compute_seconds", "round_trip_seconds", "wait_seconds", "exchange_overhead_seconds")
-        result = {}
-        for name, accuracies in series.items():
-            known = [value for value in accuracies if value is not None and not math.isnan(value)]
-            result[name] = {
-                "final_val_accuracy": accuracies[-1] if accuracies else math.nan,
-                "best_val_accuracy": max(known, default=math.nan),
-                f"mean_last_{last_k}_val_accuracy": _mean(known[-last_k:]),
-            }
-            if name != "ensemble":
-                for key in timing_keys:
-                    values = (entry["students"][name].get(key) for entry in self.epochs)
-                    result[name][f"mean_{key}"] = _mean(math.nan if value is None else value for value in values)
-        return result
+        return self._summary.result()
 
     def fault_counts(self) -> dict[str, int]:
         """How many of each fault event the run went through."""

@@ -18,6 +18,7 @@ from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig, parse_config
 from rdml_dist.coordinator import EpochEvaluation, StepRecord
 from rdml_dist.run_directory import RESULTS_JSON, RunDirectory
+from rdml_dist.run_summary import TIMING_KEYS, RunSummary
 from rdml_dist.step_log import WHOLE_LOG, encode, part_name, parts, read_step_log, truncate, write_part
 from rdml_dist.storage import Storage
 
@@ -223,3 +224,36 @@ def test_a_run_from_before_parts_resumes_from_its_whole_log(tmp_path: Path) -> N
     truncate(storage, 6)
     assert texts(read_step_log(storage)) == texts([row for row in rows if row.step < 6])
     assert [(first, last) for first, last, _ in parts(storage)] == [(0, 5)] and not storage.exists(WHOLE_LOG)
+
+
+def test_the_running_summary_equals_the_summary_of_all_epochs_at_once() -> None:
+    rng = random.Random(3)
+    maybe = (lambda value: rng.choice([value, value, math.nan, None]))
+    entries = [{"epoch": epoch, "ensemble_val_accuracy": maybe(rng.random()), "students": {
+        name: {"val_accuracy": maybe(rng.random()), **{key: maybe(rng.random()) for key in TIMING_KEYS}} for name in STUDENTS}}
+        for epoch in range(40)]
+    summary = RunSummary(list(STUDENTS), last_k=5)
+    for count, entry in enumerate(entries, start=1):
+        summary.add(entry)
+        assert repr(summary.result()) == repr(summary_at_once(entries[:count], 5))
+    assert repr(RunSummary(list(STUDENTS), 5, entries[:17]).result()) == repr(summary_at_once(entries[:17], 5))  # a rollback's
+
+
+def summary_at_once(epochs: list[dict[str, Any]], last_k: int) -> dict[str, dict[str, Any]]:
+    """The summary computed from every epoch at once, as results.json always described it."""
+    def mean(values: list[Any]) -> float:
+        known = [value for value in values if value is not None and not math.isnan(value)]
+        return sum(known) / len(known) if known else math.nan
+
+    series = {name: [entry["students"][name]["val_accuracy"] for entry in epochs] for name in STUDENTS}
+    series["ensemble"] = [entry["ensemble_val_accuracy"] for entry in epochs]
+    result = {}
+    for name, accuracies in series.items():
+        known = [value for value in accuracies if value is not None and not math.isnan(value)]
+        result[name] = {"final_val_accuracy": accuracies[-1] if accuracies else math.nan,
+                        "best_val_accuracy": max(known, default=math.nan),
+                        f"mean_last_{last_k}_val_accuracy": mean(known[-last_k:])}
+        if name != "ensemble":
+            for key in TIMING_KEYS:
+                result[name][f"mean_{key}"] = mean([entry["students"][name].get(key) for entry in epochs])
+    return result
