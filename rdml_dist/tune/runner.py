@@ -1,5 +1,6 @@
 """Run a sweep on Ray Tune (needs the ``tune`` extra), or continue one whose driver died."""
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from rdml_dist.tune.sweep import SweepConfig, trial_experiment
 from rdml_dist.tune.trainable import TrialPlan, run_trial, trial_resources
 
 RUNS = "runs"
-FILE_SD = "file_sd"
+FILE_SD = "file_sd.json"
 
 
 def trial_directory_name(trial: Any) -> str:
@@ -19,8 +20,35 @@ def trial_directory_name(trial: Any) -> str:
 
 
 def plan_of(sweep: SweepConfig, base: dict[str, Any]) -> TrialPlan:
+    """Runs under the sweep's directory; trials listed in the base's ``monitoring.file_sd``, else the sweep's own."""
     directory = sweep.directory()
-    return TrialPlan(base=base, runs=str(directory / RUNS), file_sd=str(directory / FILE_SD), driver_cpus=sweep.driver_cpus)
+    file_sd = (base.get("monitoring") or {}).get("file_sd") or str(directory / FILE_SD)
+    return TrialPlan(base=base, runs=str(directory / RUNS), file_sd=file_sd, driver_cpus=sweep.driver_cpus)
+
+
+def monitoring_release(plan: TrialPlan) -> Any:
+    """A Tune callback that drops an ended trial's file_sd entry: a trial stopped by ASHA is killed with its actors
+    before its cohort can drop the entry itself."""
+    from ray import tune
+
+    from rdml_dist.metrics import FileSdEntry
+
+    class ReleaseMonitoring(tune.Callback):
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._release(trial.trial_id)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._release(trial.trial_id)
+
+        def _release(self, trial_id: str) -> None:
+            placements = Path(plan.runs) / trial_id / "placements.json"
+            if not placements.exists():
+                return
+            entry = FileSdEntry(plan.file_sd, trial_id)
+            entry.address = json.loads(placements.read_text())["coordinator"].get("metrics")
+            entry.remove()
+
+    return ReleaseMonitoring()
 
 
 def trainable(plan: TrialPlan) -> Any:
@@ -86,7 +114,6 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], resume: bool = False, ca
         if tune.Tuner.can_restore(str(directory)):
             raise ConfigError("name", f"{directory} already holds sweep {sweep.name!r}; continue it with --resume, "
                                       "or choose another name or storage")
-        Path(plan.file_sd).mkdir(parents=True, exist_ok=True)
         tuner = tune.Tuner(
             wrapped,
             param_space=param_space(sweep),
@@ -99,7 +126,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], resume: bool = False, ca
                 name=sweep.name, storage_path=str(directory.parent),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.checkpoints_to_keep),
                 failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                callbacks=list(callbacks), verbose=1,
+                callbacks=[monitoring_release(plan), *callbacks], verbose=1,
             ),
         )
     return tuner.fit()

@@ -25,7 +25,7 @@ class TrialPlan:
 
     base: dict[str, Any]
     runs: str  # {sweep dir}/runs: each trial's run directory is runs/<trial id>
-    file_sd: str  # {sweep dir}/file_sd: one Prometheus file_sd file per live trial
+    file_sd: str  # the Prometheus file_sd file listing every live trial (run label: the trial's id)
     driver_cpus: float
 
 
@@ -39,7 +39,7 @@ def trial_config(plan: TrialPlan, params: dict[str, Any], trial_id: str) -> Expe
         "runtime.engine": "ray",
         "runtime.ray.address": None,
         "monitoring.port": 0,
-        "monitoring.file_sd": str(Path(plan.file_sd) / f"{trial_id}.json"),
+        "monitoring.file_sd": plan.file_sd,
         "rpc.port": 0,
     }
     return trial_experiment(plan.base, overrides)
@@ -124,8 +124,5 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     else:
         session = new_session(config, location, overwrite=True, engine="ray")
     placement = GivenPlacement(ray.util.get_current_placement_group(), COHORT_FIRST_BUNDLE)
-    try:
-        with standard_observers(session) as observers:  # the trial's own TensorBoard events and plots, as any run
-            run_ray(session, show_progress=False, observers=[*observers, TuneReporter(location)], placement=placement)
-    finally:
-        Path(config.monitoring.file_sd).unlink(missing_ok=True)  # only live trials are scraped
+    with standard_observers(session) as observers:  # the trial's own TensorBoard events and plots, as any run
+        run_ray(session, show_progress=False, observers=[*observers, TuneReporter(location)], placement=placement)
