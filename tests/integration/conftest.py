@@ -9,10 +9,10 @@ from rdml_dist.engines.loopback import keep_local_ray_on_loopback
 keep_local_ray_on_loopback()
 
 import contextlib  # noqa: E402
-import csv  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import astuple  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -20,6 +20,8 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 
 from rdml_dist.config import ExperimentConfig, parse_config  # noqa: E402
+from rdml_dist.step_log import COLUMNS, read_step_log  # noqa: E402
+from rdml_dist.storage import Storage  # noqa: E402
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -153,9 +155,8 @@ def make_config(run_dir: Path, students: list[dict[str, Any]], **sections: Any) 
 
 
 def read_steps(run_dir: Path) -> list[dict[str, str]]:
-    """The rows of a run's ``steps.csv``."""
-    with (run_dir / "steps.csv").open(newline="") as handle:
-        return list(csv.DictReader(handle))
+    """The rows of a run's step log (its parts, through the documented reader), as ``steps.csv`` writes them."""
+    return [{column: str(value) for column, value in zip(COLUMNS, astuple(record))} for record in read_step_log(Storage(str(run_dir)))]
 
 
 def read_json(path: Path) -> Any:

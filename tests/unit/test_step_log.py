@@ -257,3 +257,16 @@ def summary_at_once(epochs: list[dict[str, Any]], last_k: int) -> dict[str, dict
             for key in TIMING_KEYS:
                 result[name][f"mean_{key}"] = mean([entry["students"][name].get(key) for entry in epochs])
     return result
+
+
+def test_a_checkpoint_from_before_results_held_the_epochs_restores_from_its_manifest(tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path / "old"))
+    storage.write_bytes(WHOLE_LOG, encode(chunk(0, 12, 0)))
+    epoch = {"epoch": 0, "seconds": 1.0, "alpha": 1.0, "mimicry_weight": 0.5, "ensemble_val_accuracy": 0.7,
+             "students": {name: {"val_accuracy": 0.5} for name in STUDENTS}}
+    event = {"kind": "non_finite", "student": "a", "step": 3, "cause": "NaN"}
+    manifest = {"step": 10, "epochs_done": 1, "members": list(STUDENTS), "live": list(STUDENTS), "engine": "local",
+                "epochs": [epoch], "events": [event]}
+    run = RunDirectory(storage, experiment(storage.url), "local", resume_from=manifest)
+    assert run.epochs == [epoch] and run.events == [event]
+    assert [row.step for row in read_step_log(storage)][-1] == 9
