@@ -64,9 +64,8 @@ def render_status(status: cohort_pb2.CohortStatus) -> str:
     """A readable table of one status snapshot."""
     phase = cohort_pb2.CohortPhase.Name(status.phase).removeprefix("COHORT_PHASE_").lower()
     lines = [
-        f"cohort {status.cohort}: {phase}, driver {status.driver_state or 'unknown'}, "
-        f"step {status.step}/{status.total_steps} (epoch {status.epoch}), "
-        f"alpha {status.alpha:g}, weight {status.weight:g}",
+        f"cohort {status.cohort}: {phase}, step {status.step}/{status.total_steps} (epoch {status.epoch}), "
+        f"alpha {status.alpha:g}, weight {status.weight:g}; driver {status.driver_state or 'unknown'}",
         f"{'student':<20} {'model':<16} {'where':<8} {'live':<5} {'step':>6} {'ce':>8} {'mimicry':>8} {'samples/s':>10}",
     ]
     for student in status.students:

@@ -325,6 +325,7 @@ def test_status_shows_the_live_cohort(trio: Cohort) -> None:
                            env=child_environment(), capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "cohort wire: training, step 1/6 (epoch 0), alpha 2" in shown.stdout
+    assert status.driver_state == "starting" and "; driver starting" in shown.stdout  # no driver has said otherwise
     assert "waiting for: b, c" in shown.stdout and all(f"\n{name} " in shown.stdout for name in "abc")
     watched = subprocess.Popen([*RDML_DIST, "status", "--coordinator", trio.service.server.address, "--watch",
                                 "--interval", "0.2"], env=child_environment(RDML_RPC_TOKEN=TOKEN), stdout=subprocess.PIPE, text=True)
