@@ -1,10 +1,7 @@
 """rdml_dist.data: loading every supported format, label corruption, batch plan, augmentation."""
 
 import hashlib
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -207,15 +204,12 @@ def test_indices_hash_is_short_stable_and_sensitive() -> None:
     assert indices_hash(indices.flip(0)) != digest
 
 
-def test_augment_seed_is_the_documented_hash_in_every_process_and_varies() -> None:
-    """Students in other processes (other hash seeds, other platforms) must derive the same crops and flips."""
+def test_augment_seed_is_the_documented_hash_and_varies() -> None:
+    """Students in other processes and on other platforms derive the same crops and flips: the seed is a blake2b
+    hash of ``augment:seed:epoch:step`` (no process state such as Python's salted ``hash``)."""
     recipe = int.from_bytes(hashlib.blake2b(b"augment:1:2:3", digest_size=8).digest(), "little") & (2**63 - 1)
     assert augment_seed(1, 2, 3) == recipe == 5018291674588323140
-    other_process = subprocess.run(
-        [sys.executable, "-c", "from rdml_dist.data.batch_plan import augment_seed; print(augment_seed(-1, 0, 10**30))"],
-        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "12345"},
-    )
-    assert int(other_process.stdout) == augment_seed(-1, 0, 10**30)
+    assert augment_seed(-1, 0, 10**30) == 4827761866691951108  # any integer, negative or huge
     assert len({augment_seed(1, 2, 3), augment_seed(1, 2, 4), augment_seed(1, 3, 3), augment_seed(2, 2, 3)}) == 4
 
 
