@@ -32,6 +32,8 @@ RESULTS_JSON = "results.json"
 RESULTS_TABLE = "results.txt"
 CONFIG_FILE = "config.yaml"
 PLACEMENTS_JSON = "placements.json"
+TENSORBOARD_DIR = "tensorboard"  # written by rdml_dist.tensorboard_events
+PLOTS_DIR = "plots"  # written by rdml_dist.plots
 
 
 def _json_safe(value: Any) -> Any:
@@ -100,7 +102,7 @@ class RunDirectory:
         checkpoints and logs only when the new run has really started. The saved config (defaults
         filled in) is what ``--resume`` continues with.
         """
-        for leftover in (CHECKPOINTS, RESULTS_JSON, RESULTS_TABLE):
+        for leftover in (CHECKPOINTS, RESULTS_JSON, RESULTS_TABLE, TENSORBOARD_DIR, PLOTS_DIR):
             self.storage.delete(leftover)
         step_log.clear(self.storage)
         config_text = yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False).encode()

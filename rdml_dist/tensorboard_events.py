@@ -19,9 +19,8 @@ from typing import Any
 
 from tensorboardX import SummaryWriter
 
+from rdml_dist.run_directory import TENSORBOARD_DIR
 from rdml_dist.storage import Storage
-
-TENSORBOARD_DIR = "tensorboard"
 
 # results.json's per-student keys -> the scalar's name under student/<name>/
 STUDENT_SCALARS = {
@@ -71,8 +70,6 @@ class TensorBoardObserver:
 
     def _open(self) -> SummaryWriter:
         """This session's event file, starting (and purging earlier sessions' events) at its first epoch."""
-        if not self.epochs_done:  # a fresh run (or --overwrite): the events of a replaced run must not mix in
-            self.storage.delete(TENSORBOARD_DIR)
         if not self.storage.is_local:
             self._staging = tempfile.TemporaryDirectory(prefix="rdml-tensorboard-")
         directory = self.storage.path(TENSORBOARD_DIR) if self._staging is None else self._staging.name

@@ -108,3 +108,13 @@ def test_report_writes_the_plots_of_a_run(tmp_path: Path, capsys: pytest.Capture
 def test_report_of_a_directory_without_results_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert "holds no results.json" in capsys.readouterr().err
+
+
+def test_a_run_that_replaces_another_leaves_none_of_its_events_or_plots(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train_cohort(tiny_cohort(str(run_dir), epochs=2), show_progress=False)
+    (run_dir / "plots" / "from-before.png").write_bytes(b"not a plot of this run")
+    train_cohort(tiny_cohort(str(run_dir), epochs=1), show_progress=False, overwrite=True)
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert [step for step, _ in scalars(run_dir / "tensorboard")["ensemble/val_accuracy"]] == [0]
+    assert not (run_dir / "plots" / "from-before.png").exists()
