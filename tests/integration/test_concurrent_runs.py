@@ -6,6 +6,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from tests.integration.cli_process import run_cli
 
 RPC_LINE = re.compile(r"rdml-dist INFO cohort service \(gRPC\) at (\S+)")
@@ -38,7 +40,14 @@ def test_two_default_runs_started_at_once_both_complete_at_their_own_addresses(t
         coordinator = json.loads((tmp_path / name / "placements.json").read_text())["coordinator"]
         assert (coordinator["rpc"], coordinator["metrics"]) == (rpc[0], metrics[0])
         assert listed[name] == {metrics[0]}  # its own file_sd entry while it ran
-        assert len(json.loads((tmp_path / name / "results.json").read_text())["epochs"]) == 1
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert len(results["epochs"]) == 1
+        events = EventAccumulator(str(tmp_path / name / "tensorboard"))
+        events.Reload()
+        for student in results["students"]:  # the default run's TensorBoard events, read by TensorBoard's reader
+            (point,) = events.Scalars(f"student/{student}/val_accuracy")
+            assert (point.step, round(point.value, 6)) == (0, round(results["epochs"][0]["students"][student]["val_accuracy"], 6))
+        assert sorted(path.name for path in (tmp_path / name / "plots").iterdir()) == ["accuracy.png", "losses.png", "timing.png"]
         addresses.append((rpc[0], metrics[0]))
     assert len({address for pair in addresses for address in pair}) == 4, addresses
     assert json.loads(targets.read_text()) == []  # each run took its entry away when it ended
