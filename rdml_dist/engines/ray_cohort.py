@@ -223,7 +223,8 @@ class RayCohort:
             self._reported_deaths.add(source if kind is FailureKind.STUDENT_DIED else COORDINATOR)
         student = None if source == COORDINATOR or kind in (FailureKind.COORDINATOR_DIED, FailureKind.COORDINATOR_ERROR) else source
         node = self.where.get(student, {}).get("node_id") if student else None
-        return Failure(kind.value, step, one_line(cause), student=student, node=node)
+        described = str(cause) if isinstance(cause, ProcessDied) else one_line(cause)  # Ray's own account of the death
+        return Failure(kind.value, step, described, student=student, node=node)
 
     def _coordinator_death(self) -> BaseException | None:
         """Why a coordinator shard cannot answer as the one the driver restored, or None while all can."""
