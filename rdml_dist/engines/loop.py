@@ -136,7 +136,7 @@ def train_loop(
                             continue
                         end = next_boundary(step, steps_per_epoch, config.runtime.checkpoint.every_steps)
                         entry = _run_chunk(config, cohort, run, checkpoints, step, end, restore_step, progress, observers,
-                                           time.perf_counter() - epoch_started)
+                                           epoch_started)
                         if entry is not None:
                             bar.set_postfix_str(describe_epoch(entry))
                             epoch_started = time.perf_counter()
@@ -162,7 +162,7 @@ def train_loop(
 
 def _run_chunk(
     config: ExperimentConfig, cohort: Cohort, run: RunDirectory, checkpoints: CheckpointStore, step: int, end: int,
-    restore_step: int, progress: Callable[[int], None], observers: Sequence[RunObserver], epoch_seconds: float,
+    restore_step: int, progress: Callable[[int], None], observers: Sequence[RunObserver], epoch_started: float,
 ) -> dict[str, Any] | None:
     """Steps ``[step, end)``, their records, the epoch's score when it ends there, and the checkpoint of ``end``.
 
@@ -174,7 +174,7 @@ def _run_chunk(
     entry = None
     if end % steps_per_epoch == 0:
         epoch = end // steps_per_epoch - 1
-        entry = run.record_epoch(epoch, cohort.evaluate(epoch), epoch_seconds)
+        entry = run.record_epoch(epoch, cohort.evaluate(epoch), time.perf_counter() - epoch_started)
     manifest = _checkpoint(config, cohort, run, checkpoints, end)
     for observer in observers:
         if entry is not None:
