@@ -2,8 +2,9 @@
 
 The coordinator must be async: each student's ``exchange`` call waits inside the actor until
 every live student of the step has arrived, which a plain (one call at a time) actor would
-deadlock on. Read-only control calls (state, records, scores) have their own concurrency group
-so that step traffic never starves them. Both actors are restarted by Ray when their process
+deadlock on. Read-only control calls (state, records, metrics) have their own concurrency group
+so that step traffic never starves them; what the driver waits for (the next step, an epoch's
+scores) is awaited on the loop that resolves it. Both actors are restarted by Ray when their process
 dies (``max_restarts``); a restarted actor starts fresh and the driver restores it from the
 run's latest checkpoint.
 """
