@@ -14,7 +14,7 @@ import torch
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.data.batch_plan import batch_plan, indices_hash
 from rdml_dist.devices import resolve_device
-from rdml_dist.divergence import mimicry_gradients
+from rdml_dist.divergence import MimicryWorkspace, mimicry_gradients, stack_by_sample
 from rdml_dist.errors import FrameRejected
 from rdml_dist.messages import (
     BATCH_MISMATCH, DATA_MISMATCH, DUPLICATE, NON_FINITE, NOT_LIVE, UNKNOWN_STUDENT, WRONG_SHAPE, WRONG_STEP,
@@ -43,6 +43,9 @@ class CohortCoordinator:
         self.clock = clock
         # With a GPU in its bundle the batched computation runs there; replies always leave on the CPU.
         self.device = resolve_device(config.runtime.device) if config.runtime.coordinator.gpus > 0 else torch.device("cpu")
+        # Reused every step: _answer is done with a step's stacked logits and gradients before it returns
+        # (replies and records hold new tensors and floats), so the next step may overwrite them.
+        self._workspace = MimicryWorkspace()
         self.info: dict[str, StudentInfo] = {}
         self.step = 0
         self._pending: dict[str, LogitsFrame] = {}
@@ -246,13 +249,13 @@ class CohortCoordinator:
         alpha = alpha_at(mimicry, progress, self.config.training.epochs)
         weight = mimicry_weight_at(mimicry, progress)
         result = mimicry_gradients(
-            # Any wire dtype, stacked by sample (B×K×C memory, a K×B×C view): the row blocks are then plain slices.
-            torch.stack([frame.logits for frame in frames], dim=1).to(self.device, torch.float32).transpose(0, 1),
+            stack_by_sample([frame.logits for frame in frames], self.device, self._workspace),  # any wire dtype
             alpha=alpha,
             temperature=mimicry.temperature,
             mode=mimicry.mode,
             divergence=mimicry.divergence,
             with_targets=False,
+            workspace=self._workspace,
         )
         grads, losses = result.grads.cpu(), result.losses.cpu()
         batch_rows = self.expected_batch(self.step)[1]

@@ -61,8 +61,9 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown mimicry target mode {mode!r} (allowed: {', '.join(TARGET_MODES)})")
 
 
-ClosedForm = Callable[[Tensor, float, float, str, torch.dtype, bool], MimicryResult]
-"""``(logits K×B×C, α, τ, mode, compute dtype, with_targets)`` → the cohort's result, in the compute dtype."""
+ClosedForm = Callable[[Tensor, float, float, str, torch.dtype, bool, "MimicryWorkspace | None"], MimicryResult]
+"""``(logits K×B×C, α, τ, mode, compute dtype, with_targets, workspace)`` → the cohort's result, in the compute
+dtype (in the workspace's buffers when one is given)."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,36 @@ def _saturating_exp_(x: Tensor) -> Tensor:
     return x.clamp_(min=math.log(torch.finfo(x.dtype).tiny) + 1).exp_()
 
 
+class MimicryWorkspace:
+    """Buffers one caller keeps between calls of :func:`mimicry_gradients` (the coordinator: one a step).
+
+    A step then writes into memory that is already mapped, and often still cached, instead of
+    faulting in fresh pages (tens of MB a step at K = 64, C = 1000). A result computed with a
+    workspace lives in it: it is valid until the workspace's next use, and the caller must be done
+    with it by then. Each buffer keeps its largest size, so a short last batch costs nothing.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The buffer ``name`` viewed as ``shape`` (uninitialised; made anew only to grow or change dtype/device)."""
+        size = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < size or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._buffers[name] = torch.empty(size, dtype=dtype, device=device)
+        return buffer[:size].view(shape)
+
+
+def _empty(
+    workspace: MimicryWorkspace | None, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """A buffer from ``workspace``, or a fresh tensor without one."""
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return workspace.empty(name, shape, dtype, device)
+
+
 class _RenyiBuffers(NamedTuple):
     """What the pairwise Rényi computation writes, laid out by sample so a block of rows is a slice.
 
@@ -223,14 +254,16 @@ class _RenyiBuffers(NamedTuple):
     shifts: Tensor
 
     @classmethod
-    def empty(cls, batch: int, k: int, classes: int, dtype: torch.dtype, device: torch.device, with_targets: bool) -> "_RenyiBuffers":
+    def empty(
+        cls, batch: int, k: int, classes: int, dtype: torch.dtype, device: torch.device, with_targets: bool,
+        workspace: MimicryWorkspace | None = None,
+    ) -> "_RenyiBuffers":
         """Buffers for ``batch`` samples (targets only when asked for)."""
-        grads = torch.empty(batch, k, classes, dtype=dtype, device=device)
         return cls(
-            grads,
-            torch.empty_like(grads) if with_targets else None,
-            torch.empty(batch, k, k, dtype=dtype, device=device),
-            torch.empty(batch, 2, k, dtype=dtype, device=device),
+            _empty(workspace, "grads", (batch, k, classes), dtype, device),
+            _empty(workspace, "targets", (batch, k, classes), dtype, device) if with_targets else None,
+            _empty(workspace, "log_overlap", (batch, k, k), dtype, device),
+            _empty(workspace, "shifts", (batch, 2, k), dtype, device),
         )
 
     def rows(self, rows: slice) -> "_RenyiBuffers":
@@ -252,21 +285,35 @@ def _normaliser_parts(buffers: _RenyiBuffers, alpha: float) -> tuple[Tensor, Ten
 
 
 def _pairwise_renyi_losses(buffers: _RenyiBuffers, alpha: float) -> Tensor:
-    """Student k's loss 1/((K−1)(α−1)) · Σ_{j≠k} logZ_jk, batch mean."""
-    batch, k = buffers.shifts.shape[0], buffers.shifts.shape[2]
-    _, peer_part, own_part = _normaliser_parts(buffers, alpha)
-    log_overlap = buffers.log_overlap
-    per_sample = (
-        log_overlap.sum(1) - log_overlap.diagonal(dim1=1, dim2=2)
-        + (peer_part.sum(1, keepdim=True) - peer_part) + (k - 1) * own_part
+    """Student k's loss 1/((K−1)(α−1)) · Σ_{j≠k} logZ_jk, batch mean, from four sums over the batch.
+
+    logZ_jk = log overlap_jk + u_j + v_k (:func:`_normaliser_parts`) is linear in the saved
+    log-overlaps and shifts, so with their sums over the batch (A_k of log overlap_jk over j, D_k of
+    its diagonal, P_k and S_k of the peer and own shifts)
+    Σ_b Σ_{j≠k} logZ_jk = A_k + K(α−1)(D_k + P_k) + Kα S_k + Σ_j ((1−α)P_j − αD_j − αS_j).
+    """
+    batch, _, k = buffers.shifts.shape
+    sums = torch.empty(4, k, dtype=buffers.shifts.dtype, device=buffers.shifts.device)  # A, D, P, S
+    torch.sum(buffers.log_overlap, (0, 1), out=sums[0])
+    torch.sum(buffers.log_overlap.diagonal(dim1=1, dim2=2), 0, out=sums[1])
+    torch.sum(buffers.shifts, 0, out=sums[2:])
+    own, shared = torch.mm(_loss_weights(alpha, k, sums.dtype, sums.device), sums)
+    return own.add_(shared.sum()).div_((k - 1) * (alpha - 1) * batch)
+
+
+@functools.lru_cache(maxsize=64)
+def _loss_weights(alpha: float, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The coefficients (2×4) of A, D, P, S in student k's own term and in the term Σ_j shared by all."""
+    return torch.tensor(
+        [[1.0, k * (alpha - 1), k * (alpha - 1), k * alpha], [0.0, -alpha, 1 - alpha, -alpha]], dtype=dtype, device=device
     )
-    return per_sample.sum(0) / ((k - 1) * (alpha - 1) * batch)
 
 
 def _pairwise_renyi(z: Tensor, alpha: float, temperature: float, scale: float, out: _RenyiBuffers) -> None:
     """Pairwise Rényi gradients of a block of samples (``z``: rows×K×C raw logits, any strides) into ``out``.
 
-    The factored form (:func:`_factored_pairs`) serves almost every pair. In float32 the samples
+    The careful path, for the samples whose overlaps :func:`_factored_block` could not trust:
+    the factored form (:func:`_factored_pairs`) serves almost every pair. In float32 the samples
     where some pair's overlap underflows are redone in float64, whose exponent range is ten times
     wider; the pairs that underflow even there (peers with essentially disjoint support) are
     recomputed exactly. So the cost grows with the number of such pairs only.
@@ -283,44 +330,88 @@ def _pairwise_renyi(z: Tensor, alpha: float, temperature: float, scale: float, o
         _recompute_underflowed_pairs(z, alpha, temperature, scale, underflow, out)
 
 
-def _factored_pairs(z: Tensor, alpha: float, temperature: float, scale: float, out: _RenyiBuffers) -> Tensor | None:
-    """Fills ``out`` from two matmuls; returns the pairs (rows×K×K) whose overlap underflowed, None if none did.
+def _factors(z: Tensor, alpha: float, temperature: float, pre: Tensor, shifts: Tensor) -> tuple[Tensor, Tensor]:
+    """The peer and own factors a_j, s_k (rows×K×C views of ``pre``, rows×2×K×C) and their row shifts (into ``shifts``).
 
     Z factorises over classes, Z_jk = Σ_c a_jc·s_kc with a_j = e^{α ℓ_j + (1−α) r} and s_k =
-    e^{(1−α)(ℓ_k − r)}, so all K² pairs of a sample come from one matmul. Its diagonal gives the
-    student's own distribution for free (α ℓ_k + (1−α) ℓ_k = ℓ_k: q_k = a_k·s_k / Z_kk), so the
-    gradient q_k − T_k = s_k · Σ_j V_jk a_j comes from a second matmul with V_kk = 1/Z_kk and
-    V_jk = −1/((K−1) Z_jk): O(K²·B·C) multiply-adds inside ``bmm``, O(K·B·C) memory and no pass
-    over the K×B×C data besides making the two factors. The reference r is the cohort's mean
-    logit: when students roughly agree (the usual case, confident or not) neither factor peaks where
-    the other is negligible, so Z stays far from underflow even for large α. Each factor row is
-    shifted by its maximum; constants per row (the log-softmax normaliser among them) cancel in the
-    factors and come back through the shifts (:func:`_normaliser_parts`). Where Z falls below
-    C·tiny/eps the truncated terms could matter: off the diagonal those pairs are flagged and left
-    out; on it, q_k and its normaliser are computed directly.
+    e^{(1−α)(ℓ_k − r)}. The reference r is the cohort's mean logit: when students roughly agree
+    (the usual case, confident or not) neither factor peaks where the other is negligible, so Z
+    stays far from underflow even for large α. Each factor row is shifted by its maximum; constants
+    per row (the log-softmax normaliser among them) cancel in the factors and come back through the
+    shifts (:func:`_normaliser_parts`). Made from the raw logits in one pass, then shifted, clamped
+    and exponentiated in place.
     """
-    _, k, classes = z.shape
-    dtype = out.grads.dtype
-    on_logits, on_reference = _factor_weights(alpha, temperature, k, dtype, z.device)
+    on_logits, on_reference = _factor_weights(alpha, temperature, z.shape[1], pre.dtype, z.device)
     reference = z.sum(1, keepdim=True).unsqueeze(1)  # rows×1×1×C, K times the mean (the weights divide)
-    pre = torch.addcmul(reference * on_reference, on_logits, z.unsqueeze(1))  # rows×2×K×C in one pass
-    torch.amax(pre, -1, out=out.shifts)
-    peer, own = _saturating_exp_(pre.sub_(out.shifts.unsqueeze(-1))).unbind(1)
-    overlap = torch.bmm(peer, own.transpose(1, 2))  # rows×K(j)×K(k), ≤ C
-    floor = classes * torch.finfo(dtype).tiny / torch.finfo(dtype).eps
-    accurate = None if bool(overlap.amin() >= floor) else overlap >= floor  # host sync; usually every pair is
-    safe = overlap if accurate is None else torch.where(accurate, overlap, 1.0)
-    inverse = safe.reciprocal() if accurate is None else accurate / safe
+    torch.addcmul(reference * on_reference, on_logits, z.unsqueeze(1), out=pre)
+    torch.amax(pre, -1, out=shifts)
+    peer, own = _saturating_exp_(pre.sub_(shifts.unsqueeze(-1))).unbind(1)
+    return peer, own
+
+
+def _write_gradients(inverse: Tensor, peer: Tensor, own: Tensor, scale: float, out: _RenyiBuffers) -> None:
+    """``out.grads`` (and targets) from 1/Z (rows×K×K; consumed) and the factors.
+
+    The diagonal of Z gives the student's own distribution for free (α ℓ_k + (1−α) ℓ_k = ℓ_k:
+    q_k = a_k·s_k / Z_kk), so q_k − T_k = s_k · Σ_j V_jk a_j with V_kk = 1/Z_kk and
+    V_jk = −1/((K−1) Z_jk): one ``bmm``, and no pass over the K×B×C data but the product with s_k.
+    """
+    k = inverse.shape[1]
     if out.targets is not None:
         peer_weights = inverse / (k - 1)
         peer_weights.diagonal(dim1=1, dim2=2).zero_()
         torch.bmm(peer_weights.transpose(1, 2), peer, out=out.targets).mul_(own)
     inverse.mul_(-scale / (k - 1)).diagonal(dim1=1, dim2=2).mul_(1 - k)  # V·scale
     torch.bmm(inverse.transpose(1, 2), peer, out=out.grads).mul_(own)
+
+
+def _factored_block(z: Tensor, alpha: float, temperature: float, scale: float, out: _RenyiBuffers, scratch: Tensor) -> None:
+    """The usual path: ``out`` for a block of samples from the two factors and two ``bmm``, nothing checked.
+
+    Samples with an underflowing overlap get wrong values here; :func:`_redo_untrusted_samples`
+    finds them afterwards from ``out.log_overlap`` and recomputes them. ``scratch`` holds the factors.
+    """
+    peer, own = _factors(z, alpha, temperature, scratch, out.shifts)
+    overlap = torch.bmm(peer, own.transpose(1, 2))  # rows×K(j)×K(k), ≤ C
+    torch.log(overlap, out=out.log_overlap)
+    _write_gradients(overlap.reciprocal_(), peer, own, scale, out)
+
+
+def _trusted_floor(classes: int, dtype: torch.dtype) -> float:
+    """Overlaps below C·tiny/eps may have lost terms to the factors' clamped exp: they are not trusted."""
+    return classes * torch.finfo(dtype).tiny / torch.finfo(dtype).eps
+
+
+def _redo_untrusted_samples(by_sample: Tensor, alpha: float, temperature: float, scale: float, out: _RenyiBuffers) -> None:
+    """Recompute, by the careful path, the samples (rows of ``by_sample``, B×K×C) with an overlap below the floor.
+
+    One check over all log-overlaps (a host sync); usually no sample needs it.
+    """
+    log_floor = math.log(_trusted_floor(by_sample.shape[2], out.grads.dtype))
+    if bool(out.log_overlap.amin() >= log_floor):
+        return
+    samples = (~(out.log_overlap.flatten(1).amin(1) >= log_floor)).nonzero().squeeze(1)  # NaN too
+    part = _RenyiBuffers.empty(samples.numel(), *by_sample.shape[1:], out.grads.dtype, by_sample.device, out.targets is not None)
+    _pairwise_renyi(by_sample[samples].to(out.grads.dtype), alpha, temperature, scale, part)
+    out.assign(samples, part)
+
+
+def _factored_pairs(z: Tensor, alpha: float, temperature: float, scale: float, out: _RenyiBuffers) -> Tensor | None:
+    """Fills ``out`` from two matmuls, checking every overlap; returns the pairs (rows×K×K) whose overlap
+    underflowed, None if none did.
+
+    Where Z falls below C·tiny/eps the truncated terms could matter: off the diagonal those pairs
+    are flagged and left out; on it, q_k and its normaliser are computed directly.
+    """
+    k = z.shape[1]
+    dtype = out.grads.dtype
+    peer, own = _factors(z, alpha, temperature, torch.empty(z.shape[0], 2, *z.shape[1:], dtype=dtype, device=z.device), out.shifts)
+    overlap = torch.bmm(peer, own.transpose(1, 2))  # rows×K(j)×K(k), ≤ C
+    accurate = overlap >= _trusted_floor(z.shape[2], dtype)
+    safe = torch.where(accurate, overlap, 1.0)
+    _write_gradients(accurate / safe, peer, own, scale, out)
     torch.log(safe, out=out.log_overlap)
-    if accurate is None:
-        return None
-    # Rare: students far from the cohort.
+    # Students far from the cohort: their own distribution directly.
     samples, students = (~accurate.diagonal(dim1=1, dim2=2)).nonzero(as_tuple=True)
     scaled = z[samples, students].to(dtype) / temperature
     peer_shift, own_shift = out.shifts[samples, :, students].unbind(-1)
@@ -448,35 +539,45 @@ def _autograd_losses_and_grads(scaled: Tensor, definition: Divergence, alpha: fl
 _CHUNK_BYTES = 1 << 20
 
 
+def _rows_per_block(logits: Tensor, compute_dtype: torch.dtype) -> int:
+    """Batch rows per pass: about ``_CHUNK_BYTES`` of K×rows×C on a CPU, the whole batch elsewhere."""
+    k, batch, classes = logits.shape
+    return max(1, _CHUNK_BYTES // (k * classes * compute_dtype.itemsize)) if logits.device.type == "cpu" else batch
+
+
 def _row_blocks(logits: Tensor, compute_dtype: torch.dtype) -> Iterator[tuple[slice, Tensor]]:
     """The batch rows of each pass and their logits (rows×K×C, in the compute dtype).
 
     The logits are read by sample: each block is a plain slice when the caller stacked them so.
     """
-    k, batch, classes = logits.shape
-    rows = max(1, _CHUNK_BYTES // (k * classes * compute_dtype.itemsize)) if logits.device.type == "cpu" else batch
+    rows = _rows_per_block(logits, compute_dtype)
     by_sample = logits.transpose(0, 1)  # B×K×C
-    for start in range(0, batch, rows):
+    for start in range(0, by_sample.shape[0], rows):
         yield slice(start, start + rows), by_sample[start : start + rows].to(compute_dtype)
 
 
 def _closed_form_in_row_chunks(
-    logits: Tensor, alpha: float, temperature: float, mode: str, compute_dtype: torch.dtype, with_targets: bool
+    logits: Tensor, alpha: float, temperature: float, mode: str, compute_dtype: torch.dtype, with_targets: bool,
+    workspace: MimicryWorkspace | None,
 ) -> MimicryResult:
     """Rényi/KL targets, gradients and losses, a block of batch rows at a time (targets are per sample).
 
     The outputs are laid out by sample (B×K×C, returned as K×B×C views), so each block writes a
-    contiguous slice.
+    contiguous slice (of ``workspace``'s buffers when given).
     """
     k, batch, classes = logits.shape
     if mode == "pairwise" and alpha != 1:
-        buffers = _RenyiBuffers.empty(batch, k, classes, compute_dtype, logits.device, with_targets)
+        scale = 1 / (temperature * batch)
+        buffers = _RenyiBuffers.empty(batch, k, classes, compute_dtype, logits.device, with_targets, workspace)
+        rows_per_block = _rows_per_block(logits, compute_dtype)
+        scratch = _empty(workspace, "factors", (rows_per_block, 2, k, classes), compute_dtype, logits.device)
         for rows, block in _row_blocks(logits, compute_dtype):
-            _pairwise_renyi(block, alpha, temperature, 1 / (temperature * batch), buffers.rows(rows))
+            _factored_block(block, alpha, temperature, scale, buffers.rows(rows), scratch[: block.shape[0]])
+        _redo_untrusted_samples(logits.transpose(0, 1), alpha, temperature, scale, buffers)
         grads, targets, losses = buffers.grads, buffers.targets, _pairwise_renyi_losses(buffers, alpha)
     else:
-        grads = torch.empty(batch, k, classes, dtype=compute_dtype, device=logits.device)
-        targets = torch.empty_like(grads) if with_targets else None
+        grads = _empty(workspace, "grads", (batch, k, classes), compute_dtype, logits.device)
+        targets = _empty(workspace, "targets", (batch, k, classes), compute_dtype, logits.device) if with_targets else None
         losses = torch.zeros(k, dtype=compute_dtype, device=logits.device)
         for rows, block in _row_blocks(logits, compute_dtype):
             logp = F.log_softmax(block / temperature, dim=-1).transpose(0, 1)  # K×rows×C
@@ -488,6 +589,18 @@ def _closed_form_in_row_chunks(
     return MimicryResult(None if targets is None else targets.transpose(0, 1), grads.transpose(0, 1), losses)
 
 
+def stack_by_sample(frames: list[Tensor], device: torch.device, workspace: MimicryWorkspace | None = None) -> Tensor:
+    """The K students' B×C logits as the K×B×C float32 view of one B×K×C tensor on ``device``.
+
+    Laid out by sample, so the row blocks of the closed forms are plain slices; with a
+    ``workspace`` the stack is written into its buffer (valid until its next use).
+    """
+    rows, classes = frames[0].shape
+    stacked = _empty(workspace, "logits", (rows, len(frames), classes), frames[0].dtype, frames[0].device)
+    torch.stack(frames, dim=1, out=stacked)
+    return stacked.to(device, torch.float32).transpose(0, 1)
+
+
 def _no_mimicry(logits: Tensor, temperature: float, compute_dtype: torch.dtype, with_targets: bool) -> MimicryResult:
     """Zero gradients and losses (no peer, or Rényi at α = 0); the targets are the students' own distributions."""
     probs = F.softmax(logits.to(compute_dtype) / temperature, dim=-1)
@@ -496,17 +609,19 @@ def _no_mimicry(logits: Tensor, temperature: float, compute_dtype: torch.dtype, 
 
 
 def _renyi_closed_form(
-    logits: Tensor, alpha: float, temperature: float, mode: str, compute_dtype: torch.dtype, with_targets: bool
+    logits: Tensor, alpha: float, temperature: float, mode: str, compute_dtype: torch.dtype, with_targets: bool,
+    workspace: MimicryWorkspace | None,
 ) -> MimicryResult:
     if alpha == 0:
         return _no_mimicry(logits, temperature, compute_dtype, with_targets)
-    return _closed_form_in_row_chunks(logits, alpha, temperature, mode, compute_dtype, with_targets)
+    return _closed_form_in_row_chunks(logits, alpha, temperature, mode, compute_dtype, with_targets, workspace)
 
 
 def _kl_closed_form(
-    logits: Tensor, alpha: float, temperature: float, mode: str, compute_dtype: torch.dtype, with_targets: bool
+    logits: Tensor, alpha: float, temperature: float, mode: str, compute_dtype: torch.dtype, with_targets: bool,
+    workspace: MimicryWorkspace | None,
 ) -> MimicryResult:
-    return _closed_form_in_row_chunks(logits, 1.0, temperature, mode, compute_dtype, with_targets)
+    return _closed_form_in_row_chunks(logits, 1.0, temperature, mode, compute_dtype, with_targets, workspace)
 
 
 def _mse_of_logits(target_scaled: Tensor, input_scaled: Tensor, alpha: float) -> Tensor:
@@ -526,6 +641,7 @@ def mimicry_gradients(
     mode: str = "pairwise",
     divergence: "str | Divergence" = "renyi",
     with_targets: bool = True,
+    workspace: "MimicryWorkspace | None" = None,
 ) -> MimicryResult:
     """Mimicry loss, its gradient and target for every student of a cohort in one batched call.
 
@@ -534,7 +650,8 @@ def mimicry_gradients(
     (``ensemble``), batch mean. ``divergence`` is a registered name, ``package.module:name`` or a
     :class:`Divergence`. ``alpha`` is used by ``renyi`` only (α = 0: no mimicry).
     With a single live student there is no peer: losses and gradients are zero.
-    ``with_targets=False`` skips writing the K×B×C targets (``targets`` is then None).
+    ``with_targets=False`` skips writing the K×B×C targets (``targets`` is then None). With a
+    ``workspace`` the closed forms write into its buffers: the result is valid until its next use.
     """
     definition = resolve_divergence(divergence)
     _check_mode(mode)
@@ -550,7 +667,7 @@ def mimicry_gradients(
     if k < 2:
         result = _no_mimicry(logits, temperature, compute_dtype, with_targets)
     elif definition.closed_form is not None:
-        result = definition.closed_form(logits, alpha, temperature, mode, compute_dtype, with_targets)
+        result = definition.closed_form(logits, alpha, temperature, mode, compute_dtype, with_targets, workspace)
     else:
         scaled = logits.to(compute_dtype) / temperature
         losses, scaled_grads = _autograd_losses_and_grads(scaled, definition, alpha, mode)

@@ -37,7 +37,7 @@ def test_packaged_cifar_recipe_follows_the_papers() -> None:
     [
         (minimal(mimicry={"alpha": -1}), "mimicry.alpha", "greater than or equal to 0"),
         (minimal(mimicry={"temperature": 0}), "mimicry.temperature", "greater than 0"),
-        (minimal(mimicry={"divergence": "wasserstein"}), "mimicry.divergence", "'renyi', 'kl', 'js' or 'mse_logits'"),
+        (minimal(mimicry={"divergence": "my module:x"}), "mimicry.divergence", "or look like 'package.module:name'"),
         (minimal(mimicry={"mode": "sequential"}), "mimicry.mode", "'pairwise' or 'ensemble'"),
         (minimal(mimicry={"alpah": 2}), "mimicry.alpah", "unknown field"),
         (minimal(training={"epochs": 0}), "training.epochs", "greater than or equal to 1"),
@@ -72,6 +72,27 @@ def test_unknown_model_and_missing_root_fail_in_resource_checks(tmp_path: Path) 
     with pytest.raises(ConfigError, match="data.root") as caught:
         load_config(config_file)
     assert str(missing) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "divergence,fragment",
+    [
+        ("wasserstein", "unknown divergence 'wasserstein' (registered: renyi, kl, js, mse_logits;"),
+        ("beside_the_config:value", "'beside_the_config:value' is a function, not a rdml_dist.divergence.Divergence"),
+        ("beside_the_config:nothing", "module 'beside_the_config' has no attribute 'nothing'"),
+    ],
+)
+def test_a_divergence_that_is_not_one_fails_in_resource_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, divergence: str, fragment: str
+) -> None:
+    (tmp_path / "beside_the_config.py").write_text("def value(target, input, alpha):\n    return (target - input).sum(-1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config_file = tmp_path / "bad_divergence.yaml"
+    config_file.write_text(yaml.safe_dump(minimal(mimicry={"divergence": divergence})))
+    assert parse_config(read_raw_config(config_file)).mimicry.divergence == divergence  # the schema checks the form only
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file)
+    assert caught.value.field == "mimicry.divergence" and fragment in caught.value.problem, caught.value.problem
 
 
 def test_overrides_parse_yaml_values_and_index_lists() -> None:
