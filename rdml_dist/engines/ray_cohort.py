@@ -92,7 +92,7 @@ class RayCohort:
         self._events: list[dict[str, Any]] = []  # failures met while evaluating or checkpointing, for pop_events
         self._inflight: dict[ray.ObjectRef, str] = {}  # the students' calls under way, by student
         self._reported_deaths: set[str] = set()  # processes whose death is in an event since the placements were read
-        self._coordinator_pids: list[int] = []
+        self._coordinator_states: list[dict[str, Any]] = []  # each shard's last answer to ``state``
         try:  # whatever fails while starting must not leave the actors and the reservation behind
             self._start(placement.first_bundle, bundles, storage)
         except BaseException:
@@ -138,8 +138,8 @@ class RayCohort:
         self._update_placements()
 
     def placements(self) -> dict[str, dict[str, Any]]:
-        """Where each student runs (node id, GPU ids, device, pid)."""
-        return dict(zip(self.names, ray.get([self.actors[name].placement.remote() for name in self.names])))
+        """Where each student runs (node id, GPU ids, device, pid); one being restarted keeps its last known place."""
+        return _answers({name: self.actors[name].placement.remote() for name in self.names}, self.where)
 
     def _serve_rpc(self) -> str | None:
         """Have the coordinator serve the gRPC cohort service (again, after a restart)."""
@@ -175,22 +175,28 @@ class RayCohort:
         return address
 
     def _update_placements(self) -> None:
-        """Learn (again, after restarts) where every student and the coordinator run, and record it. A process that
-        was replaced without any call meeting its death (it died while nothing was asked of it) is reported here."""
-        before, pids_before = self.where, self._coordinator_pids
+        """Learn (again, after restarts) where every student and the coordinator run, and record it. A process found
+        replaced although no call met its death (it died while nothing was asked of it) is reported here; one being
+        restarted right now keeps its last known place (the next call to it meets its death)."""
+        before = self.where
         self.where = self.placements()
-        states = ray.get([shard.state.remote() for shard in self.shards])
-        self._coordinator_pids = [state["pid"] for state in states]
+        shards = {str(index): shard.state.remote() for index, shard in enumerate(self.shards)}
+        known = {str(index): state for index, state in enumerate(self._coordinator_states)}
+        answered = _answers(shards, known)
+        if len(answered) < len(self.shards):  # a shard restarting before it ever answered: nothing to record yet
+            return
+        states = [answered[str(index)] for index in range(len(self.shards))]
         replaced = [(name, before[name]["pid"], self.where[name]["pid"]) for name in self.names
-                    if name in before and before[name]["pid"] != self.where[name]["pid"]]
-        replaced += [(COORDINATOR, old, new) for old, new in zip(pids_before, self._coordinator_pids) if old != new]
+                    if name in before and name in self.where and before[name]["pid"] != self.where[name]["pid"]]
+        replaced += [(COORDINATOR, old["pid"], new["pid"]) for old, new in zip(self._coordinator_states, states) if old["pid"] != new["pid"]]
+        self._coordinator_states = states
         for who, old, new in replaced:
             if who not in self._reported_deaths:
                 kind = FailureKind.COORDINATOR_DIED if who == COORDINATOR else FailureKind.STUDENT_DIED
                 student = None if who == COORDINATOR else who
                 self._events.append({**Failure(kind.value, self.latest_checkpoint or 0, f"its process was replaced (pid {old} -> {new})",
                                                student=student, node=self.where.get(who, {}).get("node_id")).event(),
-                                     "action": "restored with the cohort"})
+                                     "action": "found replaced by a new process"})
         self._reported_deaths.clear()
         lanes = self.lane[0] if self.lane else [None] * len(self.shards)
         coordinator = {"node_id": states[0]["node_id"], "pid": states[0]["pid"], "metrics": self.metrics_address,
@@ -467,6 +473,18 @@ class RayCohort:
             ray.kill(actor, no_restart=True)
         if self.owns_group:
             ray.util.remove_placement_group(self.group)
+
+
+def _answers(references: dict[str, ray.ObjectRef], previous: dict[str, Any]) -> dict[str, Any]:
+    """Each actor's answer by name; one that is being restarted keeps its ``previous`` answer (or none)."""
+    answers = {}
+    for name, reference in references.items():
+        try:
+            answers[name] = ray.get(reference, timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            if name in previous:
+                answers[name] = previous[name]
+    return answers
 
 
 def _own_death(reference: ray.ObjectRef) -> BaseException | None:
