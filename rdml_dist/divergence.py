@@ -291,14 +291,16 @@ def _pairwise_renyi_losses(buffers: _RenyiBuffers, alpha: float) -> Tensor:
     log-overlaps and shifts, so with their sums over the batch (A_k of log overlap_jk over j, D_k of
     its diagonal, P_k and S_k of the peer and own shifts)
     Σ_b Σ_{j≠k} logZ_jk = A_k + K(α−1)(D_k + P_k) + Kα S_k + Σ_j ((1−α)P_j − αD_j − αS_j).
+    The terms cancel to a far smaller loss (weights up to Kα), so the sums are taken in float64.
     """
     batch, _, k = buffers.shifts.shape
-    sums = torch.empty(4, k, dtype=buffers.shifts.dtype, device=buffers.shifts.device)  # A, D, P, S
-    torch.sum(buffers.log_overlap, (0, 1), out=sums[0])
-    torch.sum(buffers.log_overlap.diagonal(dim1=1, dim2=2), 0, out=sums[1])
-    torch.sum(buffers.shifts, 0, out=sums[2:])
-    own, shared = torch.mm(_loss_weights(alpha, k, sums.dtype, sums.device), sums)
-    return own.add_(shared.sum()).div_((k - 1) * (alpha - 1) * batch)
+    wide = torch.float64
+    sums = torch.empty(4, k, dtype=wide, device=buffers.shifts.device)  # A, D, P, S
+    torch.sum(buffers.log_overlap, (0, 1), dtype=wide, out=sums[0])
+    torch.sum(buffers.log_overlap.diagonal(dim1=1, dim2=2), 0, dtype=wide, out=sums[1])
+    torch.sum(buffers.shifts, 0, dtype=wide, out=sums[2:])
+    own, shared = torch.mm(_loss_weights(alpha, k, wide, sums.device), sums)
+    return own.add_(shared.sum()).div_((k - 1) * (alpha - 1) * batch).to(buffers.shifts.dtype)
 
 
 @functools.lru_cache(maxsize=64)
