@@ -171,12 +171,12 @@ def _plots(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import grpc
 
-    from rdml_dist.config import RpcConfig
+    from rdml_dist.config.defaults import RPC_CLIENT
     from rdml_dist.rpc.auth import resolve_token
     from rdml_dist.rpc.channel import StatusClient, describe, status_code
     from rdml_dist.rpc.status import render_status
 
-    rpc = RpcConfig()
+    rpc = RPC_CLIENT
     client = StatusClient(args.coordinator, rpc, resolve_token(rpc, args.token), args.ca_file)
     try:
         updates = client.watch(args.interval) if args.watch else iter([client.status(timeout_s=10)])

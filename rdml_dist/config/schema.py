@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rdml_dist.config.defaults import RPC_CLIENT
 from rdml_dist.errors import ConfigError
 
 DEFAULT_STORAGE = "~/rdml_results"
@@ -426,7 +427,7 @@ class RpcConfig(_Strict):
     )
     token: str | None = Field(None, description="the bearer token every call must carry")
     token_env: str = Field(
-        "RDML_RPC_TOKEN",
+        RPC_CLIENT.token_env,
         description="the environment variable read for the token when `token` is unset",
     )
     tls_cert_file: str | None = Field(None, description="serve TLS with this certificate (PEM; with `tls_key_file`)")
@@ -436,7 +437,7 @@ class RpcConfig(_Strict):
         description="allow a non-loopback bind with a token but without TLS (private networks)",
     )
     max_message_mb: int = Field(
-        256, ge=4, le=2047,
+        RPC_CLIENT.max_message_mb, ge=4, le=2047,
         description="send/receive limit per message (1024×21,841 float32 logits are 85 MiB)",
     )
     join_timeout_s: float = Field(300.0, gt=0, description="how long the driver waits for external students to join")

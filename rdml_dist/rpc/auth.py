@@ -10,18 +10,21 @@ import hmac
 import ipaddress
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from rdml_dist.config import RpcConfig
 from rdml_dist.errors import ConfigError
+
+if TYPE_CHECKING:  # only its fields are read: rdml-dist status passes config.defaults.RPC_CLIENT and loads no pydantic
+    from rdml_dist.config import RpcConfig
+    from rdml_dist.config.defaults import RpcClientDefaults
 
 AUTHORIZATION = "authorization"
 OPEN_SERVICE_PREFIX = "/grpc.health.v1.Health/"
 
 
-def resolve_token(rpc: RpcConfig, given: str | None = None) -> str | None:
+def resolve_token(rpc: "RpcConfig | RpcClientDefaults", given: str | None = None) -> str | None:
     """The cohort token: given on the command line, else ``rpc.token``, else the ``rpc.token_env`` variable."""
     return given or rpc.token or os.environ.get(rpc.token_env) or None
 
@@ -36,7 +39,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind(rpc: RpcConfig, token: str | None) -> None:
+def check_bind(rpc: "RpcConfig", token: str | None) -> None:
     """Refuse a bind that would expose the cohort: off loopback a token and TLS are required."""
     if is_loopback(rpc.host):
         return

@@ -1,26 +1,32 @@
 """A channel to a cohort's gRPC service and the calls that need no tensors: what ``rdml-dist status`` uses.
 
-Only grpc and the generated messages: no torch, so the status command starts fast.
+Only grpc and the generated messages: no torch and no pydantic, so the status command starts fast.
 """
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
-from rdml_dist.config import RpcConfig
 from rdml_dist.messages import REASON_KEY
 from rdml_dist.rpc.auth import bearer_metadata
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2, cohort_pb2_grpc
 
+if TYPE_CHECKING:  # only its fields are read: rdml-dist status passes config.defaults.RPC_CLIENT (no pydantic)
+    from rdml_dist.config import RpcConfig
+    from rdml_dist.config.defaults import RpcClientDefaults
 
-def message_options(rpc: RpcConfig) -> list[tuple[str, int]]:
+    RpcSettings = RpcConfig | RpcClientDefaults
+
+
+def message_options(rpc: "RpcSettings") -> list[tuple[str, int]]:
     """Send and receive limits sized for large logits (1024 x 21,841 float32 is 85 MiB)."""
     limit = rpc.max_message_mb * 1024 * 1024
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
-def open_channel(address: str, rpc: RpcConfig, ca_file: str | None = None) -> grpc.Channel:
+def open_channel(address: str, rpc: "RpcSettings", ca_file: str | None = None) -> grpc.Channel:
     """A channel to ``host:port`` with the cohort's message limits; TLS when a CA certificate is given."""
     options = message_options(rpc)
     if ca_file is not None:
@@ -49,7 +55,7 @@ def rejection_reason(error: grpc.RpcError) -> str:
 class StatusClient:
     """Calls on one coordinator with the cohort's token; this part reads the cohort's status."""
 
-    def __init__(self, address: str, rpc: RpcConfig, token: str | None = None, ca_file: str | None = None) -> None:
+    def __init__(self, address: str, rpc: "RpcSettings", token: str | None = None, ca_file: str | None = None) -> None:
         self.address = address
         self.channel = open_channel(address, rpc, ca_file)
         self.stub = cohort_pb2_grpc.CohortServiceStub(self.channel)
