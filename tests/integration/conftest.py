@@ -84,18 +84,22 @@ def local_ray(**init_args: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def simulated_cluster(workers: int) -> Iterator[Any]:
-    """A ``ray.cluster_utils.Cluster`` on loopback: a head and ``workers`` nodes, one logical CPU each.
+def simulated_cluster(workers: int, cpus: int = 1, dashboard: bool = False) -> Iterator[Any]:
+    """A ``ray.cluster_utils.Cluster`` on loopback: a head and ``workers`` nodes, ``cpus`` logical CPUs each.
 
-    The driver joins it; every node's processes are stopped on exit.
+    The driver joins it; every node's processes are stopped on exit. ``dashboard`` starts the head's
+    dashboard (on a free port), through which Ray's state API (``ray.util.state``) answers.
     """
     from ray.cluster_utils import Cluster
 
+    from tests.integration.cli_process import free_port
+
     assert not ray.is_initialized(), "a previous test module left Ray running"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    head = {"num_cpus": cpus, "include_dashboard": dashboard, **({"dashboard_port": free_port()} if dashboard else {})}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     nodes = list(cluster.list_all_nodes())
     try:
-        nodes.extend(cluster.add_node(num_cpus=1) for _ in range(workers))
+        nodes.extend(cluster.add_node(num_cpus=cpus) for _ in range(workers))
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         yield cluster

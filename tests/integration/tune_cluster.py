@@ -1,39 +1,17 @@
 """A simulated two-node Ray cluster on loopback with the dashboard (Ray's state API answers through it),
 and the small noisy-digits sweep the Ray Tune tests run on it."""
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import ray
-
 from rdml_dist.tune.sweep import SweepConfig
-from tests.integration.cli_process import free_port
-from tests.integration.conftest import wait_until_stopped
+from tests.integration.conftest import simulated_cluster
 
 
-@contextlib.contextmanager
-def two_node_cluster(cpus_per_node: int = 4) -> Iterator[Any]:
-    """A head and one worker node, ``cpus_per_node`` logical CPUs each, all on 127.x; the driver joins it."""
-    from ray.cluster_utils import Cluster
-
-    assert not ray.is_initialized(), "a previous test module left Ray running"
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": cpus_per_node, "include_dashboard": True, "dashboard_port": free_port(),
-    })
-    nodes = list(cluster.list_all_nodes())
-    try:
-        nodes.append(cluster.add_node(num_cpus=cpus_per_node))
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        for node in nodes:
-            wait_until_stopped(node)
+def two_node_cluster() -> Any:
+    """A head and one worker node, 4 logical CPUs each (two trials of 3.5 CPUs side by side), with the dashboard."""
+    return simulated_cluster(workers=1, cpus=4, dashboard=True)
 
 
 def noisy_digits(epochs: int = 2, **training: Any) -> dict[str, Any]:
