@@ -73,6 +73,20 @@ def test_step_barrier_and_batched_replies(coordinator: CohortCoordinator, clock:
     assert waits == pytest.approx({"a": 1.0, "b": 0.7, "c": 0.0})
 
 
+def test_replies_survive_the_next_step_that_reuses_the_workspace(coordinator: CohortCoordinator) -> None:
+    """The coordinator computes every step in the same buffers: a step's replies must not share them."""
+    answered = []
+    for step in range(2):
+        for seed, name in enumerate("abc"):
+            coordinator.submit(frame(name, step, logits_for(10 * step + seed)))
+        replies = coordinator.compute()
+        answered.append({name: reply.grad.clone() for name, reply in replies.items()})
+        if step == 0:
+            first = replies
+    assert all(torch.equal(first[name].grad, answered[0][name]) for name in "abc")
+    assert not torch.equal(answered[0]["a"], answered[1]["a"])
+
+
 @pytest.mark.parametrize(
     "changes,reason",
     [

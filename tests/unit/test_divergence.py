@@ -440,3 +440,29 @@ def test_a_name_that_is_not_a_divergence_is_refused_naming_the_field(user_module
     with pytest.raises(ConfigError) as caught:
         divergence_module.resolve_divergence(name, field="mimicry.divergence")
     assert caught.value.field == "mimicry.divergence" and fragment in caught.value.problem, caught.value.problem
+
+
+@pytest.mark.parametrize("name,mode", [("renyi", "pairwise"), ("renyi", "ensemble"), ("kl", "pairwise")])
+def test_a_workspace_reuses_its_buffers_and_changes_no_result(name: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of changing size (a short last batch, then full again) through one workspace give exactly
+    what fresh buffers give, and the full batch's gradients land in the same memory every time."""
+    monkeypatch.setattr(divergence_module, "_CHUNK_BYTES", 512)  # several row blocks per call
+    workspace = divergence_module.MimicryWorkspace()
+    addresses = []
+    for seed, rows in enumerate([16, 5, 16]):
+        logits = cohort_logits("confident15", 6, b=rows, c=20, seed=seed).float()
+        fresh = mimicry_gradients(logits, alpha=3.0, mode=mode, divergence=name, with_targets=False)
+        reused = mimicry_gradients(logits, alpha=3.0, mode=mode, divergence=name, with_targets=False, workspace=workspace)
+        assert torch.equal(fresh.grads, reused.grads) and torch.equal(fresh.losses, reused.losses)
+        if rows == 16:
+            addresses.append(reused.grads.data_ptr())
+    assert addresses[0] == addresses[1]
+
+
+def test_stacking_by_sample_converts_the_wire_dtype_into_the_workspace() -> None:
+    frames = [torch.randn(4, 3, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16) for seed in range(5)]
+    workspace = divergence_module.MimicryWorkspace()
+    stacked = divergence_module.stack_by_sample(frames, torch.device("cpu"), workspace)
+    assert stacked.shape == (5, 4, 3) and stacked.dtype == torch.float32
+    assert torch.equal(stacked, torch.stack(frames).float())
+    assert stacked.transpose(0, 1).is_contiguous()  # by sample: the row blocks are plain slices
