@@ -6,6 +6,7 @@ ray-project/ray#47439): the cohort runs in the group Tune reserved through
 :func:`trial_resources`, and Tune removes that group when the trial ends or is stopped.
 """
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,25 @@ class TuneReporter:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(directory)))
 
 
+def reported_step(checkpoint: Any) -> int:
+    """The step of the cohort checkpoint Tune holds for the trial (its copy of the checkpoint's manifest)."""
+    from rdml_dist.checkpoints import MANIFEST
+
+    with checkpoint.as_directory() as directory:
+        return int(json.loads((Path(directory) / MANIFEST).read_text())["step"])
+
+
+def forget_checkpoints_after(location: str, step: int) -> None:
+    """Drop the run's checkpoints newer than Tune's: a driver killed between a checkpoint and its report leaves the
+    run ahead of Tune, and the trial must continue from what Tune recorded so every epoch is reported once."""
+    from rdml_dist.checkpoints import CheckpointStore, checkpoint_directory
+    from rdml_dist.storage import Storage
+
+    storage = Storage(location, field="runtime.run_dir")
+    for newer in [complete for complete in CheckpointStore(storage).complete_steps() if complete > step]:
+        storage.delete(checkpoint_directory(newer))
+
+
 def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     """The function every trial runs (in bundle 0 of its placement group)."""
     import ray
@@ -119,7 +139,9 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(plan, params, trial_id)
     location = config.resolved_run_dir()
-    if tune.get_checkpoint() is not None:
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        forget_checkpoints_after(location, reported_step(checkpoint))
         session = resume_session(location)
     else:
         session = new_session(config, location, overwrite=True, engine="ray")
