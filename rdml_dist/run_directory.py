@@ -76,6 +76,8 @@ class RunDirectory:
         if "epochs" in manifest:  # a manifest written before results.json held them
             return list(manifest["epochs"]), list(manifest["events"])
         if not self.storage.exists(RESULTS_JSON):
+            if manifest["epochs_done"] == 0:
+                return [], []
             raise ConfigError("--resume", f"{self.storage.describe(RESULTS_JSON)} is missing: the run's results cannot be restored")
         results = json.loads(self.storage.read_bytes(RESULTS_JSON))
         if len(results["epochs"]) < manifest["epochs_done"]:
@@ -96,7 +98,7 @@ class RunDirectory:
         step_log.truncate(self.storage, step)
 
     def write_config(self) -> None:
-        """Begin a fresh run's files: remove what an earlier run left here, then save the validated config.
+        """Begin a fresh run's files: remove what an earlier run left here, then save the validated config and empty results.
 
         The loop calls this once the cohort is up, so ``--overwrite`` deletes the replaced run's
         checkpoints and logs only when the new run has really started. The saved config (defaults
@@ -107,6 +109,7 @@ class RunDirectory:
         step_log.clear(self.storage)
         config_text = yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False).encode()
         self.storage.write_bytes(CONFIG_FILE, config_text)
+        self.write_results()  # no epoch yet: what a resume before the first epoch's end reads
 
     @property
     def location(self) -> str:

@@ -172,18 +172,20 @@ def test_a_part_across_the_checkpoint_keeps_only_its_earlier_rows(storage: Stora
     assert texts(read_step_log(storage)) == texts((chunk(0, 4, 0) + chunk(4, 9, 0))[:len(STUDENTS) * 6])
 
 
-def test_resume_restores_epochs_faults_and_the_open_epoch_exactly(storage: Storage, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stopped_at", [4, 16])  # in the first epoch (no epoch in results.json yet), in the second
+def test_resume_restores_epochs_faults_and_the_open_epoch_exactly(storage: Storage, tmp_path: Path, stopped_at: int) -> None:
     whole = Storage(str(tmp_path / "whole"))
     Driver(whole, experiment(whole.url), every=4).until(30)
 
     config = experiment(storage.url)
     first = Driver(storage, config, every=4)
-    first.until(16)  # mid-epoch 1: its sums so far travel in the manifest
+    first.until(stopped_at)  # mid-epoch: its sums so far travel in the manifest
+    assert RunDirectory(storage, config, "local", resume_from=first.checkpoints.latest()).epochs == first.run.epochs
     first.run.add_events([{"kind": "student_failure", "student": "a", "step": 17, "cause": "killed"}])
     first.chunk(seed=2, checkpoint=False)
-    first.run.write_progress()  # the driver dies after the part of 16-19 but before its manifest
+    first.run.write_progress()  # the driver dies after the chunk's part but before its manifest
     resumed = Driver(storage, config, every=4, resume=True)
-    assert resumed.step == 16
+    assert resumed.step == stopped_at
     resumed.until(30)
 
     def epochs(location: Storage) -> list[dict[str, Any]]:
