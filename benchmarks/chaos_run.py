@@ -8,8 +8,8 @@ whatever the driver is doing (steps, evaluation, checkpoint writing, restore); a
 final accuracies, the ``continue`` run close to them, and that every kill is in ``results.json``
 (at least one event naming the killed process per kill).
 
-Writes benchmarks/results/chaos_run.{json,md}. Run (about 10 min on 2 busy cores):
-    .venv/bin/python benchmarks/chaos_run.py [--seed 0] [--every 3 8] [--epochs 3]
+Writes benchmarks/results/chaos_run.{json,md}. Run (20-40 min on 2 busy cores):
+    .venv/bin/python benchmarks/chaos_run.py [--seed 0] [--every 4 12] [--epochs 3]
 """
 
 import argparse
@@ -86,23 +86,36 @@ class Chaos:
         self.final = run_dir / "checkpoints" / f"step-{final_step:08d}" / "manifest.json"
         self.random = random.Random(seed)
         self.kills: list[dict[str, Any]] = []
+        self.skipped: dict[str, int] = {}  # picks that found no live process to kill, by reason
         self.stop = threading.Event()
         self.started = time.monotonic()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
     def _run(self) -> None:
-        while not self.stop.wait(self.random.uniform(*self.every)):
+        wait = self.random.uniform(*self.every)
+        while not self.stop.wait(wait):
+            wait = 1.0  # until a kill lands; then the next interval
             placements = self.run_dir / "placements.json"
             if self.final.exists() or not placements.exists():
+                self._skip("run not started or over")
                 continue
-            where = json.loads(placements.read_text())
+            try:
+                where = json.loads(placements.read_text())
+            except ValueError:
+                self._skip("placements.json being rewritten")
+                continue
             victims = {name: place["pid"] for name, place in where["students"].items()}
             victims[COORDINATOR] = where["coordinator"]["pid"]
             victim = self.random.choice(sorted(victims))
             pid = victims[victim]
             if not _alive(pid) or self.final.exists():
-                continue  # Ray is still replacing it: the next kill comes soon
+                self._skip("the process was already replaced")  # Ray is restarting it; placements.json follows
+                continue
+            wait = self.random.uniform(*self.every)
             state = self.driver.state
             os.kill(pid, signal.SIGKILL)
             self.kills.append({"seconds": round(time.monotonic() - self.started, 1), "victim": victim, "pid": pid,
@@ -142,6 +155,7 @@ def train(run_dir: Path, epochs: int, policy: str, chaos: tuple[float, float] | 
         "final_accuracy": {**{name: final["students"][name]["val_accuracy"] for name in final["students"]},
                            "ensemble": final["ensemble_val_accuracy"]},
         "kills": kills,
+        "picks_skipped": chaos_thread.skipped if chaos_thread else {},
         "kills_by_victim": killed,
         "death_events_by_process": deaths,
         "fault_counts": results["faults"]["counts"],
@@ -180,7 +194,7 @@ def render(report: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--every", type=float, nargs=2, default=(3.0, 8.0), metavar=("MIN_S", "MAX_S"))
+    parser.add_argument("--every", type=float, nargs=2, default=(4.0, 12.0), metavar=("MIN_S", "MAX_S"))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--render-only", action="store_true", help="rewrite the report from the JSON")
     args = parser.parse_args()
