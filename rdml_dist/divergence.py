@@ -21,7 +21,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,6 @@ from torch import Tensor
 from rdml_dist.errors import ConfigError
 from rdml_dist.factory import is_factory_reference, load_reference
 
-TargetMode = Literal["pairwise", "ensemble"]
 TARGET_MODES: tuple[str, ...] = ("pairwise", "ensemble")
 
 
