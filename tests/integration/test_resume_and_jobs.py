@@ -49,14 +49,35 @@ def _steps(run_dir: Path) -> list[dict[str, str]]:
         return [{key: value for key, value in row.items() if key not in TIMING_COLUMNS} for row in csv.DictReader(handle)]
 
 
-@pytest.mark.timeout(420)
-def test_a_killed_driver_leaves_a_run_that_resume_completes_exactly(tmp_path: Path) -> None:
+def _config_and_its_uninterrupted_run(tmp_path: Path) -> Path:
+    """Two epochs with a checkpoint every 4 steps (run dir ``run``), and that config run whole into ``whole``."""
     config = write_config(
         tmp_path / "experiment.yaml", tmp_path / "run",
         training={"epochs": 2, "batch_size": 128}, runtime={"checkpoint": {"every_steps": 4, "keep": 2}},
     )
     whole = run_cli(["train", str(config), "--no-progress", "--run-dir", str(tmp_path / "whole")], cwd=tmp_path, timeout_s=240)
     assert whole.returncode == 0, whole.stderr
+    return config
+
+
+def _assert_same_as_uninterrupted(run_dir: Path, whole: Path) -> None:
+    """Same epochs, summary (timings aside), step log and final weights as the uninterrupted run."""
+    whole_results = json.loads((whole / "results.json").read_text())
+    resumed_results = json.loads((run_dir / "results.json").read_text())
+    assert len(resumed_results["epochs"]) == 2
+    assert _without_timing(resumed_results["epochs"]) == _without_timing(whole_results["epochs"])
+    assert _without_timing(resumed_results["summary"]) == _without_timing(whole_results["summary"])
+    assert _steps(run_dir) == _steps(whole)
+    final = f"checkpoints/step-{STEPS:08d}"
+    for name in ("mlp", "cnn"):
+        expected = torch.load(whole / final / f"{name}.pt", weights_only=True)["model"]
+        actual = torch.load(run_dir / final / f"{name}.pt", weights_only=True)["model"]
+        assert all(torch.equal(actual[key], tensor) for key, tensor in expected.items()), name
+
+
+@pytest.mark.timeout(420)
+def test_a_killed_driver_leaves_a_run_that_resume_completes_exactly(tmp_path: Path) -> None:
+    config = _config_and_its_uninterrupted_run(tmp_path)
 
     log = (tmp_path / "driver.log").open("w")
     driver = subprocess.Popen([*RDML_DIST, "train", str(config), "--no-progress"], cwd=tmp_path, env=child_environment(),
@@ -80,17 +101,7 @@ def test_a_killed_driver_leaves_a_run_that_resume_completes_exactly(tmp_path: Pa
     resumed = run_cli(["train", "--resume", str(tmp_path / "run"), "--no-progress"], cwd=tmp_path, timeout_s=240)
     assert resumed.returncode == 0, resumed.stderr
     assert "ensemble" in resumed.stdout
-    whole_results = json.loads((tmp_path / "whole" / "results.json").read_text())
-    resumed_results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert len(resumed_results["epochs"]) == 2
-    assert _without_timing(resumed_results["epochs"]) == _without_timing(whole_results["epochs"])
-    assert _without_timing(resumed_results["summary"]) == _without_timing(whole_results["summary"])
-    assert _steps(tmp_path / "run") == _steps(tmp_path / "whole")
-    final = f"checkpoints/step-{STEPS:08d}"
-    for name in ("mlp", "cnn"):
-        expected = torch.load(tmp_path / "whole" / final / f"{name}.pt", weights_only=True)["model"]
-        actual = torch.load(tmp_path / "run" / final / f"{name}.pt", weights_only=True)["model"]
-        assert all(torch.equal(actual[key], tensor) for key, tensor in expected.items()), name
+    _assert_same_as_uninterrupted(tmp_path / "run", tmp_path / "whole")
 
 
 def _ray(*args: str, timeout_s: float = 180, **environment: str) -> subprocess.CompletedProcess[str]:
@@ -139,3 +150,37 @@ def test_a_ray_job_writes_results_and_checkpoints_to_storage_that_outlives_it(tm
     final = sorted((run_dir / "checkpoints").iterdir())[-1]
     assert {path.name for path in final.iterdir()} == {"mlp.pt", "cnn.pt", "resnet20.pt", "manifest.json"}
     assert not list(working_dir.iterdir())  # nothing was written next to the job's files
+
+
+def _submit_when_the_job_agent_is_up(*args: str) -> subprocess.CompletedProcess[str]:
+    """``ray job <args>``, again while a fresh head's job agent is still starting (it refuses with a 500), for up to 2 minutes."""
+    deadline = time.monotonic() + 120
+    while True:
+        submitted = _ray(*args, RAY_AUTH_MODE="token")
+        if "No available agent to submit job" not in submitted.stdout + submitted.stderr or time.monotonic() > deadline:
+            return submitted
+        time.sleep(2)
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_job_resubmitted_with_the_same_entrypoint_continues_to_the_uninterrupted_results(tmp_path: Path) -> None:
+    config = _config_and_its_uninterrupted_run(tmp_path)
+    working_dir = tmp_path / "job"
+    working_dir.mkdir()
+    entrypoint = [sys.executable, "-m", "rdml_dist.cli", "train", str(config), "--no-progress"]
+    with head_with_jobs(cpus=4) as jobs:
+        submit = ["job", "submit", "--address", jobs, "--working-dir", str(working_dir)]
+        first = _submit_when_the_job_agent_is_up(*submit, "--no-wait", "--", *entrypoint)
+        assert first.returncode == 0, first.stdout + first.stderr
+        wait_until(lambda: (tmp_path / "run" / "checkpoints" / "step-00000008" / "manifest.json").exists(), "checkpoint 8", 240)
+        drivers = processes_mentioning(f"rdml_dist.cli train {config}")
+        assert drivers, "the job's driver process"
+        _kill_all(drivers)
+        wait_until(lambda: not processes_mentioning(str(config)), "the killed driver is gone", 30)
+        assert len(json.loads((tmp_path / "run" / "results.json").read_text())["epochs"]) < 2  # it stopped before the end
+
+        again = _ray(*submit, "--", *entrypoint, timeout_s=300, RAY_AUTH_MODE="token")  # what a job retry does
+        assert re.search(r"Job '[^']+' succeeded", again.stdout), again.stdout + again.stderr
+        assert re.search(rf"rdml-dist: resuming the unfinished run at {re.escape(str(tmp_path / 'run'))} from its checkpoint "
+                         r"at step (8|12|16|20) \(\d of 2 epochs done; its saved config is this one\)", again.stdout), again.stdout
+    _assert_same_as_uninterrupted(tmp_path / "run", tmp_path / "whole")
