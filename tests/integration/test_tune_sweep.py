@@ -13,7 +13,7 @@ from ray.util.state import list_actors, list_placement_groups
 
 from rdml_dist.cli import main
 from rdml_dist.tune.runner import run_sweep, write_outputs
-from tests.integration.tune_cluster import cohort_pids, noisy_digits, sweep_of, two_node_cluster
+from tests.integration.tune_cluster import cohort_pids, noisy_digits, placements, sweep_of, two_node_cluster
 
 COHORT_CLASSES = ("StudentActor", "Coordinator")
 
@@ -66,6 +66,12 @@ def test_sweep_of_whole_cohorts_each_in_its_own_placement_group(cluster: Cluster
         trial_groups.add(group)
         nodes |= {actor.node_id for actor in cohort}
     assert len(trial_groups) == 4 and len(nodes) == 2
+
+    # Monitoring: each trial served its metrics as run <trial id> on its own port; ended trials left file_sd.
+    runs = [directory / "runs" / row["trial"] for row in rows]
+    assert [yaml.safe_load((run / "config.yaml").read_text())["name"] for run in runs] == [row["trial"] for row in rows]
+    assert len({placements(run)["coordinator"]["metrics"] for run in runs}) == 4
+    assert json.loads((directory / "file_sd.json").read_text()) == []
 
     # best.yaml is a whole experiment: `rdml-dist train best.yaml` gives the best trial's final accuracies again.
     best = rows[0]
