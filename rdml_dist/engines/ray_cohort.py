@@ -190,14 +190,15 @@ class RayCohort:
                     if name in before and name in self.where and before[name]["pid"] != self.where[name]["pid"]]
         replaced += [(COORDINATOR, old["pid"], new["pid"]) for old, new in zip(self._coordinator_states, states) if old["pid"] != new["pid"]]
         self._coordinator_states = states
-        for who, old, new in replaced:
-            if who not in self._reported_deaths:
-                kind = FailureKind.COORDINATOR_DIED if who == COORDINATOR else FailureKind.STUDENT_DIED
-                student = None if who == COORDINATOR else who
-                self._events.append({**Failure(kind.value, self.latest_checkpoint or 0, f"its process was replaced (pid {old} -> {new})",
-                                               student=student, node=self.where.get(who, {}).get("node_id")).event(),
-                                     "action": "found replaced by a new process"})
+        unreported = [(who, old, new) for who, old, new in replaced if who not in self._reported_deaths]
         self._reported_deaths.clear()
+        for who, old, new in unreported:  # a failure like any other: the policy counts it (and may stop the run)
+            kind = FailureKind.COORDINATOR_DIED if who == COORDINATOR else FailureKind.STUDENT_DIED
+            student = None if who == COORDINATOR else who
+            failure = Failure(kind.value, self.latest_checkpoint or 0, f"its process was replaced (pid {old} -> {new})",
+                              student=student, node=self.where.get(who, {}).get("node_id"))
+            self._events.append({**failure.event(), "action": "found replaced by a new process"})
+            self.policy.decide(failure)
         lanes = self.lane[0] if self.lane else [None] * len(self.shards)
         coordinator = {"node_id": states[0]["node_id"], "pid": states[0]["pid"], "metrics": self.metrics_address,
                        "rpc": self.rpc_address, "lane": lanes[0]}
@@ -288,9 +289,10 @@ class RayCohort:
                 died = _own_death(reference)
                 if name is not None and died is not None and name != failure.student:
                     self._reported_deaths.add(name)
-                    deaths.append({**Failure(FailureKind.STUDENT_DIED.value, failure.step, one_line(died), student=name,
-                                             node=self.where.get(name, {}).get("node_id")).event(),
-                                   "action": "restored with the cohort"})
+                    death = Failure(FailureKind.STUDENT_DIED.value, failure.step, one_line(died), student=name,
+                                    node=self.where.get(name, {}).get("node_id"))
+                    deaths.append({**death.event(), "action": "restored with the cohort"})
+                    self.policy.decide(death)  # counted like any failure: a run past its budget stops here
         raise CohortRollback(failure.event(), deaths)
 
     def _on_coordinators(self, call: Callable[["ray.actor.ActorHandle", str], ray.ObjectRef], step: int,
