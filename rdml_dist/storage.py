@@ -92,14 +92,22 @@ class Storage:
             self.fs.pipe_file(self.path(relative), data)
 
     def write_chunks(self, relative: str, chunks: Iterable[bytes]) -> None:
-        """Like :meth:`write_bytes` for data too large to hold at once: a local file is renamed into place when
-        complete, an object store's upload becomes visible only when it is closed."""
+        """Like :meth:`write_bytes` for data too large to hold at once: the whole is written under a temporary
+        name and moved into place when complete (fsspec commits an upload on close even after an error, so
+        writing the final name directly could leave a truncated object)."""
         if self.is_local:
             atomic_write(Path(self.path(relative)), lambda handle: handle.writelines(chunks))
-        else:
-            with self.fs.open(self.path(relative), "wb") as handle:
+            return
+        partial = self.path(f"{relative}.partial-{os.getpid()}")
+        try:
+            with self.fs.open(partial, "wb") as handle:
                 for chunk in chunks:
                     handle.write(chunk)
+            self.fs.mv(partial, self.path(relative))
+        except BaseException:
+            if self.fs.exists(partial):
+                self.fs.rm(partial)
+            raise
 
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self.path(relative))

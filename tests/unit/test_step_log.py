@@ -272,3 +272,16 @@ def test_a_checkpoint_from_before_results_held_the_epochs_restores_from_its_mani
     run = RunDirectory(storage, experiment(storage.url), "local", resume_from=manifest)
     assert run.epochs == [epoch] and run.events == [event]
     assert [row.step for row in read_step_log(storage)][-1] == 9
+
+
+def test_a_whole_log_write_that_fails_midway_leaves_no_truncated_file(storage: Storage) -> None:
+    def rows_then_failure() -> Any:
+        yield b"step,student\n"
+        raise OSError("the part could not be read")
+
+    with pytest.raises(OSError, match="could not be read"):
+        storage.write_chunks(WHOLE_LOG, rows_then_failure())
+    assert not storage.exists(WHOLE_LOG)
+    assert storage.list_files("") == []
+    storage.write_chunks(WHOLE_LOG, iter([b"step,student\n", b"0,a\n"]))
+    assert storage.read_bytes(WHOLE_LOG) == b"step,student\n0,a\n"
