@@ -107,21 +107,26 @@ class TuneReporter:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(directory)))
 
 
-def reported_step(checkpoint: Any) -> int:
-    """The step of the cohort checkpoint Tune holds for the trial (its copy of the checkpoint's manifest)."""
-    from rdml_dist.checkpoints import MANIFEST
+def rewind_to_tune_checkpoint(location: str, checkpoint: Any) -> None:
+    """Make the checkpoint Tune holds the run's latest: a driver killed between a checkpoint and its report leaves
+    the run ahead of Tune, and the trial must continue from what Tune recorded so every epoch is reported once.
 
-    with checkpoint.as_directory() as directory:
-        return int(json.loads((Path(directory) / MANIFEST).read_text())["step"])
-
-
-def forget_checkpoints_after(location: str, step: int) -> None:
-    """Drop the run's checkpoints newer than Tune's: a driver killed between a checkpoint and its report leaves the
-    run ahead of Tune, and the trial must continue from what Tune recorded so every epoch is reported once."""
-    from rdml_dist.checkpoints import CheckpointStore, checkpoint_directory
+    The run may have pruned that checkpoint meanwhile (``runtime.checkpoint.keep`` newer ones committed after the
+    report), so Tune's copy is put back first, its manifest last, before the newer ones are dropped.
+    """
+    from rdml_dist.checkpoints import MANIFEST, CheckpointStore, checkpoint_directory
     from rdml_dist.storage import Storage
 
     storage = Storage(location, field="runtime.run_dir")
+    with checkpoint.as_directory() as copy:
+        manifest = Path(copy) / MANIFEST
+        step = int(json.loads(manifest.read_text())["step"])
+        target = checkpoint_directory(step)
+        if not storage.exists(f"{target}/{MANIFEST}"):
+            for file in sorted(Path(copy).iterdir()):
+                if file.is_file() and file.name != MANIFEST:
+                    storage.write_bytes(f"{target}/{file.name}", file.read_bytes())
+            storage.write_bytes(f"{target}/{MANIFEST}", manifest.read_bytes())
     for newer in [complete for complete in CheckpointStore(storage).complete_steps() if complete > step]:
         storage.delete(checkpoint_directory(newer))
 
@@ -141,7 +146,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     location = config.resolved_run_dir()
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        forget_checkpoints_after(location, reported_step(checkpoint))
+        rewind_to_tune_checkpoint(location, checkpoint)
         session = resume_session(location)
     else:
         session = new_session(config, location, overwrite=True, engine="ray")
