@@ -3,7 +3,8 @@
 Trains one cohort three times in one Ray session on this machine's CPUs (one torch thread per
 student, so the trajectory is deterministic): undisturbed; under ``restart_cohort`` while a
 thread SIGKILLs a random process of the cohort (a student or the coordinator) every few seconds,
-whatever the driver is doing (steps, evaluation, checkpoint writing, restore); and the same under
+whatever the driver is doing (steps, evaluation, checkpoint writing, restore) until the last chunk
+starts; and the same under
 ``continue``. It checks that the ``restart_cohort`` run ends with exactly the undisturbed run's
 final accuracies, the ``continue`` run close to them, and that every kill is in ``results.json``
 (at least one event naming the killed process per kill).
@@ -81,9 +82,11 @@ def _alive(pid: int) -> bool:
 class Chaos:
     """SIGKILLs a random live process of the run every ``every`` seconds (uniform in the range) until it ends."""
 
-    def __init__(self, run_dir: Path, every: tuple[float, float], seed: int, driver: DriverStateLog, final_step: int) -> None:
+    def __init__(self, run_dir: Path, every: tuple[float, float], seed: int, driver: DriverStateLog, last_chunk: int) -> None:
         self.run_dir, self.every, self.driver = run_dir, every, driver
-        self.final = run_dir / "checkpoints" / f"step-{final_step:08d}" / "manifest.json"
+        # Kills stop when the last chunk starts: a process killed after its last call (the final checkpoint
+        # written, the run closing) has no call left to meet its death, so no run could report it.
+        self.final = run_dir / "checkpoints" / f"step-{last_chunk:08d}" / "manifest.json"
         self.random = random.Random(seed)
         self.kills: list[dict[str, Any]] = []
         self.skipped: dict[str, int] = {}  # picks that found no live process to kill, by reason
@@ -130,7 +133,8 @@ def train(run_dir: Path, epochs: int, policy: str, chaos: tuple[float, float] | 
           driver: DriverStateLog) -> dict[str, Any]:
     config = experiment(run_dir, epochs, policy)
     steps_per_epoch = 12
-    chaos_thread = Chaos(run_dir, chaos, seed, driver, epochs * steps_per_epoch) if chaos else None
+    last_chunk = epochs * steps_per_epoch - config.runtime.checkpoint.every_steps
+    chaos_thread = Chaos(run_dir, chaos, seed, driver, last_chunk) if chaos else None
     started = time.perf_counter()
     try:
         train_ray(config, run_dir, show_progress=False).finish()
