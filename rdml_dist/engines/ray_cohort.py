@@ -296,9 +296,11 @@ class RayCohort:
         raise CohortRollback(failure.event(), deaths)
 
     def _on_coordinators(self, call: Callable[["ray.actor.ActorHandle", str], ray.ObjectRef], step: int,
-                         pending: Iterable[ray.ObjectRef] = ()) -> list[Any]:
-        """``call(shard, incarnation)`` on every coordinator shard; a failure goes to the policy (rolls back)."""
-        references = [call(shard, incarnation) for shard, incarnation in zip(self.shards, self.incarnations)]
+                         pending: Iterable[ray.ObjectRef] = (), first_only: bool = False) -> list[Any]:
+        """``call(shard, incarnation)`` on every coordinator shard (or the first only: it alone holds what only it
+        is sent, the evaluations); a failure goes to the policy (rolls back)."""
+        shards = list(zip(self.shards, self.incarnations))[: 1 if first_only else None]
+        references = [call(shard, incarnation) for shard, incarnation in shards]
         try:
             return ray.get(references)
         except ray.exceptions.RayError as error:
@@ -328,7 +330,7 @@ class RayCohort:
         step = start
         watch = self._next_step(step)
         stall = self.config.runtime.ray.exchange_timeout_s + STALL_MARGIN_S
-        while pending or (not calls and step < end):
+        while pending or step < end:  # the coordinator too must reach ``end``: external students may still be stepping
             done, _ = ray.wait([*pending, watch], num_returns=1, timeout=stall)
             if not done:
                 self._handle(Failure(FailureKind.TIMEOUT.value, step, f"no step of the cohort finished within {stall:.0f} s"),
@@ -410,7 +412,8 @@ class RayCohort:
         end = (epoch + 1) * self.steps_per_epoch
         self._on_live_students(lambda actor: actor.evaluate.remote(epoch, self.coordinator, self.incarnations[0]), end, epoch)
         timeout = self.config.runtime.ray.exchange_timeout_s
-        return self._on_coordinators(lambda shard, incarnation: shard.evaluation.remote(epoch, timeout, incarnation), end)[0]
+        return self._on_coordinators(
+            lambda shard, incarnation: shard.evaluation.remote(epoch, timeout, incarnation), end, first_only=True)[0]
 
     def pop_records(self, before_step: int) -> list[StepRecord]:
         return merge_records(self._on_coordinators(
