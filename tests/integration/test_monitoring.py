@@ -159,3 +159,8 @@ def test_metrics_through_a_student_restart(tmp_path: Path) -> None:
     assert 0.0 in liveness and liveness[-1] == 1.0  # dead while restarting, live again afterwards
     assert _value(history[-1], "rdml_student_restarts_total", "cnn") == 1.0
     assert _value(history[-1], "rdml_student_restarts_total", "mlp") == 0.0
+    states = [next((dict(labels)["state"] for (sample, labels), value in samples.items()
+                    if sample == "rdml_driver_state" and value == 1.0), None) for samples in history]
+    seen = [state for index, state in enumerate(states) if state is not None and (index == 0 or state != states[index - 1])]
+    assert {"running", "restoring"} <= set(seen), seen  # the driver's states, as the coordinator was told them
+    assert seen.index("restoring") > seen.index("running"), seen
