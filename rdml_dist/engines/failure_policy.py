@@ -51,7 +51,15 @@ class Failure:
 
 
 class RunFailed(RuntimeError):
-    """The failure policy stopped the run; the message names what failed, where and why."""
+    """The failure policy stopped the run; the message names what failed, where and why.
+
+    ``events`` are the fault events that led here and were not yet in the run's results (the failure that
+    stopped the run among them), so a failed run's ``results.json`` lists every fault too.
+    """
+
+    def __init__(self, message: str, failure: "Failure | None" = None) -> None:
+        super().__init__(message)
+        self.events: list[dict[str, object]] = [] if failure is None else [{**failure.event(), "action": "the run stopped"}]
 
 
 class FailurePolicy:
@@ -64,13 +72,14 @@ class FailurePolicy:
     def decide(self, failure: Failure) -> Decision:
         """The decision for ``failure``; raises :class:`RunFailed` when the run must stop."""
         if failure.failure_kind is FailureKind.USER_ERROR:
-            raise RunFailed(failure.describe())
+            raise RunFailed(failure.describe(), failure)
         self.failures.append(failure)
         if self.fault.on_student_failure == "fail":
-            raise RunFailed(f"{failure.describe()} (runtime.fault.on_student_failure is 'fail')")
+            raise RunFailed(f"{failure.describe()} (runtime.fault.on_student_failure is 'fail')", failure)
         if len(self.failures) > self.fault.max_failures:
             causes = "; ".join(f"{number}. {item.describe()}" for number, item in enumerate(self.failures, 1))
-            raise RunFailed(f"{len(self.failures)} failures, more than runtime.fault.max_failures={self.fault.max_failures}: {causes}")
+            raise RunFailed(f"{len(self.failures)} failures, more than runtime.fault.max_failures={self.fault.max_failures}: {causes}",
+                            failure)
         if failure.failure_kind.of_a_student and self.fault.on_student_failure == "continue":
             return Decision.CONTINUE
         return Decision.RESTART_COHORT

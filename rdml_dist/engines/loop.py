@@ -17,6 +17,7 @@ from tqdm import tqdm
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.engines.controller import DriverState, DriverStates
+from rdml_dist.engines.failure_policy import RunFailed
 from rdml_dist.engines.progress import describe_epoch
 from rdml_dist.messages import EpochEvaluation, StepRecord
 from rdml_dist.run_directory import RunDirectory
@@ -155,6 +156,8 @@ def train_loop(
                     state, why = DriverState.ROLLING_BACK, str(rollback)
             states.enter(DriverState.FINISHING)
     except BaseException as error:
+        if isinstance(error, RunFailed):  # the faults that stopped the run belong in its results like any other
+            run.add_events([*cohort.pop_events(), *error.events])
         states.enter(DriverState.FAILED, f"{type(error).__name__}: {error}")
         raise
     return run

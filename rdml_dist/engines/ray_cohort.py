@@ -292,7 +292,11 @@ class RayCohort:
                     death = Failure(FailureKind.STUDENT_DIED.value, failure.step, one_line(died), student=name,
                                     node=self.where.get(name, {}).get("node_id"))
                     deaths.append({**death.event(), "action": "restored with the cohort"})
-                    self.policy.decide(death)  # counted like any failure: a run past its budget stops here
+                    try:
+                        self.policy.decide(death)  # counted like any failure: a run past its budget stops here
+                    except RunFailed as stopped:
+                        stopped.events[:0] = [{**failure.event(), "action": "the cohort was rolling back"}, *deaths[:-1]]
+                        raise
         raise CohortRollback(failure.event(), deaths)
 
     def _on_coordinators(self, call: Callable[["ray.actor.ActorHandle", str], ray.ObjectRef], step: int,
@@ -321,6 +325,9 @@ class RayCohort:
             return self._follow_chunk(calls, events, start, end, restore_step, on_progress)
         except CohortRollback as rollback:  # what the chunk met before the rollback stays in the run's faults
             rollback.earlier[:0] = events
+            raise
+        except RunFailed as stopped:  # and before the policy stopped the run
+            stopped.events[:0] = events
             raise
 
     def _follow_chunk(self, calls: dict[ray.ObjectRef, str], events: list[dict[str, Any]], start: int, end: int,
@@ -386,7 +393,7 @@ class RayCohort:
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as error:
                 if time.monotonic() > deadline or isinstance(error, ray.exceptions.ActorDiedError):
                     failure = self._failure(error, who, step)
-                    raise RunFailed(f"{failure.describe()}; it was not restarted within {RESTART_TIMEOUT_S:.0f} s") from None
+                    raise RunFailed(f"{failure.describe()}; it was not restarted within {RESTART_TIMEOUT_S:.0f} s", failure) from None
                 time.sleep(RESTART_POLL_S)  # Ray is starting its process: there is no future to wait on yet
 
     def _rejoin(self, name: str, restore_step: int, cohort_epoch: int, step: int) -> None:

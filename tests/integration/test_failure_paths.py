@@ -222,6 +222,8 @@ def test_under_fail_the_report_names_the_failing_step(tmp_path: Path, transport:
     with pytest.raises(RunFailed, match=r"student 'a' on node \w+ died at step 3: ActorDiedError"):
         _train(tmp_path / "run", transport, {"a": [{"how": "exit", "where": "step", "after": 3}]}, on_student_failure="fail")
     wait_until(cohort_released, "the cohort is released")
+    results = read_json(tmp_path / "run" / "results.json")  # a failed run's results list the fault that stopped it
+    assert _events(results) == [("student_died", "a", 3, "the run stopped")]
 
 
 @pytest.mark.timeout(300)
