@@ -91,6 +91,7 @@ class RayCohort:
         self.latest_checkpoint: int | None = None  # the step a student restarted under ``continue`` restores
         self._events: list[dict[str, Any]] = []  # failures met while evaluating or checkpointing, for pop_events
         self._inflight: dict[ray.ObjectRef, str] = {}  # the students' calls under way, by student
+        self._watches: list[ray.ObjectRef] = []  # futures of the next step not yet collected
         self._reported_deaths: set[str] = set()  # processes whose death is in an event since the placements were read
         self._coordinator_states: list[dict[str, Any]] = []  # each shard's last answer to ``state``
         try:  # whatever fails while starting must not leave the actors and the reservation behind
@@ -306,7 +307,7 @@ class RayCohort:
         shards = list(zip(self.shards, self.incarnations))[: 1 if first_only else None]
         references = [call(shard, incarnation) for shard, incarnation in shards]
         try:
-            return ray.get(references)
+            return ray.get(references, timeout=self._stall_s())
         except ray.exceptions.RayError as error:
             self._handle(self._failure(error, COORDINATOR, step), pending, may_continue=False)
             raise  # unreachable: a coordinator's failure always rolls back
@@ -336,7 +337,7 @@ class RayCohort:
         pending = list(calls)
         step = start
         watch = self._next_step(step)
-        stall = self.config.runtime.ray.exchange_timeout_s + STALL_MARGIN_S
+        stall = self._stall_s()
         while pending or step < end:  # the coordinator too must reach ``end``: external students may still be stepping
             done, _ = ray.wait([*pending, watch], num_returns=1, timeout=stall)
             if not done:
@@ -359,12 +360,29 @@ class RayCohort:
             self._rejoin(name, restore_step, (end - 1) // self.steps_per_epoch, end)
         return events
 
+    def _stall_s(self) -> float:
+        """How long the driver waits on any call before it counts as hung: the exchange timeout and a margin."""
+        return self.config.runtime.ray.exchange_timeout_s + STALL_MARGIN_S
+
     def _next_step(self, after: int) -> ray.ObjectRef:
         """A future of the coordinator's step once it has moved past ``after``."""
-        return self.coordinator.step_after.remote(after, self.incarnations[0])
+        watch = self.coordinator.step_after.remote(after, self.incarnations[0])
+        self._watches.append(watch)
+        return watch
+
+    def _forget_watches(self) -> None:
+        """Collect the next-step futures that stopped chunks left behind: their errors (the abort, a dead
+        coordinator) are known and must not be logged as unhandled."""
+        for watch in self._watches:
+            try:
+                ray.get(watch, timeout=0)
+            except (ray.exceptions.RayError, TimeoutError):
+                pass
+        self._watches.clear()
 
     def _from_watch(self, watch: ray.ObjectRef, step: int, pending: list[ray.ObjectRef]) -> int:
         try:
+            self._watches.remove(watch)
             return ray.get(watch)
         except ray.exceptions.RayError as error:
             self._handle(self._failure(error, COORDINATOR, step), pending, may_continue=False)
@@ -439,7 +457,10 @@ class RayCohort:
         calls = {call(self.actors[name]): name for name in self.live_members()}
         self._inflight = calls
         while calls:
-            done, _ = ray.wait(list(calls), num_returns=1)
+            done, _ = ray.wait(list(calls), num_returns=1, timeout=self._stall_s())
+            if not done:  # a student wedged (a stalled store, a hung call) must not hang the driver
+                self._handle(Failure(FailureKind.TIMEOUT.value, step, f"students {', '.join(sorted(calls.values()))} did not "
+                                     f"answer within {self._stall_s():.0f} s"), list(calls), may_continue=False)
             name = calls.pop(done[0])
             try:
                 ray.get(done[0])
@@ -452,6 +473,7 @@ class RayCohort:
         """Every student (restarted ones included) and the coordinator go back to the checkpoint of ``step`` (None: to
         the initial state). A failure meanwhile goes to the policy, and the loop rolls back and restores again."""
         at = step or 0
+        self._forget_watches()
         try:
             for name, actor in self.actors.items():
                 self._wait_until_restarted(actor, name, at)
@@ -473,7 +495,7 @@ class RayCohort:
 
     def _get_or_handle(self, reference: ray.ObjectRef, source: str, step: int, others: dict[ray.ObjectRef, str]) -> Any:
         try:
-            return ray.get(reference)
+            return ray.get(reference, timeout=self._stall_s())
         except ray.exceptions.RayError as error:
             self._handle(self._failure(error, source, step, restoring=True), others, may_continue=False)
             raise  # unreachable
