@@ -23,7 +23,7 @@ def _field_path(location: tuple[Any, ...]) -> str:
 
 def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
-        return "unknown field (check the spelling; see the config reference in the README)"
+        return "unknown field (check the spelling; every field is listed in docs/configuration.md)"
     if error["type"] == "missing":
         return "required field is missing"
     return str(error["msg"]).removeprefix("Value error, ")
