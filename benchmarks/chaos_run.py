@@ -9,8 +9,8 @@ starts; and the same under
 final accuracies, the ``continue`` run close to them, and that every kill is in ``results.json``
 (at least one event naming the killed process per kill).
 
-Writes benchmarks/results/chaos_run.{json,md}. Run (20-40 min on 2 busy cores):
-    .venv/bin/python benchmarks/chaos_run.py [--seed 0] [--every 4 12] [--epochs 3]
+Writes benchmarks/results/chaos_run.{json,md}. Run (10 min on 2 cores, 40 min when they are busy):
+    .venv/bin/python benchmarks/chaos_run.py [--seed 0] [--every 3 8] [--epochs 5]
 """
 
 import argparse
@@ -198,8 +198,8 @@ def render(report: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--every", type=float, nargs=2, default=(4.0, 12.0), metavar=("MIN_S", "MAX_S"))
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--every", type=float, nargs=2, default=(3.0, 8.0), metavar=("MIN_S", "MAX_S"))
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--render-only", action="store_true", help="rewrite the report from the JSON")
     args = parser.parse_args()
     if args.render_only:
