@@ -10,6 +10,7 @@ import pytest
 import yaml
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_placement_groups
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rdml_dist.cli import main
 from rdml_dist.tune.runner import run_sweep, write_outputs
@@ -71,6 +72,14 @@ def test_sweep_of_whole_cohorts_each_in_its_own_placement_group(cluster: Cluster
     runs = [directory / "runs" / row["trial"] for row in rows]
     assert [yaml.safe_load((run / "config.yaml").read_text())["name"] for run in runs] == [row["trial"] for row in rows]
     assert len({placements(run)["coordinator"]["metrics"] for run in runs}) == 4
+    for run in runs:  # a trial's cohort writes TensorBoard events as any run does, read back by TensorBoard's reader
+        epochs = json.loads((run / "results.json").read_text())["epochs"]
+        events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+        events.Reload()
+        for name in ("mlp", "cnn"):
+            points = events.Scalars(f"student/{name}/val_accuracy")
+            assert [point.step for point in points] == [entry["epoch"] for entry in epochs] == [0, 1]
+            assert [point.value for point in points] == pytest.approx([entry["students"][name]["val_accuracy"] for entry in epochs])
     assert json.loads((directory / "file_sd.json").read_text()) == []
 
     # best.yaml is a whole experiment: `rdml-dist train best.yaml` gives the best trial's final accuracies again.
