@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.integration.cli_process import run_cli
@@ -14,23 +15,32 @@ RPC_LINE = re.compile(r"rdml-dist INFO cohort service \(gRPC\) at (\S+)")
 METRICS_LINE = re.compile(r"rdml-dist INFO metrics at http://(\S+)/metrics")
 
 
+@pytest.mark.timeout(900)
 def test_two_default_runs_started_at_once_both_complete_at_their_own_addresses(tmp_path: Path) -> None:
     targets = tmp_path / "targets.json"
+    epochs = {"first": 12, "second": 1}  # the first keeps the default's 12, so it still serves while the second starts
     commands = [
-        ["train", "--no-progress", "--run-dir", str(tmp_path / name), "--set", f"name={name}", "--set", "training.epochs=1",
-         "--set", "runtime.torch_threads=1", "--set", f"monitoring.file_sd={targets}"]
+        ["train", "--no-progress", "--run-dir", str(tmp_path / name), "--set", f"name={name}",
+         "--set", f"training.epochs={epochs[name]}", "--set", "runtime.torch_threads=1", "--set", f"monitoring.file_sd={targets}"]
         for name in ("first", "second")
     ]  # the embedded default config: rpc.port 50151 and monitoring.port 9464 for both
     listed: dict[str, set[str]] = {"first": set(), "second": set()}
+    side_by_side: list[dict[str, list[str]]] = []  # file_sd snapshots in which both runs served their metrics
     with ThreadPoolExecutor(2) as pool:
-        runs = [pool.submit(run_cli, command, cwd=tmp_path, timeout_s=420) for command in commands]
-        deadline = time.monotonic() + 450
+        runs = [pool.submit(run_cli, command, cwd=tmp_path, timeout_s=600) for command in commands]
+        deadline = time.monotonic() + 630
         while not all(run.done() for run in runs) and time.monotonic() < deadline:
             if targets.exists() and targets.stat().st_size:
-                for entry in json.loads(targets.read_text()):
-                    listed[entry["labels"]["run"]].update(entry["targets"])
+                snapshot = {entry["labels"]["run"]: entry["targets"] for entry in json.loads(targets.read_text())}
+                for name, served in snapshot.items():
+                    listed[name].update(served)
+                if len(snapshot) == 2:
+                    side_by_side.append(snapshot)
             time.sleep(0.2)
         results = [run.result() for run in runs]
+    assert side_by_side, "the two runs never served their metrics at the same time"
+    for snapshot in side_by_side:  # live at once, they never share a metrics address
+        assert not set(snapshot["first"]) & set(snapshot["second"]), snapshot
 
     addresses = []
     for name, result in zip(("first", "second"), results):
@@ -40,14 +50,14 @@ def test_two_default_runs_started_at_once_both_complete_at_their_own_addresses(t
         coordinator = json.loads((tmp_path / name / "placements.json").read_text())["coordinator"]
         assert (coordinator["rpc"], coordinator["metrics"]) == (rpc[0], metrics[0])
         assert listed[name] == {metrics[0]}  # its own file_sd entry while it ran
-        results = json.loads((tmp_path / name / "results.json").read_text())
-        assert len(results["epochs"]) == 1
-        events = EventAccumulator(str(tmp_path / name / "tensorboard"))
+        run = json.loads((tmp_path / name / "results.json").read_text())
+        assert len(run["epochs"]) == epochs[name]
+        events = EventAccumulator(str(tmp_path / name / "tensorboard"), size_guidance={"scalars": 0})
         events.Reload()
-        for student in results["students"]:  # the default run's TensorBoard events, read by TensorBoard's reader
-            (point,) = events.Scalars(f"student/{student}/val_accuracy")
-            assert (point.step, round(point.value, 6)) == (0, round(results["epochs"][0]["students"][student]["val_accuracy"], 6))
+        for student in run["students"]:  # the default run's TensorBoard events, read by TensorBoard's reader
+            points = [(point.step, round(point.value, 6)) for point in events.Scalars(f"student/{student}/val_accuracy")]
+            assert points == [(entry["epoch"], round(entry["students"][student]["val_accuracy"], 6)) for entry in run["epochs"]]
         assert sorted(path.name for path in (tmp_path / name / "plots").iterdir()) == ["accuracy.png", "losses.png", "timing.png"]
         addresses.append((rpc[0], metrics[0]))
-    assert len({address for pair in addresses for address in pair}) == 4, addresses
+    assert addresses[0][0] != addresses[1][0], addresses  # live at once, each cohort service on a port of its own
     assert json.loads(targets.read_text()) == []  # each run took its entry away when it ended
