@@ -29,7 +29,6 @@ Writes benchmarks/results/coordinator_cost{,_quick}.{json,md} and a PNG plot. Ru
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -37,7 +36,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,8 +51,9 @@ import torch  # noqa: E402
 import rdml_dist.divergence as divergence_module  # noqa: E402
 from rdml_dist.divergence import MimicryWorkspace, mimicry_gradients, stack_by_sample  # noqa: E402
 
+from earlier_code import module_at  # noqa: E402 - beside this script
+
 RESULTS = Path(__file__).parent / "results"
-REPOSITORY = Path(__file__).resolve().parent.parent
 BASELINE_COMMIT = "8fef735"  # rdml_dist/divergence.py before the cliff-free computation
 ALPHA = {"random": 2.0, "confident": 5.0}
 CONFIDENCE_BONUS = 15.0
@@ -151,18 +150,9 @@ class FactoredFloor:
 def load_baseline(commit: str) -> ModuleType | None:
     """``rdml_dist/divergence.py`` as it was at ``commit``, imported under another name (None without git)."""
     try:
-        source = subprocess.run(
-            ["git", "-C", str(REPOSITORY), "show", f"{commit}:rdml_dist/divergence.py"],
-            capture_output=True, text=True, check=True,
-        ).stdout
+        return module_at(commit, "rdml_dist/divergence.py", "baseline_divergence")
     except (OSError, subprocess.CalledProcessError):
         return None
-    path = Path(tempfile.mkdtemp(prefix="rdml-baseline-")) / "baseline_divergence.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("baseline_divergence", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def interleaved_rounds(calls: dict[str, Callable[[], Any]], budget_seconds: float, max_rounds: int = 30) -> dict[str, dict[str, list[float]]]:

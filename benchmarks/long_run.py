@@ -15,7 +15,6 @@ it (the medians are in the JSON).
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -33,6 +32,8 @@ from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import parse_config
 from rdml_dist.coordinator import EpochEvaluation, StepRecord
 from rdml_dist.storage import Storage
+
+from earlier_code import module_at  # noqa: E402 - beside this script
 
 ROWS = (10_000, 100_000, 1_000_000)
 STUDENTS = tuple(f"s{index}" for index in range(8))
@@ -57,14 +58,7 @@ def evaluation(epoch: int) -> EpochEvaluation:
 
 def old_module() -> ModuleType:
     """``run_directory.py`` as it was at ``OLD_COMMIT``, imported under another name."""
-    source = subprocess.run(["git", "show", f"{OLD_COMMIT}:rdml_dist/run_directory.py"], capture_output=True, text=True,
-                            check=True, cwd=Path(__file__).parent).stdout
-    path = Path(tempfile.mkdtemp(prefix="old-run-directory-")) / "old_run_directory.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("old_run_directory", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_at(OLD_COMMIT, "rdml_dist/run_directory.py", "old_run_directory")
 
 
 def checkpoint(run: Any, store: CheckpointStore, epoch: int) -> tuple[float, float]:
