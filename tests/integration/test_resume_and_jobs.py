@@ -115,7 +115,9 @@ def head_with_jobs(cpus: int) -> Iterator[str]:
     port, dashboard = free_port(), free_port()
     started = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={cpus}",
                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                   f"--ray-client-server-port={free_port()}", "--disable-usage-stats")
+                   f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
+                   # the job agent's own port: its default (52365) may still be held by another Ray's agent shutting down
+                   f"--dashboard-agent-listen-port={free_port()}")
     assert started.returncode == 0, started.stderr
     try:
         yield f"http://127.0.0.1:{dashboard}"
