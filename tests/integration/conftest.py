@@ -73,7 +73,8 @@ def local_ray(**init_args: Any) -> Iterator[None]:
         "ray was imported before keep_local_ray_on_loopback() ran (or RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is set): "
         "a local Ray would bind to the external address"
     )
-    ray.init(include_dashboard=False, log_to_driver=False, **init_args)
+    # address="local": a new instance, never a cluster another process left in Ray's current-cluster file
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, **init_args)
     node = ray._private.worker._global_node
     try:
         assert_loopback_nodes(1)
