@@ -12,6 +12,7 @@ weights of its step.
 import math
 import os
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,19 +94,26 @@ def _checkpoints(run_dir: Path) -> dict[int, Path]:
             for path in (run_dir / "checkpoints").glob("step-*/manifest.json")}
 
 
-def _assert_as_undisturbed(run_dir: Path, undisturbed: Path) -> None:
-    """Every step once, every epoch once, the same numbers, and every checkpoint the undisturbed one of its step."""
+def _assert_as_undisturbed(run_dir: Path, undisturbed: Path, students: Sequence[str] = NAMES, until: int = TOTAL) -> None:
+    """Every step once, every epoch once, the same numbers, and every checkpoint the undisturbed one of its step.
+
+    ``students`` are those in the step log (external ones too; only the Ray students, ``NAMES``, write checkpoints
+    into the run); ``until`` is the latest checkpoint of a run the policy stopped: steps, epochs and checkpoints up to it.
+    """
     rows = read_steps(run_dir)
-    assert sorted((int(row["step"]), row["student"]) for row in rows) == [(step, name) for step in range(TOTAL) for name in NAMES]
+    assert sorted((int(row["step"]), row["student"]) for row in rows) == [
+        (step, name) for step in range(until) for name in sorted(students)]
     expected = {(row["step"], row["student"]): row for row in read_steps(undisturbed)}
     for row in rows:
         for column in ("ce_loss", "mimicry_loss", "correct"):
             assert row[column] == expected[(row["step"], row["student"])][column], (row["step"], row["student"], column)
     results, reference = read_json(run_dir / "results.json"), read_json(undisturbed / "results.json")
-    assert [entry["epoch"] for entry in results["epochs"]] == list(range(EPOCHS))
+    epochs = until // STEPS_PER_EPOCH
+    assert [entry["epoch"] for entry in results["epochs"]] == list(range(epochs))
     assert [entry["ensemble_val_accuracy"] for entry in results["epochs"]] == [
-        entry["ensemble_val_accuracy"] for entry in reference["epochs"]]
-    checkpoints, reference_checkpoints = _checkpoints(run_dir), _checkpoints(undisturbed)
+        entry["ensemble_val_accuracy"] for entry in reference["epochs"][:epochs]]
+    checkpoints = _checkpoints(run_dir)
+    reference_checkpoints = {step: directory for step, directory in _checkpoints(undisturbed).items() if step <= until}
     assert set(checkpoints) == set(reference_checkpoints)
     for step, directory in checkpoints.items():
         assert read_json(directory / "manifest.json")["step"] == step
