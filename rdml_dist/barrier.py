@@ -1,7 +1,8 @@
 """The asynchronous step barrier over the coordinator core, shared by every transport.
 
 Each student's exchange waits here until every live student of the step has arrived; the last
-arrival runs the one batched computation that answers them all. The Ray actor methods and the
+arrival starts the one batched computation that answers them all, on a worker thread and outside
+the lock, so that the loop and the cohort's state stay free for status calls meanwhile. The Ray actor methods and the
 gRPC service both call into one :class:`CohortBarrier` on one event loop, so Ray students and
 external students meet at the same barrier. The core is touched only under ``lock`` (short,
 synchronous sections, never held across an ``await``): Ray also calls read-only methods from
@@ -10,6 +11,7 @@ other threads.
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client import Gauge
@@ -67,6 +69,8 @@ class CohortBarrier:
         for state in DriverState:
             self._driver_gauge.labels(config.name, state.value).set(1 if state.value == self.driver_state else 0)
         self.halted: str | None = None  # why frames are refused, while the cohort rolls back
+        self._computing: asyncio.Task[None] | None = None  # the computation under way, if any
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cohort-computation")
 
     def _step_future(self, step: int) -> "asyncio.Future[None]":
         return self._step_results.setdefault(step, asyncio.get_running_loop().create_future())
@@ -74,22 +78,52 @@ class CohortBarrier:
     def _reply_future(self, step: int, student: str) -> "asyncio.Future[MimicryReply]":
         return self._replies.setdefault((step, student), asyncio.get_running_loop().create_future())
 
-    def _complete_if_ready(self) -> None:
-        """Compute gradients whenever the core can: the step's last arrival, or (sequential) a refresh.
+    def _ready(self) -> bool:
+        """Whether the core can compute: the step's last arrival, or (sequential) a refresh.
 
         Never before every member has registered once: an early external student must not train alone.
         """
-        while self.halted is None and len(self.core.info) == len(self.core.members) and self.core.is_complete():
-            step = self.core.step
-            try:
-                replies = self.core.compute()
-            except Exception as error:  # noqa: BLE001 - any failure must reach every waiting student
-                self._halt(f"step {step}: the coordinator's computation failed: {type(error).__name__}: {error}")
-                return
-            for name, reply in replies.items():
-                self._reply_future(step, name).set_result(reply)
-            if self.core.step != step:
-                self._end_step(step)
+        return self.halted is None and len(self.core.info) == len(self.core.members) and self.core.is_complete()
+
+    def _complete_if_ready(self) -> None:
+        """Start computing on the worker thread when the core can (called under ``lock``, on the barrier's loop).
+
+        One computation at a time: a second arrival while one runs is taken up when it ends.
+        """
+        if self._computing is None and self._ready():
+            self._computing = asyncio.get_running_loop().create_task(self._compute_while_ready())
+
+    async def _compute_while_ready(self) -> None:
+        """Each computation runs off the event loop and outside ``lock``, so that status calls, scrapes and
+        control calls are answered meanwhile; its inputs are taken, and its results applied, under the lock.
+
+        A result that a halt or a restore overtook is dropped: as if the computation had come after it.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                with self.lock:
+                    if not self._ready():
+                        return
+                    pending = self.core.begin_step()
+                try:
+                    result = await loop.run_in_executor(self._worker, self.core.mimicry, pending)
+                    with self.lock:
+                        if self.halted is None and pending.generation == self.core.generation:
+                            self._deliver(pending.step, self.core.finish_step(pending, result))
+                except Exception as error:  # noqa: BLE001 - any failure must reach every waiting student
+                    with self.lock:
+                        self._halt(f"step {pending.step}: the coordinator's computation failed: {type(error).__name__}: {error}")
+                    return
+        finally:
+            self._computing = None
+
+    def _deliver(self, step: int, replies: dict[str, MimicryReply]) -> None:
+        """Wake the answered students, and release the step once the core has moved past it."""
+        for name, reply in replies.items():
+            self._reply_future(step, name).set_result(reply)
+        if self.core.step != step:
+            self._end_step(step)
 
     def _end_step(self, step: int) -> None:
         """Release the step: students still waiting got no gradient because they left while they waited."""

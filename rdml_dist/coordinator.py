@@ -8,13 +8,14 @@ cohort state: the step, the members and which are live, per-student losses and t
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.data.batch_plan import batch_plan, indices_hash
 from rdml_dist.devices import resolve_device
-from rdml_dist.divergence import MimicryWorkspace, mimicry_gradients, stack_by_sample
+from rdml_dist.divergence import MimicryResult, MimicryWorkspace, mimicry_gradients, stack_by_sample
 from rdml_dist.errors import FrameRejected
 from rdml_dist.messages import (
     BATCH_MISMATCH, DATA_MISMATCH, DUPLICATE, NON_FINITE, NOT_LIVE, UNKNOWN_STUDENT, WRONG_SHAPE, WRONG_STEP,
@@ -22,6 +23,25 @@ from rdml_dist.messages import (
 )
 from rdml_dist.schedules import alpha_at, mimicry_weight_at
 from rdml_dist.shards import shard_rows
+
+
+@dataclass(frozen=True)
+class PendingStep:
+    """The inputs of one computation, taken at :meth:`CohortCoordinator.begin_step`: a step, or one sequential turn.
+
+    ``names``/``frames``/``arrivals``: every student whose frame takes part, in member order;
+    ``answered``: those who get their gradient from it (all of them, one turn, or nobody).
+    """
+
+    step: int
+    generation: int
+    names: list[str]
+    answered: list[str]
+    frames: list[LogitsFrame]
+    arrivals: list[float]
+    alpha: float
+    weight: float
+    started: float
 
 
 class CohortCoordinator:
@@ -43,11 +63,12 @@ class CohortCoordinator:
         self.clock = clock
         # With a GPU in its bundle the batched computation runs there; replies always leave on the CPU.
         self.device = resolve_device(config.runtime.device) if config.runtime.coordinator.gpus > 0 else torch.device("cpu")
-        # Reused every step: _answer is done with a step's stacked logits and gradients before it returns
-        # (replies and records hold new tensors and floats), so the next step may overwrite them.
+        # Reused every step: a computation's result lives here until finish_step has made the replies and
+        # records (new tensors and floats); the next begin_step comes after that, so it may overwrite them.
         self._workspace = MimicryWorkspace()
         self.info: dict[str, StudentInfo] = {}
         self.step = 0
+        self.generation = 0  # counts restores: a computation begun before one is discarded
         self._pending: dict[str, LogitsFrame] = {}
         self._arrivals: dict[str, float] = {}
         self._excluded: set[str] = set()
@@ -99,6 +120,7 @@ class CohortCoordinator:
         In-flight frames, the records of later steps and the evaluations of unfinished epochs are dropped.
         """
         self.step = step
+        self.generation += 1
         self._clear_step()
         self.records = {kept: rows for kept, rows in self.records.items() if kept < step}
         finished_epochs = step // self.steps_per_epoch if self.info else 0
@@ -204,25 +226,72 @@ class CohortCoordinator:
         ``simultaneous``: every student's, in one batched call, against the peers' pre-update logits.
         ``sequential`` (DML Algorithm 1): one student per call, in member order, against the latest
         logits of its peers; each but the last is asked to :meth:`refresh` its logits after its
-        update, before the next student's gradient is computed.
+        update, before the next student's gradient is computed. This is :meth:`begin_step`,
+        :meth:`mimicry` and :meth:`finish_step` in one go.
+        """
+        pending = self.begin_step()
+        return self.finish_step(pending, self.mimicry(pending))
+
+    def begin_step(self) -> PendingStep:
+        """Take the inputs of the next computation (a whole step, or a sequential turn) out of the barrier state.
+
+        The heavy part, :meth:`mimicry`, needs nothing but the returned :class:`PendingStep`, so a
+        transport may run it while the cohort's state stays available to others (status, control calls).
         """
         if not self.is_complete():
             raise RuntimeError(f"step {self.step} is still waiting for {', '.join(self.waiting_for())}")
         names = [name for name in self.members if name in self._pending]
+        answered = names
         if self.config.mimicry.update == "sequential":
             if self._turns is None:
                 self._turns = list(names)
-            if not self._turns:
-                self._advance()
-                return {}
-            turn = self._turns.pop(0)
+            answered = self._turns[:1]  # none left: the step is over
+            self._turns = self._turns[1:]
             if self._turns:
-                self._refreshing = turn
-            return self._answer(names, [turn])
-        if not names:  # every live student's frame was refused: the step passes without an exchange
+                self._refreshing = answered[0]
+        progress = self.step / self.steps_per_epoch
+        return PendingStep(
+            step=self.step,
+            generation=self.generation,
+            names=names,
+            answered=answered,
+            frames=[self._pending[name] for name in names],
+            arrivals=[self._arrivals[name] for name in names],
+            alpha=alpha_at(self.config.mimicry, progress, self.config.training.epochs),
+            weight=mimicry_weight_at(self.config.mimicry, progress),
+            started=self.clock(),
+        )
+
+    def mimicry(self, pending: PendingStep) -> MimicryResult | None:
+        """The batched computation of ``pending`` (gradients and losses on the CPU); None when nobody is answered.
+
+        It touches only ``pending`` and this core's workspace: one computation at a time, whatever else goes on.
+        """
+        if not pending.answered:  # every live frame refused, or the last sequential turn done: no exchange
+            return None
+        mimicry = self.config.mimicry
+        result = mimicry_gradients(
+            stack_by_sample([frame.logits for frame in pending.frames], self.device, self._workspace),  # any wire dtype
+            alpha=pending.alpha,
+            temperature=mimicry.temperature,
+            mode=mimicry.mode,
+            divergence=mimicry.divergence,
+            with_targets=False,
+            workspace=self._workspace,
+        )
+        return MimicryResult(None, result.grads.cpu(), result.losses.cpu())
+
+    def finish_step(self, pending: PendingStep, result: MimicryResult | None) -> dict[str, MimicryReply]:
+        """Replies and step records from ``result``; the step advances when nobody is left to answer.
+
+        A computation begun before a :meth:`restore` answers nobody and changes nothing.
+        """
+        if pending.generation != self.generation:
+            return {}
+        if result is None:
             self._advance()
             return {}
-        return self._answer(names, names)
+        return self._answer(pending, result)
 
     def refresh(self, frame: LogitsFrame) -> None:
         """Sequential update: the student whose turn it was sends its logits of this step's batch after its update.
@@ -240,42 +309,27 @@ class CohortCoordinator:
         if tuple(logits.shape) == tuple(self._pending[frame.student].logits.shape) and bool(torch.isfinite(logits).all()):
             self._pending[frame.student].logits = logits
 
-    def _answer(self, names: list[str], answered: list[str]) -> dict[str, MimicryReply]:
-        """Replies and step records for ``answered`` from the logits of all of ``names``; advance when nobody is left."""
-        started = self.clock()
-        frames = [self._pending[name] for name in names]
+    def _answer(self, pending: PendingStep, result: MimicryResult) -> dict[str, MimicryReply]:
+        """Replies and step records for the answered students; advance when nobody is left."""
         mimicry = self.config.mimicry
-        progress = self.step / self.steps_per_epoch
-        alpha = alpha_at(mimicry, progress, self.config.training.epochs)
-        weight = mimicry_weight_at(mimicry, progress)
-        result = mimicry_gradients(
-            stack_by_sample([frame.logits for frame in frames], self.device, self._workspace),  # any wire dtype
-            alpha=alpha,
-            temperature=mimicry.temperature,
-            mode=mimicry.mode,
-            divergence=mimicry.divergence,
-            with_targets=False,
-            workspace=self._workspace,
-        )
-        grads, losses = result.grads.cpu(), result.losses.cpu()
         batch_rows = self.expected_batch(self.step)[1]
-        share = frames[0].logits.shape[0] / batch_rows  # this shard's part of the batch mean (1 unsharded)
-        scale = weight * mimicry.temperature**2
-        elapsed = self.clock() - started
-        last_arrival = max(self._arrivals[name] for name in names)
+        share = pending.frames[0].logits.shape[0] / batch_rows  # this shard's part of the batch mean (1 unsharded)
+        scale = pending.weight * mimicry.temperature**2
+        elapsed = self.clock() - pending.started
+        last_arrival = max(pending.arrivals)
         replies: dict[str, MimicryReply] = {}
         step_records = self.records.setdefault(self.step, {})
-        for position, (name, frame) in enumerate(zip(names, frames)):
-            if name not in answered:
+        for position, (name, frame, arrival) in enumerate(zip(pending.names, pending.frames, pending.arrivals)):
+            if name not in pending.answered:
                 continue
-            divergence_value = float(losses[position])
+            divergence_value = float(result.losses[position])
             replies[name] = MimicryReply(
                 step=self.step,
-                grad=(grads[position] * (scale * share)).to(frame.logits.dtype),  # back in the dtype it was sent in
+                grad=(result.grads[position] * (scale * share)).to(frame.logits.dtype),  # back in the dtype it was sent in
                 mimicry_loss=scale * divergence_value,
-                alpha=alpha,
-                weight=weight,
-                live_students=len(names),
+                alpha=pending.alpha,
+                weight=pending.weight,
+                live_students=len(pending.names),
                 refresh=self._refreshing == name,
             )
             step_records[name] = StepRecord(
@@ -285,19 +339,19 @@ class CohortCoordinator:
                 ce_loss=frame.ce_loss,
                 mimicry_loss=scale * divergence_value,
                 divergence=divergence_value,
-                alpha=alpha,
-                weight=weight,
+                alpha=pending.alpha,
+                weight=pending.weight,
                 correct=frame.correct,
                 labelled=frame.labelled,
                 correct_clean=frame.correct_clean,
                 rows=frame.logits.shape[0],
-                wait_seconds=last_arrival - self._arrivals[name],
+                wait_seconds=last_arrival - arrival,
                 coordinator_seconds=elapsed,
             )
         self.latest.update({name: step_records[name] for name in replies})
         if self._refreshing is not None:
             return replies
-        self._measure_throughput(names, batch_rows, self.clock())
+        self._measure_throughput(pending.names, batch_rows, self.clock())
         self._advance()
         return replies
 

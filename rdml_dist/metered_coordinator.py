@@ -9,7 +9,8 @@ import time
 from collections.abc import Callable
 
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.coordinator import CohortCoordinator
+from rdml_dist.coordinator import CohortCoordinator, PendingStep
+from rdml_dist.divergence import MimicryResult
 from rdml_dist.errors import FrameRejected
 from rdml_dist.messages import EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
 from rdml_dist.metrics import CohortMetrics
@@ -56,10 +57,10 @@ class MeteredCoordinator(CohortCoordinator):
         self.metrics.frame_rejected(student, reason)
         self.exclude(student, step)
 
-    def compute(self) -> dict[str, MimicryReply]:
-        step = self.step
-        replies = super().compute()
-        if self.step == step:  # a sequential step still under way: reported once it is over
+    def finish_step(self, pending: PendingStep, result: MimicryResult | None) -> dict[str, MimicryReply]:
+        replies = super().finish_step(pending, result)
+        step = pending.step
+        if pending.generation != self.generation or self.step == step:  # discarded, or a sequential step under way
             return replies
         records = self.records.get(step, {})
         batch = self.expected_batch(step)[1] if records else 0  # the whole batch, also on a coordinator shard

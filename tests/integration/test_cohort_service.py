@@ -25,7 +25,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from rdml_dist.barrier import CohortBarrier
 from rdml_dist.config import ExperimentConfig, parse_config
 from rdml_dist.data import batch_plan, indices_hash
-from rdml_dist.divergence import mimicry_gradients
+from rdml_dist.coordinator import PendingStep
+from rdml_dist.divergence import MimicryResult, mimicry_gradients
 from rdml_dist.errors import ConfigError
 from rdml_dist.messages import LogitsFrame, StudentInfo
 from rdml_dist.rpc.auth import bearer_metadata
@@ -167,6 +168,33 @@ def test_replies_are_the_in_process_mimicry_gradients(trio: Cohort) -> None:
         assert replies[name].step == 0 and replies[name].live_students == 3
         torch.testing.assert_close(replies[name].grad, expected.grads[position] * 2.0, rtol=1e-6, atol=1e-7)
         assert replies[name].mimicry_loss == pytest.approx(float(expected.losses[position]) * 2.0, rel=1e-6)
+
+
+def test_status_and_the_cohort_state_are_answered_while_a_steps_computation_runs(trio: Cohort) -> None:
+    """The computation runs off the event loop and outside the barrier's lock: a status call (on the loop) and a
+    read of the core under the lock (Ray's ``state()``, on its control thread) do not wait for it to end."""
+    barrier = trio.service.barrier
+    mimicry = barrier.core.mimicry
+    computing, release = threading.Event(), threading.Event()
+
+    def held_until_released(pending: PendingStep) -> MimicryResult | None:
+        computing.set()
+        assert release.wait(TIMEOUT), "the test never released the computation"
+        return mimicry(pending)
+
+    barrier.core.mimicry = held_until_released  # type: ignore[method-assign]
+    try:
+        replies = [trio.send(name, 0, logits_for(seed)) for seed, name in enumerate("abc")]
+        assert computing.wait(TIMEOUT), "the step's computation never started"
+        status = trio.client.status(timeout_s=5)  # a deadline far below the TIMEOUT the computation may last
+        assert status.step == 0 and list(status.waiting_for) == [] and not any(future.done() for future in replies)
+        with ThreadPoolExecutor(max_workers=1) as control_thread:
+            read = control_thread.submit(lambda: barrier.lock.acquire(timeout=5) and (barrier.core.state(), barrier.lock.release())[0])
+            assert read.result(TIMEOUT)["step"] == 0
+    finally:
+        release.set()
+    assert [future.result(TIMEOUT).step for future in replies] == [0, 0, 0]
+    assert trio.client.status(timeout_s=5).step == 1
 
 
 def test_half_precision_logits_get_half_precision_gradients(trio: Cohort) -> None:

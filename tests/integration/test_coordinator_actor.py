@@ -11,7 +11,8 @@ import ray
 import torch
 
 from rdml_dist.data import batch_plan, indices_hash
-from rdml_dist.divergence import mimicry_gradients
+from rdml_dist.coordinator import PendingStep
+from rdml_dist.divergence import MimicryResult, mimicry_gradients
 from rdml_dist.engines.ray_actors import CONTROL_GROUP, Coordinator, CoordinatorActor
 from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.messages import LogitsFrame, MimicryReply, StudentInfo
@@ -167,14 +168,14 @@ class ComputationFails(Coordinator):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
         core = self.barrier.core
-        compute = core.compute
+        mimicry = core.mimicry
 
-        def failing_at_step_1() -> dict[str, MimicryReply]:
-            if core.step == 1:
+        def failing_at_step_1(pending: PendingStep) -> MimicryResult | None:
+            if pending.step == 1:
                 raise RuntimeError("CUDA out of memory (simulated inside the computation)")
-            return compute()
+            return mimicry(pending)
 
-        core.compute = failing_at_step_1  # type: ignore[method-assign]
+        core.mimicry = failing_at_step_1  # type: ignore[method-assign]
 
 
 @pytest.mark.timeout(60)
