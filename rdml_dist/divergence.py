@@ -220,14 +220,20 @@ class MimicryWorkspace:
 
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}
+        self._views: dict[tuple[str, tuple[int, ...]], Tensor] = {}  # a step asks for the same views every time
 
     def empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """The buffer ``name`` viewed as ``shape`` (uninitialised; made anew only to grow or change dtype/device)."""
+        view = self._views.get((name, shape))
+        if view is not None and view.dtype == dtype and view.device == device:
+            return view
         size = math.prod(shape)
         buffer = self._buffers.get(name)
         if buffer is None or buffer.numel() < size or buffer.dtype != dtype or buffer.device != device:
             buffer = self._buffers[name] = torch.empty(size, dtype=dtype, device=device)
-        return buffer[:size].view(shape)
+            self._views = {key: kept for key, kept in self._views.items() if key[0] != name}  # views of the old one
+        view = self._views[(name, shape)] = buffer[:size].view(shape)
+        return view
 
 
 def _empty(
@@ -242,15 +248,26 @@ def _empty(
 class _RenyiBuffers(NamedTuple):
     """What the pairwise Rényi computation writes, laid out by sample so a block of rows is a slice.
 
-    ``grads`` (B×K×C) is scale·(q_k − T_k), ``targets`` (B×K×C or None) T_k; ``log_overlap``
-    (B×K×K) and ``shifts`` (B×2×K, the peer and own factors' row shifts) give every
-    logZ_jk = logsumexp_c(α ℓ_j + (1−α) ℓ_k) through :func:`_normaliser_parts`.
+    ``grads`` (B×K×C) is scale·(q_k − T_k), ``targets`` (B×K×C or None) T_k. ``normalisers``
+    (B×(K+2)×K) holds per sample the K×K log-overlaps (:attr:`log_overlap`) and below them the peer
+    and own factors' row shifts (:attr:`shifts`, 2×K); they give every
+    logZ_jk = logsumexp_c(α ℓ_j + (1−α) ℓ_k) through :func:`_normaliser_parts`. One buffer, so that
+    the losses sum all of them over the batch in one reduction.
     """
 
     grads: Tensor
     targets: Tensor | None
-    log_overlap: Tensor
-    shifts: Tensor
+    normalisers: Tensor
+
+    @property
+    def log_overlap(self) -> Tensor:
+        """log Σ_c a_jc·s_kc of the shifted factors, rows×K(j)×K(k)."""
+        return self.normalisers[:, :-2]
+
+    @property
+    def shifts(self) -> Tensor:
+        """The peer factors' and the own factors' row shifts, rows×2×K."""
+        return self.normalisers[:, -2:]
 
     @classmethod
     def empty(
@@ -261,13 +278,12 @@ class _RenyiBuffers(NamedTuple):
         return cls(
             _empty(workspace, "grads", (batch, k, classes), dtype, device),
             _empty(workspace, "targets", (batch, k, classes), dtype, device) if with_targets else None,
-            _empty(workspace, "log_overlap", (batch, k, k), dtype, device),
-            _empty(workspace, "shifts", (batch, 2, k), dtype, device),
+            _empty(workspace, "normalisers", (batch, k + 2, k), dtype, device),
         )
 
     def rows(self, rows: slice) -> "_RenyiBuffers":
         """The views one block of samples writes into."""
-        return _RenyiBuffers(*(None if buffer is None else buffer[rows] for buffer in self))
+        return _RenyiBuffers(self.grads[rows], None if self.targets is None else self.targets[rows], self.normalisers[rows])
 
     def assign(self, samples: Tensor, other: "_RenyiBuffers") -> None:
         """Overwrite the rows ``samples`` with ``other`` (same fields, any dtype)."""
@@ -284,30 +300,37 @@ def _normaliser_parts(buffers: _RenyiBuffers, alpha: float) -> tuple[Tensor, Ten
 
 
 def _pairwise_renyi_losses(buffers: _RenyiBuffers, alpha: float) -> Tensor:
-    """Student k's loss 1/((K−1)(α−1)) · Σ_{j≠k} logZ_jk, batch mean, from four sums over the batch.
+    """Student k's loss 1/((K−1)(α−1)) · Σ_{j≠k} logZ_jk, batch mean, from one sum over the batch.
 
     logZ_jk = log overlap_jk + u_j + v_k (:func:`_normaliser_parts`) is linear in the saved
-    log-overlaps and shifts, so with their sums over the batch (A_k of log overlap_jk over j, D_k of
-    its diagonal, P_k and S_k of the peer and own shifts)
-    Σ_b Σ_{j≠k} logZ_jk = A_k + K(α−1)(D_k + P_k) + Kα S_k + Σ_j ((1−α)P_j − αD_j − αS_j).
-    The terms cancel to a far smaller loss (weights up to Kα), so the sums are taken in float64.
+    log-overlaps and shifts, so the losses are one fixed linear map (:func:`_loss_weights`) of their
+    sums over the batch. The terms cancel to a far smaller loss (weights up to Kα), so the sums and
+    the map are taken in float64.
     """
-    batch, _, k = buffers.shifts.shape
-    wide = torch.float64
-    sums = torch.empty(4, k, dtype=wide, device=buffers.shifts.device)  # A, D, P, S
-    torch.sum(buffers.log_overlap, (0, 1), dtype=wide, out=sums[0])
-    torch.sum(buffers.log_overlap.diagonal(dim1=1, dim2=2), 0, dtype=wide, out=sums[1])
-    torch.sum(buffers.shifts, 0, dtype=wide, out=sums[2:])
-    own, shared = torch.mm(_loss_weights(alpha, k, wide, sums.device), sums)
-    return own.add_(shared.sum()).div_((k - 1) * (alpha - 1) * batch).to(buffers.shifts.dtype)
+    batch, _, k = buffers.normalisers.shape
+    sums = torch.sum(buffers.normalisers, 0, dtype=torch.float64)  # (K+2)×K
+    losses = torch.mv(_loss_weights(alpha, k, sums.device), sums.view(-1))
+    return torch.div(losses, batch, out=torch.empty(k, dtype=buffers.grads.dtype, device=sums.device))
 
 
-@functools.lru_cache(maxsize=64)
-def _loss_weights(alpha: float, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The coefficients (2×4) of A, D, P, S in student k's own term and in the term Σ_j shared by all."""
-    return torch.tensor(
-        [[1.0, k * (alpha - 1), k * (alpha - 1), k * alpha], [0.0, -alpha, 1 - alpha, -alpha]], dtype=dtype, device=device
-    )
+@functools.lru_cache(maxsize=16)
+def _loss_weights(alpha: float, k: int, device: torch.device) -> Tensor:
+    """The K × (K+2)·K float64 map from the batch sums of ``normalisers`` (:class:`_RenyiBuffers`) to the losses.
+
+    With A_k = Σ_j log overlap_jk, D_k = log overlap_kk and P_k, S_k the peer and own shifts (all
+    summed over the batch), Σ_b Σ_{j≠k} logZ_jk = A_k + K(α−1)(D_k + P_k) + Kα S_k
+    + Σ_j ((1−α)P_j − αD_j − αS_j); the map includes the factor 1/((K−1)(α−1)).
+    """
+    weights = torch.zeros(k, k + 2, k, dtype=torch.float64, device=device)
+    students = torch.arange(k, device=device)
+    weights[:, :k] -= alpha * torch.eye(k, dtype=torch.float64, device=device)  # −α D_j, shared
+    weights[:, k] += 1 - alpha  # (1−α) P_j, shared
+    weights[:, k + 1] -= alpha  # −α S_j, shared
+    weights[students, :k, students] += 1  # A_k
+    weights[students, students, students] += k * (alpha - 1)
+    weights[students, k, students] += k * (alpha - 1)
+    weights[students, k + 1, students] += k * alpha
+    return weights.view(k, -1).div_((k - 1) * (alpha - 1))
 
 
 def _pairwise_renyi(z: Tensor, alpha: float, temperature: float, scale: float, out: _RenyiBuffers) -> None:
@@ -350,32 +373,45 @@ def _factors(z: Tensor, alpha: float, temperature: float, pre: Tensor, shifts: T
     return peer, own
 
 
-def _write_gradients(inverse: Tensor, peer: Tensor, own: Tensor, scale: float, out: _RenyiBuffers) -> None:
-    """``out.grads`` (and targets) from 1/Z (rows×K×K; consumed) and the factors.
+def _write_gradients(overlap: Tensor, peer: Tensor, own: Tensor, scale: float, out: _RenyiBuffers) -> None:
+    """``out.grads`` (and targets) from the overlaps Z (rows×K×K; consumed, +inf for a pair left out) and the factors.
 
     The diagonal of Z gives the student's own distribution for free (α ℓ_k + (1−α) ℓ_k = ℓ_k:
     q_k = a_k·s_k / Z_kk), so q_k − T_k = s_k · Σ_j V_jk a_j with V_kk = 1/Z_kk and
-    V_jk = −1/((K−1) Z_jk): one ``bmm``, and no pass over the K×B×C data but the product with s_k.
+    V_jk = −1/((K−1) Z_jk): one division by Z of a fixed K×K matrix, one ``bmm``, and no pass over
+    the K×B×C data but the product with s_k.
     """
-    k = inverse.shape[1]
+    k = overlap.shape[1]
     if out.targets is not None:
-        peer_weights = inverse / (k - 1)
-        peer_weights.diagonal(dim1=1, dim2=2).zero_()
+        peer_weights = torch.div(_pair_weights(k, 0.0, overlap.dtype, overlap.device), overlap)
         torch.bmm(peer_weights.transpose(1, 2), peer, out=out.targets).mul_(own)
-    inverse.mul_(-scale / (k - 1)).diagonal(dim1=1, dim2=2).mul_(1 - k)  # V·scale
-    torch.bmm(inverse.transpose(1, 2), peer, out=out.grads).mul_(own)
+    weights = torch.div(_pair_weights(k, scale, overlap.dtype, overlap.device), overlap, out=overlap)  # V·scale
+    torch.bmm(weights.transpose(1, 2), peer, out=out.grads).mul_(own)
 
 
-def _factored_block(z: Tensor, alpha: float, temperature: float, scale: float, out: _RenyiBuffers, scratch: Tensor) -> None:
+@functools.lru_cache(maxsize=64)
+def _pair_weights(k: int, scale: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """K×K: ``scale`` on the diagonal, −scale/(K−1) off it (the gradients), or 1/(K−1) off it at scale 0 (the targets)."""
+    if scale == 0:
+        return _off_diagonal_mean_matrix(k, dtype, device)
+    weights = torch.full((k, k), -scale / (k - 1), dtype=dtype, device=device)
+    return weights.fill_diagonal_(scale)
+
+
+def _factored_block(
+    z: Tensor, alpha: float, temperature: float, scale: float, out: _RenyiBuffers, scratch: tuple[Tensor, Tensor]
+) -> None:
     """The usual path: ``out`` for a block of samples from the two factors and two ``bmm``, nothing checked.
 
     Samples with an underflowing overlap get wrong values here; :func:`_redo_untrusted_samples`
-    finds them afterwards from ``out.log_overlap`` and recomputes them. ``scratch`` holds the factors.
+    finds them afterwards from ``out.log_overlap`` and recomputes them. ``scratch`` holds the factors
+    and the overlaps.
     """
-    peer, own = _factors(z, alpha, temperature, scratch, out.shifts)
-    overlap = torch.bmm(peer, own.transpose(1, 2))  # rows×K(j)×K(k), ≤ C
+    factors, overlap = scratch
+    peer, own = _factors(z, alpha, temperature, factors, out.shifts)
+    torch.bmm(peer, own.transpose(1, 2), out=overlap)  # rows×K(j)×K(k), ≤ C
     torch.log(overlap, out=out.log_overlap)
-    _write_gradients(overlap.reciprocal_(), peer, own, scale, out)
+    _write_gradients(overlap, peer, own, scale, out)
 
 
 def _trusted_floor(classes: int, dtype: torch.dtype) -> float:
@@ -389,7 +425,7 @@ def _redo_untrusted_samples(by_sample: Tensor, alpha: float, temperature: float,
     One check over all log-overlaps (a host sync); usually no sample needs it.
     """
     log_floor = math.log(_trusted_floor(by_sample.shape[2], out.grads.dtype))
-    if bool(out.log_overlap.amin() >= log_floor):
+    if out.log_overlap.amin().item() >= log_floor:  # False for NaN too
         return
     samples = (~(out.log_overlap.flatten(1).amin(1) >= log_floor)).nonzero().squeeze(1)  # NaN too
     part = _RenyiBuffers.empty(samples.numel(), *by_sample.shape[1:], out.grads.dtype, by_sample.device, out.targets is not None)
@@ -404,14 +440,12 @@ def _factored_pairs(z: Tensor, alpha: float, temperature: float, scale: float, o
     Where Z falls below C·tiny/eps the truncated terms could matter: off the diagonal those pairs
     are flagged and left out; on it, q_k and its normaliser are computed directly.
     """
-    k = z.shape[1]
     dtype = out.grads.dtype
     peer, own = _factors(z, alpha, temperature, torch.empty(z.shape[0], 2, *z.shape[1:], dtype=dtype, device=z.device), out.shifts)
     overlap = torch.bmm(peer, own.transpose(1, 2))  # rows×K(j)×K(k), ≤ C
     accurate = overlap >= _trusted_floor(z.shape[2], dtype)
-    safe = torch.where(accurate, overlap, 1.0)
-    _write_gradients(accurate / safe, peer, own, scale, out)
-    torch.log(safe, out=out.log_overlap)
+    torch.log(torch.where(accurate, overlap, 1.0), out=out.log_overlap)
+    _write_gradients(torch.where(accurate, overlap, math.inf), peer, own, scale, out)
     # Students far from the cohort: their own distribution directly.
     samples, students = (~accurate.diagonal(dim1=1, dim2=2)).nonzero(as_tuple=True)
     scaled = z[samples, students].to(dtype) / temperature
@@ -554,7 +588,8 @@ def _row_blocks(logits: Tensor, compute_dtype: torch.dtype) -> Iterator[tuple[sl
     rows = _rows_per_block(logits, compute_dtype)
     by_sample = logits.transpose(0, 1)  # B×K×C
     for start in range(0, by_sample.shape[0], rows):
-        yield slice(start, start + rows), by_sample[start : start + rows].to(compute_dtype)
+        block = by_sample[start : start + rows] if rows < by_sample.shape[0] else by_sample
+        yield slice(start, start + rows), block if block.dtype == compute_dtype else block.to(compute_dtype)
 
 
 def _closed_form_in_row_chunks(
@@ -568,14 +603,7 @@ def _closed_form_in_row_chunks(
     """
     k, batch, classes = logits.shape
     if mode == "pairwise" and alpha != 1:
-        scale = 1 / (temperature * batch)
-        buffers = _RenyiBuffers.empty(batch, k, classes, compute_dtype, logits.device, with_targets, workspace)
-        rows_per_block = _rows_per_block(logits, compute_dtype)
-        scratch = _empty(workspace, "factors", (rows_per_block, 2, k, classes), compute_dtype, logits.device)
-        for rows, block in _row_blocks(logits, compute_dtype):
-            _factored_block(block, alpha, temperature, scale, buffers.rows(rows), scratch[: block.shape[0]])
-        _redo_untrusted_samples(logits.transpose(0, 1), alpha, temperature, scale, buffers)
-        grads, targets, losses = buffers.grads, buffers.targets, _pairwise_renyi_losses(buffers, alpha)
+        grads, targets, losses = _pairwise_renyi_in_row_blocks(logits, alpha, temperature, compute_dtype, with_targets, workspace)
     else:
         grads = _empty(workspace, "grads", (batch, k, classes), compute_dtype, logits.device)
         targets = _empty(workspace, "targets", (batch, k, classes), compute_dtype, logits.device) if with_targets else None
@@ -590,6 +618,27 @@ def _closed_form_in_row_chunks(
     return MimicryResult(None if targets is None else targets.transpose(0, 1), grads.transpose(0, 1), losses)
 
 
+def _pairwise_renyi_in_row_blocks(
+    logits: Tensor, alpha: float, temperature: float, dtype: torch.dtype, with_targets: bool, workspace: MimicryWorkspace | None
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Pairwise Rényi gradients (B×K×C), targets (B×K×C or None) and losses (K): every block by the
+    factored form, then the few samples it could not trust by the careful path."""
+    k, batch, classes = logits.shape
+    scale = 1 / (temperature * batch)
+    buffers = _RenyiBuffers.empty(batch, k, classes, dtype, logits.device, with_targets, workspace)
+    rows_per_block = min(batch, _rows_per_block(logits, dtype))
+    factors = _empty(workspace, "factors", (rows_per_block, 2, k, classes), dtype, logits.device)
+    overlaps = _empty(workspace, "overlaps", (rows_per_block, k, k), dtype, logits.device)
+    for rows, block in _row_blocks(logits, dtype):
+        if block.shape[0] == batch:  # one block: the whole buffers, no views to make
+            _factored_block(block, alpha, temperature, scale, buffers, (factors, overlaps))
+        else:
+            scratch = factors[: block.shape[0]], overlaps[: block.shape[0]]
+            _factored_block(block, alpha, temperature, scale, buffers.rows(rows), scratch)
+    _redo_untrusted_samples(logits.transpose(0, 1), alpha, temperature, scale, buffers)
+    return buffers.grads, buffers.targets, _pairwise_renyi_losses(buffers, alpha)
+
+
 def stack_by_sample(frames: list[Tensor], device: torch.device, workspace: MimicryWorkspace | None = None) -> Tensor:
     """The K students' B×C logits as the K×B×C float32 view of one B×K×C tensor on ``device``.
 
@@ -599,7 +648,9 @@ def stack_by_sample(frames: list[Tensor], device: torch.device, workspace: Mimic
     rows, classes = frames[0].shape
     stacked = _empty(workspace, "logits", (rows, len(frames), classes), frames[0].dtype, frames[0].device)
     torch.stack(frames, dim=1, out=stacked)
-    return stacked.to(device, torch.float32).transpose(0, 1)
+    if stacked.dtype != torch.float32 or stacked.device != device:
+        stacked = stacked.to(device, torch.float32)
+    return stacked.transpose(0, 1)
 
 
 def _no_mimicry(logits: Tensor, temperature: float, compute_dtype: torch.dtype, with_targets: bool) -> MimicryResult:
@@ -675,4 +726,6 @@ def mimicry_gradients(
         grads = scaled_grads / temperature
         targets = F.softmax(scaled, dim=-1) - grads * (temperature * batch) if with_targets else None
         result = MimicryResult(targets, grads, losses)
+    if compute_dtype == logits.dtype:
+        return result
     return MimicryResult(*(None if tensor is None else tensor.to(logits.dtype) for tensor in result))
