@@ -365,9 +365,13 @@ def _factors(z: Tensor, alpha: float, temperature: float, pre: Tensor, shifts: T
     shifts (:func:`_normaliser_parts`). Made from the raw logits in one pass, then shifted, clamped
     and exponentiated in place.
     """
-    on_logits, on_reference = _factor_weights(alpha, temperature, z.shape[1], pre.dtype, z.device)
-    reference = z.sum(1, keepdim=True).unsqueeze(1)  # rows×1×1×C, K times the mean (the weights divide)
-    torch.addcmul(reference * on_reference, on_logits, z.unsqueeze(1), out=pre)
+    rows, _, k, classes = pre.shape
+    if k <= _ONE_MATMUL_MAX_K:
+        torch.matmul(_factor_matrix(alpha, temperature, k, pre.dtype, z.device), z, out=pre.view(rows, 2 * k, classes))
+    else:
+        on_logits, on_reference = _factor_weights(alpha, temperature, k, pre.dtype, z.device)
+        reference = z.sum(1, keepdim=True).unsqueeze(1)  # rows×1×1×C, K times the mean (the weights divide)
+        torch.addcmul(reference * on_reference, on_logits, z.unsqueeze(1), out=pre)
     torch.amax(pre, -1, out=shifts)
     peer, own = _saturating_exp_(pre.sub_(shifts.unsqueeze(-1))).unbind(1)
     return peer, own
@@ -469,6 +473,20 @@ def _factor_weights(
     weights = torch.tensor([[alpha, 1 - alpha], [(1 - alpha) / k, (alpha - 1) / k]], dtype=dtype, device=device)
     weights /= temperature
     return weights[0].view(2, 1, 1), weights[1].view(2, 1, 1)
+
+
+# Cohorts up to this size make both factors' logits with one matmul by a 2K×K matrix (one call
+# instead of three); for larger ones its K² multiply-adds per class cost more than the passes it saves.
+_ONE_MATMUL_MAX_K = 2
+
+
+@functools.lru_cache(maxsize=64)
+def _factor_matrix(alpha: float, temperature: float, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """2K×K: [α I + (1−α) 11ᵀ/K ; (1−α)(I − 11ᵀ/K)] / τ, the factors' logits from the students' (see :func:`_factors`)."""
+    eye = torch.eye(k, dtype=torch.float64)
+    mean = torch.full((k, k), 1 / k, dtype=torch.float64)
+    matrix = torch.cat([alpha * eye + (1 - alpha) * mean, (1 - alpha) * (eye - mean)]) / temperature
+    return matrix.to(dtype=dtype, device=device)
 
 
 def _recompute_underflowed_pairs(z: Tensor, alpha: float, temperature: float, scale: float, mask: Tensor, out: _RenyiBuffers) -> None:
