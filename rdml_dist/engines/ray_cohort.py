@@ -459,8 +459,7 @@ class RayCohort:
         while calls:
             done, _ = ray.wait(list(calls), num_returns=1, timeout=self._stall_s())
             if not done:  # a student wedged (a stalled store, a hung call) must not hang the driver
-                self._handle(Failure(FailureKind.TIMEOUT.value, step, f"students {', '.join(sorted(calls.values()))} did not "
-                                     f"answer within {self._stall_s():.0f} s"), list(calls), may_continue=False)
+                self._handle(self._stalled(sorted(calls.values()), step), list(calls), may_continue=False)
             name = calls.pop(done[0])
             try:
                 ray.get(done[0])
@@ -468,6 +467,13 @@ class RayCohort:
                 self._events.append(self._lose_student(name, error, step, list(calls)))
                 self._rejoin(name, self.latest_checkpoint, cohort_epoch, step)
                 calls[call(self.actors[name])] = name
+
+    def _stalled(self, students: list[str], step: int) -> Failure:
+        """The timeout of calls on ``students`` that did not answer within the driver's bound (one is named as the source)."""
+        student = students[0] if len(students) == 1 else None
+        return Failure(FailureKind.TIMEOUT.value, step, f"{'student' if student else 'students'} {', '.join(students)} "
+                       f"did not answer within {self._stall_s():.0f} s", student=student,
+                       node=self.where.get(student, {}).get("node_id") if student else None)
 
     def restore(self, step: int | None) -> None:
         """Every student (restarted ones included) and the coordinator go back to the checkpoint of ``step`` (None: to

@@ -22,6 +22,7 @@ import torch
 
 from rdml_dist.engines.failure_policy import RunFailed
 from rdml_dist.engines.failures import CoordinatorReplaced
+from rdml_dist.engines import ray_cohort
 from rdml_dist.engines.ray_actors import CoordinatorActor
 from rdml_dist.engines.ray_engine import train_ray
 from rdml_dist.errors import ConfigError
@@ -174,6 +175,23 @@ def test_an_exchange_timeout_goes_to_the_policy(undisturbed: Any, tmp_path: Path
     faults = {"a": [{"how": "hang", "where": "step", "after": 3, "seconds": EXCHANGE_TIMEOUT_S + 8}]}
     results = _train(tmp_path / "run", transport, faults)
     assert _events(results) == [("timeout", "b", 3, "rolled back to step 2")]  # b waited for a at the barrier
+    _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_call_that_hangs_outside_the_steps_is_bounded_and_goes_to_the_policy(
+    undisturbed: Any, tmp_path: Path, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A student stuck writing its checkpoint of step 4: no exchange times out there, the driver's own bound does.
+
+    The bound is the exchange timeout plus a margin of a minute; a shorter margin keeps the test short.
+    """
+    monkeypatch.setattr(ray_cohort, "STALL_MARGIN_S", 3.0)
+    faults = {"a": [{"how": "hang", "where": "state_dict", "after": 4, "seconds": EXCHANGE_TIMEOUT_S + 3.0 + 10}]}
+    results = _train(tmp_path / "run", transport, faults)
+    assert _events(results) == [("timeout", "a", 4, "rolled back to step 2")]
+    assert f"within {EXCHANGE_TIMEOUT_S + 3.0:.0f} s" in results["faults"]["events"][0]["cause"]
     _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
 
 
