@@ -459,6 +459,20 @@ def test_a_workspace_reuses_its_buffers_and_changes_no_result(name: str, mode: s
     assert addresses[0] == addresses[1]
 
 
+def test_a_workspace_that_grows_gives_later_views_of_its_new_buffers() -> None:
+    """A short batch, a longer one (the buffers grow), then the short one again: its result lands at the
+    start of the grown buffer, not in the memory of the views made before (kept views are dropped)."""
+    workspace = divergence_module.MimicryWorkspace()
+    grads = {}
+    for step, rows in enumerate([5, 16, 5]):
+        logits = cohort_logits("random", 4, b=rows, c=20, seed=step).float()
+        fresh = mimicry_gradients(logits, alpha=3.0, with_targets=False)
+        reused = mimicry_gradients(logits, alpha=3.0, with_targets=False, workspace=workspace)
+        assert torch.equal(fresh.grads, reused.grads) and torch.equal(fresh.losses, reused.losses)
+        grads[step] = reused.grads
+    assert grads[2].data_ptr() == grads[1].data_ptr() != grads[0].data_ptr()
+
+
 def test_stacking_by_sample_converts_the_wire_dtype_into_the_workspace() -> None:
     frames = [torch.randn(4, 3, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16) for seed in range(5)]
     workspace = divergence_module.MimicryWorkspace()
