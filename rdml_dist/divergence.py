@@ -303,34 +303,39 @@ def _pairwise_renyi_losses(buffers: _RenyiBuffers, alpha: float) -> Tensor:
     """Student k's loss 1/((K−1)(α−1)) · Σ_{j≠k} logZ_jk, batch mean, from one sum over the batch.
 
     logZ_jk = log overlap_jk + u_j + v_k (:func:`_normaliser_parts`) is linear in the saved
-    log-overlaps and shifts, so the losses are one fixed linear map (:func:`_loss_weights`) of their
-    sums over the batch. The terms cancel to a far smaller loss (weights up to Kα), so the sums and
-    the map are taken in float64.
+    log-overlaps and shifts, so the losses are a fixed linear map (:func:`_loss_weights`, affine in
+    α) of their sums over the batch. The terms cancel to a far smaller loss (weights up to Kα), so
+    the sums and the map are taken in float64.
     """
     batch, _, k = buffers.normalisers.shape
     sums = torch.sum(buffers.normalisers, 0, dtype=torch.float64)  # (K+2)×K
-    losses = torch.mv(_loss_weights(alpha, k, sums.device), sums.view(-1))
-    return torch.div(losses, batch, out=torch.empty(k, dtype=buffers.grads.dtype, device=sums.device))
+    constant, per_alpha = torch.mv(_loss_weights(k, sums.device), sums.view(-1)).view(2, k)
+    losses = torch.add(constant, per_alpha, alpha=alpha)
+    return torch.div(losses, (k - 1) * (alpha - 1) * batch, out=torch.empty(k, dtype=buffers.grads.dtype, device=sums.device))
 
 
 @functools.lru_cache(maxsize=16)
-def _loss_weights(alpha: float, k: int, device: torch.device) -> Tensor:
-    """The K × (K+2)·K float64 map from the batch sums of ``normalisers`` (:class:`_RenyiBuffers`) to the losses.
+def _loss_weights(k: int, device: torch.device) -> Tensor:
+    """The 2K × (K+2)·K float64 maps W₀ (rows :K) and W₁ (rows K:) with (W₀ + α W₁)·sums = (K−1)(α−1)·B·losses,
+    ``sums`` the batch sums of ``normalisers`` (:class:`_RenyiBuffers`). Independent of α, so a schedule
+    that changes α every step does not rebuild them.
 
     With A_k = Σ_j log overlap_jk, D_k = log overlap_kk and P_k, S_k the peer and own shifts (all
     summed over the batch), Σ_b Σ_{j≠k} logZ_jk = A_k + K(α−1)(D_k + P_k) + Kα S_k
-    + Σ_j ((1−α)P_j − αD_j − αS_j); the map includes the factor 1/((K−1)(α−1)).
+    + Σ_j ((1−α)P_j − αD_j − αS_j).
     """
-    weights = torch.zeros(k, k + 2, k, dtype=torch.float64, device=device)
+    constant, per_alpha = torch.zeros(2, k, k + 2, k, dtype=torch.float64, device=device)
     students = torch.arange(k, device=device)
-    weights[:, :k] -= alpha * torch.eye(k, dtype=torch.float64, device=device)  # −α D_j, shared
-    weights[:, k] += 1 - alpha  # (1−α) P_j, shared
-    weights[:, k + 1] -= alpha  # −α S_j, shared
-    weights[students, :k, students] += 1  # A_k
-    weights[students, students, students] += k * (alpha - 1)
-    weights[students, k, students] += k * (alpha - 1)
-    weights[students, k + 1, students] += k * alpha
-    return weights.view(k, -1).div_((k - 1) * (alpha - 1))
+    per_alpha[:, :k] -= torch.eye(k, dtype=torch.float64, device=device)  # −α D_j, shared
+    constant[:, k] += 1  # (1−α) P_j, shared
+    per_alpha[:, k] -= 1
+    per_alpha[:, k + 1] -= 1  # −α S_j, shared
+    constant[students, :k, students] += 1  # A_k
+    for weights, coefficient in ((constant, -k), (per_alpha, k)):  # K(α−1)(D_k + P_k)
+        weights[students, students, students] += coefficient
+        weights[students, k, students] += coefficient
+    per_alpha[students, k + 1, students] += k  # Kα S_k
+    return torch.cat([constant.view(k, -1), per_alpha.view(k, -1)])
 
 
 def _pairwise_renyi(z: Tensor, alpha: float, temperature: float, scale: float, out: _RenyiBuffers) -> None:
