@@ -247,7 +247,9 @@ class CohortBarrier:
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=timeout_s)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"epoch {epoch} was not scored within {timeout_s} s") from None
+            with self.lock:
+                missing = self.core.unscored(epoch)
+            raise TimeoutError(f"epoch {epoch} was not scored within {timeout_s} s (no scores from {', '.join(missing)})") from None
 
     async def step_after(self, step: int) -> int:
         """The cohort's step once it is past ``step``; sooner when the step stops (a halt, a restore)."""

@@ -392,6 +392,11 @@ class CohortCoordinator:
         return [record for step in done for record in self.records.pop(step).values()]
 
     # -- evaluation -----------------------------------------------------------------------
+    def unscored(self, epoch: int) -> list[str]:
+        """Live members whose validation logits of ``epoch`` have not arrived."""
+        sent = self._eval_frames.get(epoch, {})
+        return [name for name in self.members if name in self.live and name not in sent]
+
     def submit_eval(self, frame: EvalFrame) -> EpochEvaluation | None:
         """Collect validation logits; once every live student has sent them, score students and ensemble."""
         if frame.student not in self.live:

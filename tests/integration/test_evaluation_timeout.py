@@ -158,7 +158,7 @@ def test_scores_an_external_student_withholds_time_out_and_the_cohort_rolls_back
     results = read_json(tmp_path / "run" / "results.json")
     assert _events(results) == [("timeout", None, STEPS_PER_EPOCH, f"rolled back to step {LAST_CHECKPOINT}")]
     assert results["faults"]["events"][0]["cause"] == (
-        f"TimeoutError: epoch {WITHHELD_EPOCH} was not scored within {EVALUATION_TIMEOUT_S} s")
+        f"TimeoutError: epoch {WITHHELD_EPOCH} was not scored within {EVALUATION_TIMEOUT_S} s (no scores from {EXTERNAL})")
     assert all(entry["students"][EXTERNAL]["val_accuracy"] is not None for entry in results["epochs"])
     _assert_as_undisturbed(tmp_path / "run", undisturbed(transport), students=STUDENTS)
 
@@ -173,7 +173,8 @@ def test_under_fail_scores_that_never_come_stop_the_run_with_the_timeout(
     with _beside_the_driver(_withholding(config, client)) as outcome:
         with pytest.raises(RunFailed, match=(
             rf"^the coordinator timed out at step {STEPS_PER_EPOCH}: TimeoutError: epoch {WITHHELD_EPOCH} was not "
-            rf"scored within {EVALUATION_TIMEOUT_S} s \(runtime.fault.on_student_failure is 'fail'\)$")):
+            rf"scored within {EVALUATION_TIMEOUT_S} s \(no scores from {EXTERNAL}\) "
+            rf"\(runtime.fault.on_student_failure is 'fail'\)$")):
             train_ray(config, tmp_path / "run", show_progress=False)
     wait_until(cohort_released, "the cohort is released")
     assert client.withheld == [WITHHELD_EPOCH] and isinstance(outcome.get("error"), StoppedForGood), outcome
