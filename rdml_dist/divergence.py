@@ -303,39 +303,55 @@ def _pairwise_renyi_losses(buffers: _RenyiBuffers, alpha: float) -> Tensor:
     """Student k's loss 1/((K−1)(α−1)) · Σ_{j≠k} logZ_jk, batch mean, from one sum over the batch.
 
     logZ_jk = log overlap_jk + u_j + v_k (:func:`_normaliser_parts`) is linear in the saved
-    log-overlaps and shifts, so the losses are a fixed linear map (:func:`_loss_weights`, affine in
-    α) of their sums over the batch. The terms cancel to a far smaller loss (weights up to Kα), so
-    the sums and the map are taken in float64.
+    log-overlaps and shifts, so with their sums over the batch (A_k of log overlap_jk over j, D_k of
+    its diagonal, P_k and S_k of the peer and own shifts)
+    Σ_b Σ_{j≠k} logZ_jk = A_k + K(α−1)(D_k + P_k) + Kα S_k + Σ_j ((1−α)P_j − αD_j − αS_j).
+    The terms cancel to a far smaller loss (weights up to Kα), so the sums are taken in float64.
+    Small cohorts apply this as one matrix to all the sums (one call), larger ones part by part (the
+    matrix grows as K³).
     """
     batch, _, k = buffers.normalisers.shape
     sums = torch.sum(buffers.normalisers, 0, dtype=torch.float64)  # (K+2)×K
-    constant, per_alpha = torch.mv(_loss_weights(k, sums.device), sums.view(-1)).view(2, k)
-    losses = torch.add(constant, per_alpha, alpha=alpha)
+    if k <= _WHOLE_LOSS_MAP_MAX_K:
+        constant, per_alpha = torch.mv(_whole_loss_map(k, sums.device), sums.view(-1)).view(2, k)
+        losses = torch.add(constant, per_alpha, alpha=alpha)
+    else:
+        parts = torch.empty(4, k, dtype=torch.float64, device=sums.device)  # A, P, S, D
+        torch.sum(sums[:k], 0, out=parts[0])
+        parts[1:3] = sums[k:]
+        parts[3] = sums.diagonal()
+        own, shared = torch.mm(_loss_weights(alpha, k, sums.device), parts)
+        losses = torch.add(own, shared.sum())
     return torch.div(losses, (k - 1) * (alpha - 1) * batch, out=torch.empty(k, dtype=buffers.grads.dtype, device=sums.device))
 
 
-@functools.lru_cache(maxsize=16)
-def _loss_weights(k: int, device: torch.device) -> Tensor:
-    """The 2K × (K+2)·K float64 maps W₀ (rows :K) and W₁ (rows K:) with (W₀ + α W₁)·sums = (K−1)(α−1)·B·losses,
-    ``sums`` the batch sums of ``normalisers`` (:class:`_RenyiBuffers`). Independent of α, so a schedule
-    that changes α every step does not rebuild them.
+_WHOLE_LOSS_MAP_MAX_K = 16
 
-    With A_k = Σ_j log overlap_jk, D_k = log overlap_kk and P_k, S_k the peer and own shifts (all
-    summed over the batch), Σ_b Σ_{j≠k} logZ_jk = A_k + K(α−1)(D_k + P_k) + Kα S_k
-    + Σ_j ((1−α)P_j − αD_j − αS_j).
-    """
-    constant, per_alpha = torch.zeros(2, k, k + 2, k, dtype=torch.float64, device=device)
+
+@functools.lru_cache(maxsize=64)
+def _loss_weights(alpha: float, k: int, device: torch.device) -> Tensor:
+    """The coefficients (2×4) of A, P, S, D in student k's own term and in the term Σ_j shared by all."""
+    return torch.tensor(
+        [[1.0, k * (alpha - 1), k * alpha, k * (alpha - 1)], [0.0, 1 - alpha, -alpha, -alpha]], dtype=torch.float64, device=device
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _whole_loss_map(k: int, device: torch.device) -> Tensor:
+    """The 2K × (K+2)·K float64 maps W₀ (rows :K) and W₁ (rows K:), W₀ + α W₁ taking the batch sums of
+    ``normalisers`` (flattened) to (K−1)(α−1)·B times the losses; independent of α, so that a schedule
+    changing α every step rebuilds nothing. The coefficients of :func:`_loss_weights`, spread out."""
+    selections = torch.zeros(4, k, k + 2, k, dtype=torch.float64, device=device)  # A, P, S, D of student k
     students = torch.arange(k, device=device)
-    per_alpha[:, :k] -= torch.eye(k, dtype=torch.float64, device=device)  # −α D_j, shared
-    constant[:, k] += 1  # (1−α) P_j, shared
-    per_alpha[:, k] -= 1
-    per_alpha[:, k + 1] -= 1  # −α S_j, shared
-    constant[students, :k, students] += 1  # A_k
-    for weights, coefficient in ((constant, -k), (per_alpha, k)):  # K(α−1)(D_k + P_k)
-        weights[students, students, students] += coefficient
-        weights[students, k, students] += coefficient
-    per_alpha[students, k + 1, students] += k  # Kα S_k
-    return torch.cat([constant.view(k, -1), per_alpha.view(k, -1)])
+    selections[0, students, :k, students] = 1
+    selections[1, students, k, students] = 1
+    selections[2, students, k + 1, students] = 1
+    selections[3, students, students, students] = 1
+    at_zero, at_one = _loss_weights(0.0, k, device), _loss_weights(1.0, k, device)  # affine in α
+    maps = [at_zero, at_one - at_zero]
+    own = [torch.einsum("i,ikn->kn", weights[0], selections.flatten(2)) for weights in maps]
+    shared = [torch.einsum("i,in->n", weights[1], selections.flatten(2).sum(1)) for weights in maps]
+    return torch.cat([own[0] + shared[0], own[1] + shared[1]])
 
 
 def _pairwise_renyi(z: Tensor, alpha: float, temperature: float, scale: float, out: _RenyiBuffers) -> None:

@@ -236,6 +236,18 @@ def test_renyi_cohort_matches_per_pair_reference(alpha: float, k: int, kind: str
     assert_matches_reference(result, reference_cohort("renyi", logits, alpha, tau, mode))
 
 
+@pytest.mark.parametrize("kind", ["random", "disjoint"])
+@pytest.mark.parametrize("k", [divergence_module._WHOLE_LOSS_MAP_MAX_K, divergence_module._WHOLE_LOSS_MAP_MAX_K + 1])
+@pytest.mark.parametrize("alpha", [0.5, 5.0])
+def test_renyi_losses_match_the_reference_on_both_sides_of_the_whole_loss_map(alpha: float, k: int, kind: str) -> None:
+    """Small cohorts apply the losses' map to the batch sums as one matrix, larger ones part by part."""
+    logits = cohort_logits(kind, k, seed=k)
+    result = mimicry_gradients(logits.float(), alpha=alpha)
+    reference = reference_cohort("renyi", logits, alpha, 1.0, "pairwise")
+    assert torch.allclose(result.losses.double(), reference[2], rtol=1e-5, atol=1e-6)
+    assert_matches_reference(mimicry_gradients(logits, alpha=alpha), reference)
+
+
 @pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
 @pytest.mark.parametrize("kind", COHORT_KINDS)
 @pytest.mark.parametrize("k", [2, 3, 16])
