@@ -54,7 +54,7 @@ class CohortBarrier:
 
     def __init__(self, config: ExperimentConfig, shard: int = 0, shards: int = 1) -> None:
         self.config = config
-        self.lock = threading.Lock()  # the core's: held by every step's computation
+        self.lock = threading.Lock()  # the core's: held while a step's inputs are taken and its results applied
         self.metrics_lock = threading.Lock()  # the metrics': held only while they are updated or scraped
         self.registry = LockedRegistry(self.metrics_lock)
         metrics = LockedMetrics(CohortMetrics.for_config(config, self.registry), self.metrics_lock)
@@ -102,19 +102,20 @@ class CohortBarrier:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                with self.lock:
-                    if not self._ready():
-                        return
-                    pending = self.core.begin_step()
                 try:
+                    with self.lock:
+                        step, generation = self.core.step, self.core.generation
+                        if not self._ready():
+                            return
+                        pending = self.core.begin_step()
                     result = await loop.run_in_executor(self._worker, self.core.mimicry, pending)
                     with self.lock:
-                        if self.halted is None and pending.generation == self.core.generation:
-                            self._deliver(pending.step, self.core.finish_step(pending, result))
+                        if self.halted is None and generation == self.core.generation:
+                            self._deliver(step, self.core.finish_step(pending, result))
                 except Exception as error:  # noqa: BLE001 - any failure must reach every waiting student
                     with self.lock:
-                        self._halt(f"step {pending.step}: the coordinator's computation failed: {type(error).__name__}: {error}")
-                    return
+                        if self.halted is None and generation == self.core.generation:
+                            self._halt(f"step {step}: the coordinator's computation failed: {type(error).__name__}: {error}")
         finally:
             self._computing = None
 
@@ -199,11 +200,14 @@ class CohortBarrier:
         """Collect a student's validation logits; the last one scores the epoch and wakes whoever awaits it."""
         with self.lock:
             evaluation = self.core.submit_eval(frame)
-            if evaluation is not None:
-                future = self._score_future(evaluation.epoch)
-                if not future.done():
-                    future.set_result(evaluation)
+            self._wake_scored()
             return evaluation
+
+    def _wake_scored(self) -> None:
+        """Hand every awaited epoch that is scored now to whoever awaits it."""
+        for epoch, future in self._scores.items():
+            if not future.done() and epoch in self.core.evaluations:
+                future.set_result(self.core.evaluations[epoch])
 
     def _score_future(self, epoch: int) -> "asyncio.Future[EpochEvaluation]":
         return self._scores.setdefault(epoch, asyncio.get_running_loop().create_future())
@@ -212,6 +216,7 @@ class CohortBarrier:
         """Stop waiting for ``name``; a step that only waited for it completes now."""
         with self.lock:
             self.core.mark_dead(name)
+            self._wake_scored()
             self._complete_if_ready()
 
     def abort(self, reason: str) -> None:
@@ -248,6 +253,8 @@ class CohortBarrier:
             return await asyncio.wait_for(asyncio.shield(future), timeout=timeout_s)
         except asyncio.TimeoutError:
             with self.lock:
+                if epoch in self.core.evaluations:  # scored just as the wait ended
+                    return self.core.evaluations[epoch]
                 missing = self.core.unscored(epoch)
             raise TimeoutError(f"epoch {epoch} was not scored within {timeout_s} s (no scores from {', '.join(missing)})") from None
 

@@ -30,13 +30,17 @@ class PendingStep:
     """The inputs of one computation, taken at :meth:`CohortCoordinator.begin_step`: a step, or one sequential turn.
 
     ``names``/``frames``/``arrivals``: every student whose frame takes part, in member order;
-    ``answered``: those who get their gradient from it (all of them, one turn, or nobody).
+    ``answered``: those who get their gradient from it (all of them, one turn, or nobody);
+    ``refresh_after``: a sequential turn's student whose refreshed logits the next turn needs;
+    ``final``: nobody is left to answer after it, so the step ends with it.
     """
 
     step: int
     generation: int
     names: list[str]
     answered: list[str]
+    refresh_after: str | None
+    final: bool
     frames: list[LogitsFrame]
     arrivals: list[float]
     alpha: float
@@ -81,6 +85,7 @@ class CohortCoordinator:
         self._last_computed: dict[str, float] = {}
         self._turns: list[str] | None = None  # sequential update: students of this step still to be answered
         self._refreshing: str | None = None  # sequential update: the answered student whose refreshed logits come next
+        self._in_flight = False  # between begin_step and finish_step: frames of this step come too late
 
     # -- membership -------------------------------------------------------------------------
     def register(self, info: StudentInfo) -> None:
@@ -107,6 +112,8 @@ class CohortCoordinator:
             self._turns.remove(name)
         if self._refreshing == name:
             self._refreshing = None
+        for epoch in list(self._eval_frames):  # its peers may all have sent theirs: the epoch is scored without it
+            self.score_if_complete(epoch)
 
     def revive(self, name: str) -> None:
         """A restarted student rejoins; it takes part from the next step it submits."""
@@ -154,6 +161,8 @@ class CohortCoordinator:
             raise FrameRejected(f"student {frame.student!r} is not a live member (register first)", NOT_LIVE)
         if frame.step != self.step:
             raise FrameRejected(f"frame from {frame.student!r} is for step {frame.step}, cohort is at step {self.step}", WRONG_STEP)
+        if self._in_flight:  # too late to take part: as if it had come just after the computation
+            raise FrameRejected(f"frame from {frame.student!r} for step {frame.step} came while its gradients were computed", WRONG_STEP)
         if frame.student in self._pending:
             raise FrameRejected(f"duplicate frame from {frame.student!r} for step {frame.step}", DUPLICATE)
         expected, batch_rows = self.expected_batch(frame.step)
@@ -241,20 +250,23 @@ class CohortCoordinator:
         if not self.is_complete():
             raise RuntimeError(f"step {self.step} is still waiting for {', '.join(self.waiting_for())}")
         names = [name for name in self.members if name in self._pending]
-        answered = names
+        answered, refresh_after = names, None
         if self.config.mimicry.update == "sequential":
             if self._turns is None:
                 self._turns = list(names)
             answered = self._turns[:1]  # none left: the step is over
             self._turns = self._turns[1:]
             if self._turns:
-                self._refreshing = answered[0]
+                refresh_after = answered[0]
         progress = self.step / self.steps_per_epoch
+        self._in_flight = True
         return PendingStep(
             step=self.step,
             generation=self.generation,
             names=names,
             answered=answered,
+            refresh_after=refresh_after,
+            final=refresh_after is None,
             frames=[self._pending[name] for name in names],
             arrivals=[self._arrivals[name] for name in names],
             alpha=alpha_at(self.config.mimicry, progress, self.config.training.epochs),
@@ -288,10 +300,15 @@ class CohortCoordinator:
         """
         if pending.generation != self.generation:
             return {}
-        if result is None:
+        self._in_flight = False
+        replies = {} if result is None else self._answer(pending, result)
+        if pending.refresh_after in self.live:  # one who left meanwhile is not waited for: the next turn goes
+            self._refreshing = pending.refresh_after
+        if pending.final:
+            if result is not None:
+                self._measure_throughput(pending.names, self.expected_batch(self.step)[1], self.clock())
             self._advance()
-            return {}
-        return self._answer(pending, result)
+        return replies
 
     def refresh(self, frame: LogitsFrame) -> None:
         """Sequential update: the student whose turn it was sends its logits of this step's batch after its update.
@@ -310,7 +327,7 @@ class CohortCoordinator:
             self._pending[frame.student].logits = logits
 
     def _answer(self, pending: PendingStep, result: MimicryResult) -> dict[str, MimicryReply]:
-        """Replies and step records for the answered students; advance when nobody is left."""
+        """Replies and step records for the answered students."""
         mimicry = self.config.mimicry
         batch_rows = self.expected_batch(self.step)[1]
         share = pending.frames[0].logits.shape[0] / batch_rows  # this shard's part of the batch mean (1 unsharded)
@@ -330,7 +347,7 @@ class CohortCoordinator:
                 alpha=pending.alpha,
                 weight=pending.weight,
                 live_students=len(pending.names),
-                refresh=self._refreshing == name,
+                refresh=pending.refresh_after == name,
             )
             step_records[name] = StepRecord(
                 step=self.step,
@@ -349,10 +366,6 @@ class CohortCoordinator:
                 coordinator_seconds=elapsed,
             )
         self.latest.update({name: step_records[name] for name in replies})
-        if self._refreshing is not None:
-            return replies
-        self._measure_throughput(pending.names, batch_rows, self.clock())
-        self._advance()
         return replies
 
     def _measure_throughput(self, names: list[str], batch: int, now: float) -> None:
@@ -373,6 +386,7 @@ class CohortCoordinator:
         self._excluded.clear()
         self._turns = None
         self._refreshing = None
+        self._in_flight = False
 
     def record_timing(self, student: str, timing: StepTiming | None) -> None:
         """Attach a student's own measurement of an earlier step (compute, round trip) to that step's record.
@@ -411,11 +425,16 @@ class CohortCoordinator:
             raise FrameRejected(f"validation logits of {frame.student!r} hold NaN or infinite values")
         frames[frame.student] = frame
         self.record_timing(frame.student, frame.previous)
-        if any(name not in frames for name in self.live):
+        return self.score_if_complete(frame.epoch)
+
+    def score_if_complete(self, epoch: int) -> EpochEvaluation | None:
+        """Score ``epoch`` once every live student has sent its validation logits (and someone has)."""
+        frames = self._eval_frames.get(epoch)
+        if not frames or self.unscored(epoch):
             return None
-        evaluation = score_epoch(frame.epoch, [frames[name] for name in self.members if name in frames])
-        self.evaluations[frame.epoch] = evaluation
-        del self._eval_frames[frame.epoch]
+        evaluation = score_epoch(epoch, [frames[name] for name in self.members if name in frames])
+        self.evaluations[epoch] = evaluation
+        del self._eval_frames[epoch]
         return evaluation
 
     def state(self) -> dict[str, object]:

@@ -12,7 +12,7 @@ from rdml_dist.config import ExperimentConfig
 from rdml_dist.coordinator import CohortCoordinator, PendingStep
 from rdml_dist.divergence import MimicryResult
 from rdml_dist.errors import FrameRejected
-from rdml_dist.messages import EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
+from rdml_dist.messages import EpochEvaluation, LogitsFrame, MimicryReply, StepTiming, StudentInfo
 from rdml_dist.metrics import CohortMetrics
 
 
@@ -73,8 +73,8 @@ class MeteredCoordinator(CohortCoordinator):
             self._timed_steps[student] = timing.step
             self.metrics.timing_reported(student, timing)
 
-    def submit_eval(self, frame: EvalFrame) -> EpochEvaluation | None:
-        evaluation = super().submit_eval(frame)
+    def score_if_complete(self, epoch: int) -> EpochEvaluation | None:
+        evaluation = super().score_if_complete(epoch)
         if evaluation is not None:
             self.metrics.epoch_scored(evaluation)
         return evaluation

@@ -470,10 +470,11 @@ class RayCohort:
 
     def _stalled(self, students: list[str], step: int) -> Failure:
         """The timeout of calls on ``students`` that did not answer within the driver's bound (one is named as the source)."""
-        student = students[0] if len(students) == 1 else None
-        return Failure(FailureKind.TIMEOUT.value, step, f"{'student' if student else 'students'} {', '.join(students)} "
-                       f"did not answer within {self._stall_s():.0f} s", student=student,
-                       node=self.where.get(student, {}).get("node_id") if student else None)
+        bound = f"within {self._stall_s():.0f} s"
+        if len(students) > 1:
+            return Failure(FailureKind.TIMEOUT.value, step, f"students {', '.join(students)} did not answer {bound}")
+        return Failure(FailureKind.TIMEOUT.value, step, f"no answer {bound}", student=students[0],
+                       node=self.where.get(students[0], {}).get("node_id"))
 
     def restore(self, step: int | None) -> None:
         """Every student (restarted ones included) and the coordinator go back to the checkpoint of ``step`` (None: to

@@ -65,6 +65,20 @@ def test_an_evaluation_is_awaited_until_the_last_student_sends_its_logits() -> N
     asyncio.run(scenario())
 
 
+def test_an_epoch_is_scored_when_the_last_student_it_waits_for_leaves() -> None:
+    async def scenario() -> None:
+        barrier = _barrier()
+        waiting = asyncio.ensure_future(barrier.evaluation(0, timeout_s=30))
+        barrier.submit_eval(_eval("a"))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        barrier.mark_dead("b")  # b died before it sent its scores: a's alone score the epoch
+        scores = await asyncio.wait_for(waiting, 5)
+        assert scores.epoch == 0 and scores.accuracy == {"a": 0.75}
+
+    asyncio.run(scenario())
+
+
 def test_the_driver_awaits_the_next_step_and_hears_of_a_halt() -> None:
     async def scenario() -> None:
         barrier = _barrier()

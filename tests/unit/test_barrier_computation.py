@@ -1,0 +1,125 @@
+"""A step's computation runs on the barrier's worker thread: what happens around it while it runs.
+
+Each test holds one computation open (the real one, started only when the test releases it) and
+does meanwhile what a student, an external client or the driver may do: leave, send late, abort
+and restore. Nothing is polled by time: the tests wait on the computation's own start.
+"""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from rdml_dist.barrier import CohortBarrier
+from rdml_dist.config import parse_config
+from rdml_dist.coordinator import PendingStep
+from rdml_dist.data import batch_plan, indices_hash
+from rdml_dist.divergence import MimicryResult
+from rdml_dist.errors import CohortStepFailed, FrameRejected
+from rdml_dist.messages import WRONG_STEP, LogitsFrame, MimicryReply, StudentInfo
+
+NAMES = ("a", "b", "c")
+NUM_TRAIN, BATCH, CLASSES, STEPS = 24, 8, 4, 3
+WAIT_S = 10.0  # the bound of every wait here
+
+
+def _barrier(update: str = "simultaneous") -> CohortBarrier:
+    config = parse_config({"name": "held", "students": [{"model": "mlp", "name": name} for name in NAMES],
+                           "training": {"batch_size": BATCH, "epochs": 2}, "mimicry": {"update": update}})
+    barrier = CohortBarrier(config)
+    for name in NAMES:
+        barrier.register(StudentInfo(name, NUM_TRAIN, 4, CLASSES, steps_per_epoch=STEPS))
+    return barrier
+
+
+def _frame(name: str, step: int, seed: int) -> LogitsFrame:
+    plan = batch_plan(NUM_TRAIN, BATCH, 0, step // STEPS)
+    logits = torch.randn(BATCH, CLASSES, generator=torch.Generator().manual_seed(seed))
+    return LogitsFrame(name, step, indices_hash(plan[step % STEPS]), logits, 1.0, 1, BATCH, 1)
+
+
+class HeldComputation:
+    """The barrier's first computation waits until :meth:`release`; it raises ``error`` if one is given."""
+
+    def __init__(self, barrier: CohortBarrier, error: Exception | None = None) -> None:
+        self.started, self.released = threading.Event(), threading.Event()
+        self.error = error
+        self._mimicry = barrier.core.mimicry
+        barrier.core.mimicry = self._held  # type: ignore[method-assign]
+
+    def _held(self, pending: PendingStep) -> MimicryResult | None:
+        first = not self.started.is_set()
+        self.started.set()
+        if first:
+            assert self.released.wait(WAIT_S), "the test never released the computation"
+            if self.error is not None:
+                raise self.error
+        return self._mimicry(pending)
+
+    async def running(self) -> None:
+        assert await asyncio.get_running_loop().run_in_executor(None, self.started.wait, WAIT_S), "nothing was computed"
+
+    def release(self) -> None:
+        self.released.set()
+
+
+async def _at_the_barrier(barrier: CohortBarrier, frames: list[LogitsFrame]) -> list["asyncio.Future[MimicryReply]"]:
+    """Exchanges of ``frames``, each submitted (its coroutine past its first step) before this returns."""
+    exchanges = [asyncio.ensure_future(barrier.exchange(frame)) for frame in frames]
+    await asyncio.sleep(0)
+    return exchanges
+
+
+def test_a_sequential_turns_student_leaving_during_its_computation_does_not_end_the_step() -> None:
+    async def scenario() -> None:
+        barrier = _barrier("sequential")
+        held = HeldComputation(barrier)
+        exchanges = dict(zip(NAMES, await _at_the_barrier(barrier, [_frame(name, 0, seed) for seed, name in enumerate(NAMES)])))
+        await held.running()  # a's turn
+        barrier.mark_dead("a")
+        held.release()
+        reply_b = await asyncio.wait_for(exchanges["b"], WAIT_S)
+        assert reply_b.step == 0 and reply_b.refresh  # b's turn came, and c's waits for b's refreshed logits
+        barrier.refresh(_frame("b", 0, 7))
+        reply_c = await asyncio.wait_for(exchanges["c"], WAIT_S)
+        assert reply_c.step == 0 and not reply_c.refresh
+        assert barrier.core.step == 1 and sorted(barrier.core.records[0]) == ["a", "b", "c"]
+
+    asyncio.run(scenario())
+
+
+def test_a_frame_for_the_step_under_computation_is_refused_as_late_not_dropped() -> None:
+    async def scenario() -> None:
+        barrier = _barrier()
+        held = HeldComputation(barrier)
+        barrier.refuse("c", 0, "bad_tensor")  # c's first frame was undecodable: the step goes on without it
+        exchanges = await _at_the_barrier(barrier, [_frame("a", 0, 0), _frame("b", 0, 1)])
+        await held.running()
+        with pytest.raises(FrameRejected) as late:
+            await asyncio.wait_for(barrier.exchange(_frame("c", 0, 2)), WAIT_S)
+        assert late.value.reason == WRONG_STEP and "came while its gradients were computed" in str(late.value)
+        held.release()
+        assert [reply.live_students for reply in await asyncio.wait_for(asyncio.gather(*exchanges), WAIT_S)] == [2, 2]
+        assert barrier.core.step == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_computation_that_fails_after_a_restore_overtook_it_leaves_the_restored_cohort_alone() -> None:
+    async def scenario() -> None:
+        barrier = _barrier()
+        held = HeldComputation(barrier, RuntimeError("CUDA out of memory (simulated)"))
+        first = await _at_the_barrier(barrier, [_frame(name, 0, seed) for seed, name in enumerate(NAMES)])
+        await held.running()
+        barrier.abort("student c died")  # the driver rolls the cohort back meanwhile
+        barrier.restore(0, [])
+        for exchange in first:
+            with pytest.raises(CohortStepFailed, match="student c died"):
+                await asyncio.wait_for(exchange, WAIT_S)
+        again = await _at_the_barrier(barrier, [_frame(name, 0, seed) for seed, name in enumerate(NAMES)])
+        held.release()  # fails, but for a step the restore has dropped; the restored step still gets computed
+        replies = await asyncio.wait_for(asyncio.gather(*again), WAIT_S)
+        assert barrier.halted is None and [reply.step for reply in replies] == [0, 0, 0] and barrier.core.step == 1
+
+    asyncio.run(scenario())
