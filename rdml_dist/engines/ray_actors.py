@@ -45,8 +45,9 @@ class Coordinator:
 
     Every method that resolves a step's future (exchange, membership, abort, restore) runs on the
     default group's event loop, and so does the gRPC cohort service started by :meth:`serve_rpc`:
-    Ray students and external students meet at one barrier. It also serves the cohort's
-    Prometheus metrics, each scrape taken under the barrier's lock. The driver waits on futures
+    Ray students and external students meet at one barrier; each step's computation runs on the
+    barrier's worker thread, so the loop stays free meanwhile. It also serves the cohort's
+    Prometheus metrics, each scrape taken under the metrics' own lock. The driver waits on futures
     here (the next step, an epoch's scores, the members), never by polling.
 
     Each process has its own ``incarnation``: the driver's control calls carry the one it restored,
