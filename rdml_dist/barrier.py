@@ -200,14 +200,20 @@ class CohortBarrier:
         """Collect a student's validation logits; the last one scores the epoch and wakes whoever awaits it."""
         with self.lock:
             evaluation = self.core.submit_eval(frame)
-            self._wake_scored()
+            self._score_awaited()
             return evaluation
 
-    def _wake_scored(self) -> None:
-        """Hand every awaited epoch that is scored now to whoever awaits it."""
+    def _score_awaited(self) -> None:
+        """Hand every awaited epoch that is scored now, or can be (its last missing student left), to whoever awaits it.
+
+        Only awaited ones: the driver awaits an epoch once every live student was asked for its scores, so a
+        student that dies before and rejoins under ``continue`` still sends its own.
+        """
         for epoch, future in self._scores.items():
-            if not future.done() and epoch in self.core.evaluations:
-                future.set_result(self.core.evaluations[epoch])
+            if not future.done():
+                evaluation = self.core.evaluations.get(epoch) or self.core.score_if_complete(epoch)
+                if evaluation is not None:
+                    future.set_result(evaluation)
 
     def _score_future(self, epoch: int) -> "asyncio.Future[EpochEvaluation]":
         return self._scores.setdefault(epoch, asyncio.get_running_loop().create_future())
@@ -216,7 +222,7 @@ class CohortBarrier:
         """Stop waiting for ``name``; a step that only waited for it completes now."""
         with self.lock:
             self.core.mark_dead(name)
-            self._wake_scored()
+            self._score_awaited()
             self._complete_if_ready()
 
     def abort(self, reason: str) -> None:
@@ -244,8 +250,9 @@ class CohortBarrier:
     async def evaluation(self, epoch: int, timeout_s: float) -> EpochEvaluation:
         """Wait until every live student has evaluated ``epoch`` and return the scores (awaited, never polled)."""
         with self.lock:
-            if epoch in self.core.evaluations:
-                return self.core.evaluations[epoch]
+            evaluation = self.core.evaluations.get(epoch) or self.core.score_if_complete(epoch)  # its last missing student left
+            if evaluation is not None:
+                return evaluation
             if self.halted is not None:
                 raise CohortStepFailed(self.halted)
             future = self._score_future(epoch)
@@ -256,7 +263,8 @@ class CohortBarrier:
                 if epoch in self.core.evaluations:  # scored just as the wait ended
                     return self.core.evaluations[epoch]
                 missing = self.core.unscored(epoch)
-            raise TimeoutError(f"epoch {epoch} was not scored within {timeout_s} s (no scores from {', '.join(missing)})") from None
+            waiting = f"no scores from {', '.join(missing)}" if missing else "no live student left to send scores"
+            raise TimeoutError(f"epoch {epoch} was not scored within {timeout_s} s ({waiting})") from None
 
     async def step_after(self, step: int) -> int:
         """The cohort's step once it is past ``step``; sooner when the step stops (a halt, a restore)."""

@@ -112,8 +112,6 @@ class CohortCoordinator:
             self._turns.remove(name)
         if self._refreshing == name:
             self._refreshing = None
-        for epoch in list(self._eval_frames):  # its peers may all have sent theirs: the epoch is scored without it
-            self.score_if_complete(epoch)
 
     def revive(self, name: str) -> None:
         """A restarted student rejoins; it takes part from the next step it submits."""
@@ -161,10 +159,10 @@ class CohortCoordinator:
             raise FrameRejected(f"student {frame.student!r} is not a live member (register first)", NOT_LIVE)
         if frame.step != self.step:
             raise FrameRejected(f"frame from {frame.student!r} is for step {frame.step}, cohort is at step {self.step}", WRONG_STEP)
-        if self._in_flight:  # too late to take part: as if it had come just after the computation
-            raise FrameRejected(f"frame from {frame.student!r} for step {frame.step} came while its gradients were computed", WRONG_STEP)
         if frame.student in self._pending:
             raise FrameRejected(f"duplicate frame from {frame.student!r} for step {frame.step}", DUPLICATE)
+        if self._in_flight:  # too late to take part: as if it had come just after the computation
+            raise FrameRejected(f"frame from {frame.student!r} for step {frame.step} came while its gradients were computed", WRONG_STEP)
         expected, batch_rows = self.expected_batch(frame.step)
         rows = self._rows_served(batch_rows)
         if frame.batch_hash != expected:
@@ -428,7 +426,10 @@ class CohortCoordinator:
         return self.score_if_complete(frame.epoch)
 
     def score_if_complete(self, epoch: int) -> EpochEvaluation | None:
-        """Score ``epoch`` once every live student has sent its validation logits (and someone has)."""
+        """Score ``epoch`` once every live student has sent its validation logits (and someone has); once only."""
+        if epoch in self.evaluations:  # a late frame for a scored epoch is not kept
+            self._eval_frames.pop(epoch, None)
+            return None
         frames = self._eval_frames.get(epoch)
         if not frames or self.unscored(epoch):
             return None

@@ -79,6 +79,21 @@ def test_an_epoch_is_scored_when_the_last_student_it_waits_for_leaves() -> None:
     asyncio.run(scenario())
 
 
+def test_a_student_lost_before_the_driver_awaits_the_epoch_still_sends_its_scores_when_it_rejoins() -> None:
+    """Under ``continue`` the driver restarts a student that died while the cohort scored an epoch and asks it
+    again before it awaits the scores: the epoch must wait for it, not be scored by its peers alone."""
+    async def scenario() -> None:
+        barrier = _barrier()
+        barrier.submit_eval(_eval("b"))
+        barrier.mark_dead("a")  # nobody awaits epoch 0 yet
+        barrier.register(StudentInfo("a", 20, 4, 3, steps_per_epoch=3))  # the restarted student rejoins
+        barrier.submit_eval(_eval("a"))
+        scores = await asyncio.wait_for(barrier.evaluation(0, timeout_s=30), 5)
+        assert scores.accuracy == {"a": 0.75, "b": 0.75} and scores.members == ["a", "b"]
+
+    asyncio.run(scenario())
+
+
 def test_the_driver_awaits_the_next_step_and_hears_of_a_halt() -> None:
     async def scenario() -> None:
         barrier = _barrier()
