@@ -211,9 +211,13 @@ class CohortBarrier:
         """
         for epoch, future in self._scores.items():
             if not future.done():
-                evaluation = self.core.evaluations.get(epoch) or self.core.score_if_complete(epoch)
+                evaluation = self._scored(epoch)
                 if evaluation is not None:
                     future.set_result(evaluation)
+
+    def _scored(self, epoch: int) -> EpochEvaluation | None:
+        """The scores of ``epoch``: kept, or made now if its last missing student has left (under ``lock``)."""
+        return self.core.evaluations.get(epoch) or self.core.score_if_complete(epoch)
 
     def _score_future(self, epoch: int) -> "asyncio.Future[EpochEvaluation]":
         return self._scores.setdefault(epoch, asyncio.get_running_loop().create_future())
@@ -250,7 +254,7 @@ class CohortBarrier:
     async def evaluation(self, epoch: int, timeout_s: float) -> EpochEvaluation:
         """Wait until every live student has evaluated ``epoch`` and return the scores (awaited, never polled)."""
         with self.lock:
-            evaluation = self.core.evaluations.get(epoch) or self.core.score_if_complete(epoch)  # its last missing student left
+            evaluation = self._scored(epoch)
             if evaluation is not None:
                 return evaluation
             if self.halted is not None:
@@ -260,8 +264,9 @@ class CohortBarrier:
             return await asyncio.wait_for(asyncio.shield(future), timeout=timeout_s)
         except asyncio.TimeoutError:
             with self.lock:
-                if epoch in self.core.evaluations:  # scored just as the wait ended
-                    return self.core.evaluations[epoch]
+                evaluation = self._scored(epoch)  # scored just as the wait ended
+                if evaluation is not None:
+                    return evaluation
                 missing = self.core.unscored(epoch)
             waiting = f"no scores from {', '.join(missing)}" if missing else "no live student left to send scores"
             raise TimeoutError(f"epoch {epoch} was not scored within {timeout_s} s ({waiting})") from None

@@ -25,8 +25,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from rdml_dist.barrier import CohortBarrier
 from rdml_dist.config import ExperimentConfig, parse_config
 from rdml_dist.data import batch_plan, indices_hash
-from rdml_dist.coordinator import PendingStep
-from rdml_dist.divergence import MimicryResult, mimicry_gradients
+from rdml_dist.divergence import mimicry_gradients
 from rdml_dist.errors import ConfigError
 from rdml_dist.messages import LogitsFrame, StudentInfo
 from rdml_dist.rpc.auth import bearer_metadata
@@ -37,6 +36,7 @@ from rdml_dist.rpc.server import CohortServer, start_cohort_server
 from rdml_dist.rpc.tensors import encode_tensor
 from tests.integration.cli_process import RDML_DIST, child_environment, free_port
 from tests.integration.conftest import wait_until
+from tests.unit.held_computation import HeldComputation
 
 NUM_TRAIN, BATCH, CLASSES, SEED = 24, 8, 4, 3
 STEPS = NUM_TRAIN // BATCH
@@ -174,25 +174,24 @@ def test_status_and_the_cohort_state_are_answered_while_a_steps_computation_runs
     """The computation runs off the event loop and outside the barrier's lock: a status call (on the loop) and a
     read of the core under the lock (Ray's ``state()``, on its control thread) do not wait for it to end."""
     barrier = trio.service.barrier
-    mimicry = barrier.core.mimicry
-    computing, release = threading.Event(), threading.Event()
+    held = HeldComputation(barrier, hold_s=TIMEOUT)
 
-    def held_until_released(pending: PendingStep) -> MimicryResult | None:
-        computing.set()
-        assert release.wait(TIMEOUT), "the test never released the computation"
-        return mimicry(pending)
+    def state_under_the_lock() -> dict[str, object]:  # what Ray's state() does on the actor's control thread
+        assert barrier.lock.acquire(timeout=5), "the lock was held for the computation"
+        try:
+            return barrier.core.state()
+        finally:
+            barrier.lock.release()
 
-    barrier.core.mimicry = held_until_released  # type: ignore[method-assign]
     try:
         replies = [trio.send(name, 0, logits_for(seed)) for seed, name in enumerate("abc")]
-        assert computing.wait(TIMEOUT), "the step's computation never started"
+        assert held.started.wait(TIMEOUT), "the step's computation never started"
         status = trio.client.status(timeout_s=5)  # a deadline far below the TIMEOUT the computation may last
         assert status.step == 0 and list(status.waiting_for) == [] and not any(future.done() for future in replies)
         with ThreadPoolExecutor(max_workers=1) as control_thread:
-            read = control_thread.submit(lambda: barrier.lock.acquire(timeout=5) and (barrier.core.state(), barrier.lock.release())[0])
-            assert read.result(TIMEOUT)["step"] == 0
+            assert control_thread.submit(state_under_the_lock).result(TIMEOUT)["step"] == 0
     finally:
-        release.set()
+        held.release()
     assert [future.result(TIMEOUT).step for future in replies] == [0, 0, 0]
     assert trio.client.status(timeout_s=5).step == 1
 

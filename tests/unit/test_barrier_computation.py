@@ -6,18 +6,16 @@ and restore. Nothing is polled by time: the tests wait on the computation's own 
 """
 
 import asyncio
-import threading
 
 import pytest
 import torch
 
 from rdml_dist.barrier import CohortBarrier
 from rdml_dist.config import parse_config
-from rdml_dist.coordinator import PendingStep
 from rdml_dist.data import batch_plan, indices_hash
-from rdml_dist.divergence import MimicryResult
 from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.messages import WRONG_STEP, LogitsFrame, MimicryReply, StudentInfo
+from tests.unit.held_computation import HeldComputation
 
 NAMES = ("a", "b", "c")
 NUM_TRAIN, BATCH, CLASSES, STEPS = 24, 8, 4, 3
@@ -37,31 +35,6 @@ def _frame(name: str, step: int, seed: int) -> LogitsFrame:
     plan = batch_plan(NUM_TRAIN, BATCH, 0, step // STEPS)
     logits = torch.randn(BATCH, CLASSES, generator=torch.Generator().manual_seed(seed))
     return LogitsFrame(name, step, indices_hash(plan[step % STEPS]), logits, 1.0, 1, BATCH, 1)
-
-
-class HeldComputation:
-    """The barrier's first computation waits until :meth:`release`; it raises ``error`` if one is given."""
-
-    def __init__(self, barrier: CohortBarrier, error: Exception | None = None) -> None:
-        self.started, self.released = threading.Event(), threading.Event()
-        self.error = error
-        self._mimicry = barrier.core.mimicry
-        barrier.core.mimicry = self._held  # type: ignore[method-assign]
-
-    def _held(self, pending: PendingStep) -> MimicryResult | None:
-        first = not self.started.is_set()
-        self.started.set()
-        if first:
-            assert self.released.wait(WAIT_S), "the test never released the computation"
-            if self.error is not None:
-                raise self.error
-        return self._mimicry(pending)
-
-    async def running(self) -> None:
-        assert await asyncio.get_running_loop().run_in_executor(None, self.started.wait, WAIT_S), "nothing was computed"
-
-    def release(self) -> None:
-        self.released.set()
 
 
 async def _at_the_barrier(barrier: CohortBarrier, frames: list[LogitsFrame]) -> list["asyncio.Future[MimicryReply]"]:
