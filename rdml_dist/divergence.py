@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rdml_dist import native_passes
 from rdml_dist.errors import ConfigError
 from rdml_dist.factory import is_factory_reference, load_reference
 
@@ -668,6 +669,10 @@ def _pairwise_renyi_in_row_blocks(
     rows_per_block = min(batch, _rows_per_block(logits, dtype))
     factors = _empty(workspace, "factors", (rows_per_block, 2, k, classes), dtype, logits.device)
     overlaps = _empty(workspace, "overlaps", (rows_per_block, k, k), dtype, logits.device)
+    if native_passes.serves(dtype, logits.device):
+        compiled = _pairwise_renyi_compiled(logits, alpha, temperature, scale, buffers, (factors, overlaps), workspace)
+        if compiled is not None:
+            return compiled
     for rows, block in _row_blocks(logits, dtype):
         if block.shape[0] == batch:  # one block: the whole buffers, no views to make
             _factored_block(block, alpha, temperature, scale, buffers, (factors, overlaps))
@@ -676,6 +681,56 @@ def _pairwise_renyi_in_row_blocks(
             _factored_block(block, alpha, temperature, scale, buffers.rows(rows), scratch)
     _redo_untrusted_samples(logits.transpose(0, 1), alpha, temperature, scale, buffers)
     return buffers.grads, buffers.targets, _pairwise_renyi_losses(buffers, alpha)
+
+
+def _pairwise_renyi_compiled(
+    logits: Tensor, alpha: float, temperature: float, scale: float, buffers: _RenyiBuffers,
+    scratch: tuple[Tensor, Tensor], workspace: MimicryWorkspace | None,
+) -> tuple[Tensor, Tensor | None, Tensor] | None:
+    """:func:`_pairwise_renyi_in_row_blocks` by the compiled code (:mod:`rdml_dist.native_passes`),
+    or None if a sample's overlap is untrusted: then the careful path must do the batch.
+
+    Small samples (K·C) are one call for the whole batch, products included; larger ones are, per
+    row block, the compiled passes around torch's two ``bmm``.
+    """
+    k, batch, classes = logits.shape
+    loss_sums = _empty(workspace, "loss_sums", (k,), torch.float64, logits.device).zero_()
+    trusted_floor = _trusted_floor(classes, buffers.grads.dtype)
+    if native_passes.whole_step_serves(k, classes):
+        untrusted = native_passes.step(
+            logits.transpose(0, 1), alpha, temperature, scale, trusted_floor, buffers.grads, buffers.targets, loss_sums
+        )
+    else:
+        untrusted = _compiled_passes_in_row_blocks(logits, alpha, temperature, scale, trusted_floor, buffers, scratch, workspace, loss_sums)
+    if untrusted:
+        return None
+    losses = torch.div(loss_sums, (k - 1) * (alpha - 1) * batch, out=torch.empty(k, dtype=buffers.grads.dtype, device=logits.device))
+    return buffers.grads, buffers.targets, losses
+
+
+def _compiled_passes_in_row_blocks(
+    logits: Tensor, alpha: float, temperature: float, scale: float, trusted_floor: float, buffers: _RenyiBuffers,
+    scratch: tuple[Tensor, Tensor], workspace: MimicryWorkspace | None, loss_sums: Tensor,
+) -> int:
+    """Per row block: the compiled factors, torch's bmm for the overlaps, the compiled weights, then
+    torch's bmm and product with the own factors for the gradients (and targets), as :func:`_factored_block`.
+    Stops at the first untrusted sample (returns nonzero)."""
+    k, batch, _ = logits.shape
+    factors, overlaps = scratch
+    shifts = _empty(workspace, "shifts", (factors.shape[0], 2 * k), factors.dtype, logits.device)
+    target_weights = None if buffers.targets is None else _empty(workspace, "target_weights", overlaps.shape, overlaps.dtype, logits.device)
+    for rows, block in _row_blocks(logits, buffers.grads.dtype):
+        used = block.shape[0]
+        out = buffers if used == batch else buffers.rows(rows)
+        peer, own = native_passes.factors(block, alpha, temperature, factors[:used], shifts[:used])
+        overlap = torch.bmm(peer, own.transpose(1, 2), out=overlaps[:used])
+        block_targets = None if target_weights is None else target_weights[:used]
+        if native_passes.weights(overlap, shifts[:used], alpha, scale, trusted_floor, block_targets, loss_sums):
+            return 1
+        if out.targets is not None:
+            torch.bmm(block_targets, peer, out=out.targets).mul_(own)
+        torch.bmm(overlap, peer, out=out.grads).mul_(own)
+    return 0
 
 
 def stack_by_sample(frames: list[Tensor], device: torch.device, workspace: MimicryWorkspace | None = None) -> Tensor:

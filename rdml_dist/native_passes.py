@@ -1,0 +1,108 @@
+"""The Rényi step's element-wise passes as one compiled call each, where the extension was built.
+
+Between its two ``bmm`` the factored step (:mod:`rdml_dist.divergence`) makes about fifteen torch
+calls of a few microseconds each, and passes over its K×B×C factors that one loop does at once; at
+small batches and class counts those calls cost more than the arithmetic. The extension
+(``rdml_dist/native/renyi_passes.c``, built by ``pip install`` where a C compiler exists) does them
+in two calls per block of samples. Without it, or with ``RDML_DIST_NATIVE=0``, the step runs in
+torch alone; both agree to float32 rounding.
+"""
+
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+
+def _load() -> ModuleType | None:
+    if os.environ.get("RDML_DIST_NATIVE", "1") == "0":
+        return None
+    try:
+        from rdml_dist import _renyi_passes  # type: ignore[attr-defined]  # compiled at install
+    except ImportError:
+        return None
+    return _renyi_passes
+
+
+_PASSES = _load()
+
+
+def available() -> bool:
+    """Whether the compiled passes are built and not switched off."""
+    return _PASSES is not None
+
+
+def serves(dtype: torch.dtype, device: torch.device) -> bool:
+    """The passes are float32 loops on the CPU; float64 and accelerators stay with torch."""
+    return _PASSES is not None and dtype == torch.float32 and device.type == "cpu"
+
+
+def _factor_weights(alpha: float, temperature: float, k: int) -> tuple[float, float, float, float]:
+    """The peer and own factors' weights on a logit and on the K students' sum (as ``divergence._factor_weights``)."""
+    return alpha / temperature, (1 - alpha) / (k * temperature), (1 - alpha) / temperature, (alpha - 1) / (k * temperature)
+
+
+# The whole step in lanes serves samples of up to this many logits (K·C); beyond, its K×K×16 and
+# K×C×16 arrays leave the first cache and the passes around torch's bmm are faster (measured by
+# benchmarks/coordinator_cost.py, which times both).
+WHOLE_STEP_MAX_SAMPLE_SIZE = 1024
+
+
+def whole_step_serves(k: int, classes: int) -> bool:
+    """Whether :func:`step` (rather than :func:`factors` and :func:`weights` around torch's bmm) is the faster form."""
+    return k * classes <= WHOLE_STEP_MAX_SAMPLE_SIZE
+
+
+def factors(block: Tensor, alpha: float, temperature: float, into: Tensor, shifts: Tensor) -> tuple[Tensor, Tensor]:
+    """The peer and own factors of ``block`` (rows×K×C logits) into ``into`` (rows×2×K×C) and their
+    row shifts into ``shifts`` (rows×2K); as :func:`rdml_dist.divergence._factors`."""
+    rows, k, classes = block.shape
+    block = block.contiguous()
+    _check_contiguous(into, shifts)
+    _PASSES.factors(  # type: ignore[union-attr]
+        block.data_ptr(), rows, k, classes, *_factor_weights(alpha, temperature, k), into.data_ptr(), shifts.data_ptr()
+    )
+    peer, own = into.unbind(1)
+    return peer, own
+
+
+def weights(
+    overlap: Tensor, shifts: Tensor, alpha: float, scale: float, trusted_floor: float, target_weights: Tensor | None,
+    loss_sums: Tensor,
+) -> int:
+    """The overlaps (rows×K×K) overwritten by the transposed gradient weights Vᵀ of
+    :func:`rdml_dist.divergence._write_gradients`, the transposed target weights into
+    ``target_weights`` when given, and Σ_b Σ_{j≠k} logZ_jk added to ``loss_sums`` (K float64).
+
+    Returns 1 at the first sample with an overlap below ``trusted_floor`` (or not finite), 0 if none:
+    then nothing written is to be used, and the caller takes its careful path.
+    """
+    rows, k, _ = overlap.shape
+    _check_contiguous(overlap, shifts, loss_sums, *([] if target_weights is None else [target_weights]))
+    return _PASSES.weights(  # type: ignore[union-attr]
+        overlap.data_ptr(), rows, k, shifts.data_ptr(), alpha, scale, trusted_floor,
+        0 if target_weights is None else target_weights.data_ptr(), loss_sums.data_ptr(),
+    )
+
+
+def step(
+    by_sample: Tensor, alpha: float, temperature: float, scale: float, trusted_floor: float, grads: Tensor,
+    targets: Tensor | None, loss_sums: Tensor,
+) -> int:
+    """The whole step of ``by_sample`` (B×K×C) in one call, matrix products included: gradients,
+    targets when asked for, and the losses' sums; returns as :func:`weights` (nonzero: not to be used)."""
+    rows, k, classes = by_sample.shape
+    by_sample = by_sample.contiguous()
+    _check_contiguous(grads, loss_sums, *([] if targets is None else [targets]))
+    return _PASSES.step(  # type: ignore[union-attr]
+        by_sample.data_ptr(), rows, k, classes, *_factor_weights(alpha, temperature, k), alpha, scale, trusted_floor,
+        grads.data_ptr(), 0 if targets is None else targets.data_ptr(), loss_sums.data_ptr(),
+    )
+
+
+def _check_contiguous(*tensors: Tensor) -> None:
+    """The compiled loops index the buffers densely: a strided view would be read wrongly, not slowly."""
+    for tensor in tensors:
+        if not tensor.is_contiguous():
+            raise ValueError(f"the compiled Rényi passes need contiguous buffers, got strides {tensor.stride()}")
