@@ -4,7 +4,10 @@ For every K×B×C of the grid, on random logits and on confident ones (every stu
 the same class of each sample, as late in training), one torch thread, it times:
 - ``batched``: what the coordinator runs per step: the K frames stacked by sample into its
   workspace (:func:`rdml_dist.divergence.stack_by_sample`), then
-  :func:`rdml_dist.divergence.mimicry_gradients` (gradients and losses, ``with_targets=False``) into it;
+  :func:`rdml_dist.divergence.mimicry_gradients` (gradients and losses, ``with_targets=False``) into it,
+  by the compiled step (:mod:`rdml_dist.native_passes`) where the extension is built;
+- ``torch``: the same in torch alone (the compiled step switched off), as where no C compiler was
+  found at install;
 - ``floor``: the limit of the factored computation on this machine: one K×B×C copy, the exp of the
   two K×B×C factors and the two ``bmm``, with the same torch primitives, in the same row blocks and
   into buffers made once (:class:`FactoredFloor`);
@@ -29,6 +32,7 @@ Writes benchmarks/results/coordinator_cost{,_quick}.{json,md} and a PNG plot. Ru
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -49,6 +53,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import rdml_dist.divergence as divergence_module  # noqa: E402
+from rdml_dist import native_passes  # noqa: E402
 from rdml_dist.divergence import MimicryWorkspace, mimicry_gradients, stack_by_sample  # noqa: E402
 
 from earlier_code import module_at  # noqa: E402 - beside this script
@@ -103,14 +108,16 @@ class CoordinatorCall:
     gradients and losses are written into it.
     """
 
-    def __init__(self, logits: torch.Tensor, alpha: float) -> None:
+    def __init__(self, logits: torch.Tensor, alpha: float, compiled: bool = True) -> None:
         self.frames = list(logits.unbind(0))
         self.alpha = alpha
         self.workspace = MimicryWorkspace()
+        self.compiled = compiled
 
     def __call__(self) -> Any:
-        stacked = stack_by_sample(self.frames, torch.device("cpu"), self.workspace)
-        return mimicry_gradients(stacked, alpha=self.alpha, with_targets=False, workspace=self.workspace)
+        with contextlib.nullcontext() if self.compiled else native_passes.switched_off():
+            stacked = stack_by_sample(self.frames, torch.device("cpu"), self.workspace)
+            return mimicry_gradients(stacked, alpha=self.alpha, with_targets=False, workspace=self.workspace)
 
 
 class FactoredFloor:
@@ -198,7 +205,12 @@ def measure_cell(k: int, b: int, c: int, kind: str, baseline: ModuleType | None,
         row["max_target_error"] = float((result.targets.double() - reference_targets).abs().max())
         row["max_grad_relative_error"] = float((result.grads.double() - reference_grads).norm() / reference_grads.norm())
         row["max_loss_relative_error"] = float(((result.losses.double() - reference_losses) / reference_losses.abs()).abs().max())
-    calls = {"batched": CoordinatorCall(logits, alpha), "floor": FactoredFloor(logits), "loop": lambda: per_pair_loop(logits, alpha)}
+    calls = {
+        "batched": CoordinatorCall(logits, alpha),
+        "torch": CoordinatorCall(logits, alpha, compiled=False),
+        "floor": FactoredFloor(logits),
+        "loop": lambda: per_pair_loop(logits, alpha),
+    }
     exact_path_gib = k * k * b * c * 4 / 2**30
     if baseline is not None and (kind == "random" or exact_path_gib <= args.baseline_max_gib):
         calls["baseline"] = lambda: baseline.mimicry_gradients(logits, alpha=alpha)
@@ -210,6 +222,7 @@ def measure_cell(k: int, b: int, c: int, kind: str, baseline: ModuleType | None,
         row[f"{name}_wall_s"] = statistics.median(measured["wall"])
     row["rounds"] = len(times["batched"]["cpu"])
     row["batched_over_floor"] = median_ratio(times["batched"]["cpu"], times["floor"]["cpu"])
+    row["torch_over_floor"] = median_ratio(times["torch"]["cpu"], times["floor"]["cpu"])
     row["loop_over_batched"] = median_ratio(times["loop"]["cpu"], times["batched"]["cpu"])
     if "baseline" in times:
         row["baseline_over_batched"] = median_ratio(times["baseline"]["cpu"], times["batched"]["cpu"])
@@ -226,14 +239,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Random logits use α = {ALPHA['random']}, confident ones (+{CONFIDENCE_BONUS:.0f} on a shared class) α = {ALPHA['confident']}. "
         "ms of CPU time per call computing the whole cohort's gradients and losses, median over interleaved rounds; "
         "each ratio is the median of the per-round ratios. `batched`: the coordinator's step (stack into its workspace, "
-        "then the factored computation); `floor`: one K×B×C copy, the exp of two K×B×C factors and two `bmm`; "
+        f"then the factored computation, by the compiled step: {'built' if report['compiled'] else 'NOT BUILT, torch alone'}); "
+        "`torch`: the same in torch alone (no C compiler at install); `floor`: one K×B×C copy, the exp of two K×B×C factors and two `bmm`; "
         "`loop`: per ordered pair one exp whose normaliser serves target and loss; "
         f"`baseline`: `rdml_dist/divergence.py` at commit {report['baseline_commit']}"
         f"{'' if report['baseline_loaded'] else ' (not available: no git checkout)'}.",
         "",
-        "| K | B | C | logits | batched | floor | batched / floor | loop | loop / batched | baseline | baseline / batched | "
+        "| K | B | C | logits | batched | floor | batched / floor | loop | loop / batched | torch | torch / floor | "
+        "baseline | baseline / batched | "
         + " | ".join(f"B/{column.split('_')[1]} rows" for column in shard_columns) + " | max target error |",
-        "|---" * (12 + len(shard_columns)) + "|",
+        "|---" * (14 + len(shard_columns)) + "|",
     ]
     for row in report["rows"]:
         baseline = f"{1000 * row['baseline_s']:.2f} | {row['baseline_over_batched']:.1f}×" if "baseline_s" in row else "– | –"
@@ -241,7 +256,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {row['k']} | {row['b']} | {row['c']} | {row['logits']} | {1000 * row['batched_s']:.2f} | "
             f"{1000 * row['floor_s']:.2f} | {row['batched_over_floor']:.2f}× | {1000 * row['loop_s']:.2f} | "
-            f"{row['loop_over_batched']:.1f}× | {baseline} | {shards} | "
+            f"{row['loop_over_batched']:.1f}× | {1000 * row['torch_s']:.2f} | {row['torch_over_floor']:.2f}× | {baseline} | {shards} | "
             f"{format(row['max_target_error'], '.1e') if 'max_target_error' in row else '–'} |"
         )
     over = [row for row in report["rows"] if row["batched_over_floor"] > 1.5]
@@ -255,6 +270,9 @@ def render_markdown(report: dict[str, Any]) -> str:
               f"({1000 * row['batched_s']:.2f} vs {1000 * row['floor_s']:.2f} ms)" for row in over]
     loop = [row["loop_over_batched"] for row in report["rows"]]
     lines.append(f"- Loop / batched over the grid: {min(loop):.1f}× to {max(loop):.1f}×")
+    alone = [row["torch_over_floor"] for row in report["rows"]]
+    lines.append(f"- Torch alone / floor over the grid: {min(alone):.2f}× to {max(alone):.2f}× "
+                 f"(median {statistics.median(alone):.2f}×); within 1.5×: {sum(ratio <= 1.5 for ratio in alone)} of {len(alone)} cells")
     confident = {(row["k"], row["b"], row["c"]): row["batched_s"] for row in report["rows"] if row["logits"] == "confident"}
     cliff = [confident[key] / row["batched_s"] for row in report["rows"]
              if row["logits"] == "random" and (key := (row["k"], row["b"], row["c"])) in confident]
@@ -269,7 +287,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """ms per call against K, one panel per C (B = 128): batched, floor, loop and baseline, random and confident logits."""
+    """ms per call against K, one panel per C (B = 128): batched, torch alone, floor, loop and baseline, random and confident logits."""
     batch = 128  # measured for every K in both modes
     classes = sorted({row["c"] for row in report["rows"]})
     figure, axes = plt.subplots(1, len(classes), figsize=(5 * len(classes), 4.2))
@@ -278,8 +296,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
             rows = sorted((row for row in report["rows"] if row["c"] == c and row["b"] == batch and row["logits"] == kind),
                           key=lambda row: row["k"])
             ks = [row["k"] for row in rows]
-            for column, marker, colour, label in (("batched_s", "o", "C0", "batched"), ("floor_s", "v", "C3", "floor"),
-                                                  ("loop_s", "s", "C1", "loop"), ("baseline_s", "^", "C2", "baseline")):
+            for column, marker, colour, label in (("batched_s", "o", "C0", "batched"), ("torch_s", "D", "C4", "torch alone"),
+                                                  ("floor_s", "v", "C3", "floor"), ("loop_s", "s", "C1", "loop"),
+                                                  ("baseline_s", "^", "C2", "baseline")):
                 measured = [row for row in rows if column in row]
                 axis.plot([row["k"] for row in measured], [1000 * row[column] for row in measured], marker + style,
                           color=colour, label=f"{label}, {kind}")
@@ -331,6 +350,7 @@ def main() -> int:
         "command": " ".join([".venv/bin/python", "benchmarks/coordinator_cost.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch {torch.__version__}",
         "baseline_commit": args.baseline_commit,
+        "compiled": native_passes.available(),
         "baseline_loaded": baseline is not None,
         "shards": args.shards,
         "wall_seconds": time.perf_counter() - started,

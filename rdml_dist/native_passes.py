@@ -8,7 +8,9 @@ in two calls per block of samples. Without it, or with ``RDML_DIST_NATIVE=0``, t
 torch alone; both agree to float32 rounding.
 """
 
+import contextlib
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -31,6 +33,17 @@ _PASSES = _load()
 def available() -> bool:
     """Whether the compiled passes are built and not switched off."""
     return _PASSES is not None
+
+
+@contextlib.contextmanager
+def switched_off() -> Iterator[None]:
+    """Every step within the block in torch alone, as without the extension (to compare the two)."""
+    global _PASSES
+    saved, _PASSES = _PASSES, None
+    try:
+        yield
+    finally:
+        _PASSES = saved
 
 
 def serves(dtype: torch.dtype, device: torch.device) -> bool:

@@ -18,12 +18,8 @@ FORMS = {"whole step": 10**9, "passes around bmm": 0}  # native_passes.WHOLE_STE
 
 def torch_only(logits: torch.Tensor, **kwargs):
     """``mimicry_gradients`` with the compiled code out of the way."""
-    saved = native_passes._PASSES
-    native_passes._PASSES = None
-    try:
+    with native_passes.switched_off():
         return mimicry_gradients(logits, **kwargs)
-    finally:
-        native_passes._PASSES = saved
 
 
 def test_the_compiled_passes_are_built_and_serve_float32_on_the_cpu() -> None:
