@@ -10,7 +10,7 @@ from setuptools import Extension, setup
 
 # -O3 and OpenMP's simd pragmas (no OpenMP runtime) vectorise the loops; no -ffast-math: the passes
 # must keep IEEE semantics (NaN checks, no reassociation beyond the pragmas' reductions).
-UNIX_FLAGS = ["-O3", "-fopenmp-simd", "-std=gnu11"]
+UNIX_FLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-std=gnu11"]
 
 setup(
     ext_modules=[

@@ -301,7 +301,18 @@ def _normaliser_parts(buffers: _RenyiBuffers, alpha: float) -> tuple[Tensor, Ten
 
 
 def _pairwise_renyi_losses(buffers: _RenyiBuffers, alpha: float) -> Tensor:
-    """Student k's loss 1/((K−1)(α−1)) · Σ_{j≠k} logZ_jk, batch mean, from one sum over the batch.
+    """Student k's loss 1/((K−1)(α−1)) · Σ_{j≠k} logZ_jk, batch mean (see :func:`_pairwise_renyi_loss_sums`)."""
+    return _losses_from_sums(_pairwise_renyi_loss_sums(buffers, alpha), alpha, buffers.normalisers.shape[0], buffers.grads.dtype)
+
+
+def _losses_from_sums(loss_sums: Tensor, alpha: float, batch: int, dtype: torch.dtype) -> Tensor:
+    """The batch-mean losses (in ``dtype``) from Σ_b Σ_{j≠k} logZ_jk (K, float64)."""
+    k = loss_sums.shape[0]
+    return torch.div(loss_sums, (k - 1) * (alpha - 1) * batch, out=torch.empty(k, dtype=dtype, device=loss_sums.device))
+
+
+def _pairwise_renyi_loss_sums(buffers: _RenyiBuffers, alpha: float) -> Tensor:
+    """Σ_b Σ_{j≠k} logZ_jk for every student k (float64), from one sum over the batch.
 
     logZ_jk = log overlap_jk + u_j + v_k (:func:`_normaliser_parts`) is linear in the saved
     log-overlaps and shifts, so with their sums over the batch (A_k of log overlap_jk over j, D_k of
@@ -311,19 +322,17 @@ def _pairwise_renyi_losses(buffers: _RenyiBuffers, alpha: float) -> Tensor:
     Small cohorts apply this as one matrix to all the sums (one call), larger ones part by part (the
     matrix grows as K³).
     """
-    batch, _, k = buffers.normalisers.shape
+    k = buffers.normalisers.shape[2]
     sums = torch.sum(buffers.normalisers, 0, dtype=torch.float64)  # (K+2)×K
     if k <= _WHOLE_LOSS_MAP_MAX_K:
         constant, per_alpha = torch.mv(_whole_loss_map(k, sums.device), sums.view(-1)).view(2, k)
-        losses = torch.add(constant, per_alpha, alpha=alpha)
-    else:
-        parts = torch.empty(4, k, dtype=torch.float64, device=sums.device)  # A, P, S, D
-        torch.sum(sums[:k], 0, out=parts[0])
-        parts[1:3] = sums[k:]
-        parts[3] = sums.diagonal()
-        own, shared = torch.mm(_loss_weights(alpha, k, sums.device), parts)
-        losses = torch.add(own, shared.sum())
-    return torch.div(losses, (k - 1) * (alpha - 1) * batch, out=torch.empty(k, dtype=buffers.grads.dtype, device=sums.device))
+        return torch.add(constant, per_alpha, alpha=alpha)
+    parts = torch.empty(4, k, dtype=torch.float64, device=sums.device)  # A, P, S, D
+    torch.sum(sums[:k], 0, out=parts[0])
+    parts[1:3] = sums[k:]
+    parts[3] = sums.diagonal()
+    own, shared = torch.mm(_loss_weights(alpha, k, sums.device), parts)
+    return torch.add(own, shared.sum())
 
 
 _WHOLE_LOSS_MAP_MAX_K = 16
@@ -454,9 +463,15 @@ def _redo_untrusted_samples(by_sample: Tensor, alpha: float, temperature: float,
     if out.log_overlap.amin().item() >= log_floor:  # False for NaN too
         return
     samples = (~(out.log_overlap.flatten(1).amin(1) >= log_floor)).nonzero().squeeze(1)  # NaN too
+    _redo_samples(by_sample, samples, alpha, temperature, scale, out)
+
+
+def _redo_samples(by_sample: Tensor, samples: Tensor, alpha: float, temperature: float, scale: float, out: _RenyiBuffers) -> _RenyiBuffers:
+    """The rows ``samples`` of ``out`` recomputed by the careful path (:func:`_pairwise_renyi`); returns their buffers."""
     part = _RenyiBuffers.empty(samples.numel(), *by_sample.shape[1:], out.grads.dtype, by_sample.device, out.targets is not None)
     _pairwise_renyi(by_sample[samples].to(out.grads.dtype), alpha, temperature, scale, part)
     out.assign(samples, part)
+    return part
 
 
 def _factored_pairs(z: Tensor, alpha: float, temperature: float, scale: float, out: _RenyiBuffers) -> Tensor | None:
@@ -670,9 +685,7 @@ def _pairwise_renyi_in_row_blocks(
     factors = _empty(workspace, "factors", (rows_per_block, 2, k, classes), dtype, logits.device)
     overlaps = _empty(workspace, "overlaps", (rows_per_block, k, k), dtype, logits.device)
     if native_passes.serves(dtype, logits.device):
-        compiled = _pairwise_renyi_compiled(logits, alpha, temperature, scale, buffers, (factors, overlaps), workspace)
-        if compiled is not None:
-            return compiled
+        return _pairwise_renyi_compiled(logits, alpha, temperature, scale, buffers, (factors, overlaps), workspace)
     for rows, block in _row_blocks(logits, dtype):
         if block.shape[0] == batch:  # one block: the whole buffers, no views to make
             _factored_block(block, alpha, temperature, scale, buffers, (factors, overlaps))
@@ -686,51 +699,58 @@ def _pairwise_renyi_in_row_blocks(
 def _pairwise_renyi_compiled(
     logits: Tensor, alpha: float, temperature: float, scale: float, buffers: _RenyiBuffers,
     scratch: tuple[Tensor, Tensor], workspace: MimicryWorkspace | None,
-) -> tuple[Tensor, Tensor | None, Tensor] | None:
-    """:func:`_pairwise_renyi_in_row_blocks` by the compiled code (:mod:`rdml_dist.native_passes`),
-    or None if a sample's overlap is untrusted: then the careful path must do the batch.
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """:func:`_pairwise_renyi_in_row_blocks` by the compiled code (:mod:`rdml_dist.native_passes`).
 
     Small samples (K·C) are one call for the whole batch, products included; larger ones are, per
-    row block, the compiled passes around torch's two ``bmm``.
+    row block, the compiled passes around torch's two ``bmm``. The samples the compiled code could
+    not trust are then redone by the careful path, and their losses added to the others'.
     """
     k, batch, classes = logits.shape
+    dtype = buffers.grads.dtype
     loss_sums = _empty(workspace, "loss_sums", (k,), torch.float64, logits.device).zero_()
-    trusted_floor = _trusted_floor(classes, buffers.grads.dtype)
+    flags = _empty(workspace, "untrusted", (batch,), torch.uint8, logits.device)
+    trusted_floor = _trusted_floor(classes, dtype)
     if native_passes.whole_step_serves(k, classes):
         untrusted = native_passes.step(
-            logits.transpose(0, 1), alpha, temperature, scale, trusted_floor, buffers.grads, buffers.targets, loss_sums
+            logits.transpose(0, 1).to(dtype), alpha, temperature, scale, trusted_floor, buffers.grads, buffers.targets,
+            loss_sums, flags,
         )
     else:
-        untrusted = _compiled_passes_in_row_blocks(logits, alpha, temperature, scale, trusted_floor, buffers, scratch, workspace, loss_sums)
+        untrusted = _compiled_passes_in_row_blocks(
+            logits, alpha, temperature, scale, trusted_floor, buffers, scratch, workspace, loss_sums, flags
+        )
     if untrusted:
-        return None
-    losses = torch.div(loss_sums, (k - 1) * (alpha - 1) * batch, out=torch.empty(k, dtype=buffers.grads.dtype, device=logits.device))
-    return buffers.grads, buffers.targets, losses
+        redone = _redo_samples(logits.transpose(0, 1), flags.nonzero().squeeze(1), alpha, temperature, scale, buffers)
+        loss_sums += _pairwise_renyi_loss_sums(redone, alpha)
+    return buffers.grads, buffers.targets, _losses_from_sums(loss_sums, alpha, batch, dtype)
 
 
 def _compiled_passes_in_row_blocks(
     logits: Tensor, alpha: float, temperature: float, scale: float, trusted_floor: float, buffers: _RenyiBuffers,
-    scratch: tuple[Tensor, Tensor], workspace: MimicryWorkspace | None, loss_sums: Tensor,
+    scratch: tuple[Tensor, Tensor], workspace: MimicryWorkspace | None, loss_sums: Tensor, flags: Tensor,
 ) -> int:
     """Per row block: the compiled factors, torch's bmm for the overlaps, the compiled weights, then
-    torch's bmm and product with the own factors for the gradients (and targets), as :func:`_factored_block`.
-    Stops at the first untrusted sample (returns nonzero)."""
+    torch's bmm and product with the own factors for the gradients (and targets), as
+    :func:`_factored_block`. Flags the untrusted samples in ``flags``; returns how many there are."""
     k, batch, _ = logits.shape
     factors, overlaps = scratch
     shifts = _empty(workspace, "shifts", (factors.shape[0], 2 * k), factors.dtype, logits.device)
     target_weights = None if buffers.targets is None else _empty(workspace, "target_weights", overlaps.shape, overlaps.dtype, logits.device)
+    untrusted = 0
     for rows, block in _row_blocks(logits, buffers.grads.dtype):
         used = block.shape[0]
         out = buffers if used == batch else buffers.rows(rows)
         peer, own = native_passes.factors(block, alpha, temperature, factors[:used], shifts[:used])
         overlap = torch.bmm(peer, own.transpose(1, 2), out=overlaps[:used])
         block_targets = None if target_weights is None else target_weights[:used]
-        if native_passes.weights(overlap, shifts[:used], alpha, scale, trusted_floor, block_targets, loss_sums):
-            return 1
+        untrusted += native_passes.weights(
+            overlap, shifts[:used], alpha, scale, trusted_floor, block_targets, loss_sums, flags[rows]
+        )
         if out.targets is not None:
             torch.bmm(block_targets, peer, out=out.targets).mul_(own)
         torch.bmm(overlap, peer, out=out.grads).mul_(own)
-    return 0
+    return untrusted
 
 
 def stack_by_sample(frames: list[Tensor], device: torch.device, workspace: MimicryWorkspace | None = None) -> Tensor:

@@ -56,15 +56,16 @@ def _factor_weights(alpha: float, temperature: float, k: int) -> tuple[float, fl
     return alpha / temperature, (1 - alpha) / (k * temperature), (1 - alpha) / temperature, (alpha - 1) / (k * temperature)
 
 
-# The whole step in lanes serves samples of up to this many logits (K·C); beyond, its K×K×16 and
-# K×C×16 arrays leave the first cache and the passes around torch's bmm are faster (measured by
-# benchmarks/coordinator_cost.py, which times both).
+# The whole step in lanes serves samples of up to this many logits (K·C) and cohorts of up to 64
+# students; beyond, its K×K×16 and K×C×16 arrays leave the first cache and the passes around
+# torch's bmm are faster (measured by benchmarks/coordinator_cost.py, which times both).
 WHOLE_STEP_MAX_SAMPLE_SIZE = 1024
+WHOLE_STEP_MAX_STUDENTS = 64
 
 
 def whole_step_serves(k: int, classes: int) -> bool:
     """Whether :func:`step` (rather than :func:`factors` and :func:`weights` around torch's bmm) is the faster form."""
-    return k * classes <= WHOLE_STEP_MAX_SAMPLE_SIZE
+    return k <= WHOLE_STEP_MAX_STUDENTS and k * classes <= WHOLE_STEP_MAX_SAMPLE_SIZE
 
 
 def factors(block: Tensor, alpha: float, temperature: float, into: Tensor, shifts: Tensor) -> tuple[Tensor, Tensor]:
@@ -72,7 +73,7 @@ def factors(block: Tensor, alpha: float, temperature: float, into: Tensor, shift
     row shifts into ``shifts`` (rows×2K); as :func:`rdml_dist.divergence._factors`."""
     rows, k, classes = block.shape
     block = block.contiguous()
-    _check_contiguous(into, shifts)
+    _check_buffers(rows, float32=[block, into, shifts])
     _PASSES.factors(  # type: ignore[union-attr]
         block.data_ptr(), rows, k, classes, *_factor_weights(alpha, temperature, k), into.data_ptr(), shifts.data_ptr()
     )
@@ -82,40 +83,52 @@ def factors(block: Tensor, alpha: float, temperature: float, into: Tensor, shift
 
 def weights(
     overlap: Tensor, shifts: Tensor, alpha: float, scale: float, trusted_floor: float, target_weights: Tensor | None,
-    loss_sums: Tensor,
+    loss_sums: Tensor, untrusted: Tensor,
 ) -> int:
     """The overlaps (rows×K×K) overwritten by the transposed gradient weights Vᵀ of
     :func:`rdml_dist.divergence._write_gradients`, the transposed target weights into
     ``target_weights`` when given, and Σ_b Σ_{j≠k} logZ_jk added to ``loss_sums`` (K float64).
 
-    Returns 1 at the first sample with an overlap below ``trusted_floor`` (or not finite), 0 if none:
-    then nothing written is to be used, and the caller takes its careful path.
+    ``untrusted`` (rows, uint8) flags the samples with an overlap below ``trusted_floor`` (or not
+    finite): their weights are not to be used, and their losses are left out of the sums. Returns
+    how many there are.
     """
     rows, k, _ = overlap.shape
-    _check_contiguous(overlap, shifts, loss_sums, *([] if target_weights is None else [target_weights]))
+    _check_buffers(rows, float32=[overlap, shifts] + ([] if target_weights is None else [target_weights]),
+                   loss_sums=loss_sums, untrusted=untrusted)
     return _PASSES.weights(  # type: ignore[union-attr]
         overlap.data_ptr(), rows, k, shifts.data_ptr(), alpha, scale, trusted_floor,
-        0 if target_weights is None else target_weights.data_ptr(), loss_sums.data_ptr(),
+        0 if target_weights is None else target_weights.data_ptr(), loss_sums.data_ptr(), untrusted.data_ptr(),
     )
 
 
 def step(
     by_sample: Tensor, alpha: float, temperature: float, scale: float, trusted_floor: float, grads: Tensor,
-    targets: Tensor | None, loss_sums: Tensor,
+    targets: Tensor | None, loss_sums: Tensor, untrusted: Tensor,
 ) -> int:
-    """The whole step of ``by_sample`` (B×K×C) in one call, matrix products included: gradients,
-    targets when asked for, and the losses' sums; returns as :func:`weights` (nonzero: not to be used)."""
+    """The whole step of ``by_sample`` (B×K×C float32) in one call, matrix products included:
+    gradients, targets when asked for, and the losses' sums, with each sample's flag as :func:`weights`."""
     rows, k, classes = by_sample.shape
     by_sample = by_sample.contiguous()
-    _check_contiguous(grads, loss_sums, *([] if targets is None else [targets]))
+    _check_buffers(rows, float32=[by_sample, grads] + ([] if targets is None else [targets]), loss_sums=loss_sums,
+                   untrusted=untrusted)
     return _PASSES.step(  # type: ignore[union-attr]
         by_sample.data_ptr(), rows, k, classes, *_factor_weights(alpha, temperature, k), alpha, scale, trusted_floor,
-        grads.data_ptr(), 0 if targets is None else targets.data_ptr(), loss_sums.data_ptr(),
+        grads.data_ptr(), 0 if targets is None else targets.data_ptr(), loss_sums.data_ptr(), untrusted.data_ptr(),
     )
 
 
-def _check_contiguous(*tensors: Tensor) -> None:
-    """The compiled loops index the buffers densely: a strided view would be read wrongly, not slowly."""
-    for tensor in tensors:
-        if not tensor.is_contiguous():
-            raise ValueError(f"the compiled Rényi passes need contiguous buffers, got strides {tensor.stride()}")
+def _check_buffers(rows: int, float32: list[Tensor], loss_sums: Tensor | None = None, untrusted: Tensor | None = None) -> None:
+    """The compiled loops index dense CPU buffers of fixed dtypes by address: anything else would be
+    read wrongly, not slowly, so it is refused here."""
+    expected = [(tensor, torch.float32) for tensor in float32]
+    expected += [] if loss_sums is None else [(loss_sums, torch.float64)]
+    expected += [] if untrusted is None else [(untrusted, torch.uint8)]
+    for tensor, dtype in expected:
+        if tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError(
+                f"the compiled Rényi passes need contiguous {dtype} CPU buffers, got {tensor.dtype} on {tensor.device} "
+                f"with strides {tensor.stride()}"
+            )
+    if untrusted is not None and untrusted.numel() < rows:
+        raise ValueError(f"the compiled Rényi passes need a flag for each of {rows} samples, got {untrusted.numel()}")

@@ -7,9 +7,10 @@
  * - factors_pass and weights_pass: the element-wise passes on either side of torch's first bmm
  *   (its BLAS is better at larger shapes than loops here): one call each per block of samples
  *   instead of one torch call per operation.
- * Both return how many samples have an untrusted overlap (below the floor, or not finite): the
- * caller then recomputes the batch by its careful path and uses nothing computed here.
- * Built for several x86-64 levels in one binary (target_clones, chosen at load by the CPU), so the
+ * Both flag each sample with an untrusted overlap (below the floor, or not finite) and return how
+ * many there are: the caller recomputes those samples by its careful path, and adds their losses
+ * (the sums here leave them out).
+ * Built for several x86-64 vector widths in one binary (target_clones, chosen at load by the CPU), so the
  * loops run in the widest vectors the machine has; exp and log are short polynomials written here,
  * vectorised with the loops (libm's scalar calls would not be), within a few ulp.
  */
@@ -20,8 +21,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-#define WIDEST_VECTORS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "arch=x86-64-v2", "default")))
+/* The clones differ in vector width only: the build turns off the fusing of multiplies and adds
+ * (setup.py: -ffp-contract=off), so every clone rounds alike and a step's results are the same bits
+ * on every x86-64 CPU. (GCC >= 6 and clang >= 14 know these names.) */
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 6))
+#define WIDEST_VECTORS __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define WIDEST_VECTORS
 #endif
@@ -49,9 +54,9 @@ INLINE float exp_of_nonpositive(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    int32_t bits;
+    uint32_t bits;
     memcpy(&bits, &biased, sizeof bits);
-    int32_t power_bits = (bits - 0x4B400000 + 127) << 23; /* n in [-126, 0]: a normal 2^n */
+    uint32_t power_bits = (bits - 0x4B400000u + 127u) << 23; /* n in [-126, 0]: a normal 2^n */
     float power;
     memcpy(&power, &power_bits, sizeof power);
     return p * power;
@@ -99,7 +104,8 @@ typedef struct {
 } FactorWeights;
 
 typedef struct {
-    float alpha, scale, trusted_floor;
+    double alpha; /* in double: the losses' terms cancel, then are divided by alpha - 1 */
+    float scale, trusted_floor;
 } WeightTerms;
 
 /* loss_sums[s] += sum over j != s of logZ_js, with logZ_js = log Z_js + u_j + v_s, u_j = p_j - alpha
@@ -336,11 +342,14 @@ INLINE void lane_weighted_sums(const float *factors, const float *weights, int k
         }
 }
 
-/* The losses of the used lanes (add_losses per lane; scratch holds 2K doubles and 2K floats). */
-INLINE void lane_losses(const LaneScratch *lanes, int k, int count, double alpha, double *loss_sums, double *scratch) {
+/* The losses of the used lanes whose sample is trusted (add_losses per lane; scratch holds 2K
+ * doubles and 2K floats). */
+INLINE void lane_losses(const LaneScratch *lanes, int k, int count, const unsigned char *untrusted, double alpha,
+                        double *loss_sums, double *scratch) {
     double *columns = scratch, *diagonal = scratch + k;
     float *shifts = (float *)(scratch + 2 * k);
     for (int l = 0; l < count; l++) {
+        if (untrusted[l]) continue;
         for (int s = 0; s < k; s++) {
             columns[s] = lanes->columns[(long)s * LANES + l];
             diagonal[s] = lanes->diagonal[(long)s * LANES + l];
@@ -352,7 +361,8 @@ INLINE void lane_losses(const LaneScratch *lanes, int k, int count, double alpha
 
 WIDEST_VECTORS
 static int whole_step(const float *logits, int rows, int k, int classes, FactorWeights factor_weights, WeightTerms terms,
-                      float *grads, float *targets, double *loss_sums, LaneScratch lanes, double *scratch) {
+                      float *grads, float *targets, double *loss_sums, unsigned char *flags, LaneScratch lanes,
+                      double *scratch) {
     long sample_size = (long)k * classes;
     int untrusted = 0, below[LANES];
     for (long first = 0; first < rows; first += LANES) {
@@ -362,13 +372,15 @@ static int whole_step(const float *logits, int rows, int k, int classes, FactorW
         lane_overlaps(lanes.factors, k, classes, lanes.overlap);
         lane_weights(lanes.overlap, k, terms, lanes.weights, targets == NULL ? NULL : lanes.target_weights, lanes.columns,
                      lanes.diagonal, below);
-        for (int l = 0; l < count; l++) untrusted += below[l] != 0;
-        if (untrusted) return untrusted; /* the caller redoes the batch */
-        lane_losses(&lanes, k, count, terms.alpha, loss_sums, scratch);
+        for (int l = 0; l < count; l++) {
+            flags[first + l] = below[l] != 0;
+            untrusted += flags[first + l];
+        }
+        lane_losses(&lanes, k, count, flags + first, terms.alpha, loss_sums, scratch);
         lane_weighted_sums(lanes.factors, lanes.weights, k, classes, first, count, grads);
         if (targets != NULL) lane_weighted_sums(lanes.factors, lanes.target_weights, k, classes, first, count, targets);
     }
-    return 0;
+    return untrusted;
 }
 
 /* ---- The passes around torch's bmm ---- */
@@ -377,7 +389,7 @@ static int whole_step(const float *logits, int rows, int k, int classes, FactorW
 #define SHORT_ROWS 64
 
 /* First: every sample's factors (logits rows x K x C; factors rows x 2 x K x C; shifts rows x 2K,
- * peer then own). lanes (LANES x (3 K C + C + 2 K) floats) is scratch. */
+ * peer then own). lanes is scratch: C floats for long rows, LANES x (3 K C + C + 2 K) for short. */
 WIDEST_VECTORS
 static void factors_pass(const float *logits, int rows, int k, int classes, FactorWeights weights, float *factors,
                          float *shifts, float *lanes) {
@@ -403,16 +415,20 @@ static void factors_pass(const float *logits, int rows, int k, int classes, Fact
 }
 
 /* Then, after Z = A S^T: every sample's overlaps (rows x K x K) into its transposed gradient
- * weights, ready for the second bmm; target_weights likewise, or NULL. Stops at the first
- * untrusted sample (returns 1). logs (2K doubles) is scratch. */
+ * weights, ready for the second bmm; target_weights likewise, or NULL. untrusted[b] (one byte a
+ * sample) says whether sample b's overlaps were untrusted; returns how many were. logs (2K doubles)
+ * is scratch. */
 WIDEST_VECTORS
 static int weights_pass(float *overlap, int rows, int k, const float *shifts, WeightTerms terms, float *target_weights,
-                        double *loss_sums, double *logs) {
+                        double *loss_sums, unsigned char *untrusted, double *logs) {
+    int count = 0;
     for (int b = 0; b < rows; b++) {
         float *targets = target_weights == NULL ? NULL : target_weights + (long)b * k * k;
-        if (sample_weights(overlap + (long)b * k * k, k, shifts + 2L * b * k, terms, targets, loss_sums, logs)) return 1;
+        untrusted[b] = (unsigned char)sample_weights(overlap + (long)b * k * k, k, shifts + 2L * b * k, terms, targets,
+                                                     loss_sums, logs);
+        count += untrusted[b];
     }
-    return 0;
+    return count;
 }
 
 /* ---- Python ----
@@ -426,7 +442,8 @@ static PyObject *factors(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KiiiffffKK", &logits, &rows, &k, &classes, &weights.peer_on_logit,
                           &weights.peer_on_reference, &weights.own_on_logit, &weights.own_on_reference, &factors_out, &shifts))
         return NULL;
-    float *lanes = malloc(LANES * (3 * (size_t)k * classes + classes + 2 * (size_t)k) * sizeof *lanes);
+    size_t floats = classes >= SHORT_ROWS ? (size_t)classes : LANES * (3 * (size_t)k * classes + classes + 2 * (size_t)k);
+    float *lanes = malloc(floats * sizeof *lanes);
     if (lanes == NULL) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     factors_pass((const float *)(uintptr_t)logits, rows, k, classes, weights, (float *)(uintptr_t)factors_out,
@@ -437,31 +454,32 @@ static PyObject *factors(PyObject *self, PyObject *args) {
 }
 
 static PyObject *weights(PyObject *self, PyObject *args) {
-    unsigned long long overlap, shifts, target_weights, loss_sums;
+    unsigned long long overlap, shifts, target_weights, loss_sums, untrusted_flags;
     int rows, k;
     WeightTerms terms;
-    if (!PyArg_ParseTuple(args, "KiiKfffKK", &overlap, &rows, &k, &shifts, &terms.alpha, &terms.scale, &terms.trusted_floor,
-                          &target_weights, &loss_sums))
+    if (!PyArg_ParseTuple(args, "KiiKdffKKK", &overlap, &rows, &k, &shifts, &terms.alpha, &terms.scale, &terms.trusted_floor,
+                          &target_weights, &loss_sums, &untrusted_flags))
         return NULL;
     double *logs = malloc(2 * (size_t)k * sizeof *logs);
     if (logs == NULL) return PyErr_NoMemory();
     int untrusted;
     Py_BEGIN_ALLOW_THREADS
     untrusted = weights_pass((float *)(uintptr_t)overlap, rows, k, (const float *)(uintptr_t)shifts, terms,
-                             (float *)(uintptr_t)target_weights, (double *)(uintptr_t)loss_sums, logs);
+                             (float *)(uintptr_t)target_weights, (double *)(uintptr_t)loss_sums,
+                             (unsigned char *)(uintptr_t)untrusted_flags, logs);
     Py_END_ALLOW_THREADS
     free(logs);
     return PyLong_FromLong(untrusted);
 }
 
 static PyObject *step(PyObject *self, PyObject *args) {
-    unsigned long long logits, grads, targets, loss_sums;
+    unsigned long long logits, grads, targets, loss_sums, untrusted_flags;
     int rows, k, classes;
     FactorWeights factor_weights;
     WeightTerms terms;
-    if (!PyArg_ParseTuple(args, "KiiifffffffKKK", &logits, &rows, &k, &classes, &factor_weights.peer_on_logit,
+    if (!PyArg_ParseTuple(args, "KiiiffffdffKKKK", &logits, &rows, &k, &classes, &factor_weights.peer_on_logit,
                           &factor_weights.peer_on_reference, &factor_weights.own_on_logit, &factor_weights.own_on_reference,
-                          &terms.alpha, &terms.scale, &terms.trusted_floor, &grads, &targets, &loss_sums))
+                          &terms.alpha, &terms.scale, &terms.trusted_floor, &grads, &targets, &loss_sums, &untrusted_flags))
         return NULL;
     size_t sample_size = (size_t)k * classes, pairs = (size_t)k * k;
     size_t floats = LANES * (3 * sample_size + (size_t)classes + 2 * (size_t)k + 3 * pairs);
@@ -482,7 +500,8 @@ static PyObject *step(PyObject *self, PyObject *args) {
     int untrusted;
     Py_BEGIN_ALLOW_THREADS
     untrusted = whole_step((const float *)(uintptr_t)logits, rows, k, classes, factor_weights, terms, (float *)(uintptr_t)grads,
-                           (float *)(uintptr_t)targets, (double *)(uintptr_t)loss_sums, lanes, scratch);
+                           (float *)(uintptr_t)targets, (double *)(uintptr_t)loss_sums, (unsigned char *)(uintptr_t)untrusted_flags,
+                           lanes, scratch);
     Py_END_ALLOW_THREADS
     free(memory);
     return PyLong_FromLong(untrusted);
@@ -493,11 +512,11 @@ static PyMethodDef methods[] = {
      "factors(logits, rows, k, classes, 4 factor weights, factors, shifts): the factors' exp and row shifts of a block "
      "of samples (addresses of float32 buffers)."},
     {"weights", weights, METH_VARARGS,
-     "weights(overlap, rows, k, shifts, alpha, scale, trusted_floor, target_weights or 0, loss_sums) -> untrusted: the "
-     "transposed gradient (and target) weights of a block, and its losses' sums."},
+     "weights(overlap, rows, k, shifts, alpha, scale, trusted_floor, target_weights or 0, loss_sums, untrusted_flags) -> "
+     "untrusted: the transposed gradient (and target) weights of a block, its losses' sums and each sample's flag."},
     {"step", step, METH_VARARGS,
-     "step(logits, rows, k, classes, 4 factor weights, alpha, scale, trusted_floor, grads, targets or 0, loss_sums) -> "
-     "untrusted: the whole step of a batch, its matrix products included."},
+     "step(logits, rows, k, classes, 4 factor weights, alpha, scale, trusted_floor, grads, targets or 0, loss_sums, "
+     "untrusted_flags) -> untrusted: the whole step of a batch, its matrix products included."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -10,7 +10,7 @@ import torch
 
 import rdml_dist.divergence as divergence_module
 from rdml_dist import native_passes
-from rdml_dist.divergence import mimicry_gradients
+from rdml_dist.divergence import MimicryWorkspace, mimicry_gradients, stack_by_sample
 from tests.unit.test_divergence import assert_matches_reference, cohort_logits, reference_cohort
 
 FORMS = {"whole step": 10**9, "passes around bmm": 0}  # native_passes.WHOLE_STEP_MAX_SAMPLE_SIZE for each form
@@ -66,39 +66,91 @@ def test_the_compiled_step_agrees_with_torch_alone(form: str, monkeypatch: pytes
     assert not torch.equal(compiled.grads, alone.grads)  # the compiled code did compute them (its rounding differs)
 
 
-def compiled_step(logits: torch.Tensor, alpha: float) -> int:
-    """The whole compiled step on K×B×C float32 logits; its count of untrusted samples."""
-    k, batch, classes = logits.shape
-    grads = torch.empty(batch, k, classes)
-    loss_sums = torch.zeros(k, dtype=torch.float64)
-    floor = divergence_module._trusted_floor(classes, torch.float32)
-    return native_passes.step(logits.transpose(0, 1), alpha, 1.0, 1 / batch, floor, grads, None, loss_sums)
+def with_disjoint_samples(logits: torch.Tensor, samples: list[int]) -> torch.Tensor:
+    """``logits`` (float32) where, in ``samples``, every student puts +2000 on a class of its own:
+    their peers' overlaps underflow even the factored form."""
+    k, _, classes = logits.shape
+    logits = logits.clone()
+    for sample in samples:
+        logits[torch.arange(k), sample, (torch.arange(k) + sample) % classes] += 2000.0
+    return logits
 
 
 @needs_passes
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("kind", ["disjoint", "nan", "inf"])
-def test_untrusted_overlaps_leave_the_batch_to_the_careful_torch_path(form: str, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Peers with disjoint support underflow the factored overlaps, and non-finite logits spoil
-    them: the compiled code says so, and the result is then exactly the torch path's."""
+def test_only_the_untrusted_samples_go_to_the_careful_path(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled code flags the samples it cannot trust; the careful path redoes those alone,
+    and their losses join the others'."""
     monkeypatch.setattr(native_passes, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
-    logits = cohort_logits("disjoint" if kind == "disjoint" else "random", 4, b=19, c=12, seed=2).float()
-    if kind != "disjoint":
-        logits[1, 7, 3] = float(kind)
-    assert compiled_step(logits, 5.0) > 0
-    assert compiled_step(cohort_logits("random", 4, b=19, c=12, seed=2).float(), 5.0) == 0
+    monkeypatch.setattr(divergence_module, "_CHUNK_BYTES", 4 * 4 * 12 * 5)  # five rows per block
+    redone: list[int] = []
+    careful = divergence_module._pairwise_renyi
+    monkeypatch.setattr(divergence_module, "_pairwise_renyi", lambda z, *args: (redone.append(z.shape[0]), careful(z, *args))[1])
+    logits = with_disjoint_samples(cohort_logits("random", 4, b=19, c=12, seed=2).float(), [3, 11, 18])
+    result = mimicry_gradients(logits, alpha=5.0)
+    assert redone == [3]
+    assert_matches_reference(result, reference_cohort("renyi", logits.double(), 5.0, 1.0, "pairwise"), rtol=1e-4, atol=1e-6)
+    redone.clear()
+    mimicry_gradients(cohort_logits("random", 4, b=19, c=12, seed=2).float(), alpha=5.0)
+    assert redone == []
+
+
+@needs_passes
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_logits_give_what_torch_alone_gives(form: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native_passes, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
+    logits = cohort_logits("random", 4, b=19, c=12, seed=2).float()
+    logits[1, 7, 3] = float(value)
     result, alone = mimicry_gradients(logits, alpha=5.0), torch_only(logits, alpha=5.0)
     for mine, theirs in zip(result, alone):
-        torch.testing.assert_close(mine, theirs, rtol=0, atol=0, equal_nan=True)
-    if kind == "disjoint":
-        assert_matches_reference(result, reference_cohort("renyi", logits.double(), 5.0, 1.0, "pairwise"), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6, equal_nan=True)
+    assert not torch.isfinite(result.grads[:, 7]).all() and torch.isfinite(result.grads[:, :7]).all()
+
+
+@needs_passes
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_laid_out_by_sample_are_converted_first(dtype: torch.dtype) -> None:
+    """Half-precision frames stacked by sample (the whole step's layout) are read as float32 values."""
+    by_sample = cohort_logits("random", 3, b=40, c=10, seed=6).transpose(0, 1).contiguous().to(dtype)
+    logits = by_sample.transpose(0, 1)
+    result, alone = mimicry_gradients(logits, alpha=2.0), torch_only(logits, alpha=2.0)
+    for mine, theirs in zip(result, alone):
+        assert mine.dtype == dtype
+        torch.testing.assert_close(mine.float(), theirs.float(), rtol=2e-2, atol=1e-4)
+
+
+@needs_passes
+@pytest.mark.parametrize("form", FORMS)
+def test_an_order_near_one_keeps_the_losses_as_accurate_as_torch_alone(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The losses' terms cancel and are divided by α − 1: α must reach them unrounded (a cosine
+    schedule passes close to 1)."""
+    monkeypatch.setattr(native_passes, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
+    logits = (cohort_logits("random", 4, b=64, c=10, seed=7) * 5 + 30).float()
+    alpha = 1.00001
+    reference = reference_cohort("renyi", logits.double(), alpha, 1.0, "pairwise")[2]
+    compiled_error = (mimicry_gradients(logits, alpha=alpha).losses.double() - reference).abs().max()
+    alone_error = (torch_only(logits, alpha=alpha).losses.double() - reference).abs().max()
+    assert compiled_error <= 2 * alone_error, (float(compiled_error), float(alone_error))
+
+
+@needs_passes
+def test_the_coordinators_workspace_gives_each_step_its_own_result() -> None:
+    """As the coordinator runs it: frames stacked into a kept workspace, steps of other shapes between."""
+    workspace = MimicryWorkspace()
+    for k, b, c in [(3, 16, 10), (5, 33, 300), (3, 16, 10), (2, 7, 1000)]:
+        frames = list(cohort_logits("confident15", k, b=b, c=c, seed=k * c).float().unbind(0))
+        stacked = stack_by_sample(frames, torch.device("cpu"), workspace)
+        kept = mimicry_gradients(stacked, alpha=2.0, with_targets=False, workspace=workspace)
+        fresh = mimicry_gradients(torch.stack(frames), alpha=2.0, with_targets=False)
+        assert torch.equal(kept.grads, fresh.grads) and torch.equal(kept.losses, fresh.losses)
 
 
 @needs_passes
 def test_a_strided_buffer_is_refused_by_name() -> None:
     block = torch.randn(4, 3, 8)
     into = torch.empty(4, 2, 3, 16)[..., :8]
-    with pytest.raises(ValueError, match="contiguous buffers"):
+    with pytest.raises(ValueError, match="contiguous torch.float32 CPU buffers"):
         native_passes.factors(block, 2.0, 1.0, into, torch.empty(4, 6))
 
 
