@@ -681,11 +681,9 @@ def _pairwise_renyi_in_row_blocks(
     k, batch, classes = logits.shape
     scale = 1 / (temperature * batch)
     buffers = _RenyiBuffers.empty(batch, k, classes, dtype, logits.device, with_targets, workspace)
-    rows_per_block = min(batch, _rows_per_block(logits, dtype))
-    factors = _empty(workspace, "factors", (rows_per_block, 2, k, classes), dtype, logits.device)
-    overlaps = _empty(workspace, "overlaps", (rows_per_block, k, k), dtype, logits.device)
     if native_passes.serves(dtype, logits.device):
-        return _pairwise_renyi_compiled(logits, alpha, temperature, scale, buffers, (factors, overlaps), workspace)
+        return _pairwise_renyi_compiled(logits, alpha, temperature, scale, buffers, workspace)
+    factors, overlaps = _block_scratch(logits, dtype, workspace)
     for rows, block in _row_blocks(logits, dtype):
         if block.shape[0] == batch:  # one block: the whole buffers, no views to make
             _factored_block(block, alpha, temperature, scale, buffers, (factors, overlaps))
@@ -696,9 +694,18 @@ def _pairwise_renyi_in_row_blocks(
     return buffers.grads, buffers.targets, _pairwise_renyi_losses(buffers, alpha)
 
 
+def _block_scratch(logits: Tensor, dtype: torch.dtype, workspace: MimicryWorkspace | None) -> tuple[Tensor, Tensor]:
+    """A row block's factors (rows×2×K×C) and overlaps (rows×K×K)."""
+    k, batch, classes = logits.shape
+    rows = min(batch, _rows_per_block(logits, dtype))
+    return (
+        _empty(workspace, "factors", (rows, 2, k, classes), dtype, logits.device),
+        _empty(workspace, "overlaps", (rows, k, k), dtype, logits.device),
+    )
+
+
 def _pairwise_renyi_compiled(
-    logits: Tensor, alpha: float, temperature: float, scale: float, buffers: _RenyiBuffers,
-    scratch: tuple[Tensor, Tensor], workspace: MimicryWorkspace | None,
+    logits: Tensor, alpha: float, temperature: float, scale: float, buffers: _RenyiBuffers, workspace: MimicryWorkspace | None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """:func:`_pairwise_renyi_in_row_blocks` by the compiled code (:mod:`rdml_dist.native_passes`).
 
@@ -711,30 +718,34 @@ def _pairwise_renyi_compiled(
     loss_sums = _empty(workspace, "loss_sums", (k,), torch.float64, logits.device).zero_()
     flags = _empty(workspace, "untrusted", (batch,), torch.uint8, logits.device)
     trusted_floor = _trusted_floor(classes, dtype)
+    by_sample = logits.transpose(0, 1)
     if native_passes.whole_step_serves(k, classes):
+        losses = torch.empty(k, dtype=dtype, device=logits.device)
         untrusted = native_passes.step(
-            logits.transpose(0, 1).to(dtype), alpha, temperature, scale, trusted_floor, buffers.grads, buffers.targets,
-            loss_sums, flags,
+            by_sample if by_sample.dtype == dtype else by_sample.to(dtype), alpha, temperature, scale, trusted_floor,
+            buffers.grads, buffers.targets, loss_sums, flags, losses,
         )
+        if not untrusted:
+            return buffers.grads, buffers.targets, losses
     else:
         untrusted = _compiled_passes_in_row_blocks(
-            logits, alpha, temperature, scale, trusted_floor, buffers, scratch, workspace, loss_sums, flags
+            logits, alpha, temperature, scale, trusted_floor, buffers, workspace, loss_sums, flags
         )
     if untrusted:
-        redone = _redo_samples(logits.transpose(0, 1), flags.nonzero().squeeze(1), alpha, temperature, scale, buffers)
+        redone = _redo_samples(by_sample, flags.nonzero().squeeze(1), alpha, temperature, scale, buffers)
         loss_sums += _pairwise_renyi_loss_sums(redone, alpha)
     return buffers.grads, buffers.targets, _losses_from_sums(loss_sums, alpha, batch, dtype)
 
 
 def _compiled_passes_in_row_blocks(
     logits: Tensor, alpha: float, temperature: float, scale: float, trusted_floor: float, buffers: _RenyiBuffers,
-    scratch: tuple[Tensor, Tensor], workspace: MimicryWorkspace | None, loss_sums: Tensor, flags: Tensor,
+    workspace: MimicryWorkspace | None, loss_sums: Tensor, flags: Tensor,
 ) -> int:
     """Per row block: the compiled factors, torch's bmm for the overlaps, the compiled weights, then
     torch's bmm and product with the own factors for the gradients (and targets), as
     :func:`_factored_block`. Flags the untrusted samples in ``flags``; returns how many there are."""
     k, batch, _ = logits.shape
-    factors, overlaps = scratch
+    factors, overlaps = _block_scratch(logits, buffers.grads.dtype, workspace)
     shifts = _empty(workspace, "shifts", (factors.shape[0], 2 * k), factors.dtype, logits.device)
     target_weights = None if buffers.targets is None else _empty(workspace, "target_weights", overlaps.shape, overlaps.dtype, logits.device)
     untrusted = 0

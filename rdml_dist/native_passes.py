@@ -73,7 +73,7 @@ def factors(block: Tensor, alpha: float, temperature: float, into: Tensor, shift
     row shifts into ``shifts`` (rows×2K); as :func:`rdml_dist.divergence._factors`."""
     rows, k, classes = block.shape
     block = block.contiguous()
-    _check_buffers(rows, float32=[block, into, shifts])
+    _check_buffers(rows, block, into, shifts)
     _PASSES.factors(  # type: ignore[union-attr]
         block.data_ptr(), rows, k, classes, *_factor_weights(alpha, temperature, k), into.data_ptr(), shifts.data_ptr()
     )
@@ -94,8 +94,8 @@ def weights(
     how many there are.
     """
     rows, k, _ = overlap.shape
-    _check_buffers(rows, float32=[overlap, shifts] + ([] if target_weights is None else [target_weights]),
-                   loss_sums=loss_sums, untrusted=untrusted)
+    _check_buffers(rows, overlap, shifts, *(() if target_weights is None else (target_weights,)), loss_sums=loss_sums,
+                   untrusted=untrusted)
     return _PASSES.weights(  # type: ignore[union-attr]
         overlap.data_ptr(), rows, k, shifts.data_ptr(), alpha, scale, trusted_floor,
         0 if target_weights is None else target_weights.data_ptr(), loss_sums.data_ptr(), untrusted.data_ptr(),
@@ -104,28 +104,26 @@ def weights(
 
 def step(
     by_sample: Tensor, alpha: float, temperature: float, scale: float, trusted_floor: float, grads: Tensor,
-    targets: Tensor | None, loss_sums: Tensor, untrusted: Tensor,
+    targets: Tensor | None, loss_sums: Tensor, untrusted: Tensor, losses: Tensor,
 ) -> int:
     """The whole step of ``by_sample`` (B×K×C float32) in one call, matrix products included:
-    gradients, targets when asked for, and the losses' sums, with each sample's flag as :func:`weights`."""
+    gradients, targets when asked for, and the losses' sums, with each sample's flag as :func:`weights`;
+    if no sample is flagged, also the batch-mean losses (K float32)."""
     rows, k, classes = by_sample.shape
     by_sample = by_sample.contiguous()
-    _check_buffers(rows, float32=[by_sample, grads] + ([] if targets is None else [targets]), loss_sums=loss_sums,
-                   untrusted=untrusted)
+    _check_buffers(rows, by_sample, grads, losses, *(() if targets is None else (targets,)), loss_sums=loss_sums, untrusted=untrusted)
     return _PASSES.step(  # type: ignore[union-attr]
         by_sample.data_ptr(), rows, k, classes, *_factor_weights(alpha, temperature, k), alpha, scale, trusted_floor,
         grads.data_ptr(), 0 if targets is None else targets.data_ptr(), loss_sums.data_ptr(), untrusted.data_ptr(),
+        losses.data_ptr(),
     )
 
 
-def _check_buffers(rows: int, float32: list[Tensor], loss_sums: Tensor | None = None, untrusted: Tensor | None = None) -> None:
+def _check_buffers(rows: int, *float32: Tensor, loss_sums: Tensor | None = None, untrusted: Tensor | None = None) -> None:
     """The compiled loops index dense CPU buffers of fixed dtypes by address: anything else would be
     read wrongly, not slowly, so it is refused here."""
-    expected = [(tensor, torch.float32) for tensor in float32]
-    expected += [] if loss_sums is None else [(loss_sums, torch.float64)]
-    expected += [] if untrusted is None else [(untrusted, torch.uint8)]
-    for tensor, dtype in expected:
-        if tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
+    for tensor, dtype in (*((tensor, torch.float32) for tensor in float32), (loss_sums, torch.float64), (untrusted, torch.uint8)):
+        if tensor is not None and (tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous()):
             raise ValueError(
                 f"the compiled Rényi passes need contiguous {dtype} CPU buffers, got {tensor.dtype} on {tensor.device} "
                 f"with strides {tensor.stride()}"

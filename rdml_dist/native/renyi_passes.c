@@ -473,13 +473,14 @@ static PyObject *weights(PyObject *self, PyObject *args) {
 }
 
 static PyObject *step(PyObject *self, PyObject *args) {
-    unsigned long long logits, grads, targets, loss_sums, untrusted_flags;
+    unsigned long long logits, grads, targets, loss_sums, untrusted_flags, losses;
     int rows, k, classes;
     FactorWeights factor_weights;
     WeightTerms terms;
-    if (!PyArg_ParseTuple(args, "KiiiffffdffKKKK", &logits, &rows, &k, &classes, &factor_weights.peer_on_logit,
+    if (!PyArg_ParseTuple(args, "KiiiffffdffKKKKK", &logits, &rows, &k, &classes, &factor_weights.peer_on_logit,
                           &factor_weights.peer_on_reference, &factor_weights.own_on_logit, &factor_weights.own_on_reference,
-                          &terms.alpha, &terms.scale, &terms.trusted_floor, &grads, &targets, &loss_sums, &untrusted_flags))
+                          &terms.alpha, &terms.scale, &terms.trusted_floor, &grads, &targets, &loss_sums, &untrusted_flags,
+                          &losses))
         return NULL;
     size_t sample_size = (size_t)k * classes, pairs = (size_t)k * k;
     size_t floats = LANES * (3 * sample_size + (size_t)classes + 2 * (size_t)k + 3 * pairs);
@@ -504,6 +505,10 @@ static PyObject *step(PyObject *self, PyObject *args) {
                            lanes, scratch);
     Py_END_ALLOW_THREADS
     free(memory);
+    if (untrusted == 0) { /* the batch means, as the caller would divide (in double, then rounded) */
+        double *sums = (double *)(uintptr_t)loss_sums, denominator = (double)(k - 1) * (terms.alpha - 1.0) * rows;
+        for (int s = 0; s < k; s++) ((float *)(uintptr_t)losses)[s] = (float)(sums[s] / denominator);
+    }
     return PyLong_FromLong(untrusted);
 }
 
@@ -516,7 +521,8 @@ static PyMethodDef methods[] = {
      "untrusted: the transposed gradient (and target) weights of a block, its losses' sums and each sample's flag."},
     {"step", step, METH_VARARGS,
      "step(logits, rows, k, classes, 4 factor weights, alpha, scale, trusted_floor, grads, targets or 0, loss_sums, "
-     "untrusted_flags) -> untrusted: the whole step of a batch, its matrix products included."},
+     "untrusted_flags, losses) -> untrusted: the whole step of a batch, its matrix products included (and with no "
+     "untrusted sample its batch-mean losses)."},
     {NULL, NULL, 0, NULL},
 };
 
