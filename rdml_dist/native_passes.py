@@ -51,9 +51,11 @@ def serves(dtype: torch.dtype, device: torch.device) -> bool:
     return _PASSES is not None and dtype == torch.float32 and device.type == "cpu"
 
 
-def _factor_weights(alpha: float, temperature: float, k: int) -> tuple[float, float, float, float]:
-    """The peer and own factors' weights on a logit and on the K students' sum (as ``divergence._factor_weights``)."""
-    return alpha / temperature, (1 - alpha) / (k * temperature), (1 - alpha) / temperature, (alpha - 1) / (k * temperature)
+def _factor_weights(alpha: float, temperature: float) -> tuple[float, float, float, float]:
+    """The peer's and the own factor's weights on a logit z and on its difference z − m from the
+    cohort's mean: z/τ − (1−α)(z − m)/τ and (1−α)(z − m)/τ (see the C source's ``FactorWeights``)."""
+    spread = (1 - alpha) / temperature
+    return 1 / temperature, -spread, 0.0, spread
 
 
 # The whole step in lanes serves samples of up to this many logits (K·C) and cohorts of up to 64
@@ -75,7 +77,7 @@ def factors(block: Tensor, alpha: float, temperature: float, into: Tensor, shift
     block = block.contiguous()
     _check_buffers(rows, block, into, shifts)
     _PASSES.factors(  # type: ignore[union-attr]
-        block.data_ptr(), rows, k, classes, *_factor_weights(alpha, temperature, k), into.data_ptr(), shifts.data_ptr()
+        block.data_ptr(), rows, k, classes, *_factor_weights(alpha, temperature), into.data_ptr(), shifts.data_ptr()
     )
     peer, own = into.unbind(1)
     return peer, own
@@ -113,7 +115,7 @@ def step(
     by_sample = by_sample.contiguous()
     _check_buffers(rows, by_sample, grads, losses, *(() if targets is None else (targets,)), loss_sums=loss_sums, untrusted=untrusted)
     return _PASSES.step(  # type: ignore[union-attr]
-        by_sample.data_ptr(), rows, k, classes, *_factor_weights(alpha, temperature, k), alpha, scale, trusted_floor,
+        by_sample.data_ptr(), rows, k, classes, *_factor_weights(alpha, temperature), alpha, scale, trusted_floor,
         grads.data_ptr(), 0 if targets is None else targets.data_ptr(), loss_sums.data_ptr(), untrusted.data_ptr(),
         losses.data_ptr(),
     )

@@ -99,8 +99,12 @@ INLINE void transpose_square(float *matrix, int k) {
         }
 }
 
+/* A factor's logits are on_logit * z + on_difference * (z - m), m the cohort's mean logit: the peer's
+ * z/tau - (1-alpha)/tau (z - m), the own (1-alpha)/tau (z - m). Written so, with the small difference
+ * z - m taken first, a peer's and an own logit add up to (alpha z_j + (1-alpha) z_k)/tau to within a
+ * rounding of their own size, not of the alpha z and (1-alpha) m that cancel in them. */
 typedef struct {
-    float peer_on_logit, peer_on_reference, own_on_logit, own_on_reference;
+    float peer_on_logit, peer_on_difference, own_on_logit, own_on_difference;
 } FactorWeights;
 
 typedef struct {
@@ -124,14 +128,14 @@ INLINE void add_losses(const double *columns, const double *diagonal, const floa
 
 /* ---- One sample at a time: the passes around torch's bmm ---- */
 
-/* One factor row, up to its exp: values = on_logit * z + on_reference * reference, shifted by their
- * maximum (returned) and clamped, so that the exp of the whole sample runs as one long loop. */
-INLINE float factor_row_exponents(const float *z, const float *reference, int classes, float on_logit, float on_reference,
+/* One factor row, up to its exp: its logits (FactorWeights), shifted by their maximum (returned)
+ * and clamped, so that the exp of the whole sample runs as one long loop. */
+INLINE float factor_row_exponents(const float *z, const float *mean, int classes, float on_logit, float on_difference,
                                   float *row) {
     float top = -INFINITY;
 #pragma omp simd reduction(max : top)
     for (int c = 0; c < classes; c++) {
-        float value = on_logit * z[c] + on_reference * reference[c];
+        float value = on_logit * z[c] + on_difference * (z[c] - mean[c]);
         row[c] = value;
         top = value > top ? value : top;
     }
@@ -144,22 +148,25 @@ INLINE float factor_row_exponents(const float *z, const float *reference, int cl
 }
 
 /* One sample's factors (z: K x C logits): the peer factors a_j into factors[0 : K*C], the own
- * factors s_k after them, their row shifts into shifts (peer then own, K each). reference (C
- * floats) is scratch: the sum of the K students' logits. */
+ * factors s_k after them, their row shifts into shifts (peer then own, K each). mean (C floats) is
+ * scratch: the K students' mean logit. */
 INLINE void sample_factors(const float *z, int k, int classes, FactorWeights weights, float *factors, float *shifts,
-                           float *reference) {
+                           float *mean) {
     long sample_size = (long)k * classes;
-    memcpy(reference, z, classes * sizeof *reference);
+    float inverse_k = 1.0f / (float)k;
+    memcpy(mean, z, classes * sizeof *mean);
     for (int s = 1; s < k; s++) {
 #pragma omp simd
-        for (int c = 0; c < classes; c++) reference[c] += z[(long)s * classes + c];
+        for (int c = 0; c < classes; c++) mean[c] += z[(long)s * classes + c];
     }
+#pragma omp simd
+    for (int c = 0; c < classes; c++) mean[c] *= inverse_k;
     float *peer = factors, *own = factors + sample_size;
     for (int s = 0; s < k; s++) {
         const float *zs = z + (long)s * classes;
-        shifts[s] = factor_row_exponents(zs, reference, classes, weights.peer_on_logit, weights.peer_on_reference,
+        shifts[s] = factor_row_exponents(zs, mean, classes, weights.peer_on_logit, weights.peer_on_difference,
                                          peer + (long)s * classes);
-        shifts[k + s] = factor_row_exponents(zs, reference, classes, weights.own_on_logit, weights.own_on_reference,
+        shifts[k + s] = factor_row_exponents(zs, mean, classes, weights.own_on_logit, weights.own_on_difference,
                                              own + (long)s * classes);
     }
 #pragma omp simd
@@ -216,7 +223,7 @@ typedef float Lanes __attribute__((vector_size(LANES * sizeof(float)), aligned(s
 #define store_lanes(to, value) (*(Lanes *)(to) = (value))
 
 typedef struct {
-    float *logits, *factors, *reference, *shifts, *overlap, *weights, *target_weights;
+    float *logits, *factors, *mean, *shifts, *overlap, *weights, *target_weights;
     double *columns, *diagonal;
 } LaneScratch;
 
@@ -228,32 +235,36 @@ INLINE void gather_lanes(const float *logits, long first, int count, long sample
     }
 }
 
-/* The factors of LANES samples (as sample_factors): factors [2K][C][LANES], shifts [2K][LANES]. */
-INLINE void lane_factors(const float *z, int k, int classes, FactorWeights weights, float *reference, float *factors,
+/* The factors of LANES samples (as sample_factors): factors [2K][C][LANES], shifts [2K][LANES];
+ * mean ([C][LANES]) is scratch. */
+INLINE void lane_factors(const float *z, int k, int classes, FactorWeights weights, float *mean, float *factors,
                          float *shifts) {
+    float inverse_k = 1.0f / (float)k;
     for (int c = 0; c < classes; c++) {
-        float *r = LANE(reference, c);
+        float *m = LANE(mean, c);
 #pragma omp simd
-        for (int l = 0; l < LANES; l++) r[l] = 0.0f;
+        for (int l = 0; l < LANES; l++) m[l] = 0.0f;
         for (int s = 0; s < k; s++) {
             const float *zs = LANE(z, (long)s * classes + c);
 #pragma omp simd
-            for (int l = 0; l < LANES; l++) r[l] += zs[l];
+            for (int l = 0; l < LANES; l++) m[l] += zs[l];
         }
+#pragma omp simd
+        for (int l = 0; l < LANES; l++) m[l] *= inverse_k;
     }
     for (int row = 0; row < 2 * k; row++) {
         int s = row % k;
         float on_logit = row < k ? weights.peer_on_logit : weights.own_on_logit;
-        float on_reference = row < k ? weights.peer_on_reference : weights.own_on_reference;
+        float on_difference = row < k ? weights.peer_on_difference : weights.own_on_difference;
         float *top = LANE(shifts, row);
 #pragma omp simd
         for (int l = 0; l < LANES; l++) top[l] = -INFINITY;
         for (int c = 0; c < classes; c++) {
-            const float *zc = LANE(z, (long)s * classes + c), *r = LANE(reference, c);
+            const float *zc = LANE(z, (long)s * classes + c), *m = LANE(mean, c);
             float *value = LANE(factors, (long)row * classes + c);
 #pragma omp simd
             for (int l = 0; l < LANES; l++) {
-                value[l] = on_logit * zc[l] + on_reference * r[l];
+                value[l] = on_logit * zc[l] + on_difference * (zc[l] - m[l]);
                 top[l] = value[l] > top[l] ? value[l] : top[l];
             }
         }
@@ -368,7 +379,7 @@ static int whole_step(const float *logits, int rows, int k, int classes, FactorW
     for (long first = 0; first < rows; first += LANES) {
         int count = rows - first < LANES ? (int)(rows - first) : LANES;
         gather_lanes(logits, first, count, sample_size, lanes.logits);
-        lane_factors(lanes.logits, k, classes, factor_weights, lanes.reference, lanes.factors, lanes.shifts);
+        lane_factors(lanes.logits, k, classes, factor_weights, lanes.mean, lanes.factors, lanes.shifts);
         lane_overlaps(lanes.factors, k, classes, lanes.overlap);
         lane_weights(lanes.overlap, k, terms, lanes.weights, targets == NULL ? NULL : lanes.target_weights, lanes.columns,
                      lanes.diagonal, below);
@@ -400,12 +411,12 @@ static void factors_pass(const float *logits, int rows, int k, int classes, Fact
                            lanes);
         return;
     }
-    float *z = lanes, *lane_factor = z + LANES * sample_size, *reference = lane_factor + 2 * LANES * sample_size;
-    float *lane_shifts = reference + LANES * (long)classes;
+    float *z = lanes, *lane_factor = z + LANES * sample_size, *mean = lane_factor + 2 * LANES * sample_size;
+    float *lane_shifts = mean + LANES * (long)classes;
     for (long first = 0; first < rows; first += LANES) {
         int count = rows - first < LANES ? (int)(rows - first) : LANES;
         gather_lanes(logits, first, count, sample_size, z);
-        lane_factors(z, k, classes, weights, reference, lane_factor, lane_shifts);
+        lane_factors(z, k, classes, weights, mean, lane_factor, lane_shifts);
         for (int l = 0; l < count; l++) {
             float *out = factors + 2 * (first + l) * sample_size, *shift = shifts + 2 * (first + l) * k;
             for (long i = 0; i < 2 * sample_size; i++) out[i] = lane_factor[i * LANES + l];
@@ -440,7 +451,7 @@ static PyObject *factors(PyObject *self, PyObject *args) {
     int rows, k, classes;
     FactorWeights weights;
     if (!PyArg_ParseTuple(args, "KiiiffffKK", &logits, &rows, &k, &classes, &weights.peer_on_logit,
-                          &weights.peer_on_reference, &weights.own_on_logit, &weights.own_on_reference, &factors_out, &shifts))
+                          &weights.peer_on_difference, &weights.own_on_logit, &weights.own_on_difference, &factors_out, &shifts))
         return NULL;
     size_t floats = classes >= SHORT_ROWS ? (size_t)classes : LANES * (3 * (size_t)k * classes + classes + 2 * (size_t)k);
     float *lanes = malloc(floats * sizeof *lanes);
@@ -478,7 +489,7 @@ static PyObject *step(PyObject *self, PyObject *args) {
     FactorWeights factor_weights;
     WeightTerms terms;
     if (!PyArg_ParseTuple(args, "KiiiffffdffKKKKK", &logits, &rows, &k, &classes, &factor_weights.peer_on_logit,
-                          &factor_weights.peer_on_reference, &factor_weights.own_on_logit, &factor_weights.own_on_reference,
+                          &factor_weights.peer_on_difference, &factor_weights.own_on_logit, &factor_weights.own_on_difference,
                           &terms.alpha, &terms.scale, &terms.trusted_floor, &grads, &targets, &loss_sums, &untrusted_flags,
                           &losses))
         return NULL;
@@ -493,8 +504,8 @@ static PyObject *step(PyObject *self, PyObject *args) {
     double *scratch = lanes.diagonal + LANES * (size_t)k;
     lanes.logits = (float *)(memory + doubles);
     lanes.factors = lanes.logits + LANES * sample_size;
-    lanes.reference = lanes.factors + 2 * LANES * sample_size;
-    lanes.shifts = lanes.reference + LANES * (size_t)classes;
+    lanes.mean = lanes.factors + 2 * LANES * sample_size;
+    lanes.shifts = lanes.mean + LANES * (size_t)classes;
     lanes.overlap = lanes.shifts + 2 * LANES * (size_t)k;
     lanes.weights = lanes.overlap + LANES * pairs;
     lanes.target_weights = lanes.weights + LANES * pairs;

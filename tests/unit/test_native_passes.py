@@ -135,6 +135,21 @@ def test_an_order_near_one_keeps_the_losses_as_accurate_as_torch_alone(form: str
 
 
 @needs_passes
+@pytest.mark.parametrize("form", FORMS)
+def test_confident_students_losses_are_as_accurate_as_torch_alone(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Late in training every student puts a large logit on the same class: in the factors' logits
+    α z and (1−α) m nearly cancel, and the losses then cancel again. The compiled factors take the
+    small difference z − m first so that this loses nothing."""
+    monkeypatch.setattr(native_passes, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(4, 128, 10, generator=generator)
+    logits[:, torch.arange(128), torch.randint(10, (128,), generator=generator)] += 15.0
+    reference = reference_cohort("renyi", logits.double(), 5.0, 1.0, "pairwise")[2]
+    error = ((mimicry_gradients(logits, alpha=5.0).losses.double() - reference) / reference).abs().max()
+    assert error <= 5e-7, float(error)
+
+
+@needs_passes
 def test_the_coordinators_workspace_gives_each_step_its_own_result() -> None:
     """As the coordinator runs it: frames stacked into a kept workspace, steps of other shapes between."""
     workspace = MimicryWorkspace()
