@@ -25,9 +25,10 @@ included: the loop between calls leaves the caches cold, as the coordinator's ow
 steps does. Times are CPU seconds of the benchmark's one thread (``time.thread_time``), so that
 what the shared machine gives to other processes does not count; wall seconds are in the JSON.
 Each time is the median over the rounds, each ratio the median of the per-round ratios.
-Writes benchmarks/results/coordinator_cost{,_quick}.{json,md} and a PNG plot. Run:
+Writes benchmarks/results/coordinator_cost{,_quick}{,_forms}.{json,md} and a PNG plot. Run:
     .venv/bin/python benchmarks/coordinator_cost.py            # full grid
     .venv/bin/python benchmarks/coordinator_cost.py --quick    # K in {2, 16, 64}
+    .venv/bin/python benchmarks/coordinator_cost.py --forms    # also both compiled forms (…_forms.{json,md})
     .venv/bin/python benchmarks/coordinator_cost.py --render-only   # the Markdown and plot again from the JSON
 """
 
@@ -41,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -108,16 +109,33 @@ class CoordinatorCall:
     gradients and losses are written into it.
     """
 
-    def __init__(self, logits: torch.Tensor, alpha: float, compiled: bool = True) -> None:
+    def __init__(self, logits: torch.Tensor, alpha: float, form: str = "chosen") -> None:
         self.frames = list(logits.unbind(0))
         self.alpha = alpha
         self.workspace = MimicryWorkspace()
-        self.compiled = compiled
+        self.form = form
 
     def __call__(self) -> Any:
-        with contextlib.nullcontext() if self.compiled else native_passes.switched_off():
+        with step_form(self.form):
             stacked = stack_by_sample(self.frames, torch.device("cpu"), self.workspace)
             return mimicry_gradients(stacked, alpha=self.alpha, with_targets=False, workspace=self.workspace)
+
+
+@contextlib.contextmanager
+def step_form(form: str) -> Iterator[None]:
+    """The step as chosen (``chosen``), in torch alone (``torch``), or in one compiled form for every
+    shape: the whole step in lanes (``lanes``) or the passes around torch's bmm (``passes``)."""
+    if form == "torch":
+        with native_passes.switched_off():
+            yield
+        return
+    limits = native_passes.WHOLE_STEP_MAX_SAMPLE_SIZE, native_passes.WHOLE_STEP_MAX_STUDENTS
+    forced = {"chosen": limits, "lanes": (math.inf, math.inf), "passes": (0, 0)}[form]
+    native_passes.WHOLE_STEP_MAX_SAMPLE_SIZE, native_passes.WHOLE_STEP_MAX_STUDENTS = forced
+    try:
+        yield
+    finally:
+        native_passes.WHOLE_STEP_MAX_SAMPLE_SIZE, native_passes.WHOLE_STEP_MAX_STUDENTS = limits
 
 
 class FactoredFloor:
@@ -207,13 +225,15 @@ def measure_cell(k: int, b: int, c: int, kind: str, baseline: ModuleType | None,
         row["max_loss_relative_error"] = float(((result.losses.double() - reference_losses) / reference_losses.abs()).abs().max())
     calls = {
         "batched": CoordinatorCall(logits, alpha),
-        "torch": CoordinatorCall(logits, alpha, compiled=False),
+        "torch": CoordinatorCall(logits, alpha, form="torch"),
         "floor": FactoredFloor(logits),
         "loop": lambda: per_pair_loop(logits, alpha),
     }
     exact_path_gib = k * k * b * c * 4 / 2**30
     if baseline is not None and (kind == "random" or exact_path_gib <= args.baseline_max_gib):
         calls["baseline"] = lambda: baseline.mimicry_gradients(logits, alpha=alpha)
+    if args.forms:
+        calls.update({form: CoordinatorCall(logits, alpha, form=form) for form in ("lanes", "passes")})
     for shards in args.shards:
         calls[f"shard_{shards}"] = CoordinatorCall(logits[:, : b // shards], alpha)
     times = interleaved_rounds(calls, args.seconds_per_cell)
@@ -223,6 +243,10 @@ def measure_cell(k: int, b: int, c: int, kind: str, baseline: ModuleType | None,
     row["rounds"] = len(times["batched"]["cpu"])
     row["batched_over_floor"] = median_ratio(times["batched"]["cpu"], times["floor"]["cpu"])
     row["torch_over_floor"] = median_ratio(times["torch"]["cpu"], times["floor"]["cpu"])
+    for form in ("lanes", "passes"):
+        if form in times:
+            row[f"{form}_over_floor"] = median_ratio(times[form]["cpu"], times["floor"]["cpu"])
+    row["whole_step_chosen"] = native_passes.whole_step_serves(k, c)
     row["loop_over_batched"] = median_ratio(times["loop"]["cpu"], times["batched"]["cpu"])
     if "baseline" in times:
         row["baseline_over_batched"] = median_ratio(times["baseline"]["cpu"], times["batched"]["cpu"])
@@ -282,6 +306,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                  f"targets {max(row['max_target_error'] for row in checked):.1e}, "
                  f"gradients {max(row['max_grad_relative_error'] for row in checked):.1e} (relative norm), "
                  f"losses {max(row['max_loss_relative_error'] for row in checked):.1e} (relative)")
+    forms = [row for row in report["rows"] if "lanes_over_floor" in row]
+    if forms:
+        lines += ["", "## The compiled step's two forms (--forms)", "",
+                  "Each cell timed in both forms in the same rounds; the chosen form is the one `native_passes.whole_step_serves` picks.", "",
+                  "| K | B | C | logits | lanes / floor | passes / floor | chosen |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {row['k']} | {row['b']} | {row['c']} | {row['logits']} | {row['lanes_over_floor']:.2f}× | "
+                  f"{row['passes_over_floor']:.2f}× | {'lanes' if row['whole_step_chosen'] else 'passes'} |" for row in forms]
     lines += ["", f"Plot: `{report['plot']}`."]
     return "\n".join(lines) + "\n"
 
@@ -322,10 +353,11 @@ def main() -> int:
     parser.add_argument("--reference-max-pair-elements", type=float, default=2**28,
                         help="check against the float64 loop only where K·K·B·C is at most this (it costs two timed loops)")
     parser.add_argument("--shards", type=int, nargs="+", default=[2, 4], help="coordinator shard counts S to time B/S rows for")
+    parser.add_argument("--forms", action="store_true", help="also time each compiled form (lanes, passes around bmm) on every cell")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown and the plot from the JSON of an earlier run")
     args = parser.parse_args()
-    tag = "_quick" if args.quick else ""
+    tag = ("_quick" if args.quick else "") + ("_forms" if args.forms else "")
     if args.render_only:
         report = json.loads((args.out / f"coordinator_cost{tag}.json").read_text())
         write_report(report, args.out, tag)
