@@ -28,6 +28,7 @@ def _load() -> ModuleType | None:
 
 
 _PASSES = _load()
+F32 = torch.float32
 
 
 def available() -> bool:
@@ -75,7 +76,7 @@ def factors(block: Tensor, alpha: float, temperature: float, into: Tensor, shift
     row shifts into ``shifts`` (rows×2K); as :func:`rdml_dist.divergence._factors`."""
     rows, k, classes = block.shape
     block = block.contiguous()
-    _check_buffers(rows, block, into, shifts)
+    _check_buffers((block, F32, rows * k * classes), (into, F32, rows * 2 * k * classes), (shifts, F32, rows * 2 * k))
     _PASSES.factors(  # type: ignore[union-attr]
         block.data_ptr(), rows, k, classes, *_factor_weights(alpha, temperature), into.data_ptr(), shifts.data_ptr()
     )
@@ -96,8 +97,10 @@ def weights(
     how many there are.
     """
     rows, k, _ = overlap.shape
-    _check_buffers(rows, overlap, shifts, *(() if target_weights is None else (target_weights,)), loss_sums=loss_sums,
-                   untrusted=untrusted)
+    _check_buffers(
+        (overlap, F32, rows * k * k), (shifts, F32, rows * 2 * k), (target_weights, F32, rows * k * k),
+        (loss_sums, torch.float64, k), (untrusted, torch.uint8, rows),
+    )
     return _PASSES.weights(  # type: ignore[union-attr]
         overlap.data_ptr(), rows, k, shifts.data_ptr(), alpha, scale, trusted_floor,
         0 if target_weights is None else target_weights.data_ptr(), loss_sums.data_ptr(), untrusted.data_ptr(),
@@ -113,7 +116,11 @@ def step(
     if no sample is flagged, also the batch-mean losses (K float32)."""
     rows, k, classes = by_sample.shape
     by_sample = by_sample.contiguous()
-    _check_buffers(rows, by_sample, grads, losses, *(() if targets is None else (targets,)), loss_sums=loss_sums, untrusted=untrusted)
+    size = rows * k * classes
+    _check_buffers(
+        (by_sample, F32, size), (grads, F32, size), (targets, F32, size), (losses, F32, k),
+        (loss_sums, torch.float64, k), (untrusted, torch.uint8, rows),
+    )
     return _PASSES.step(  # type: ignore[union-attr]
         by_sample.data_ptr(), rows, k, classes, *_factor_weights(alpha, temperature), alpha, scale, trusted_floor,
         grads.data_ptr(), 0 if targets is None else targets.data_ptr(), loss_sums.data_ptr(), untrusted.data_ptr(),
@@ -121,14 +128,17 @@ def step(
     )
 
 
-def _check_buffers(rows: int, *float32: Tensor, loss_sums: Tensor | None = None, untrusted: Tensor | None = None) -> None:
-    """The compiled loops index dense CPU buffers of fixed dtypes by address: anything else would be
-    read wrongly, not slowly, so it is refused here."""
-    for tensor, dtype in (*((tensor, torch.float32) for tensor in float32), (loss_sums, torch.float64), (untrusted, torch.uint8)):
-        if tensor is not None and (tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous()):
+def _check_buffers(*buffers: tuple[Tensor | None, torch.dtype, int]) -> None:
+    """The compiled loops index dense CPU buffers of fixed dtypes and sizes by address: anything else
+    would be read or written wrongly, not slowly, so it is refused here. Each buffer comes with its
+    dtype and the number of elements the loops use (None: not given)."""
+    for tensor, dtype, needed in buffers:
+        if tensor is None:
+            continue
+        if tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
             raise ValueError(
                 f"the compiled Rényi passes need contiguous {dtype} CPU buffers, got {tensor.dtype} on {tensor.device} "
                 f"with strides {tensor.stride()}"
             )
-    if untrusted is not None and untrusted.numel() < rows:
-        raise ValueError(f"the compiled Rényi passes need a flag for each of {rows} samples, got {untrusted.numel()}")
+        if tensor.numel() < needed:
+            raise ValueError(f"the compiled Rényi passes need {needed} elements in a {dtype} buffer, got {tensor.numel()}")

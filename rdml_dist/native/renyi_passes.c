@@ -217,8 +217,9 @@ INLINE int sample_weights(float *z, int k, const float *shifts, WeightTerms term
 #define LANE(array, index) ((array) + (long)(index) * LANES)
 
 /* The matrix products' sums as vector values (GCC's vector extension: one register where the CPU
- * has 16 floats, split in two or four where it has fewer), so that they stay in registers. */
-typedef float Lanes __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float))));
+ * has 16 floats, split in two or four where it has fewer), so that they stay in registers; may_alias:
+ * they load and store the float arrays themselves. */
+typedef float Lanes __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float)), may_alias));
 #define load_lanes(from) (*(const Lanes *)(from))
 #define store_lanes(to, value) (*(Lanes *)(to) = (value))
 

@@ -162,11 +162,18 @@ def test_the_coordinators_workspace_gives_each_step_its_own_result() -> None:
 
 
 @needs_passes
-def test_a_strided_buffer_is_refused_by_name() -> None:
+def test_a_strided_short_or_wrongly_typed_buffer_is_refused_by_name() -> None:
+    """The loops would read or write such buffers wrongly, past their end even: they never get them."""
     block = torch.randn(4, 3, 8)
-    into = torch.empty(4, 2, 3, 16)[..., :8]
     with pytest.raises(ValueError, match="contiguous torch.float32 CPU buffers"):
-        native_passes.factors(block, 2.0, 1.0, into, torch.empty(4, 6))
+        native_passes.factors(block, 2.0, 1.0, torch.empty(4, 2, 3, 16)[..., :8], torch.empty(4, 6))
+    with pytest.raises(ValueError, match="need 24 elements in a torch.float32 buffer, got 23"):
+        native_passes.factors(block, 2.0, 1.0, torch.empty(4, 2, 3, 8), torch.empty(23))
+    flags, sums = torch.empty(4, dtype=torch.uint8), torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="need 96 elements"):
+        native_passes.step(block, 2.0, 1.0, 0.25, 1e-30, torch.empty(4, 3, 7), None, sums, flags, torch.empty(3))
+    with pytest.raises(ValueError, match="contiguous torch.float64 CPU buffers"):
+        native_passes.step(block, 2.0, 1.0, 0.25, 1e-30, torch.empty(4, 3, 8), None, sums.float(), flags, torch.empty(3))
 
 
 def test_the_switch_leaves_every_step_to_torch() -> None:
