@@ -1,5 +1,6 @@
 """Run ``rdml-dist`` as a real child process, the way a user does, with every Ray process on loopback."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -58,9 +59,17 @@ def run_cli(args: list[str], cwd: Path, timeout_s: float, **environment: str) ->
 
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on loopback that nothing listens on right now: held together while
+    they are chosen, since ports asked for one after another may come back the same."""
+    with contextlib.ExitStack() as held:
+        probes = [held.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
 
 
 def processes_mentioning(text: str) -> list[int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.cli_process import RDML_DIST, child_environment, free_port, processes_mentioning, run_cli, write_config
+from tests.integration.cli_process import RDML_DIST, child_environment, free_ports, processes_mentioning, run_cli, write_config
 from tests.integration.conftest import wait_until
 
 TIMING_COLUMNS = {"wait_seconds", "coordinator_seconds", "compute_seconds", "round_trip_seconds"}
@@ -112,12 +112,12 @@ def _ray(*args: str, timeout_s: float = 180, **environment: str) -> subprocess.C
 @contextlib.contextmanager
 def head_with_jobs(cpus: int) -> Iterator[str]:
     """A real ``ray start --head`` on loopback with its job server; yields the job API address."""
-    port, dashboard = free_port(), free_port()
+    port, dashboard, client, agent = free_ports(4)
     started = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={cpus}",
                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                   f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
+                   f"--ray-client-server-port={client}", "--disable-usage-stats",
                    # the job agent's own port: its default (52365) may still be held by another Ray's agent shutting down
-                   f"--dashboard-agent-listen-port={free_port()}")
+                   f"--dashboard-agent-listen-port={agent}")
     assert started.returncode == 0, started.stderr
     try:
         yield f"http://127.0.0.1:{dashboard}"
