@@ -9,7 +9,8 @@ import sys
 from setuptools import Extension, setup
 
 # -O3 and OpenMP's simd pragmas (no OpenMP runtime) vectorise the loops; no -ffast-math: the passes
-# must keep IEEE semantics (NaN checks, no reassociation beyond the pragmas' reductions).
+# must keep IEEE semantics (NaN checks, no reassociation beyond the pragmas' reductions); no fused
+# multiply-adds (-ffp-contract=off), so that the clones for every vector width round alike.
 UNIX_FLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-std=gnu11"]
 
 setup(

@@ -1,11 +1,11 @@
-"""The Rényi step's element-wise passes as one compiled call each, where the extension was built.
+"""The Rényi step compiled (``rdml_dist/native/renyi_passes.c``), where ``pip install`` built it.
 
-Between its two ``bmm`` the factored step (:mod:`rdml_dist.divergence`) makes about fifteen torch
-calls of a few microseconds each, and passes over its K×B×C factors that one loop does at once; at
-small batches and class counts those calls cost more than the arithmetic. The extension
-(``rdml_dist/native/renyi_passes.c``, built by ``pip install`` where a C compiler exists) does them
-in two calls per block of samples. Without it, or with ``RDML_DIST_NATIVE=0``, the step runs in
-torch alone; both agree to float32 rounding.
+A step in torch alone makes about twenty torch calls of a few microseconds each, and passes over
+its K×B×C factors that one loop does at once; at small batches and class counts those calls cost
+more than the arithmetic. The extension does the whole step in one call for small samples (16 of
+them side by side in the vector lanes), and for larger ones the element-wise passes on either side
+of torch's first ``bmm`` in one call each per block of samples. Without it, or with
+``RDML_DIST_NATIVE=0``, the step runs in torch alone; both agree to float32 rounding.
 """
 
 import contextlib
@@ -28,7 +28,7 @@ def _load() -> ModuleType | None:
 
 
 _PASSES = _load()
-F32 = torch.float32
+_F32 = torch.float32
 
 
 def available() -> bool:
@@ -76,7 +76,7 @@ def factors(block: Tensor, alpha: float, temperature: float, into: Tensor, shift
     row shifts into ``shifts`` (rows×2K); as :func:`rdml_dist.divergence._factors`."""
     rows, k, classes = block.shape
     block = block.contiguous()
-    _check_buffers((block, F32, rows * k * classes), (into, F32, rows * 2 * k * classes), (shifts, F32, rows * 2 * k))
+    _check_buffers((block, _F32, rows * k * classes), (into, _F32, rows * 2 * k * classes), (shifts, _F32, rows * 2 * k))
     _PASSES.factors(  # type: ignore[union-attr]
         block.data_ptr(), rows, k, classes, *_factor_weights(alpha, temperature), into.data_ptr(), shifts.data_ptr()
     )
@@ -98,7 +98,7 @@ def weights(
     """
     rows, k, _ = overlap.shape
     _check_buffers(
-        (overlap, F32, rows * k * k), (shifts, F32, rows * 2 * k), (target_weights, F32, rows * k * k),
+        (overlap, _F32, rows * k * k), (shifts, _F32, rows * 2 * k), (target_weights, _F32, rows * k * k),
         (loss_sums, torch.float64, k), (untrusted, torch.uint8, rows),
     )
     return _PASSES.weights(  # type: ignore[union-attr]
@@ -118,7 +118,7 @@ def step(
     by_sample = by_sample.contiguous()
     size = rows * k * classes
     _check_buffers(
-        (by_sample, F32, size), (grads, F32, size), (targets, F32, size), (losses, F32, k),
+        (by_sample, _F32, size), (grads, _F32, size), (targets, _F32, size), (losses, _F32, k),
         (loss_sums, torch.float64, k), (untrusted, torch.uint8, rows),
     )
     return _PASSES.step(  # type: ignore[union-attr]
