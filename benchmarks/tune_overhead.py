@@ -66,8 +66,7 @@ def time_train(raw: dict[str, Any], directory: Path) -> dict[str, float]:
     """``train_cohort``'s own path (TensorBoard and plots observers, then the engine), plus a clock observer."""
     clock = EpochClock()
     started = time.perf_counter()
-    session = new_session(parse_config(raw), directory)
-    with standard_observers(session) as observers:
+    with new_session(parse_config(raw), directory) as session, standard_observers(session) as observers:
         run_session(session, show_progress=False, observers=[*observers, clock])
     return split(time.perf_counter() - started, clock.at[-1] - clock.at[0])
 

@@ -5,6 +5,7 @@ data code, and ``--help`` loads nothing beyond this module.
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -35,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run in the run directory (without it an unfinished run of this config is "
                             "continued, and a finished one is kept: this run goes to a numbered sibling)")
+    train.add_argument("--if-running", choices=["new", "wait"],
+                       help="when another live driver writes this config's run: `new` trains a numbered sibling "
+                            "(the default), `wait` waits up to runtime.lease.wait_s for it, then continues the run "
+                            "(the default inside a Ray job, whose retry must continue its run)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs and CI)")
     student = commands.add_parser("student", help="run one external student (students[].external) outside Ray, over gRPC")
     student.add_argument("config", help="the cohort's experiment YAML file")
@@ -112,14 +117,21 @@ def _train_new(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config, _engine_overrides(args))
-        plan = plan_run(config, overwrite=args.overwrite)  # a retried job continues its run
+        plan = plan_run(config, overwrite=args.overwrite, wait=_waits_for_a_live_run(args))  # a retried job continues its run
         print(f"rdml-dist: {plan.says}", flush=True)
         show_progress = not args.no_progress
-        run = (resume_cohort(plan.location, config.runtime.ray.address, show_progress) if plan.resume
-               else train_cohort(config, plan.location, show_progress, overwrite=args.overwrite))
+        run = (resume_cohort(plan.location, config.runtime.ray.address, show_progress, lease=plan.lease) if plan.resume
+               else train_cohort(config, plan.location, show_progress, overwrite=args.overwrite, lease=plan.lease))
     except ConfigError as error:
         return _config_problems(error)
     return _report(run)
+
+
+def _waits_for_a_live_run(args: argparse.Namespace) -> bool:
+    """``--if-running``; unset, a driver started as a Ray job waits (its retry must continue the run, not fork it)."""
+    from rdml_dist.config.schema import RAY_JOB_ENVIRONMENT
+
+    return args.if_running == "wait" if args.if_running else bool(os.environ.get(RAY_JOB_ENVIRONMENT))
 
 
 def _engine_overrides(args: argparse.Namespace) -> list[str]:
@@ -136,9 +148,9 @@ def _engine_overrides(args: argparse.Namespace) -> list[str]:
 def _resume(args: argparse.Namespace) -> int:
     from rdml_dist.engines import resume_cohort
 
-    if args.config or args.overrides or args.engine or args.run_dir or args.overwrite:
-        print("rdml-dist: --resume continues a run with the config it started with; "
-              "drop CONFIG, --set, --engine, --run-dir and --overwrite", file=sys.stderr)
+    if args.config or args.overrides or args.engine or args.run_dir or args.overwrite or args.if_running:
+        print("rdml-dist: --resume continues a run with the config it started with (waiting for a live driver of it); "
+              "drop CONFIG, --set, --engine, --run-dir, --overwrite and --if-running", file=sys.stderr)
         return 2
     try:
         return _report(resume_cohort(args.resume, args.address, show_progress=not args.no_progress))

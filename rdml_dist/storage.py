@@ -73,6 +73,11 @@ class Storage:
         self.url = url
         protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
         self.is_local = bool(protocols & LOCAL_PROTOCOLS)
+        self.fence: Callable[[], None] | None = None  # called before every write or delete (a run's lease check)
+
+    def _before_writing(self) -> None:
+        if self.fence is not None:
+            self.fence()
 
     def path(self, relative: str) -> str:
         """The full path (or object key) of a file in the run directory."""
@@ -86,6 +91,7 @@ class Storage:
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         """Replace ``relative`` with ``data`` all at once: a reader sees the old file or the new one, never a part."""
+        self._before_writing()
         if self.is_local:
             atomic_write(Path(self.path(relative)), lambda handle: handle.write(data))
         else:
@@ -95,6 +101,7 @@ class Storage:
         """Like :meth:`write_bytes` for data too large to hold at once: the whole is written under a temporary
         name and moved into place when complete (fsspec commits an upload on close even after an error, so
         writing the final name directly could leave a truncated object)."""
+        self._before_writing()
         if self.is_local:
             atomic_write(Path(self.path(relative)), lambda handle: handle.writelines(chunks))
             return
@@ -131,5 +138,6 @@ class Storage:
 
     def delete(self, relative: str) -> None:
         """Remove a file or a directory tree; a missing one is not an error."""
+        self._before_writing()
         if self.fs.exists(self.path(relative)):
             self.fs.rm(self.path(relative), recursive=True)

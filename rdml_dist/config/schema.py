@@ -325,6 +325,24 @@ class FaultConfig(_Strict):
     )
 
 
+class LeaseConfig(_Strict):
+    """The driver's lease on its run directory: one writer per run.
+
+    A plain ``rdml-dist train`` that finds its run's lease live trains a numbered sibling instead;
+    a retried job (``--if-running wait``, the default inside a Ray job) waits up to ``wait_s`` for
+    the earlier driver to finish or its lease to lapse, then continues the run.
+    """
+
+    ttl_s: float = Field(
+        30.0, ge=2.0, le=3600.0,
+        description="the lease lapses this long after its holder's last renewal (renewed every third of it)",
+    )
+    wait_s: float = Field(
+        300.0, ge=0.0,
+        description="how long a driver told to wait (`--if-running wait`, `--resume`) waits for a live lease",
+    )
+
+
 class ExchangeConfig(_Strict):
     """How a Ray student's step reaches the coordinator, and what its frames carry.
 
@@ -392,6 +410,7 @@ class RuntimeConfig(_Strict):
         description="when cohort checkpoints are written and how many are kept",
     )
     fault: FaultConfig = Field(default_factory=FaultConfig, description="what a failure costs")
+    lease: LeaseConfig = Field(default_factory=LeaseConfig, description="the driver's lease on its run directory")
 
 
 class MonitoringConfig(_Strict):

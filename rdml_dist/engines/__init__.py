@@ -9,29 +9,33 @@ from rdml_dist.engines.loop import RunObserver
 from rdml_dist.engines.loopback import keep_local_ray_on_loopback
 from rdml_dist.engines.session import RunSession, new_session, resume_session
 from rdml_dist.run_directory import RunDirectory
+from rdml_dist.run_lease import RunLease
 
 
 def train_cohort(
-    config: ExperimentConfig, run_dir: str | Path | None = None, show_progress: bool = True, overwrite: bool = False
+    config: ExperimentConfig, run_dir: str | Path | None = None, show_progress: bool = True, overwrite: bool = False,
+    lease: RunLease | None = None,
 ) -> RunDirectory:
     """Train ``config``'s cohort with its ``runtime.engine``; returns the run directory (call ``finish()``).
 
     ``run_dir`` (a path or URI) defaults to ``runtime.run_dir``. The Ray engine joins
     ``runtime.ray.address`` or starts a local Ray on loopback (Ray is imported only when this engine is used).
     """
-    return _observed(new_session(config, run_dir, overwrite), show_progress)
+    return _observed(new_session(config, run_dir, overwrite, lease=lease), show_progress)
 
 
-def resume_cohort(location: str, address: str | None = None, show_progress: bool = True) -> RunDirectory:
-    """Continue a stopped, crashed or killed run from its latest complete cohort checkpoint."""
-    return _observed(resume_session(location, address), show_progress)
+def resume_cohort(
+    location: str, address: str | None = None, show_progress: bool = True, lease: RunLease | None = None
+) -> RunDirectory:
+    """Continue a stopped, crashed or killed run from its latest complete cohort checkpoint (waiting for a live driver of it)."""
+    return _observed(resume_session(location, address, lease), show_progress)
 
 
 def _observed(session: RunSession, show_progress: bool) -> RunDirectory:
     """Run ``session`` with its TensorBoard events and final plots (imported here: the writer is not light)."""
     from rdml_dist.engines.observers import standard_observers
 
-    with standard_observers(session) as observers:
+    with session, standard_observers(session) as observers:
         return run_session(session, show_progress, observers)
 
 

@@ -123,4 +123,5 @@ def run_local(session: RunSession, show_progress: bool = True, observers: Sequen
 
 def train_local(config: ExperimentConfig, run_dir: str | Path, show_progress: bool = True) -> RunDirectory:
     """Train ``config``'s cohort in this process, whatever its ``runtime.engine`` says (the reference trainer)."""
-    return run_local(new_session(config, run_dir, engine="local"), show_progress)
+    with new_session(config, run_dir, engine="local") as session:
+        return run_local(session, show_progress)

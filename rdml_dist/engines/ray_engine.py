@@ -68,4 +68,5 @@ def run_ray(
 
 def train_ray(config: ExperimentConfig, run_dir: str | Path, show_progress: bool = True) -> RunDirectory:
     """Train ``config``'s cohort as Ray actors, whatever its ``runtime.engine`` says."""
-    return run_ray(new_session(config, run_dir, engine="ray"), show_progress)
+    with new_session(config, run_dir, engine="ray") as session:
+        return run_ray(session, show_progress)

@@ -1,9 +1,12 @@
 """Open a run for an engine: a fresh one in an empty run directory, or ``--resume`` of an earlier one.
 
 Both paths end in the same :class:`RunSession`, which the engines hand to the one epoch loop;
-a resumed run differs only in the checkpoint manifest it starts from. :func:`open_run` is what
+a resumed run differs only in the checkpoint manifest it starts from. :func:`plan_run` is what
 ``rdml-dist train CONFIG`` does, so that a retried job (KubeRay's ``backoffLimit``, a resubmitted
 entrypoint) continues its run instead of failing or starting over.
+
+Every session holds the run's lease (:mod:`rdml_dist.run_lease`) from the moment it is opened
+until it is closed, and its storage checks the lease before every write: a run has one writer.
 """
 
 import json
@@ -16,7 +19,9 @@ import yaml
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig, check_resources, parse_config
 from rdml_dist.errors import ConfigError
+from rdml_dist.logs import logger
 from rdml_dist.run_directory import CONFIG_FILE, RESULTS_JSON, RunDirectory
+from rdml_dist.run_lease import LeaseHeld, LeaseRecord, RunLease, newest_lease
 from rdml_dist.storage import Storage
 
 
@@ -29,31 +34,72 @@ class RunSession:
     run: RunDirectory
     checkpoints: CheckpointStore
     start: dict[str, Any] | None  # the manifest to continue from; None for a fresh run
+    lease: RunLease  # held until close(); the storage checks it before every write
+
+    def close(self) -> None:
+        """Release the run's lease (the run's files are complete: nothing is written after this)."""
+        self.storage.fence = None
+        self.lease.release()
+
+    def __enter__(self) -> "RunSession":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def take_lease(storage: Storage, config: ExperimentConfig, field: str, wait: bool = False) -> RunLease:
+    """The run's lease, waiting (when ``wait``) up to ``runtime.lease.wait_s`` for a live holder; a clear error if held."""
+    settings = config.runtime.lease
+
+    def say_waiting(holder: LeaseRecord) -> None:
+        logger.info(f"{storage.describe()} is being written by another driver ({holder.describe()}); "
+                    f"waiting up to {settings.wait_s:.0f} s for it to finish or its lease to lapse")
+
+    try:
+        return RunLease.acquire(storage, settings.ttl_s, settings.wait_s if wait else 0.0, on_wait=say_waiting)
+    except LeaseHeld as held:
+        waited = f" after waiting {settings.wait_s:.0f} s" if wait else ""
+        raise ConfigError(field, f"{held}{waited}; it is left untouched") from None
+
+
+def _open(config: ExperimentConfig, storage: Storage, lease: RunLease, engine: str,
+          start: dict[str, Any] | None) -> RunSession:
+    storage.fence = lease.check
+    run = RunDirectory(storage, config, engine=engine, resume_from=start)
+    return RunSession(config, storage, run, CheckpointStore(storage), start, lease)
 
 
 def new_session(
-    config: ExperimentConfig, run_dir: str | Path | None = None, overwrite: bool = False, engine: str | None = None
+    config: ExperimentConfig, run_dir: str | Path | None = None, overwrite: bool = False, engine: str | None = None,
+    lease: RunLease | None = None,
 ) -> RunSession:
     """A fresh run in ``run_dir`` (default: ``runtime.run_dir``), refusing to replace an earlier run unless told to.
 
-    Nothing is written or deleted yet: the loop starts the run's files once the cohort is up
-    (:meth:`RunDirectory.write_config`), so a cluster that cannot be reached leaves the directory,
-    and a run that ``overwrite`` would replace, as they were.
+    The session takes the run's lease (or adopts ``lease``, taken by :func:`plan_run`); a run
+    another live driver writes is refused, ``overwrite`` or not. Nothing is written or deleted
+    yet: the loop starts the run's files once the cohort is up (:meth:`RunDirectory.write_config`),
+    so a cluster that cannot be reached leaves the directory, and a run that ``overwrite`` would
+    replace, as they were.
     """
     storage = Storage(str(run_dir) if run_dir is not None else config.resolved_run_dir(), field="runtime.run_dir")
-    checkpoints = CheckpointStore(storage)
-    if checkpoints.complete_steps() and not overwrite:
+    lease = lease or take_lease(storage, config, "runtime.run_dir")
+    if CheckpointStore(storage).complete_steps() and not overwrite:
+        lease.release()
         raise ConfigError(
             "runtime.run_dir",
             f"{storage.describe()} already holds a run; continue it with `rdml-dist train --resume "
             f"{storage.describe()}`, choose another --run-dir, or pass --overwrite to replace it",
         )
-    run = RunDirectory(storage, config, engine=engine or config.runtime.engine)
-    return RunSession(config, storage, run, checkpoints, start=None)
+    return _open(config, storage, lease, engine or config.runtime.engine, start=None)
 
 
-def resume_session(location: str, address: str | None = None) -> RunSession:
-    """Continue the run at ``location`` from its latest complete checkpoint, with the config it started with."""
+def resume_session(location: str, address: str | None = None, lease: RunLease | None = None) -> RunSession:
+    """Continue the run at ``location`` from its latest complete checkpoint, with the config it started with.
+
+    A live driver of that run is waited for (``runtime.lease.wait_s`` of its saved config) unless
+    ``lease`` was already taken by :func:`plan_run`.
+    """
     storage = Storage(location, field="--resume")
     if not storage.exists(CONFIG_FILE):
         raise ConfigError("--resume", f"{storage.describe()} holds no run ({CONFIG_FILE} is missing)")
@@ -63,63 +109,103 @@ def resume_session(location: str, address: str | None = None) -> RunSession:
         raw["runtime"]["ray"]["address"] = address
     config = parse_config(raw)
     check_resources(config)
-    checkpoints = CheckpointStore(storage)
-    start = checkpoints.latest()
+    lease = lease or take_lease(storage, config, "--resume", wait=True)
+    start = CheckpointStore(storage).latest()  # read under the lease: the last driver's final word
     if start is None:
+        lease.release()
         raise ConfigError("--resume", f"{storage.describe()} has no complete checkpoint to continue from")
-    run = RunDirectory(storage, config, engine=config.runtime.engine, resume_from=start)
-    return RunSession(config, storage, run, checkpoints, start)
+    try:
+        return _open(config, storage, lease, config.runtime.engine, start)
+    except BaseException:
+        lease.release()
+        raise
 
 
 # Where and how to reach the cluster, not what is trained: a retried job may differ in these.
-RUNTIME_ADDRESS_FIELDS = ("runtime.ray.address", "runtime.run_dir", "runtime.storage")
+RUNTIME_ADDRESS_FIELDS = ("runtime.ray.address", "runtime.run_dir", "runtime.storage", "runtime.lease")
 MAX_NUMBERED_RUNS = 1000
 
 
 @dataclass
 class RunPlan:
-    """Where ``rdml-dist train CONFIG`` trains, whether it continues the run there, and the line that says so."""
+    """Where ``rdml-dist train CONFIG`` trains, whether it continues the run there, the line that says so, and its lease."""
 
     location: str
     resume: bool
     says: str
+    lease: RunLease
 
 
-def plan_run(config: ExperimentConfig, overwrite: bool = False) -> RunPlan:
+def plan_run(config: ExperimentConfig, overwrite: bool = False, wait: bool = False) -> RunPlan:
     """Where ``rdml-dist train CONFIG`` trains: its ``runtime.run_dir``, continued if it holds this config's unfinished run.
 
     - empty (or a run that never completed its first checkpoint): a new run there;
     - an unfinished run whose saved config equals ``config`` (runtime addresses aside): it is resumed;
     - an unfinished run of another config: refused, naming the fields that differ;
     - a finished run: never overwritten (unless ``overwrite``); the run goes to the first numbered
-      sibling (``digits-renyi-2``, ``-3``, ...) that is free or holds this config's unfinished run.
+      sibling (``digits-renyi-2``, ``-3``, ...) that is free or holds this config's unfinished run;
+    - a run another live driver writes (its lease): a plain train goes on to the next sibling and
+      says why; with ``wait`` (a retried job) it waits for that driver's lease, then decides again.
+
+    The returned plan holds the chosen directory's lease, so no other driver can take it between
+    this decision and the training.
     """
     location = config.resolved_run_dir()
     if overwrite:
-        replacing = f"a new run at {Storage(location).describe()} (replacing any run there once the cohort is up)"
-        return RunPlan(location, resume=False, says=replacing)
+        storage = Storage(location, field="runtime.run_dir")
+        replacing = f"a new run at {storage.describe()} (replacing any run there once the cohort is up)"
+        return RunPlan(location, resume=False, says=replacing, lease=take_lease(storage, config, "runtime.run_dir"))
+    busy: list[str] = []
     for number in range(1, MAX_NUMBERED_RUNS + 1):
         candidate = location if number == 1 else f"{location.rstrip('/')}-{number}"
         storage = Storage(candidate, field="runtime.run_dir")
-        saved = _saved_config(storage)
-        manifest = None if saved is None else CheckpointStore(storage).latest()
-        if saved is not None and _finished(storage, saved, manifest):
+        holder = newest_lease(storage)
+        if _finished_run(storage) and (holder is None or not holder.live()):
             continue
-        if manifest is None:  # nothing here, or a run that never completed its first checkpoint
-            finished = "" if number == 1 else f" (the run at {location}{'' if number == 2 else f' to -{number - 1}'} finished)"
-            return RunPlan(candidate, resume=False, says=f"a new run at {storage.describe()}{finished}")
-        differences = config_differences(saved, config)
-        if differences:
-            raise ConfigError(
-                "runtime.run_dir",
-                f"{storage.describe()} holds an unfinished run of another config ({', '.join(differences)} differ); "
-                f"continue it with `rdml-dist train --resume {storage.describe()}`, choose another --run-dir, "
-                "or pass --overwrite to replace it",
-            )
-        return RunPlan(candidate, resume=True, says=(
-            f"resuming the unfinished run at {storage.describe()} from its checkpoint at step {manifest['step']} "
-            f"({manifest['epochs_done']} of {config.training.epochs} epochs done; its saved config is this one)"))
-    raise ConfigError("runtime.run_dir", f"{location} and {MAX_NUMBERED_RUNS - 1} numbered siblings all hold finished runs")
+        if holder is not None and holder.live() and not wait:
+            busy.append(f"{storage.describe()} is being written by another driver ({holder.describe()})")
+            continue
+        lease = take_lease(storage, config, "runtime.run_dir", wait=wait)
+        try:
+            plan = _plan_under_lease(config, candidate, storage, lease, number, location, busy)
+        except BaseException:
+            lease.release()
+            raise
+        if plan is not None:
+            return plan
+        lease.release()
+    raise ConfigError("runtime.run_dir", f"{location} and {MAX_NUMBERED_RUNS - 1} numbered siblings all hold finished "
+                                         "or running runs")
+
+
+def _plan_under_lease(config: ExperimentConfig, candidate: str, storage: Storage, lease: RunLease, number: int, location: str,
+                      busy: list[str]) -> RunPlan | None:
+    """What to do with a directory whose lease this driver holds: None when its run has finished."""
+    saved = _saved_config(storage)
+    manifest = None if saved is None else CheckpointStore(storage).latest()
+    if saved is not None and _finished(storage, saved, manifest):
+        return None
+    if manifest is None:  # nothing here, or a run that never completed its first checkpoint
+        why = "; ".join(busy) if busy else (
+            "" if number == 1 else f"the run at {location}{'' if number == 2 else f' to -{number - 1}'} finished")
+        return RunPlan(candidate, resume=False, says=f"a new run at {storage.describe()}{f' ({why})' if why else ''}",
+                       lease=lease)
+    differences = config_differences(saved, config)
+    if differences:
+        raise ConfigError(
+            "runtime.run_dir",
+            f"{storage.describe()} holds an unfinished run of another config ({', '.join(differences)} differ); "
+            f"continue it with `rdml-dist train --resume {storage.describe()}`, choose another --run-dir, "
+            "or pass --overwrite to replace it",
+        )
+    return RunPlan(candidate, resume=True, lease=lease, says=(
+        f"resuming the unfinished run at {storage.describe()} from its checkpoint at step {manifest['step']} "
+        f"({manifest['epochs_done']} of {config.training.epochs} epochs done; its saved config is this one)"))
+
+
+def _finished_run(storage: Storage) -> bool:
+    saved = _saved_config(storage)
+    return saved is not None and _finished(storage, saved, CheckpointStore(storage).latest())
 
 
 def config_differences(saved: dict[str, Any], config: ExperimentConfig) -> list[str]:

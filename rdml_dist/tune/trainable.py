@@ -151,5 +151,5 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     else:
         session = new_session(config, location, overwrite=True, engine="ray")
     placement = GivenPlacement(ray.util.get_current_placement_group(), COHORT_FIRST_BUNDLE)
-    with standard_observers(session) as observers:  # the trial's own TensorBoard events and plots, as any run
+    with session, standard_observers(session) as observers:  # the trial's own TensorBoard events and plots, as any run
         run_ray(session, show_progress=False, observers=[*observers, TuneReporter(location)], placement=placement)

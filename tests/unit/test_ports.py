@@ -113,7 +113,8 @@ def test_a_local_run_lists_its_metrics_in_file_sd_while_it_runs(tmp_path: Path) 
         "monitoring": {"port": 0, "file_sd": str(targets)},
     })
     probe = FileSdProbe(targets)
-    run_session(new_session(config, tmp_path / "run"), show_progress=False, observers=[probe])
+    with new_session(config, tmp_path / "run") as session:
+        run_session(session, show_progress=False, observers=[probe])
     (during,) = probe.seen
     assert {entry["labels"]["run"] for entry in during} == {"another-run", "local-sd"}
     assert json.loads(targets.read_text()) == [{"targets": ["127.0.0.1:1"], "labels": {"run": "another-run"}}]

@@ -14,7 +14,8 @@ import yaml
 from rdml_dist.checkpoints import CheckpointStore, checkpoint_directory
 from rdml_dist.cli import main
 from rdml_dist.config import ExperimentConfig, parse_config
-from rdml_dist.engines.session import config_differences, plan_run
+from rdml_dist.engines.session import RunPlan, config_differences
+from rdml_dist.engines.session import plan_run as plan_and_hold
 from rdml_dist.errors import ConfigError
 from rdml_dist.run_directory import RunDirectory
 from rdml_dist.storage import Storage
@@ -25,6 +26,13 @@ TIMINGS = {"seconds", "compute_seconds", "round_trip_seconds", "wait_seconds", "
 def experiment(run_dir: Path, **training: object) -> ExperimentConfig:
     return parse_config({"name": "reuse", "students": [{"model": "mlp", "name": "a"}, {"model": "mlp", "name": "b"}],
                          "training": {"epochs": 2, **training}, "runtime": {"engine": "local", "run_dir": str(run_dir)}})
+
+
+def plan_run(config: ExperimentConfig, overwrite: bool = False) -> RunPlan:
+    """The plan of a driver that then goes away: its lease released, as a finished driver leaves it."""
+    plan = plan_and_hold(config, overwrite=overwrite)
+    plan.lease.release()
+    return plan
 
 
 def saved_run(config: ExperimentConfig, epochs_done: int, location: str | None = None) -> Storage:
