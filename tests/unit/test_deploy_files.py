@@ -19,14 +19,18 @@ DEPLOY = REPOSITORY / "deploy"
 IMAGE = "rdml-dist:latest"
 
 
+TOKENS = {"RAY_AUTH_TOKEN": "test-token", "RDML_RPC_TOKEN": "rpc-test-token"}
+
+
+def compose_config(**environment: str) -> subprocess.CompletedProcess[str]:
+    assert shutil.which("docker-compose"), "docker-compose is missing: .ci/run installs the Debian package"
+    return subprocess.run(["docker-compose", "-f", str(REPOSITORY / "docker-compose.yml"), "config"], capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin", **environment}, cwd=REPOSITORY)
+
+
 def compose() -> dict:
     """The compose file as docker-compose itself resolves it."""
-    assert shutil.which("docker-compose"), "docker-compose is missing: .ci/run installs the Debian package"
-    result = subprocess.run(
-        ["docker-compose", "-f", str(REPOSITORY / "docker-compose.yml"), "config"],
-        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "RAY_AUTH_TOKEN": "test-token"},
-        cwd=REPOSITORY,
-    )
+    result = compose_config(**TOKENS)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -46,15 +50,50 @@ def test_compose_validates_and_every_service_runs_the_one_image() -> None:
     assert services["ray-head"]["build"]["dockerfile"] == "deploy/docker/Dockerfile"
     assert "ray job submit --address http://ray-head:8265" in command_line(services["trainer"])
     assert "ports" not in services["ray-worker"]  # workers scale with --scale: no fixed host port
-    # The cohort service listens beyond loopback only with a token (rdml-dist refuses otherwise).
-    assert "--set rpc.host=0.0.0.0" in command_line(services["trainer"])
-    assert services["ray-head"]["environment"]["RDML_RPC_TOKEN"] == "test-token"
+    # The Ray job's driver runs on the head: the cohort service's own token is there, and only there.
+    assert services["ray-head"]["environment"]["RDML_RPC_TOKEN"] == "rpc-test-token"
+    assert "RDML_RPC_TOKEN" not in services["ray-worker"]["environment"]
 
 
-def test_compose_refuses_to_start_ray_without_a_token() -> None:
-    result = subprocess.run(["docker-compose", "-f", str(REPOSITORY / "docker-compose.yml"), "config"],
-                            capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, cwd=REPOSITORY)
-    assert result.returncode != 0 and "set RAY_AUTH_TOKEN" in result.stderr
+@pytest.mark.parametrize("missing", sorted(TOKENS))
+def test_compose_refuses_to_start_without_each_token(missing: str) -> None:
+    result = compose_config(**{name: value for name, value in TOKENS.items() if name != missing})
+    assert result.returncode != 0 and f"set {missing}" in result.stderr
+
+
+def _kuberay_containers() -> list[dict]:
+    containers = []
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        manifest = yaml.safe_load((DEPLOY / "kuberay" / name).read_text())
+        cluster = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            containers.extend(group["template"]["spec"]["containers"])
+    return containers
+
+
+def _entrypoints() -> list[str]:
+    return [command_line(compose()["services"]["trainer"]),
+            yaml.safe_load((DEPLOY / "kuberay" / "rayjob.yaml").read_text())["spec"]["entrypoint"]]
+
+
+def test_no_deploy_file_hands_rays_token_to_the_cohort_service() -> None:
+    assert "RAY_AUTH_TOKEN" not in str(compose()["services"]["ray-head"]["environment"]["RDML_RPC_TOKEN"])
+    secrets = 0
+    for container in _kuberay_containers():
+        sources = {entry["name"]: entry.get("valueFrom", {}).get("secretKeyRef", {}).get("name") for entry in container["env"]}
+        if "RDML_RPC_TOKEN" in sources:
+            assert sources["RDML_RPC_TOKEN"] != sources["RAY_AUTH_TOKEN"], container["name"]
+            secrets += 1
+    assert secrets == 2  # the head of the RayCluster and of the RayJob, where drivers run
+
+
+def test_no_deploy_file_serves_plaintext_beyond_loopback_or_replaces_a_run() -> None:
+    for entrypoint in _entrypoints():
+        assert "allow_plaintext" not in entrypoint, entrypoint
+        rpc_host = re.search(r"rpc\.host=(\S+)", entrypoint)
+        assert rpc_host is None or rpc_host.group(1).startswith("127.") or "rpc.tls_cert_file" in entrypoint, entrypoint
+        assert "--overwrite" not in entrypoint, entrypoint  # a retried or re-applied job continues its run
+        assert "--if-running wait" in entrypoint, entrypoint  # and waits for a driver that still writes it
 
 
 def test_every_scrape_target_is_a_compose_service_and_port() -> None:
