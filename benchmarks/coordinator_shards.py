@@ -47,6 +47,7 @@ from rdml_dist.config import parse_config  # noqa: E402
 from rdml_dist.data import batch_plan, indices_hash  # noqa: E402
 from rdml_dist.engines.ray_actors import CoordinatorActor  # noqa: E402
 from rdml_dist.messages import LogitsFrame, StudentInfo  # noqa: E402
+from rdml_dist.lane.handshake import student_key  # noqa: E402
 from rdml_dist.lane.client import ShardLanes  # noqa: E402
 from rdml_dist.shards import merge_records  # noqa: E402
 
@@ -74,7 +75,7 @@ class ShardedSender:
         self.lanes: dict[int, ShardLanes] = {}
 
     def connect(self, shards: int, addresses: list[str]) -> None:
-        self.lanes[shards] = ShardLanes(addresses, LANE_SECRET, self.name, 60.0, 1 << 28)
+        self.lanes[shards] = ShardLanes(addresses, student_key(LANE_SECRET, self.name), self.name, 60.0, 1 << 28)
 
     def run(self, shards: int, start: int, end: int) -> dict[str, Any]:
         """Steps ``[start, end)`` against the ``shards``-shard coordinator set."""

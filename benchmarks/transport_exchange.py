@@ -67,6 +67,7 @@ from rdml_dist.data import batch_plan, indices_hash  # noqa: E402
 from rdml_dist.divergence import mimicry_gradients  # noqa: E402
 from rdml_dist.engines.ray_actors import CoordinatorActor  # noqa: E402
 from rdml_dist.messages import LogitsFrame, MimicryReply, StudentInfo  # noqa: E402
+from rdml_dist.lane.handshake import student_key  # noqa: E402
 from rdml_dist.lane.client import FrameLaneClient  # noqa: E402
 from rdml_dist.rpc.client import CohortClient, ExchangeStream  # noqa: E402
 
@@ -218,7 +219,7 @@ class FrameSender:
 
     def connect_lane(self, address: str) -> None:
         """tcp: open the frame lane to the coordinator, as a Ray student actor does."""
-        self.lane = FrameLaneClient(address, LANE_SECRET, self.name, 60.0, 1 << 28)
+        self.lane = FrameLaneClient(address, student_key(LANE_SECRET, self.name), self.name, 60.0, 1 << 28)
 
     def run(self, start: int, end: int, coordinator: "ray.actor.ActorHandle | None", transport: str) -> dict[str, Any]:
         """Steps ``[start, end)``: send the frame, wait for the gradient, over ``transport``."""

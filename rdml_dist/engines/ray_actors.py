@@ -237,7 +237,7 @@ class StudentActor:
         """Train steps ``[start, end)`` in lock-step with the cohort; returns non-finite recoveries.
 
         ``coordinators``: every coordinator shard, the first holding the cohort's records. ``lane``
-        (their addresses, secret): exchange over their frame lanes; None: actor calls.
+        (their addresses, this student's own lane key): exchange over their frame lanes; None: actor calls.
         """
         self._refuse_if_not_restored()
         events = []
@@ -273,11 +273,11 @@ class StudentActor:
                 ask("refresh", frame)
 
             return (lambda frame: join_replies(ask("exchange", frame))), refresh
-        addresses, secret = lane
+        addresses, key = lane
         if self._lane is None or self._lane.addresses != addresses or self._lane.broken:
             if self._lane is not None:
                 self._lane.close()
-            self._lane = ShardLanes(addresses, secret, self.student.name, self.config.runtime.ray.exchange_timeout_s,
+            self._lane = ShardLanes(addresses, key, self.student.name, self.config.runtime.ray.exchange_timeout_s,
                                     self.config.rpc.max_message_mb << 20)
         return self._lane.exchange, self._lane.refresh
 

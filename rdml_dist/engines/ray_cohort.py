@@ -26,6 +26,7 @@ from rdml_dist.engines.loop import CohortRollback
 from rdml_dist.engines.placement import GivenPlacement, bundle_strategy
 from rdml_dist.engines.ray_actors import STORAGE_MARKER, CoordinatorActor, StudentActor
 from rdml_dist.errors import ClusterError, ConfigError, StudentRestarted
+from rdml_dist.lane.handshake import new_run_secret, student_key
 from rdml_dist.logs import logger
 from rdml_dist.messages import EpochEvaluation, StepRecord, StudentInfo
 from rdml_dist.metrics import FileSdEntry
@@ -86,8 +87,8 @@ class RayCohort:
         self.shards: list[ray.actor.ActorHandle] = []
         self.actors: dict[str, ray.actor.ActorHandle] = {}
         self.where: dict[str, dict[str, Any]] = {}
-        self._lane_secret = uuid.uuid4().hex  # reaches the students through Ray only: the lane's credential
-        self.lane: tuple[list[str], str] | None = None  # every shard's frame-lane address, and the secret
+        self._lane_secret = new_run_secret()  # the coordinator's only; each student gets its own key, through Ray
+        self.lane: list[str] | None = None  # every shard's frame-lane address
         self.latest_checkpoint: int | None = None  # the step a student restarted under ``continue`` restores
         self._events: list[dict[str, Any]] = []  # failures met while evaluating or checkpointing, for pop_events
         self._inflight: dict[ray.ObjectRef, str] = {}  # the students' calls under way, by student
@@ -146,11 +147,15 @@ class RayCohort:
         """Have the coordinator serve the gRPC cohort service (again, after a restart)."""
         return _get_with_user_errors(self.coordinator.serve_rpc.remote(self.token))
 
-    def _serve_lane(self) -> tuple[list[str], str] | None:
+    def _serve_lane(self) -> list[str] | None:
         """Have every coordinator shard open its frame lane (again, after a restart) when the students exchange over TCP."""
         if self.config.runtime.exchange.transport != "tcp":
             return None
-        return ray.get([shard.serve_lane.remote(self._lane_secret) for shard in self.shards]), self._lane_secret
+        return ray.get([shard.serve_lane.remote(self._lane_secret) for shard in self.shards])
+
+    def _lane_of(self, name: str) -> tuple[list[str], str] | None:
+        """What student ``name`` needs to exchange over the frame lanes: their addresses and its own key."""
+        return None if self.lane is None else (self.lane, student_key(self._lane_secret, name))
 
     def _wait_for_external_students(self) -> None:
         """Wait until every external student has joined the coordinator (a future the coordinator resolves),
@@ -200,7 +205,7 @@ class RayCohort:
                               student=student, node=self.where.get(who, {}).get("node_id"))
             self._events.append({**failure.event(), "action": "found replaced by a new process"})
             self.policy.decide(failure)
-        lanes = self.lane[0] if self.lane else [None] * len(self.shards)
+        lanes = self.lane if self.lane else [None] * len(self.shards)
         coordinator = {"node_id": states[0]["node_id"], "pid": states[0]["pid"], "metrics": self.metrics_address,
                        "rpc": self.rpc_address, "lane": lanes[0]}
         if len(self.shards) > 1:
@@ -317,7 +322,7 @@ class RayCohort:
         """Steps ``[start, end)``: the driver waits on the students' calls and on the coordinator's next step."""
         self.latest_checkpoint = restore_step
         calls = {
-            self.actors[name].run_steps.remote(start, end, self.shards, restore_step, self.lane): name
+            self.actors[name].run_steps.remote(start, end, self.shards, restore_step, self._lane_of(name)): name
             for name in self.live_members()
         }
         self._inflight = dict(calls)

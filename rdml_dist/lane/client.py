@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from rdml_dist.errors import CohortStepFailed, CoordinatorUnreachable, FrameRejected
 from rdml_dist.messages import HALTED, INVALID, TIMEOUT, UNAUTHENTICATED, LogitsFrame, MimicryReply
+from rdml_dist.lane.handshake import proof
 from rdml_dist.lane.wire import LaneProtocolError, frame_header, receive_message, reply_from, send_message
 from rdml_dist.shards import join_replies, split_frame
 
@@ -19,9 +20,9 @@ T = TypeVar("T")
 
 
 class FrameLaneClient:
-    """Connected to the coordinator at ``address`` as ``student``, authenticated by the run's ``secret``."""
+    """Connected to the coordinator at ``address`` as ``student``, proved by the student's own lane ``key``."""
 
-    def __init__(self, address: str, secret: str, student: str, timeout_s: float, max_payload_bytes: int) -> None:
+    def __init__(self, address: str, key: str, student: str, timeout_s: float, max_payload_bytes: int) -> None:
         self.address = address
         self.max_payload_bytes = max_payload_bytes
         self.broken = False  # after a broken connection the next chunk connects again
@@ -32,7 +33,11 @@ class FrameLaneClient:
             raise CoordinatorUnreachable(f"cannot open the frame lane to the coordinator at {address} ({error})") from None
         self._connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._connection.settimeout(timeout_s + CONNECT_TIMEOUT_S)  # the barrier times out first and says so
-        self._request({"secret": secret, "student": student})
+        challenge, _ = self._guarded(lambda: receive_message(self._connection, 0))
+        if not isinstance(challenge.get("challenge"), str):
+            self.close()
+            raise CoordinatorUnreachable(f"the frame lane at {address} did not open with a challenge")
+        self._request({"student": student, "proof": proof(key, challenge["challenge"], student)})
 
     def exchange(self, frame: LogitsFrame) -> MimicryReply:
         """Send one step's logits, wait for the mimicry gradient."""
@@ -89,12 +94,12 @@ class ShardLanes:
     """A student's frame lanes to every coordinator shard (one when unsharded): each request is split by rows,
     sent to all shards side by side, and their answers joined into the one a single coordinator would give."""
 
-    def __init__(self, addresses: list[str], secret: str, student: str, timeout_s: float, max_payload_bytes: int) -> None:
+    def __init__(self, addresses: list[str], key: str, student: str, timeout_s: float, max_payload_bytes: int) -> None:
         self.addresses = list(addresses)
         self._clients: list[FrameLaneClient] = []
         try:
             for address in addresses:
-                self._clients.append(FrameLaneClient(address, secret, student, timeout_s, max_payload_bytes))
+                self._clients.append(FrameLaneClient(address, key, student, timeout_s, max_payload_bytes))
         except BaseException:
             self.close()
             raise

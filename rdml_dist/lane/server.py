@@ -1,20 +1,22 @@
 """The coordinator's end of the frame lane: an asyncio TCP server on the barrier's event loop.
 
-Each Ray student opens one connection, proves it got the run's secret through Ray (the first
-message), and then sends one frame at a time. A frame goes into the same
+Each Ray student opens one connection, answers its challenge with its own key
+(:mod:`rdml_dist.lane.handshake`: the name it claims is proved, and no secret crosses the wire), and
+then sends one frame at a time. A connection that has not proved itself within
+``HELLO_TIMEOUT_S`` is closed, and at most ``MAX_PENDING_HELLOS`` are held at once. A frame goes into the same
 :class:`~rdml_dist.barrier.CohortBarrier` as an actor call would take it; what the barrier
 raises (a refusal, a halted cohort, a timeout) goes back as an error message with its reason code,
 which the client turns into the same exception.
 """
 
 import asyncio
-import hmac
 import socket
 from typing import Any
 
 from rdml_dist.barrier import CohortBarrier
 from rdml_dist.messages import BAD_TENSOR, HALTED, TIMEOUT, UNAUTHENTICATED
 from rdml_dist.errors import CohortStepFailed, FrameRejected
+from rdml_dist.lane.handshake import HELLO_TIMEOUT_S, MAX_PENDING_HELLOS, new_challenge, proves
 from rdml_dist.lane.wire import LaneProtocolError, encode, frame_from, read_message, reply_header
 
 
@@ -24,7 +26,10 @@ def _refusal(reason: str, message: str) -> dict[str, Any]:
 
 
 class FrameLaneServer:
-    """Serves ``exchange`` and ``refresh`` requests of authenticated students into ``barrier``."""
+    """Serves ``exchange`` and ``refresh`` requests of authenticated students into ``barrier``.
+
+    ``secret`` is the run's lane secret, from which every student's key is derived again.
+    """
 
     def __init__(self, barrier: CohortBarrier, secret: str, max_payload_bytes: int) -> None:
         self.barrier = barrier
@@ -33,6 +38,7 @@ class FrameLaneServer:
         self.address = ""
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
+        self._pending_hellos = 0
 
     async def start(self, host: str) -> str:
         """Listen on ``host`` (a free port); returns ``host:port``. Must run on the barrier's event loop."""
@@ -47,20 +53,35 @@ class FrameLaneServer:
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._connections.add(writer)
         try:
-            hello, _ = await read_message(reader, 0)
-            if not hmac.compare_digest(str(hello.get("secret", "")).encode(), self.secret.encode()):
-                await _send(writer, _refusal(UNAUTHENTICATED, "wrong or missing run secret"))
+            if self._pending_hellos >= MAX_PENDING_HELLOS:
+                return  # too many connections that have not proved themselves: this one is closed unheard
+            self._pending_hellos += 1
+            try:
+                student = await asyncio.wait_for(self._handshake(reader, writer), HELLO_TIMEOUT_S)
+            finally:
+                self._pending_hellos -= 1
+            if student is None:
                 return
-            student = str(hello.get("student", ""))
-            await _send(writer, {"ok": True})
             while True:
                 header, payload = await read_message(reader, self.max_payload_bytes)
                 await _send(writer, *await self._answer(student, header, payload))
-        except (asyncio.IncompleteReadError, ConnectionError, LaneProtocolError):
-            pass  # the student went away (or spoke nonsense): its actor's fate is the driver's to handle
+        except (asyncio.IncompleteReadError, ConnectionError, LaneProtocolError, asyncio.TimeoutError):
+            pass  # the student went away, spoke nonsense or never proved itself: its actor's fate is the driver's
         finally:
             self._connections.discard(writer)
             writer.close()
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str | None:
+        """Challenge the connection; the student it proves to be, or None (refused, and told why)."""
+        challenge = new_challenge()
+        await _send(writer, {"challenge": challenge})
+        hello, _ = await read_message(reader, 0)
+        student, presented = hello.get("student"), hello.get("proof")
+        if not isinstance(student, str) or not isinstance(presented, str) or not proves(self.secret, challenge, student, presented):
+            await _send(writer, _refusal(UNAUTHENTICATED, "no valid proof of the student's lane key"))
+            return None
+        await _send(writer, {"ok": True})
+        return student
 
     async def _answer(self, student: str, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], Any]:
         """The reply to one request, or the error message standing for what the barrier raised."""

@@ -22,7 +22,7 @@ INVALID = "invalid"  # any other malformed request
 NOT_EXTERNAL = "not_external"  # a Ray student tried to join over gRPC
 HALTED = "halted"  # the cohort is rolling back or the step failed: every waiting student gets it
 TIMEOUT = "timeout"  # the step did not complete within the exchange timeout
-UNAUTHENTICATED = "unauthenticated"  # the frame lane's first message lacked the run's secret
+UNAUTHENTICATED = "unauthenticated"  # the frame lane's hello lacked a valid proof of the student's key
 
 
 @dataclass(frozen=True)

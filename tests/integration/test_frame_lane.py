@@ -5,7 +5,9 @@ The barrier and its lane server run on a private event loop thread; the students
 """
 
 import asyncio
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,8 +19,11 @@ from rdml_dist.barrier import CohortBarrier
 from rdml_dist.config import ExperimentConfig, parse_config
 from rdml_dist.divergence import mimicry_gradients
 from rdml_dist.errors import CohortStepFailed, CoordinatorUnreachable, FrameRejected
+from rdml_dist.lane import server as lane_server
 from rdml_dist.lane.client import FrameLaneClient
+from rdml_dist.lane.handshake import proof, student_key
 from rdml_dist.lane.server import FrameLaneServer
+from rdml_dist.lane.wire import receive_message, send_message
 from tests.integration.conftest import wait_until
 from tests.integration.test_cohort_service import BATCH, SEED, TIMEOUT, frame, info, logits_for
 
@@ -58,8 +63,13 @@ class RunningLane:
         self.barrier.abort("the test is over")
         await asyncio.sleep(0.05)
 
-    def connect(self, name: str, secret: str = SECRET) -> FrameLaneClient:
-        return FrameLaneClient(self.address, secret, name, TIMEOUT, 1 << 20)
+    def connect(self, name: str, key: str | None = None) -> FrameLaneClient:
+        return FrameLaneClient(self.address, key or student_key(SECRET, name), name, TIMEOUT, 1 << 20)
+
+    def raw(self) -> socket.socket:
+        """A plain TCP connection to the lane, as a stranger would open it."""
+        host, port = self.address.rsplit(":", 1)
+        return socket.create_connection((host, int(port)), timeout=TIMEOUT)
 
     def send(self, name: str, step: int, logits: torch.Tensor) -> Any:
         return self.pool.submit(self.clients[name].exchange, frame(name, step, logits))
@@ -125,9 +135,58 @@ def test_an_abort_fails_every_waiting_student_at_once(lane: RunningLane) -> None
         lane.clients["c"].exchange(frame("c", 0, logits_for(2)))
 
 
-def test_a_connection_without_the_run_secret_is_turned_away(lane: RunningLane) -> None:
-    with pytest.raises(CoordinatorUnreachable, match="refused the frame lane: wrong or missing run secret"):
-        lane.connect("a", secret="guess")
+def test_a_wrong_key_and_another_students_key_are_turned_away(lane: RunningLane) -> None:
+    with pytest.raises(CoordinatorUnreachable, match="refused the frame lane: no valid proof of the student's lane key"):
+        lane.connect("a", key="guess")
+    with pytest.raises(CoordinatorUnreachable, match="no valid proof"):  # b's key cannot speak for a
+        lane.connect("a", key=student_key(SECRET, "b"))
+    with pytest.raises(CoordinatorUnreachable, match="no valid proof"):  # nor the run's secret itself
+        lane.connect("a", key=SECRET)
+
+
+def test_no_secret_crosses_the_wire_and_a_recorded_hello_cannot_be_replayed(lane: RunningLane) -> None:
+    key = student_key(SECRET, "a")
+    with lane.raw() as first:
+        challenge = receive_message(first, 0)[0]["challenge"]
+        hello = {"student": "a", "proof": proof(key, challenge, "a")}
+        assert SECRET not in str(hello) and key not in str(hello)
+        send_message(first, hello)
+        assert receive_message(first, 0)[0] == {"ok": True}
+    with lane.raw() as replay:
+        assert receive_message(replay, 0)[0]["challenge"] != challenge
+        send_message(replay, hello)  # the same proof, for another challenge
+        answer = receive_message(replay, 0)[0]
+        assert answer["ok"] is False and answer["reason"] == "unauthenticated"
+
+
+def _closed_by_the_server(connection: socket.socket) -> bool:
+    try:
+        while connection.recv(1 << 16):
+            pass  # the challenge, if one came
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_silent_connections_are_closed_after_the_hello_deadline_and_bounded_in_number(
+    lane: RunningLane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lane_server, "HELLO_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(lane_server, "MAX_PENDING_HELLOS", 4)
+    silent = [lane.raw() for _ in range(4)]
+    wait_until(lambda: lane.server._pending_hellos == 4, "the four silent connections wait for their hello")
+    with lane.raw() as fifth:  # one more than the bound: closed unheard
+        fifth.settimeout(0.5)
+        assert _closed_by_the_server(fifth)
+    replies = [lane.send(name, 0, logits_for(seed)) for seed, name in enumerate(NAMES)]  # the cohort goes on meanwhile
+    assert [future.result(TIMEOUT).live_students for future in replies] == [3, 3, 3]
+    started = time.monotonic()
+    for connection in silent:
+        connection.settimeout(5.0)
+        assert _closed_by_the_server(connection)
+        connection.close()
+    assert time.monotonic() - started < 5.0 and lane.server._pending_hellos == 0
+    lane.connect("a").close()  # a student proving itself is served again
 
 
 def test_a_stopped_coordinator_breaks_the_lane_with_coordinator_unreachable(lane: RunningLane) -> None:
@@ -138,4 +197,4 @@ def test_a_stopped_coordinator_breaks_the_lane_with_coordinator_unreachable(lane
         waiting.result(TIMEOUT)
     lane.clients["b"].close()
     with pytest.raises(CoordinatorUnreachable, match="cannot open the frame lane"):
-        FrameLaneClient("127.0.0.1:1", SECRET, "b", TIMEOUT, 1 << 20)
+        FrameLaneClient("127.0.0.1:1", student_key(SECRET, "b"), "b", TIMEOUT, 1 << 20)
