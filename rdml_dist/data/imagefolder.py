@@ -6,6 +6,7 @@ statistics. A larger one (ImageNet at 224×224, say) is read per step through Da
 workers: training images get a random-resized crop and flip when ``augment`` is on (seeded per
 step and sample, so identical in every student), otherwise a plain resize, and both splits are
 normalized with the ImageNet constants, since per-folder statistics would need a pass over it all.
+torchvision and PIL are imported when a folder is read, not by every process that imports the registry.
 """
 
 from dataclasses import dataclass
@@ -13,10 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Subset
-from torchvision import transforms
-from torchvision.datasets import ImageFolder
 
 from rdml_dist.data.holdout import stratified_holdout
 from rdml_dist.data.spec import DataSpec
@@ -50,6 +48,8 @@ class Listing:
 
 
 def _list(folder: Path, field: str) -> Listing:
+    from torchvision.datasets import ImageFolder
+
     try:
         listing = ImageFolder(str(folder))
     except (FileNotFoundError, OSError) as error:
@@ -78,6 +78,8 @@ def _decode(listing: Listing, size: int) -> torch.Tensor:
     paths = [path for path, _ in listing.samples]
     if listing.positions is not None:
         paths = [paths[position] for position in listing.positions.tolist()]
+    from PIL import Image
+
     pixels = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for position, path in enumerate(paths):
         with Image.open(path) as image:
@@ -87,6 +89,9 @@ def _decode(listing: Listing, size: int) -> torch.Tensor:
 
 def _streamed(listing: Listing, size: int, augment: bool, workers: int) -> StreamedSplit:
     """A split read per item, with torchvision transforms that draw from torch's (seeded) RNG."""
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
     resize = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()] if augment else [transforms.Resize((size, size))]
     pipeline = transforms.Compose([*resize, transforms.ToTensor(), transforms.Normalize(*IMAGENET_STATS)])
     folder = ImageFolder(str(listing.folder), transform=pipeline)

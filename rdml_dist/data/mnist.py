@@ -1,10 +1,10 @@
 """MNIST and Fashion-MNIST through torchvision, which reads the raw idx files without md5 checks."""
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision import datasets
 
 from rdml_dist.data.spec import DataSpec
 from rdml_dist.data.split import Dataset, make_split
@@ -14,26 +14,27 @@ RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 
 @dataclass(frozen=True)
 class MnistLayout:
-    """One MNIST-format variant: its torchvision class (which names the folder) and constants."""
+    """One MNIST-format variant: its torchvision class (which names the folder; imported when it reads) and constants."""
 
     name: str
-    reader: type[datasets.MNIST]
+    reader: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
 
-MNIST = MnistLayout(name="mnist", reader=datasets.MNIST, mean=(0.1307,), std=(0.3081,))
-FASHION_MNIST = MnistLayout(name="fashion_mnist", reader=datasets.FashionMNIST, mean=(0.2860,), std=(0.3530,))
+MNIST = MnistLayout(name="mnist", reader="MNIST", mean=(0.1307,), std=(0.3081,))
+FASHION_MNIST = MnistLayout(name="fashion_mnist", reader="FashionMNIST", mean=(0.2860,), std=(0.3530,))
 
 
 def mnist_files(layout: MnistLayout, root: Path) -> list[Path]:
     """The raw idx files torchvision reads: ``<root>/<ClassName>/raw/...``."""
-    return [root / layout.reader.__name__ / "raw" / name for name in RAW_FILES]
+    return [root / layout.reader / "raw" / name for name in RAW_FILES]
 
 
 def load_mnist(layout: MnistLayout, spec: DataSpec, seed: int, field: str) -> Dataset:
     """1x28x28 uint8 images; the official test split serves as validation."""
     stats = (layout.mean, layout.std)
-    splits = [layout.reader(str(spec.root), train=train, download=spec.download) for train in (True, False)]
+    reader = getattr(importlib.import_module("torchvision.datasets"), layout.reader)
+    splits = [reader(str(spec.root), train=train, download=spec.download) for train in (True, False)]
     train, val = (make_split(split.data.unsqueeze(1), split.targets, stats) for split in splits)
     return Dataset(train=train, val=val, num_classes=10, input_shape=(1, 28, 28), input_dtype=torch.float32, name=layout.name)

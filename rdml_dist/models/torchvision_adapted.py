@@ -2,10 +2,11 @@
 
 The ImageNet stems downsample 4× (ResNet-18) or 2× before any block, which leaves too
 little of a 32×32 image; the usual CIFAR adaptations below keep the early resolution.
+torchvision is imported when one of them is built (importing it costs a student process
+about a second, which a cohort of the other models need not pay).
 """
 
 from torch import nn
-from torchvision.models import mobilenet_v2, resnet18
 
 from rdml_dist.models.layers import conv3x3
 
@@ -31,6 +32,8 @@ def _stride1_stem(in_channels: int, out_channels: int) -> nn.Conv2d:
 
 def cifar_resnet18(num_classes: int, in_channels: int = 3) -> nn.Module:
     """ResNet-18 with a 3×3 stride-1 first convolution and no max pool (11.2M parameters)."""
+    from torchvision.models import resnet18
+
     model = resnet18(weights=None, num_classes=num_classes)
     model.conv1 = _stride1_stem(in_channels, model.conv1.out_channels)
     model.maxpool = nn.Identity()
@@ -41,6 +44,8 @@ def cifar_mobilenetv2(
     num_classes: int, in_channels: int = 3, width_mult: float = 1.0, dropout: float = 0.2
 ) -> nn.Module:
     """MobileNetV2 with a stride-1 first convolution and stride 1 in its second stage (8× downsampling in all)."""
+    from torchvision.models import mobilenet_v2
+
     model = mobilenet_v2(
         weights=None,
         num_classes=num_classes,

@@ -1,6 +1,7 @@
 """rdml_dist.data: loading every supported format, label corruption, batch plan, augmentation."""
 
 import hashlib
+import pickle
 import struct
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from rdml_dist.data import DataSpec, augment_seed, batch_plan, check_data_spec, indices_hash, load_dataset
+from rdml_dist.data.cifar import CifarFileError
 from rdml_dist.errors import ConfigError
 from tests.unit.data_files import write_cifar, write_imagefolder, write_mnist
 
@@ -61,6 +63,27 @@ def test_cifar_pickles_round_trip(tmp_path: Path, variant: str, classes: int) ->
     images, labels = data.val.batch(picked)
     assert torch.allclose(images, normalized(torch.from_numpy(test_images)[picked], data.val.mean, data.val.std))
     assert labels.tolist() == test_labels[[2, 0]].tolist()
+
+
+class _Planted:
+    """What a crafted pickle carries: unpickling it would create ``marker`` (any code could run instead)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_a_crafted_cifar_file_is_refused_and_runs_nothing(tmp_path: Path, protocol: int) -> None:
+    write_cifar(tmp_path, "cifar10", per_file=4)
+    marker = tmp_path / "ran"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(pickle.dumps({"data": _Planted(marker), "labels": [0]}, protocol=protocol))
+    with pytest.raises(CifarFileError, match=r"data_batch_3: it names \S+, which no CIFAR file holds; refusing to load it"):
+        load_dataset(DataSpec("cifar10", root=str(tmp_path)), seed=0)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])

@@ -97,6 +97,23 @@ def test_config_core_metrics_barrier_and_rpc_load_neither_torchvision_nor_sklear
     assert "torchvision" not in loaded and "sklearn" not in loaded
 
 
+def test_the_actors_and_a_default_student_load_neither_torchvision_nor_sklearn() -> None:
+    """Every actor process imports the actors' module; a student of the default cohort also loads the digits and
+    builds its models (each library costs a process about a second to import)."""
+    loaded = _loaded_after(
+        "import rdml_dist.engines.ray_actors\n"
+        "from rdml_dist.config import data_spec, load_config\n"
+        "from rdml_dist.data import load_dataset\n"
+        "from rdml_dist.models import build_model\n"
+        "config = load_config(None, [])\n"
+        "data = load_dataset(data_spec(config), config.seed)\n"
+        "assert len(data.train.labels) + len(data.val.labels) == 1797\n"
+        "models = [build_model(student.model, num_classes=10, input_shape=(1, 8, 8)) for student in config.students]"
+    )
+    assert "ray" in loaded and "torch" in loaded
+    assert "torchvision" not in loaded and "sklearn" not in loaded
+
+
 def test_the_status_command_and_help_load_neither_torch_nor_pydantic() -> None:
     """``rdml-dist status`` runs for real (against a closed port: it reports the refusal) and loads neither torch nor
     pydantic."""
