@@ -23,6 +23,7 @@ from rdml_dist.data.split import Batch
 from rdml_dist.devices import resolve_device
 from rdml_dist.messages import NON_FINITE, EvalFrame, LogitsFrame, StepTiming, StudentInfo
 from rdml_dist.models import build_model
+from rdml_dist.student_compute import StepCompute
 
 
 def student_seed(seed: int, index: int) -> int:
@@ -69,7 +70,7 @@ class Student:
         self._cuda_rng_state = self._initial_cuda_rng_state()
         self._carried_cuda_rng_state: Tensor | None = None
         with self._own_rng():
-            self.model = build_model(
+            model = build_model(
                 student_config.model,
                 num_classes=self.dataset.num_classes,
                 input_shape=self.dataset.input_shape,
@@ -77,16 +78,25 @@ class Student:
                 options=student_config.options,
                 field=f"students.{index}.model",
             ).to(self.device)
+        self.compute = StepCompute(student_config.compute or config.training.compute, model, self.device)
+        self.model = self.compute.model
         self.optimizer = build_optimizer(self.model.parameters(), student_config.optimizer or config.training.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config)
         self.epoch = 0
         self.steps_per_epoch = len(self.plan(0))
+        self.compute.compile_now([self.compute.prepare(batch) for batch in self._example_batches()])
         self._fingerprint = data_fingerprint(self.dataset)
         self._epoch_plan: tuple[int, list[Tensor]] | None = None
         self._feed: tuple[int, int, Iterator[tuple[Tensor, Batch]]] | None = None  # (epoch, next step, batches)
         self._pending: tuple[int, Tensor, Tensor, float] | None = None
         self._last_batch: tuple[int, Tensor, Tensor] | None = None  # (step, indices, inputs on the device)
         self.last_timing: StepTiming | None = None  # this student's measurement of its latest step
+
+    def _example_batches(self) -> list[Tensor]:
+        """Batches of every training batch size a step can see (the last one of an epoch may be smaller)."""
+        sizes = {len(indices) for indices in self.plan(0)}
+        example = self.dataset.train.example()
+        return [example.unsqueeze(0).expand(size, *example.shape).contiguous() for size in sorted(sizes)]
 
     def _initial_cuda_rng_state(self) -> Tensor | None:
         """The student's own CUDA generator state, seeded like its CPU stream (None on a CPU student)."""
@@ -155,12 +165,12 @@ class Student:
         started = time.perf_counter()
         indices, (inputs, labels) = self._training_batch(*divmod(global_step, self.steps_per_epoch))
         self.model.train()
-        inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        inputs, labels = self.compute.prepare(inputs), labels.to(self.device, non_blocking=True)
         with self._own_rng():
-            logits = self.model(inputs)
+            logits = self.compute.forward(inputs)
         labelled_mask = labels >= 0
         labelled = int(labelled_mask.sum())
-        ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")[labelled_mask].sum() / max(labelled, 1)
+        ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")[labelled_mask].sum() / max(labelled, 1)
         predictions = logits.detach().argmax(-1).cpu()
         correct = int((predictions == labels.cpu())[labelled_mask.cpu()].sum())
         elapsed = time.perf_counter() - started
@@ -189,10 +199,8 @@ class Student:
         step, logits, ce, forward_seconds = self._pending
         self._pending = None
         started = time.perf_counter()
-        grad = mimicry_grad.to(device=logits.device, dtype=logits.dtype)
-        self.optimizer.zero_grad(set_to_none=True)
-        (ce + (logits * grad).sum()).backward()
-        self.optimizer.step()
+        grad = mimicry_grad.to(device=logits.device, dtype=torch.float32)
+        self.compute.backward_and_step(ce + (logits.float() * grad).sum(), self.optimizer)
         self.last_timing = StepTiming(step, forward_seconds + time.perf_counter() - started, round_trip_seconds)
 
     @torch.no_grad()
@@ -207,7 +215,7 @@ class Student:
         step, indices, inputs = self._last_batch
         self._last_batch = None
         with self._own_rng():
-            logits = self.model(inputs).to(self.wire_dtype).cpu()
+            logits = self.compute.forward(inputs).to(self.wire_dtype).cpu()
         return LogitsFrame(self.name, step, indices_hash(indices), logits, math.nan, 0, 0, 0)
 
     def discard_pending(self) -> None:
@@ -239,7 +247,7 @@ class Student:
         chunks = list(torch.arange(len(self.dataset.val)).split(self.config.training.eval_batch_size))
         outputs, labels = [], []
         for inputs, batch_labels in self.dataset.val.batches(chunks, [None] * len(chunks), pin_memory=self.device.type == "cuda"):
-            outputs.append(self.model(inputs.to(self.device, non_blocking=True)).float().cpu())
+            outputs.append(self.compute.forward(self.compute.prepare(inputs)).float().cpu())
             labels.append(batch_labels)
         return EvalFrame(
             student=self.name,
@@ -263,6 +271,7 @@ class Student:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "rng_state": self._rng_state,
             "cuda_rng_state": self._cuda_rng_state if self._cuda_rng_state is not None else self._carried_cuda_rng_state,
+            "compute": self.compute.state_dict(),
         })
 
     def restore_from(self, checkpoints: CheckpointStore, step: int, cohort_epoch: int) -> None:
@@ -287,6 +296,7 @@ class Student:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])  # moves the optimizer state to the parameters' device
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.compute.load_state_dict(state.get("compute"))  # absent from checkpoints written before it existed
         self._rng_state = state["rng_state"].cpu()
         saved_cuda = state.get("cuda_rng_state")
         if self.device.type == "cuda":

@@ -137,6 +137,29 @@ class StudentResources(_Strict):
     _gpus_schedulable = field_validator("gpus")(_whole_if_above_one)
 
 
+class ComputeConfig(_Strict):
+    """How a student's forward and backward run on its device, as GPU users train.
+
+    ``bf16`` autocasts the forward to bfloat16 (float32's range: no scaling needed); ``fp16`` to
+    float16 with a gradient scaler, whose skipped steps (an overflowing scaled gradient) are the
+    scaler's business, not failures. Both run on a CPU as well. The logits a student sends and the
+    gradient it receives are float32 whatever the precision (``runtime.exchange.dtype`` says what
+    travels).
+    """
+
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="`fp32`, `bf16` (autocast) or `fp16` (autocast with a gradient scaler)",
+    )
+    fp16_init_scale: float = Field(65536.0, gt=0, description="the gradient scaler's first scale (`fp16` only)")
+    channels_last: bool = Field(False, description="image models and their inputs in the channels-last memory format")
+    compile: bool = Field(
+        False,
+        description="`torch.compile` the student's model (compiled once at start; the time is reported, not timed as steps)",
+    )
+    compile_backend: str = Field("inductor", description="the `torch.compile` backend (`inductor`, `aot_eager`, …)")
+
+
 class StudentConfig(_Strict):
     """One member of the cohort: a registry model name or ``package.module:function``."""
 
@@ -162,6 +185,10 @@ class StudentConfig(_Strict):
     resources: StudentResources = Field(
         default_factory=StudentResources,
         description="`{cpus, gpus}`: this Ray student's own bundle (unset values: `runtime.ray`'s)",
+    )
+    compute: ComputeConfig | None = Field(
+        None,
+        description="per-student precision, memory format and compilation (unset: `training.compute`)",
     )
 
     @field_validator("name")
@@ -247,6 +274,10 @@ class TrainingConfig(_Strict):
     lr_schedule: LRScheduleConfig = Field(
         default_factory=LRScheduleConfig,
         description="learning-rate schedule, stepped once per epoch",
+    )
+    compute: ComputeConfig = Field(
+        default_factory=ComputeConfig,
+        description="every student's precision, memory format and compilation unless the student overrides it",
     )
     eval_batch_size: int = Field(512, ge=1, description="batch size of validation passes")
     last_epochs_reported: int = Field(5, ge=1, description="the papers' score: mean accuracy of the last k epochs")

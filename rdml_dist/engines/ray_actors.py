@@ -219,7 +219,8 @@ class StudentActor:
         return self.student.info()
 
     def placement(self) -> dict[str, Any]:
-        """Node, resources held, GPU ids, CUDA_VISIBLE_DEVICES, torch device and process id, for placement checks and fault reports."""
+        """Node, resources held, GPU ids, CUDA_VISIBLE_DEVICES, torch device, process id and compile time, for placement
+        checks, fault reports and ``placements.json``."""
         context = ray.get_runtime_context()
         return {
             "node_id": context.get_node_id(),
@@ -228,6 +229,7 @@ class StudentActor:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "device": str(self.student.device),
             "pid": os.getpid(),
+            "compile_seconds": round(self.student.compute.compile_seconds, 3),  # torch.compile at start, not in any step
         }
 
     def run_steps(
