@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -73,7 +74,11 @@ def free_ports(count: int) -> list[int]:
 
 
 def processes_mentioning(text: str) -> list[int]:
-    """PIDs of live processes whose command line contains ``text`` (read from /proc)."""
+    """PIDs of live processes whose command line contains ``text``, not followed by another digit (read from /proc).
+
+    ``127.0.0.1:4321`` must not find the processes of another Ray at ``127.0.0.1:43210`` (tests run side by side).
+    """
+    pattern = re.compile(re.escape(text) + r"(?!\d)")
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -82,6 +87,6 @@ def processes_mentioning(text: str) -> list[int]:
             command_line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text in command_line:
+        if pattern.search(command_line):
             found.append(int(entry.name))
     return found

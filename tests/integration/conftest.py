@@ -24,11 +24,26 @@ from rdml_dist.step_log import COLUMNS, read_step_log  # noqa: E402
 from rdml_dist.storage import Storage  # noqa: E402
 
 
+# Modules whose tests split into one pytest-xdist group per value of this parameter: each group pays for its own
+# Ray session and undisturbed run, and the halves run side by side.
+SPLIT_BY_PARAMETER = {"test_failure_paths.py": "transport", "test_evaluation_timeout.py": "transport"}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Everything under tests/integration carries the ``integration`` marker (``-m "not integration"`` skips it)."""
+    """Everything under tests/integration carries the ``integration`` marker (``-m "not integration"`` skips it),
+    and a pytest-xdist group: its module's (or its module half's), unless it names one itself, so that a module's
+    shared Ray session and module fixtures are made once, on one worker."""
     for item in items:
-        if "tests/integration" in str(item.path).replace("\\", "/"):
-            item.add_marker(pytest.mark.integration)
+        if "tests/integration" not in str(item.path).replace("\\", "/"):
+            continue
+        item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("xdist_group") is None:
+            group = item.path.stem
+            split = SPLIT_BY_PARAMETER.get(item.path.name)
+            callspec = getattr(item, "callspec", None)
+            if split is not None and callspec is not None and split in callspec.params:
+                group = f"{group}-{callspec.params[split]}"
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def wait_until_stopped(node: Any, timeout_s: float = 15.0) -> None:

@@ -16,6 +16,9 @@ from tests.integration.conftest import read_json, wait_until
 
 CURRENT_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
 
+# `ray start --head` writes the machine's current-cluster file: these tests take turns (pytest-xdist group)
+pytestmark = pytest.mark.xdist_group("ray-start-heads")
+
 
 def _ray_cli() -> str:
     """The ``ray`` command of the interpreter running the tests."""

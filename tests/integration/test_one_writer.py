@@ -69,10 +69,10 @@ def _epochs(run_dir: Path) -> list[int]:
 @pytest.mark.timeout(300)
 def test_a_second_plain_train_of_a_running_run_trains_a_sibling_and_touches_nothing(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    with _driver(_train_args(tmp_path, 15.0), tmp_path / "first.log") as first:
+    with _driver(_train_args(tmp_path, 10.0), tmp_path / "first.log") as first:
         wait_until(lambda: _hanging(tmp_path, first), "the first run reaches its hang", 120)
         assert first.poll() is None and CheckpointStore(Storage(str(run_dir))).latest()["step"] > 0
-        second = run_cli(_train_args(tmp_path, 15.0), cwd=tmp_path, timeout_s=240)
+        second = run_cli(_train_args(tmp_path, 10.0), cwd=tmp_path, timeout_s=240)
         assert second.returncode == 0, second.stderr
         assert second.stdout.splitlines()[0].startswith(
             f"rdml-dist: a new run at {run_dir}-2 ({run_dir} is being written by another driver (pid {first.pid} on ")

@@ -25,6 +25,9 @@ TIMING_COLUMNS = {"wait_seconds", "coordinator_seconds", "compute_seconds", "rou
 TIMING_KEYS = {"seconds", *TIMING_COLUMNS, "exchange_overhead_seconds"}
 STEPS = 2 * 12  # two epochs of ceil(1437 / 128) steps
 
+# `ray start --head` writes the machine's current-cluster file: these tests take turns (pytest-xdist group)
+pytestmark = pytest.mark.xdist_group("ray-start-heads")
+
 
 def _ray_processes(port: int) -> list[int]:
     return sorted({*processes_mentioning(f"127.0.0.1:{port}"), *processes_mentioning(f"--gcs_server_port={port}")})
@@ -49,15 +52,22 @@ def _steps(run_dir: Path) -> list[dict[str, str]]:
         return [{key: value for key, value in row.items() if key not in TIMING_COLUMNS} for row in csv.DictReader(handle)]
 
 
-def _config_and_its_uninterrupted_run(tmp_path: Path) -> Path:
-    """Two epochs with a checkpoint every 4 steps (run dir ``run``), and that config run whole into ``whole``."""
-    config = write_config(
+def _config(tmp_path: Path) -> Path:
+    """Two epochs with a checkpoint every 4 steps, run dir ``tmp_path/run``."""
+    return write_config(
         tmp_path / "experiment.yaml", tmp_path / "run",
         training={"epochs": 2, "batch_size": 128}, runtime={"checkpoint": {"every_steps": 4, "keep": 2}},
     )
-    whole = run_cli(["train", str(config), "--no-progress", "--run-dir", str(tmp_path / "whole")], cwd=tmp_path, timeout_s=240)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The config of :func:`_config` run whole once, by the CLI: the run every interrupted one must end as."""
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    whole = run_cli(["train", str(_config(directory)), "--no-progress", "--run-dir", str(directory / "whole")],
+                    cwd=directory, timeout_s=240)
     assert whole.returncode == 0, whole.stderr
-    return config
+    return directory / "whole"
 
 
 def _assert_same_as_uninterrupted(run_dir: Path, whole: Path) -> None:
@@ -76,8 +86,8 @@ def _assert_same_as_uninterrupted(run_dir: Path, whole: Path) -> None:
 
 
 @pytest.mark.timeout(420)
-def test_a_killed_driver_leaves_a_run_that_resume_completes_exactly(tmp_path: Path) -> None:
-    config = _config_and_its_uninterrupted_run(tmp_path)
+def test_a_killed_driver_leaves_a_run_that_resume_completes_exactly(tmp_path: Path, uninterrupted: Path) -> None:
+    config = _config(tmp_path)
 
     log = (tmp_path / "driver.log").open("w")
     driver = subprocess.Popen([*RDML_DIST, "train", str(config), "--no-progress"], cwd=tmp_path, env=child_environment(),
@@ -101,7 +111,7 @@ def test_a_killed_driver_leaves_a_run_that_resume_completes_exactly(tmp_path: Pa
     resumed = run_cli(["train", "--resume", str(tmp_path / "run"), "--no-progress"], cwd=tmp_path, timeout_s=240)
     assert resumed.returncode == 0, resumed.stderr
     assert "ensemble" in resumed.stdout
-    _assert_same_as_uninterrupted(tmp_path / "run", tmp_path / "whole")
+    _assert_same_as_uninterrupted(tmp_path / "run", uninterrupted)
 
 
 def _ray(*args: str, timeout_s: float = 180, **environment: str) -> subprocess.CompletedProcess[str]:
@@ -165,8 +175,10 @@ def _submit_when_the_job_agent_is_up(*args: str) -> subprocess.CompletedProcess[
 
 
 @pytest.mark.timeout(600)
-def test_a_killed_job_resubmitted_with_the_same_entrypoint_continues_to_the_uninterrupted_results(tmp_path: Path) -> None:
-    config = _config_and_its_uninterrupted_run(tmp_path)
+def test_a_killed_job_resubmitted_with_the_same_entrypoint_continues_to_the_uninterrupted_results(
+    tmp_path: Path, uninterrupted: Path
+) -> None:
+    config = _config(tmp_path)
     working_dir = tmp_path / "job"
     working_dir.mkdir()
     entrypoint = [sys.executable, "-m", "rdml_dist.cli", "train", str(config), "--no-progress"]
@@ -185,4 +197,4 @@ def test_a_killed_job_resubmitted_with_the_same_entrypoint_continues_to_the_unin
         assert re.search(r"Job '[^']+' succeeded", again.stdout), again.stdout + again.stderr
         assert re.search(rf"rdml-dist: resuming the unfinished run at {re.escape(str(tmp_path / 'run'))} from its checkpoint "
                          r"at step (8|12|16|20) \(\d of 2 epochs done; its saved config is this one\)", again.stdout), again.stdout
-    _assert_same_as_uninterrupted(tmp_path / "run", tmp_path / "whole")
+    _assert_same_as_uninterrupted(tmp_path / "run", uninterrupted)
