@@ -192,16 +192,25 @@ class RunLease:
         if self._lost is not None:
             raise LeaseLost(f"this driver no longer holds the lease on {self._storage.describe()}: {self._lost}")
 
-    def release(self) -> None:
-        """Stop renewing and mark the lease released, so the next driver need not wait for it to lapse."""
+    def release(self, forget: bool = False) -> None:
+        """Stop renewing and mark the lease released, so the next driver need not wait for it to lapse.
+
+        ``forget``: this driver wrote nothing into the run (its cluster could not be reached, say), so
+        its lease file goes too, and a directory the lease alone had created is removed with it.
+        """
         self._stop.set()
         self._thread.join()
-        if self._lost is None:
-            try:
-                self.check()
+        if self._lost is not None:
+            return
+        try:
+            self.check()
+            if forget and _tokens(self._storage) == [self.token]:
+                self._storage.delete(LEASE_DIR)
+                _remove_if_empty(self._storage)
+            else:
                 self._write(released=True)
-            except (LeaseLost, OSError):
-                pass  # taken or unreachable: nothing of ours to release
+        except (LeaseLost, OSError):
+            pass  # taken or unreachable: nothing of ours to release
 
     def __enter__(self) -> "RunLease":
         return self
@@ -230,6 +239,15 @@ class RunLease:
 
 def _encode(record: LeaseRecord) -> bytes:
     return json.dumps(asdict(record), indent=2).encode()
+
+
+def _remove_if_empty(storage: Storage) -> None:
+    """Remove a local run directory that holds nothing (object stores have no directories to remove)."""
+    if storage.is_local:
+        try:
+            Path(storage.path("")).rmdir()
+        except OSError:
+            pass  # not empty, or already gone
 
 
 def _remove_older(storage: Storage, token: int) -> None:

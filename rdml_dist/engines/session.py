@@ -37,9 +37,10 @@ class RunSession:
     lease: RunLease  # held until close(); the storage checks it before every write
 
     def close(self) -> None:
-        """Release the run's lease (the run's files are complete: nothing is written after this)."""
+        """Release the run's lease (the run's files are complete: nothing is written after this); a run that
+        never began its files (its cluster could not be reached, say) leaves no lease behind either."""
         self.storage.fence = None
-        self.lease.release()
+        self.lease.release(forget=not self.storage.exists(CONFIG_FILE))
 
     def __enter__(self) -> "RunSession":
         return self
@@ -169,7 +170,7 @@ def plan_run(config: ExperimentConfig, overwrite: bool = False, wait: bool = Fal
         try:
             plan = _plan_under_lease(config, candidate, storage, lease, number, location, busy)
         except BaseException:
-            lease.release()
+            lease.release(forget=not storage.exists(CONFIG_FILE))
             raise
         if plan is not None:
             return plan

@@ -29,10 +29,24 @@ from rdml_dist.storage import Storage  # noqa: E402
 SPLIT_BY_PARAMETER = {"test_failure_paths.py": "transport", "test_evaluation_timeout.py": "transport"}
 
 
+# The groups that take longest (measured with --durations=0), handed to the workers first so that they end
+# together; every other group follows in collection order, and the unit tests fill the gaps at the end.
+LONGEST_GROUPS_FIRST = [
+    "ray-start-heads", "test_failure_paths-tcp", "test_failure_paths-actor_calls", "test_tune_faults",
+    "test_external_students", "test_fault_tolerance", "test_ray_training", "test_evaluation_timeout-tcp",
+    "test_concurrent_runs", "test_tune_sweep",
+]
+
+
+def _group(item: pytest.Item) -> str | None:
+    marker = item.get_closest_marker("xdist_group")
+    return None if marker is None else str(marker.args[0] if marker.args else marker.kwargs.get("name"))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Everything under tests/integration carries the ``integration`` marker (``-m "not integration"`` skips it),
     and a pytest-xdist group: its module's (or its module half's), unless it names one itself, so that a module's
-    shared Ray session and module fixtures are made once, on one worker."""
+    shared Ray session and module fixtures are made once, on one worker. The longest groups go first."""
     for item in items:
         if "tests/integration" not in str(item.path).replace("\\", "/"):
             continue
@@ -44,6 +58,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             if split is not None and callspec is not None and split in callspec.params:
                 group = f"{group}-{callspec.params[split]}"
             item.add_marker(pytest.mark.xdist_group(group))
+    rank = {group: position for position, group in enumerate(LONGEST_GROUPS_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item) or "", len(rank)))  # stable: the rest keep their order
 
 
 def wait_until_stopped(node: Any, timeout_s: float = 15.0) -> None:

@@ -4,6 +4,7 @@ The leases are real files on the local file system, taken by this process or by 
 """
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from rdml_dist.checkpoints import CheckpointStore
+from rdml_dist.cli import main
 from rdml_dist.config import parse_config
 from rdml_dist.engines.session import new_session, plan_run, resume_session
 from rdml_dist.errors import ConfigError
@@ -154,3 +156,12 @@ def test_a_wait_is_bounded_and_leaves_the_live_run_untouched(tmp_path: Path) -> 
         with pytest.raises(ConfigError, match=r"after waiting 1 s"):
             resume_session(str(tmp_path / "run"))  # its saved config waits 1 s as well
     assert CheckpointStore(Storage(str(tmp_path / "run"))).complete_steps() == [10]
+
+
+def test_a_driver_that_never_reaches_its_cluster_leaves_no_lease_and_no_directory(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a loopback port nothing listens on: no cluster there
+        probe.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{probe.getsockname()[1]}"
+    code = main(["train", "--run-dir", str(tmp_path / "run"), "--engine", "ray", "--address", nowhere, "--no-progress",
+                 "--set", "monitoring.enabled=false"])
+    assert code == 1 and not (tmp_path / "run").exists()

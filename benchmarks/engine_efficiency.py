@@ -1,0 +1,272 @@
+"""What the engine adds to a step, against the floor of moving the same bytes, side by side in one run.
+
+Cohorts of K students whose forward and backward are a fixed sleep of S ms (benchmarks/sleeping_cohort.py:
+standing in for a GPU step, so the CPUs are free for the engine), real B×C logits, trained through the
+real driver, actors, frame lane, barrier and coordinator on a simulated multi-node Ray cluster
+(``ray.cluster_utils.Cluster``: a head and worker nodes on loopback). Per cell, from the run's step log
+(the second epoch; medians over students and steps):
+
+- step: each student's compute plus its round trip; efficiency = S / step;
+- its parts: the student's own work beyond S, the coordinator's computation, the wait for the slowest
+  peer at the barrier, and the rest (serialisation, transport, thread hops, headers, reply).
+
+The floor, in the same run: K plain processes that each sleep S ms, then send the same B×C float32 bytes
+over a blocking loopback socket to one receiver, which answers each with as many bytes once all K
+have arrived. What the engine adds beyond S, over what the floor adds beyond S, is the ratio the
+issue's targets are written in.
+
+Writes benchmarks/results/engine_efficiency.{json,md,png}. Run (about 10 min on 2 cores):
+    .venv/bin/python benchmarks/engine_efficiency.py
+    .venv/bin/python benchmarks/engine_efficiency.py --students 2 8 --sleep-ms 5 --classes 100   # a subset
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rdml_dist.engines.loopback import keep_local_ray_on_loopback
+
+keep_local_ray_on_loopback()
+
+import ray  # noqa: E402  (must follow the loopback setting)
+import torch  # noqa: E402
+
+from rdml_dist.config import parse_config  # noqa: E402
+from rdml_dist.engines.ray_engine import train_ray  # noqa: E402
+from rdml_dist.step_log import read_step_log  # noqa: E402
+from rdml_dist.storage import Storage  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+BATCH = 128
+STEPS_PER_EPOCH = 40
+NODES = 2  # a head and one worker node, students spread over both
+
+
+def _student_processes_fit(students: int) -> bool:
+    """Each student is a process importing torch (about 600 MB here): keep the cohort within the machine's memory."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return students * 650 * 2**20 < 0.8 * total
+
+
+def engine_cell(students: int, sleep_ms: float, classes: int, cluster_address: str, scratch: Path) -> dict[str, Any]:
+    """Train the sleeping cohort for two epochs; the second epoch's per-step medians."""
+    config = parse_config({
+        "name": f"engine-k{students}-s{sleep_ms:g}-c{classes}",
+        "seed": 0,
+        "data": {"name": "sleeping_cohort:random_features", "options": {"classes": classes, "samples": BATCH * STEPS_PER_EPOCH}},
+        "students": [{"name": f"s{index}", "model": "sleeping_cohort:sleeping_linear", "options": {"sleep_ms": sleep_ms}}
+                     for index in range(students)],
+        "training": {"epochs": 2, "batch_size": BATCH, "drop_last": True, "last_epochs_reported": 1},
+        "mimicry": {"divergence": "renyi", "alpha": 2.0},
+        "runtime": {"engine": "ray", "torch_threads": 1, "ray": {"address": cluster_address, "cpus_per_student": 0.1},
+                    "coordinator": {"cpus": 0.1}, "checkpoint": {"keep": 1}},
+        "monitoring": {"port": 0},
+        "rpc": {"port": 0},
+    })
+    run_dir = scratch / config.name
+    train_ray(config, run_dir, show_progress=False).finish()
+    rows = [row for row in read_step_log(Storage(str(run_dir))) if row.epoch == 1]
+    sleep = sleep_ms / 1000
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values)
+
+    step = median([row.compute_seconds + row.round_trip_seconds for row in rows])
+    own = median([row.compute_seconds - sleep for row in rows])
+    coordinator = median([row.coordinator_seconds for row in rows])
+    wait = median([row.wait_seconds for row in rows])
+    rest = median([row.round_trip_seconds - row.coordinator_seconds - row.wait_seconds for row in rows])
+    return {"step_s": step, "efficiency": sleep / step, "student_own_s": own, "coordinator_s": coordinator,
+            "wait_s": wait, "rest_s": rest, "rows": len(rows)}
+
+
+# --- the floor: plain processes, plain sockets ------------------------------------------------------------
+
+
+def _receive_exactly(connection: socket.socket, size: int, buffer: bytearray) -> None:
+    view, received = memoryview(buffer), 0
+    while received < size:
+        count = connection.recv_into(view[received:size])
+        if count == 0:
+            raise ConnectionError("closed")
+        received += count
+
+
+def _floor_sender(port: int, payload_bytes: int, sleep_s: float, steps: int, results: Any) -> None:
+    payload = os.urandom(payload_bytes)
+    buffer = bytearray(payload_bytes)
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            time.sleep(sleep_s)
+            connection.sendall(payload)
+            _receive_exactly(connection, payload_bytes, buffer)
+            times.append(time.perf_counter() - started)
+    results.put(times)
+
+
+def floor_cell(students: int, sleep_ms: float, classes: int, steps: int = 200) -> dict[str, Any]:
+    """K processes sleep S, send B×C float32 bytes to one receiver, which answers all once all have arrived."""
+    payload_bytes = BATCH * classes * 4
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    senders = [context.Process(target=_floor_sender, args=(port, payload_bytes, sleep_ms / 1000, steps, results))
+               for _ in range(students)]
+    for sender in senders:
+        sender.start()
+    connections = []
+    for _ in range(students):
+        connection, _ = listener.accept()
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connections.append(connection)
+    reply = os.urandom(payload_bytes)
+    buffer = bytearray(payload_bytes)
+
+    def serve() -> None:
+        for _ in range(steps):
+            for connection in connections:
+                _receive_exactly(connection, payload_bytes, buffer)
+            for connection in connections:
+                connection.sendall(reply)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    times = [value for _ in senders for value in results.get(timeout=600)[steps // 5:]]
+    server.join(timeout=60)
+    for sender in senders:
+        sender.join(timeout=60)
+    for connection in [*connections, listener]:
+        connection.close()
+    step = statistics.median(times)
+    return {"step_s": step, "efficiency": (sleep_ms / 1000) / step}
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "# Engine efficiency (benchmarks/engine_efficiency.py)",
+        "",
+        f"Machine: {results['machine']}. Command: `{results['command']}`. Cluster: `ray.cluster_utils.Cluster`, "
+        f"{NODES} nodes on loopback. Logits B×C with B = {BATCH}; {STEPS_PER_EPOCH} steps per epoch, the second "
+        "epoch measured (medians over students and steps).",
+        "",
+        "S: the sleep standing in for a student's forward and backward. Step: a student's compute plus its round trip. "
+        "Engine adds / floor adds: (step − S) of the engine over (step − S) of the floor.",
+        "",
+        "| K | S ms | C | step ms | S / step | floor step ms | floor S / step | engine adds / floor adds | "
+        "student's own ms | coordinator ms | wait ms | rest ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in results["cells"]:
+        engine, floor = cell["engine"], cell["floor"]
+        sleep = cell["sleep_ms"] / 1000
+        ratio = (engine["step_s"] - sleep) / max(floor["step_s"] - sleep, 1e-9)
+        lines.append(
+            f"| {cell['students']} | {cell['sleep_ms']:g} | {cell['classes']} | {1000 * engine['step_s']:.2f} | "
+            f"{engine['efficiency']:.2f} | {1000 * floor['step_s']:.2f} | {floor['efficiency']:.2f} | {ratio:.1f}× | "
+            f"{1000 * engine['student_own_s']:.2f} | {1000 * engine['coordinator_s']:.2f} | {1000 * engine['wait_s']:.2f} | "
+            f"{1000 * engine['rest_s']:.2f} |")
+    if results.get("skipped"):
+        lines += ["", f"Not run: {results['skipped']}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    series: dict[tuple[float, int], list[dict[str, Any]]] = {}
+    for cell in results["cells"]:
+        series.setdefault((cell["sleep_ms"], cell["classes"]), []).append(cell)
+    for (sleep_ms, classes), cells in sorted(series.items()):
+        cells = sorted(cells, key=lambda cell: cell["students"])
+        ks = [cell["students"] for cell in cells]
+        line = axis.plot(ks, [cell["engine"]["efficiency"] for cell in cells], marker="o", label=f"engine, S={sleep_ms:g} ms, C={classes}")
+        axis.plot(ks, [cell["floor"]["efficiency"] for cell in cells], linestyle="--", color=line[0].get_color(),
+                  label=f"floor, S={sleep_ms:g} ms, C={classes}")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("students K")
+    axis.set_ylabel("S / step (efficiency)")
+    axis.set_ylim(0, 1.05)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    axis.set_title("What a step costs beyond its compute: the engine against plain sockets")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--students", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    parser.add_argument("--sleep-ms", type=float, nargs="+", default=[5.0, 20.0])
+    parser.add_argument("--classes", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--render-only", action="store_true", help="rewrite the report from the saved JSON")
+    args = parser.parse_args()
+    json_path, md_path, png_path = (RESULTS / f"engine_efficiency.{suffix}" for suffix in ("json", "md", "png"))
+    if not args.render_only:
+        from ray.cluster_utils import Cluster
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        os.chdir(Path(__file__).parent)  # the local Ray's workers import sleeping_cohort from the working directory
+        torch.set_num_threads(1)
+        fitting = [k for k in args.students if _student_processes_fit(k)]
+        skipped = [k for k in args.students if k not in fitting]
+        cells = []
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+        for _ in range(NODES - 1):
+            cluster.add_node(num_cpus=4)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                for classes in args.classes:
+                    for sleep_ms in args.sleep_ms:
+                        for students in fitting:
+                            engine = engine_cell(students, sleep_ms, classes, cluster.address, Path(scratch))
+                            floor = floor_cell(students, sleep_ms, classes)
+                            cells.append({"students": students, "sleep_ms": sleep_ms, "classes": classes,
+                                          "engine": engine, "floor": floor})
+                            print(f"K={students} S={sleep_ms:g} C={classes}: engine {1000 * engine['step_s']:.2f} ms "
+                                  f"({engine['efficiency']:.2f}), floor {1000 * floor['step_s']:.2f} ms", flush=True)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+        results = {
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+                       f"torch {torch.__version__}, ray {ray.__version__}",
+            "command": "python benchmarks/engine_efficiency.py " + " ".join(sys.argv[1:]),
+            "cells": cells,
+            "skipped": (f"K = {', '.join(map(str, skipped))}: a student process holds about 650 MB and the cohort "
+                        "would pass 80% of this machine's memory") if skipped else "",
+        }
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+    results = json.loads(json_path.read_text())
+    md_path.write_text(render_markdown(results))
+    render_plot(results, png_path)
+    print(md_path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
