@@ -43,7 +43,8 @@ def _group(item: pytest.Item) -> str | None:
     return None if marker is None else str(marker.args[0] if marker.args else marker.kwargs.get("name"))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(wrapper=True)  # around the other implementations: pytest-xdist's reads the groups into the test ids
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> Iterator[None]:
     """Everything under tests/integration carries the ``integration`` marker (``-m "not integration"`` skips it),
     and a pytest-xdist group: its module's (or its module half's), unless it names one itself, so that a module's
     shared Ray session and module fixtures are made once, on one worker. The longest groups go first."""
@@ -60,6 +61,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(group))
     rank = {group: position for position, group in enumerate(LONGEST_GROUPS_FIRST)}
     items.sort(key=lambda item: rank.get(_group(item) or "", len(rank)))  # stable: the rest keep their order
+    yield
 
 
 def wait_until_stopped(node: Any, timeout_s: float = 15.0) -> None:

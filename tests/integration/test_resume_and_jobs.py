@@ -25,8 +25,6 @@ TIMING_COLUMNS = {"wait_seconds", "coordinator_seconds", "compute_seconds", "rou
 TIMING_KEYS = {"seconds", *TIMING_COLUMNS, "exchange_overhead_seconds"}
 STEPS = 2 * 12  # two epochs of ceil(1437 / 128) steps
 
-# `ray start --head` writes the machine's current-cluster file: these tests take turns (pytest-xdist group)
-pytestmark = pytest.mark.xdist_group("ray-start-heads")
 
 
 def _ray_processes(port: int) -> list[int]:
