@@ -32,9 +32,10 @@ SPLIT_BY_PARAMETER = {"test_failure_paths.py": "transport", "test_evaluation_tim
 # The groups that take longest (measured with --durations=0), handed to the workers first so that they end
 # together; every other group follows in collection order, and the unit tests fill the gaps at the end.
 LONGEST_GROUPS_FIRST = [
-    "ray-start-heads", "test_failure_paths-tcp", "test_failure_paths-actor_calls", "test_tune_faults",
-    "test_external_students", "test_fault_tolerance", "test_ray_training", "test_evaluation_timeout-tcp",
-    "test_concurrent_runs", "test_tune_sweep",
+    "test_failure_paths-tcp", "test_failure_paths-actor_calls", "test_resume_and_jobs", "test_fault_tolerance",
+    "test_ray_training", "test_external_students", "test_tune_faults", "test_evaluation_timeout-tcp",
+    "test_tune_sweep", "test_concurrent_runs", "test_evaluation_timeout-actor_calls", "test_any_data_on_ray",
+    "test_cluster_connection",
 ]
 
 
