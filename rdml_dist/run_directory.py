@@ -66,6 +66,7 @@ class RunDirectory:
         self._summary = RunSummary(config.student_names(), config.training.last_epochs_reported)
         self._open_epochs: dict[int, EpochTotals] = {}
         self._results_stale = False
+        self._table: str | None = None
         if resume_from is not None:
             epochs, self.events = self._saved_results(resume_from)
             self._set_epochs(epochs)
@@ -206,10 +207,12 @@ class RunDirectory:
         self.storage.write_bytes(PLACEMENTS_JSON, json.dumps(document, indent=2).encode())
 
     def finish(self) -> str:
-        """Write the readable table and return it."""
-        table = format_table(self.summary(), self.config.training.last_epochs_reported)
-        self.storage.write_bytes(RESULTS_TABLE, (table + "\n").encode())
-        return table
+        """Write the readable table (once: the session writes it before it lets the run go) and return it."""
+        if self._table is None:
+            table = format_table(self.summary(), self.config.training.last_epochs_reported)
+            self.storage.write_bytes(RESULTS_TABLE, (table + "\n").encode())
+            self._table = table
+        return self._table
 
 
 def format_table(summary: dict[str, dict[str, float]], last_k: int) -> str:

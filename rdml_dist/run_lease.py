@@ -67,7 +67,8 @@ class LeaseRecord:
         if self.released or (now if now is not None else time.time()) > self.renewed_at + self.ttl_s:
             return False
         if self.host == socket.gethostname():
-            return _process_started(self.pid) == self.pid_started
+            started = _process_started(self.pid)
+            return started == "unknown" or started == self.pid_started  # unreadable (another user's): assume it lives
         return True
 
 
@@ -104,7 +105,11 @@ def _tokens(storage: Storage) -> list[int]:
 
 
 def _read(storage: Storage, token: int) -> LeaseRecord:
-    return LeaseRecord(**json.loads(storage.read_bytes(_name(token))))
+    """A lease record; one that cannot be read (a foreign or damaged file) counts as live, renewed now: never taken over."""
+    try:
+        return LeaseRecord(**json.loads(storage.read_bytes(_name(token))))
+    except (ValueError, TypeError):
+        return LeaseRecord(token, "unreadable", "unknown", 0, "", time.time(), DEFAULT_TTL_S)
 
 
 def _name(token: int) -> str:
@@ -113,17 +118,20 @@ def _name(token: int) -> str:
 
 def _create_exclusively(storage: Storage, relative: str, data: bytes) -> bool:
     """Create ``relative`` holding ``data`` only if it does not exist yet; False when someone else created it first."""
-    if storage.is_local:
+    if storage.is_local:  # written whole under a private name, then linked: the name appears complete, once
         path = Path(storage.path(relative))
         path.parent.mkdir(parents=True, exist_ok=True)
+        private = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
         try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with open(private, "xb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(private, path)
         except FileExistsError:
             return False
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        finally:
+            private.unlink(missing_ok=True)
         return True
     try:
         with storage.fs.open(storage.path(relative), "xb") as handle:  # S3/GCS: a put with If-None-Match
@@ -175,10 +183,10 @@ class RunLease:
             token = 1 if newest is None else newest.token + 1
             record = LeaseRecord(token, uuid.uuid4().hex, socket.gethostname(), os.getpid(),
                                  _process_started(os.getpid()), time.time(), ttl_s)
-            if _create_exclusively(storage, _name(token), _encode(record)):
+            if _create_exclusively(storage, _name(token), _encode(record)) and _tokens(storage)[-1] == token:
                 _remove_older(storage, token)
                 return cls(storage, record)
-            # another driver took this token first: look again
+            # another driver took this token (or a newer one) first: look again
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` unless this driver still holds the lease (the fence before every write)."""
@@ -204,9 +212,11 @@ class RunLease:
             return
         try:
             self.check()
-            if forget and _tokens(self._storage) == [self.token]:
-                self._storage.delete(LEASE_DIR)
-                _remove_if_empty(self._storage)
+            if forget:
+                self._storage.delete(_name(self.token))
+                if not _tokens(self._storage):
+                    _remove_if_empty(self._storage, LEASE_DIR)
+                    _remove_if_empty(self._storage)
             else:
                 self._write(released=True)
         except (LeaseLost, OSError):
@@ -226,8 +236,8 @@ class RunLease:
                 self._write(released=False)
             except LeaseLost:
                 return
-            except OSError:
-                continue  # storage briefly unreachable: check() fences once the renewal has lapsed
+            except Exception:  # noqa: BLE001 - storage briefly unreachable or a file unreadable: check() fences once
+                continue  # the renewal has lapsed, so a failing renewal can never leave a writer unfenced
 
     def _write(self, released: bool) -> None:
         with self._lock:
@@ -241,11 +251,11 @@ def _encode(record: LeaseRecord) -> bytes:
     return json.dumps(asdict(record), indent=2).encode()
 
 
-def _remove_if_empty(storage: Storage) -> None:
-    """Remove a local run directory that holds nothing (object stores have no directories to remove)."""
+def _remove_if_empty(storage: Storage, relative: str = "") -> None:
+    """Remove a local directory that holds nothing (object stores have no directories to remove)."""
     if storage.is_local:
         try:
-            Path(storage.path("")).rmdir()
+            Path(storage.path(relative)).rmdir()
         except OSError:
             pass  # not empty, or already gone
 

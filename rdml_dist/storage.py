@@ -75,9 +75,12 @@ class Storage:
         self.is_local = bool(protocols & LOCAL_PROTOCOLS)
         self.fence: Callable[[], None] | None = None  # called before every write or delete (a run's lease check)
 
-    def _before_writing(self) -> None:
+    def check_writable(self) -> None:
+        """Raise (the fence's error) when this process may no longer write the run: before others write for it."""
         if self.fence is not None:
             self.fence()
+
+    _before_writing = check_writable
 
     def path(self, relative: str) -> str:
         """The full path (or object key) of a file in the run directory."""

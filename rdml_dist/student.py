@@ -84,7 +84,8 @@ class Student:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, config)
         self.epoch = 0
         self.steps_per_epoch = len(self.plan(0))
-        self.compute.compile_now([self.compute.prepare(batch) for batch in self._example_batches()])
+        if self.compute.settings.compile:
+            self.compute.compile_now([self.compute.prepare(batch) for batch in self._example_batches()])
         self._fingerprint = data_fingerprint(self.dataset)
         self._epoch_plan: tuple[int, list[Tensor]] | None = None
         self._feed: tuple[int, int, Iterator[tuple[Tensor, Batch]]] | None = None  # (epoch, next step, batches)

@@ -9,8 +9,9 @@ and optimizer step; what GPU users turn on (``training.compute``) lives here alo
   :attr:`skipped_steps`, never as a failure. The scaler's state is part of the checkpoint.
 - ``channels_last``: the model's 4-d weights and every 4-d input batch in that memory format.
 - ``compile``: ``torch.compile`` of the model, compiled once when the student starts (a forward
-  and backward on an example batch whose effects are undone), so that no step's time holds
-  compilation; :attr:`compile_seconds` reports it.
+  and backward on example batches of every training batch size, effects undone), so that no training
+  step's time holds compilation; :attr:`compile_seconds` reports it. A refresh forward (sequential
+  updates) and the first evaluation compile their own graphs when they first run.
 """
 
 import copy
@@ -72,8 +73,6 @@ class StepCompute:
 
         Batch-norm statistics, gradients and the RNG streams are left as they were.
         """
-        if not self.settings.compile:
-            return
         started = time.perf_counter()
         saved = copy.deepcopy(self.model.state_dict())
         was_training = self.model.training

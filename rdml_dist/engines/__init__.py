@@ -16,7 +16,7 @@ def train_cohort(
     config: ExperimentConfig, run_dir: str | Path | None = None, show_progress: bool = True, overwrite: bool = False,
     lease: RunLease | None = None,
 ) -> RunDirectory:
-    """Train ``config``'s cohort with its ``runtime.engine``; returns the run directory (call ``finish()``).
+    """Train ``config``'s cohort with its ``runtime.engine``; returns the run directory (``finish()`` gives its table).
 
     ``run_dir`` (a path or URI) defaults to ``runtime.run_dir``. The Ray engine joins
     ``runtime.ray.address`` or starts a local Ray on loopback (Ray is imported only when this engine is used).
@@ -36,7 +36,9 @@ def _observed(session: RunSession, show_progress: bool) -> RunDirectory:
     from rdml_dist.engines.observers import standard_observers
 
     with session, standard_observers(session) as observers:
-        return run_session(session, show_progress, observers)
+        run = run_session(session, show_progress, observers)
+        run.finish()  # the readable table, written while the lease is held
+        return run
 
 
 def run_session(session: RunSession, show_progress: bool = True, observers: Sequence[RunObserver] = ()) -> RunDirectory:

@@ -124,4 +124,6 @@ def run_local(session: RunSession, show_progress: bool = True, observers: Sequen
 def train_local(config: ExperimentConfig, run_dir: str | Path, show_progress: bool = True) -> RunDirectory:
     """Train ``config``'s cohort in this process, whatever its ``runtime.engine`` says (the reference trainer)."""
     with new_session(config, run_dir, engine="local") as session:
-        return run_local(session, show_progress)
+        run = run_local(session, show_progress)
+        run.finish()  # the readable table, written while the lease is held
+        return run

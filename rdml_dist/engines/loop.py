@@ -189,7 +189,11 @@ def _run_chunk(
 def _checkpoint(
     config: ExperimentConfig, cohort: Cohort, run: RunDirectory, checkpoints: CheckpointStore, step: int
 ) -> dict[str, Any]:
-    """Students write their files, then the results, then the manifest that makes the checkpoint complete."""
+    """Students write their files, then the results, then the manifest that makes the checkpoint complete.
+
+    The driver's lease is checked before the students write theirs (they write through storage of their own).
+    """
+    checkpoints.storage.check_writable()
     cohort.save_checkpoint(step)
     run.add_events(cohort.pop_events())
     run.write_progress()

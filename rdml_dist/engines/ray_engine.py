@@ -69,4 +69,6 @@ def run_ray(
 def train_ray(config: ExperimentConfig, run_dir: str | Path, show_progress: bool = True) -> RunDirectory:
     """Train ``config``'s cohort as Ray actors, whatever its ``runtime.engine`` says."""
     with new_session(config, run_dir, engine="ray") as session:
-        return run_ray(session, show_progress)
+        run = run_ray(session, show_progress)
+        run.finish()  # the readable table, written while the lease is held
+        return run

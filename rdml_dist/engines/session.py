@@ -21,7 +21,7 @@ from rdml_dist.config import ExperimentConfig, check_resources, parse_config
 from rdml_dist.errors import ConfigError
 from rdml_dist.logs import logger
 from rdml_dist.run_directory import CONFIG_FILE, RESULTS_JSON, RunDirectory
-from rdml_dist.run_lease import LeaseHeld, LeaseRecord, RunLease, newest_lease
+from rdml_dist.run_lease import LeaseHeld, LeaseLost, LeaseRecord, RunLease, newest_lease
 from rdml_dist.storage import Storage
 
 
@@ -37,16 +37,26 @@ class RunSession:
     lease: RunLease  # held until close(); the storage checks it before every write
 
     def close(self) -> None:
-        """Release the run's lease (the run's files are complete: nothing is written after this); a run that
-        never began its files (its cluster could not be reached, say) leaves no lease behind either."""
-        self.storage.fence = None
-        self.lease.release(forget=not self.storage.exists(CONFIG_FILE))
+        """Release the run's lease; nothing is written through this session after it (a finished run's table is
+        written before: :meth:`RunDirectory.finish`). A run that never began its files (its cluster could not be
+        reached, say) leaves no lease behind either."""
+        try:
+            began = self.storage.exists(CONFIG_FILE)
+        except Exception:  # noqa: BLE001 - the lease is released whatever happened to the run's files
+            began = True
+        finally:
+            self.storage.fence = _closed
+        self.lease.release(forget=not began)
 
     def __enter__(self) -> "RunSession":
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _closed() -> None:
+    raise LeaseLost("this run's session is closed: it writes nothing more")
 
 
 def take_lease(storage: Storage, config: ExperimentConfig, field: str, wait: bool = False) -> RunLease:
@@ -102,24 +112,29 @@ def resume_session(location: str, address: str | None = None, lease: RunLease | 
     ``lease`` was already taken by :func:`plan_run`.
     """
     storage = Storage(location, field="--resume")
+    if lease is None:
+        lease = take_lease(storage, _saved_run_config(storage, location, address), "--resume", wait=True)
+    try:
+        config = _saved_run_config(storage, location, address)  # read again under the lease: the last driver's word
+        check_resources(config)
+        start = CheckpointStore(storage).latest()
+        if start is None:
+            raise ConfigError("--resume", f"{storage.describe()} has no complete checkpoint to continue from")
+        return _open(config, storage, lease, config.runtime.engine, start)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _saved_run_config(storage: Storage, location: str, address: str | None) -> ExperimentConfig:
+    """The config a run was started with, at ``location`` and (when given) on another cluster."""
     if not storage.exists(CONFIG_FILE):
         raise ConfigError("--resume", f"{storage.describe()} holds no run ({CONFIG_FILE} is missing)")
     raw = yaml.safe_load(storage.read_bytes(CONFIG_FILE))
     raw["runtime"]["run_dir"] = location
     if address is not None:
         raw["runtime"]["ray"]["address"] = address
-    config = parse_config(raw)
-    check_resources(config)
-    lease = lease or take_lease(storage, config, "--resume", wait=True)
-    start = CheckpointStore(storage).latest()  # read under the lease: the last driver's final word
-    if start is None:
-        lease.release()
-        raise ConfigError("--resume", f"{storage.describe()} has no complete checkpoint to continue from")
-    try:
-        return _open(config, storage, lease, config.runtime.engine, start)
-    except BaseException:
-        lease.release()
-        raise
+    return parse_config(raw)
 
 
 # Where and how to reach the cluster, not what is trained: a retried job may differ in these.
@@ -166,7 +181,15 @@ def plan_run(config: ExperimentConfig, overwrite: bool = False, wait: bool = Fal
         if holder is not None and holder.live() and not wait:
             busy.append(f"{storage.describe()} is being written by another driver ({holder.describe()})")
             continue
-        lease = take_lease(storage, config, "runtime.run_dir", wait=wait)
+        try:
+            lease = take_lease(storage, config, "runtime.run_dir", wait=wait)
+        except ConfigError:
+            if wait:
+                raise
+            holder = newest_lease(storage)  # another driver took it a moment ago: a plain train goes on
+            busy.append(f"{storage.describe()} is being written by another driver "
+                        f"({holder.describe() if holder else 'just started'})")
+            continue
         try:
             plan = _plan_under_lease(config, candidate, storage, lease, number, location, busy)
         except BaseException:

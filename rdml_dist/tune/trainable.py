@@ -10,11 +10,14 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.errors import ConfigError
 from rdml_dist.tune.sweep import trial_experiment
+
+if TYPE_CHECKING:
+    from rdml_dist.storage import Storage
 
 TRIAL_DRIVER_BUNDLE = 0
 COHORT_FIRST_BUNDLE = 1
@@ -107,7 +110,7 @@ class TuneReporter:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(directory)))
 
 
-def rewind_to_tune_checkpoint(location: str, checkpoint: Any) -> None:
+def rewind_to_tune_checkpoint(storage: "Storage", checkpoint: Any) -> None:
     """Make the checkpoint Tune holds the run's latest: a driver killed between a checkpoint and its report leaves
     the run ahead of Tune, and the trial must continue from what Tune recorded so every epoch is reported once.
 
@@ -115,9 +118,7 @@ def rewind_to_tune_checkpoint(location: str, checkpoint: Any) -> None:
     report), so Tune's copy is put back first, its manifest last, before the newer ones are dropped.
     """
     from rdml_dist.checkpoints import MANIFEST, CheckpointStore, checkpoint_directory
-    from rdml_dist.storage import Storage
 
-    storage = Storage(location, field="runtime.run_dir")
     with checkpoint.as_directory() as copy:
         manifest = Path(copy) / MANIFEST
         step = int(json.loads(manifest.read_text())["step"])
@@ -139,17 +140,26 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     from rdml_dist.engines.placement import GivenPlacement
     from rdml_dist.engines.observers import standard_observers
     from rdml_dist.engines.ray_engine import run_ray
-    from rdml_dist.engines.session import new_session, resume_session
+    from rdml_dist.engines.session import new_session, resume_session, take_lease
+    from rdml_dist.storage import Storage
 
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(plan, params, trial_id)
     location = config.resolved_run_dir()
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        rewind_to_tune_checkpoint(location, checkpoint)
-        session = resume_session(location)
-    else:
-        session = new_session(config, location, overwrite=True, engine="ray")
-    placement = GivenPlacement(ray.util.get_current_placement_group(), COHORT_FIRST_BUNDLE)
+    storage = Storage(location, field="runtime.run_dir")
+    # a retried trial may follow an attempt whose driver died on another node: wait for its lease to lapse
+    lease = take_lease(storage, config, "runtime.run_dir", wait=True)
+    try:
+        if checkpoint is not None:
+            storage.fence = lease.check
+            rewind_to_tune_checkpoint(storage, checkpoint)
+            session = resume_session(location, lease=lease)
+        else:
+            session = new_session(config, location, overwrite=True, engine="ray", lease=lease)
+    except BaseException:
+        lease.release()
+        raise
     with session, standard_observers(session) as observers:  # the trial's own TensorBoard events and plots, as any run
+        placement = GivenPlacement(ray.util.get_current_placement_group(), COHORT_FIRST_BUNDLE)
         run_ray(session, show_progress=False, observers=[*observers, TuneReporter(location)], placement=placement)

@@ -27,7 +27,7 @@ def test_the_run_is_rewound_to_the_checkpoint_tune_reported(tmp_path: Path, prun
     if pruned:  # keep: 2 removed it after the two newer checkpoints were committed
         Storage(str(run), field="x").delete(checkpoint_directory(12))
 
-    rewind_to_tune_checkpoint(str(run), Checkpoint.from_directory(str(tune_copy)))
+    rewind_to_tune_checkpoint(Storage(str(run)), Checkpoint.from_directory(str(tune_copy)))
 
     store = CheckpointStore(Storage(str(run), field="x"))
     assert store.complete_steps() == [12]
