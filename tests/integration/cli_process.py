@@ -90,3 +90,22 @@ def processes_mentioning(text: str) -> list[int]:
         if pattern.search(command_line):
             found.append(int(entry.name))
     return found
+
+
+def kill_actor_process(pid: int, actor_class: str) -> bool:
+    """SIGKILL ``pid`` if it still is a Ray actor process of ``actor_class``; whether it was killed.
+
+    A pid read from ``placements.json`` may belong to another process once its actor has exited: on a busy
+    machine (tests side by side, every thread taking a pid) the 32768 pids wrap around within minutes.
+    """
+    try:
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    if f"ray::{actor_class}" not in command_line:
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True

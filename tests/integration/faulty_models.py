@@ -15,7 +15,6 @@ import this module by its factory reference.
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from rdml_dist.models import build_model
+from tests.integration.cli_process import kill_actor_process
 
 SIMULATED_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (simulated by the test model)"
 
@@ -68,7 +68,7 @@ class Faulty(nn.Module):
         how = fault["how"]
         if how in ("kill_coordinator", "kill_coordinator_and_exit"):
             pid = json.loads((self.run_dir / "placements.json").read_text())["coordinator"]["pid"]
-            os.kill(pid, signal.SIGKILL)
+            assert kill_actor_process(pid, "Coordinator"), f"the coordinator (pid {pid}) is not running"
             deadline = time.monotonic() + 30
             while Path(f"/proc/{pid}").exists() and _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)

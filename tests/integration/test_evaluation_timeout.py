@@ -32,7 +32,7 @@ from tests.integration.test_failure_paths import NAMES, STEPS_PER_EPOCH, TOTAL, 
 
 EXTERNAL = "outside"
 STUDENTS = [*NAMES, EXTERNAL]
-EVALUATION_TIMEOUT_S = 15.0  # runtime.ray.exchange_timeout_s: it bounds the wait for an epoch's scores too
+EVALUATION_TIMEOUT_S = 20.0  # runtime.ray.exchange_timeout_s: it bounds the wait for an epoch's scores too
 WITHHELD_EPOCH = 0
 LAST_CHECKPOINT = 4  # the latest checkpoint before epoch 0's end (a checkpoint every 2 steps)
 

@@ -20,7 +20,7 @@ import yaml
 
 from rdml_dist.config import load_config
 from rdml_dist.engines.local import train_local
-from tests.integration.cli_process import RDML_DIST, child_environment, free_port, run_cli, write_config
+from tests.integration.cli_process import RDML_DIST, child_environment, free_port, kill_actor_process, run_cli, write_config
 from tests.integration.conftest import read_json, read_steps, wait_until
 
 STUDENTS = [
@@ -147,7 +147,8 @@ def _kill_after_checkpoint(run_dir: Path, step: int, who: str) -> None:
     """Once the cohort checkpoint of ``step`` is complete, SIGKILL a Ray student (by name) or the coordinator."""
     wait_until(lambda: (run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").exists(), f"checkpoint {step}", 180)
     placements = read_json(run_dir / "placements.json")
-    os.kill(placements["coordinator"]["pid"] if who == "coordinator" else placements["students"][who]["pid"], signal.SIGKILL)
+    pid = placements["coordinator"]["pid"] if who == "coordinator" else placements["students"][who]["pid"]
+    assert kill_actor_process(pid, "Coordinator" if who == "coordinator" else "StudentActor"), f"{who} is not running"
 
 
 @pytest.mark.timeout(480)

@@ -23,6 +23,7 @@ from rdml_dist.engines.ray_engine import train_ray
 from rdml_dist.errors import StudentRestarted
 from rdml_dist.run_directory import RunDirectory
 from rdml_dist.storage import Storage
+from tests.integration.cli_process import kill_actor_process
 from tests.integration.conftest import cohort_released, make_config, read_json, read_steps, wait_until
 
 STUDENTS = [{"name": "mlp", "model": "mlp"}, {"name": "cnn", "model": "small_cnn"}]
@@ -80,7 +81,7 @@ def _kill_after_checkpoint(run_dir: Path, step: int, who: str) -> int:
     wait_until(lambda: (run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").exists(), f"checkpoint {step}", 120)
     placements = read_json(run_dir / "placements.json")
     pid = placements["coordinator"]["pid"] if who == "coordinator" else placements["students"][who]["pid"]
-    os.kill(pid, signal.SIGKILL)
+    assert kill_actor_process(pid, "Coordinator" if who == "coordinator" else "StudentActor"), f"{who} is not running"
     return pid
 
 
@@ -235,7 +236,7 @@ def test_a_killed_coordinator_shard_is_restarted_and_the_run_follows_the_same_tr
     background = Background(config, tmp_path)
     wait_until(lambda: (tmp_path / "checkpoints" / f"step-{4:08d}" / "manifest.json").exists(), "checkpoint 4", 120)
     killed = read_json(tmp_path / "placements.json")["coordinator"]["shards"][1]["pid"]
-    os.kill(killed, signal.SIGKILL)
+    assert kill_actor_process(killed, "Coordinator"), "the coordinator shard is not running"
     background.join()
     assert background.error is None, background.error
 
@@ -271,7 +272,7 @@ def test_a_run_that_keeps_failing_ends_with_every_cause(tmp_path: Path) -> None:
     background = Background(_config(tmp_path, max_failures=1), tmp_path)
     _kill_after_checkpoint(tmp_path, 4, "cnn")
     wait_until(lambda: _fault_counts(tmp_path).get("student_died") == 1, "the first failure is recorded", 120)
-    os.kill(read_json(tmp_path / "placements.json")["students"]["mlp"]["pid"], signal.SIGKILL)
+    assert kill_actor_process(read_json(tmp_path / "placements.json")["students"]["mlp"]["pid"], "StudentActor")
     background.join()
     assert isinstance(background.error, RunFailed), background.error
     message = str(background.error)

@@ -7,9 +7,7 @@ that is SIGKILLed and restarted.
 
 import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -23,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rdml_dist.engines.ray_engine import train_ray
-from tests.integration.cli_process import free_port
+from tests.integration.cli_process import free_port, kill_actor_process
 from tests.integration.conftest import make_config, read_json, read_steps, wait_until
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "rdml-cohort.json"
@@ -143,7 +141,7 @@ def test_metrics_through_a_student_restart(tmp_path: Path) -> None:
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
     wait_until(lambda: (tmp_path / "run" / "checkpoints" / "step-00000004" / "manifest.json").exists(), "checkpoint 4", 120)
-    os.kill(read_json(tmp_path / "run" / "placements.json")["students"]["cnn"]["pid"], signal.SIGKILL)
+    assert kill_actor_process(read_json(tmp_path / "run" / "placements.json")["students"]["cnn"]["pid"], "StudentActor")
     history = []
     while thread.is_alive():
         with contextlib.suppress(OSError):

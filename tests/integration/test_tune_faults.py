@@ -20,7 +20,7 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
 from rdml_dist.tune.runner import run_sweep, write_outputs
-from tests.integration.cli_process import RDML_DIST, child_environment, run_cli
+from tests.integration.cli_process import RDML_DIST, child_environment, kill_actor_process, run_cli
 from tests.integration.conftest import wait_until
 from tests.integration.tune_cluster import cohort_pids, noisy_digits, placements, sweep_of, two_node_cluster
 
@@ -71,8 +71,8 @@ class Watcher(threading.Thread):
             if config.get("training", {}).get("optimizer", {}).get("lr") == 0.1 and results.exists():
                 if json.loads(results.read_text()).get("epochs"):
                     pid = placements(run)["students"]["cnn"]["pid"]
-                    os.kill(pid, signal.SIGKILL)
-                    self.killed = (run.name, pid)
+                    if kill_actor_process(pid, "StudentActor"):  # not a pid its ended process left to another
+                        self.killed = (run.name, pid)
 
 
 class CompletionTimes(tune.Callback):
