@@ -191,6 +191,10 @@ def test_a_killed_job_resubmitted_with_the_same_entrypoint_continues_to_the_unin
         wait_until(lambda: not processes_mentioning(str(config)), "the killed driver is gone", 30)
         assert len(json.loads((tmp_path / "run" / "results.json").read_text())["epochs"]) < 2  # it stopped before the end
 
+        # Ray drops the first job's working-directory package once its driver is killed, and a resubmission of the same
+        # files is told it "already exists" and then fails to download it (worse on a loaded machine). Ray's own advice
+        # is to change a file of the package: the retry's working directory holds one more file, its entrypoint is the same.
+        (working_dir / "retry").write_text("1")
         again = _ray(*submit, "--", *entrypoint, timeout_s=300, RAY_AUTH_MODE="token")  # what a job retry does
         assert re.search(r"Job '[^']+' succeeded", again.stdout), again.stdout + again.stderr
         assert re.search(rf"rdml-dist: resuming the unfinished run at {re.escape(str(tmp_path / 'run'))} from its checkpoint "
