@@ -34,7 +34,7 @@ def head_node(port: int) -> Iterator[list[int]]:
     started = subprocess.run(
         [_ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
          "--include-dashboard=false", "--ray-client-server-port", str(free_port()), "--disable-usage-stats"],
-        env=child_environment(), capture_output=True, text=True, timeout=120,
+        env=child_environment(), capture_output=True, text=True, timeout=120, start_new_session=True,
     )
     assert started.returncode == 0, started.stderr
     address = f"127.0.0.1:{port}"

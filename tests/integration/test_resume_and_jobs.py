@@ -113,8 +113,10 @@ def test_a_killed_driver_leaves_a_run_that_resume_completes_exactly(tmp_path: Pa
 
 
 def _ray(*args: str, timeout_s: float = 180, **environment: str) -> subprocess.CompletedProcess[str]:
+    """``ray ARGS`` in a session of its own: a head it starts lives outside the test worker's process group, which a
+    Ray process reaper of another test in this worker may signal as a whole."""
     return subprocess.run([str(Path(sys.executable).parent / "ray"), *args], env=child_environment(**environment),
-                          capture_output=True, text=True, timeout=timeout_s)
+                          capture_output=True, text=True, timeout=timeout_s, start_new_session=True)
 
 
 @contextlib.contextmanager
