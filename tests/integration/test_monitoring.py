@@ -128,7 +128,14 @@ def _value(samples: dict, name: str, student: str) -> float | None:
 @pytest.mark.timeout(300)
 def test_metrics_through_a_student_restart(tmp_path: Path) -> None:
     metrics_port = free_port()
-    config = make_config(tmp_path / "run", STUDENTS, training={"epochs": 2, "batch_size": 128},
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    # cnn's restarted process takes 2 s to load its checkpoint, so its restart is long enough to be scraped
+    # whatever the machine's load (a restart alone now takes about a second)
+    slow_restore = {"faults": [{"how": "hang", "where": "restore", "seconds": 2.0}], "markers": str(markers),
+                    "run_dir": str(tmp_path / "run")}
+    students = [STUDENTS[0], {"name": "cnn", "model": "tests.integration.faulty_models:mlp_with_faults", "options": slow_restore}]
+    config = make_config(tmp_path / "run", students, training={"epochs": 2, "batch_size": 128},
                          monitoring={"port": metrics_port}, runtime={"checkpoint": {"every_steps": 4}})
     error: list[BaseException] = []
 
