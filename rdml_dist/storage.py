@@ -80,8 +80,6 @@ class Storage:
         if self.fence is not None:
             self.fence()
 
-    _before_writing = check_writable
-
     def path(self, relative: str) -> str:
         """The full path (or object key) of a file in the run directory."""
         return f"{self.root.rstrip('/')}/{relative}" if relative else self.root
@@ -94,7 +92,7 @@ class Storage:
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         """Replace ``relative`` with ``data`` all at once: a reader sees the old file or the new one, never a part."""
-        self._before_writing()
+        self.check_writable()
         if self.is_local:
             atomic_write(Path(self.path(relative)), lambda handle: handle.write(data))
         else:
@@ -104,7 +102,7 @@ class Storage:
         """Like :meth:`write_bytes` for data too large to hold at once: the whole is written under a temporary
         name and moved into place when complete (fsspec commits an upload on close even after an error, so
         writing the final name directly could leave a truncated object)."""
-        self._before_writing()
+        self.check_writable()
         if self.is_local:
             atomic_write(Path(self.path(relative)), lambda handle: handle.writelines(chunks))
             return
@@ -141,6 +139,6 @@ class Storage:
 
     def delete(self, relative: str) -> None:
         """Remove a file or a directory tree; a missing one is not an error."""
-        self._before_writing()
+        self.check_writable()
         if self.fs.exists(self.path(relative)):
             self.fs.rm(self.path(relative), recursive=True)

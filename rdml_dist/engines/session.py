@@ -128,9 +128,9 @@ def resume_session(location: str, address: str | None = None, lease: RunLease | 
 
 def _saved_run_config(storage: Storage, location: str, address: str | None) -> ExperimentConfig:
     """The config a run was started with, at ``location`` and (when given) on another cluster."""
-    if not storage.exists(CONFIG_FILE):
+    raw = _saved_config(storage)
+    if raw is None:
         raise ConfigError("--resume", f"{storage.describe()} holds no run ({CONFIG_FILE} is missing)")
-    raw = yaml.safe_load(storage.read_bytes(CONFIG_FILE))
     raw["runtime"]["run_dir"] = location
     if address is not None:
         raw["runtime"]["ray"]["address"] = address
@@ -178,18 +178,14 @@ def plan_run(config: ExperimentConfig, overwrite: bool = False, wait: bool = Fal
         holder = newest_lease(storage)
         if _finished_run(storage) and (holder is None or not holder.live()):
             continue
-        if holder is not None and holder.live() and not wait:
-            busy.append(f"{storage.describe()} is being written by another driver ({holder.describe()})")
-            continue
-        try:
-            lease = take_lease(storage, config, "runtime.run_dir", wait=wait)
-        except ConfigError:
-            if wait:
-                raise
-            holder = newest_lease(storage)  # another driver took it a moment ago: a plain train goes on
-            busy.append(f"{storage.describe()} is being written by another driver "
-                        f"({holder.describe() if holder else 'just started'})")
-            continue
+        if wait:
+            lease = take_lease(storage, config, "runtime.run_dir", wait=True)
+        else:
+            try:
+                lease = RunLease.acquire(storage, config.runtime.lease.ttl_s)
+            except LeaseHeld as held:  # another live driver writes it: a plain train goes on to the next sibling
+                busy.append(str(held))
+                continue
         try:
             plan = _plan_under_lease(config, candidate, storage, lease, number, location, busy)
         except BaseException:
