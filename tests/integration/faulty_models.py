@@ -2,7 +2,8 @@
 
 A fault is ``{"how": ..., "where": ..., "after": N}``:
 - ``how``: ``exit`` (the process dies: ``os._exit``), ``raise`` (the student's own exception, as a CUDA
-  out-of-memory error reads), ``hang`` (sleeps ``seconds``), ``kill_coordinator`` (SIGKILLs the
+  out-of-memory error reads), ``hang`` (sleeps ``seconds``), ``wait_for`` (waits until the file ``path`` exists, at most
+  ``seconds``: the test decides when the run goes on), ``kill_coordinator`` (SIGKILLs the
   coordinator process named in ``placements.json`` and waits until it is gone), ``kill_coordinator_and_exit``;
 - ``where``: ``step`` (a training forward), ``state_dict`` (writing a checkpoint), ``evaluation`` (an
   evaluation forward) or ``restore`` (loading a checkpoint);
@@ -78,6 +79,10 @@ class Faulty(nn.Module):
             raise RuntimeError(SIMULATED_OOM)
         if how == "hang":
             time.sleep(fault["seconds"])
+        if how == "wait_for":
+            deadline = time.monotonic() + fault["seconds"]
+            while not Path(fault["path"]).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 def _alive(pid: int) -> bool:

@@ -46,7 +46,7 @@ def prometheus(tmp_path: Path, target: str) -> Iterator[str]:
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
-        "global: {scrape_interval: 250ms, scrape_timeout: 200ms}\n"
+        "global: {scrape_interval: 250ms, scrape_timeout: 250ms}\n"
         f"scrape_configs:\n  - job_name: rdml\n    static_configs:\n      - targets: ['{target}']\n"
     )
     process = subprocess.Popen(
@@ -84,22 +84,43 @@ def _query(url: str, expression: str, at: float) -> list[dict[str, Any]]:
 @pytest.mark.timeout(300)
 def test_prometheus_scrapes_every_student_and_every_dashboard_query_has_data(tmp_path: Path) -> None:
     metrics_port = free_port()
-    config = make_config(tmp_path / "run", STUDENTS, training={"epochs": 3, "batch_size": 64},
+    markers, scraped = tmp_path / "markers", tmp_path / "scraped"
+    markers.mkdir()
+    # mlp holds the cohort at step 20 until Prometheus has scraped the run: a loaded machine may miss
+    # the scrapes of a whole run this short otherwise
+    hold = {"faults": [{"how": "wait_for", "where": "step", "after": 20, "path": str(scraped), "seconds": 60}],
+            "markers": str(markers), "run_dir": str(tmp_path / "run")}
+    students = [{"name": "mlp", "model": "tests.integration.faulty_models:mlp_with_faults", "options": hold}, STUDENTS[1]]
+    config = make_config(tmp_path / "run", students, training={"epochs": 3, "batch_size": 64},
                          monitoring={"port": metrics_port})
     with prometheus(tmp_path, f"127.0.0.1:{metrics_port}") as url:
-        train_ray(config, tmp_path / "run", show_progress=False).finish()
+        error: list[BaseException] = []
+
+        def train() -> None:
+            try:
+                train_ray(config, tmp_path / "run", show_progress=False).finish()
+            except BaseException as failure:  # noqa: BLE001 - handed to the test
+                error.append(failure)
+
+        thread = threading.Thread(target=train, daemon=True)
+        thread.start()
+        wait_until(lambda: bool(_query(url, "rdml_cohort_step", time.time())), "Prometheus scrapes the run", 120)
+        scraped.touch()
+        thread.join(240)
+        assert not thread.is_alive() and not error, error
         time.sleep(0.5)  # the coordinator is gone: the target's last scrape is final
         now = time.time()
         steps = _query(url, "last_over_time(rdml_cohort_step[10m])", now)
         assert len(steps) == 1 and steps[0]["metric"]["run"] == "integration"
         last_step = int(float(steps[0]["value"][1])) - 1
-        assert last_step > 10, "Prometheus saw too little of the run"
+        assert last_step >= 20, "Prometheus saw too little of the run"
+        models = {entry["name"]: entry["model"] for entry in students}
         rows = {row["student"]: row for row in read_steps(tmp_path / "run") if int(row["step"]) == last_step}
         for metric, column in (("rdml_student_cross_entropy_loss", "ce_loss"), ("rdml_student_mimicry_loss", "mimicry_loss")):
             series = {item["metric"]["student"]: item for item in _query(url, f"last_over_time({metric}[10m])", now)}
             assert set(series) == {"mlp", "cnn"}, metric
             for student, item in series.items():
-                assert item["metric"]["model"] == {"mlp": "mlp", "cnn": "small_cnn"}[student]
+                assert item["metric"]["model"] == models[student]
                 assert float(item["value"][1]) == pytest.approx(float(rows[student][column]), rel=1e-9, abs=1e-12), (metric, student)
 
         # Every panel of the provisioned dashboard returns data from the same Prometheus.
