@@ -151,10 +151,12 @@ def test_metrics_through_a_student_restart(tmp_path: Path) -> None:
     metrics_port = free_port()
     markers = tmp_path / "markers"
     markers.mkdir()
-    # cnn's restarted process takes 2 s to load its checkpoint, so its restart is long enough to be scraped
-    # whatever the machine's load (a restart alone now takes about a second)
-    slow_restore = {"faults": [{"how": "hang", "where": "restore", "seconds": 2.0}], "markers": str(markers),
-                    "run_dir": str(tmp_path / "run")}
+    # cnn holds the cohort at step 6 until the test kills it (a whole run can end between two polls of the
+    # checkpoint otherwise); its restarted process takes 2 s to load its checkpoint, so its restart is long
+    # enough to be scraped whatever the machine's load (a restart alone takes about a second)
+    hold_then_slow_restore = [{"how": "wait_for", "where": "step", "after": 6, "path": str(tmp_path / "never"), "seconds": 60},
+                              {"how": "hang", "where": "restore", "seconds": 2.0}]
+    slow_restore = {"faults": hold_then_slow_restore, "markers": str(markers), "run_dir": str(tmp_path / "run")}
     students = [STUDENTS[0], {"name": "cnn", "model": "tests.integration.faulty_models:mlp_with_faults", "options": slow_restore}]
     config = make_config(tmp_path / "run", students, training={"epochs": 2, "batch_size": 128},
                          monitoring={"port": metrics_port}, runtime={"checkpoint": {"every_steps": 4}})
@@ -168,7 +170,9 @@ def test_metrics_through_a_student_restart(tmp_path: Path) -> None:
 
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
-    wait_until(lambda: (tmp_path / "run" / "checkpoints" / "step-00000004" / "manifest.json").exists(), "checkpoint 4", 120)
+    wait_until(lambda: (tmp_path / "run" / "checkpoints" / "step-00000004" / "manifest.json").exists() or not thread.is_alive(),
+               "checkpoint 4", 120)
+    assert not error, error
     assert kill_actor_process(read_json(tmp_path / "run" / "placements.json")["students"]["cnn"]["pid"], "StudentActor")
     history = []
     while thread.is_alive():
