@@ -17,6 +17,7 @@ from rdml_dist.data.batch_plan import batch_plan, indices_hash
 from rdml_dist.devices import resolve_device
 from rdml_dist.divergence import MimicryResult, MimicryWorkspace, mimicry_gradients, stack_by_sample
 from rdml_dist.errors import FrameRejected
+from rdml_dist.finite import all_finite
 from rdml_dist.messages import (
     BATCH_MISMATCH, DATA_MISMATCH, DUPLICATE, NON_FINITE, NOT_LIVE, UNKNOWN_STUDENT, WRONG_SHAPE, WRONG_STEP,
     EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepTiming, StudentInfo,
@@ -174,7 +175,7 @@ class CohortCoordinator:
         num_classes = self.info[frame.student].num_classes
         if logits.dim() != 2 or tuple(logits.shape) != (rows, num_classes):
             raise FrameRejected(f"logits from {frame.student!r} have shape {tuple(logits.shape)}, expected {rows}×{num_classes}", WRONG_SHAPE)
-        if not bool(torch.isfinite(logits).all()) or not math.isfinite(frame.ce_loss):
+        if not all_finite(logits) or not math.isfinite(frame.ce_loss):
             raise FrameRejected(f"frame from {frame.student!r} at step {frame.step} holds NaN or infinite values", NON_FINITE)
 
     def _rows_served(self, batch_rows: int) -> int:
@@ -321,7 +322,7 @@ class CohortCoordinator:
             )
         self._refreshing = None
         logits = frame.logits
-        if tuple(logits.shape) == tuple(self._pending[frame.student].logits.shape) and bool(torch.isfinite(logits).all()):
+        if tuple(logits.shape) == tuple(self._pending[frame.student].logits.shape) and all_finite(logits):
             self._pending[frame.student].logits = logits
 
     def _answer(self, pending: PendingStep, result: MimicryResult) -> dict[str, MimicryReply]:
@@ -419,7 +420,7 @@ class CohortCoordinator:
                 raise FrameRejected(
                     f"validation output of {frame.student!r} does not match {other.student!r}'s (shape or labels)"
                 )
-        if not bool(torch.isfinite(frame.logits).all()):
+        if not all_finite(frame.logits):
             raise FrameRejected(f"validation logits of {frame.student!r} hold NaN or infinite values")
         frames[frame.student] = frame
         self.record_timing(frame.student, frame.previous)

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from rdml_dist.finite import all_finite
 from rdml_dist.messages import LogitsFrame, MimicryReply, StepRecord
 
 
@@ -33,7 +34,7 @@ def split_frame(frame: LogitsFrame, shards: int) -> list[LogitsFrame]:
     if shards == 1:
         return [frame]
     logits = frame.logits
-    if not bool(torch.isfinite(logits).all()):
+    if not all_finite(logits):
         logits = torch.full_like(logits, math.nan)
     return [replace(frame, logits=logits[shard_rows(logits.shape[0], shards, index)]) for index in range(shards)]
 

@@ -1,5 +1,6 @@
 """The transport-free coordinator core: barrier bookkeeping, frame validation, batched mimicry, scoring."""
 
+import math
 import pytest
 import torch
 
@@ -187,3 +188,16 @@ def test_state_snapshot(coordinator: CohortCoordinator) -> None:
     state = coordinator.state()
     assert state["step"] == 0 and state["live"] == ["a", "b", "c"] and state["waiting_for"] == ["a", "c"]
     assert state["members"] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_finds_every_nan_and_infinity_and_no_overflow_of_large_finite_logits(dtype: torch.dtype) -> None:
+    from rdml_dist.finite import all_finite
+
+    large = torch.full((128, 100), torch.finfo(dtype).max, dtype=dtype)  # their sum overflows the dtype itself
+    assert all_finite(large) and all_finite(torch.empty(0, 3, dtype=dtype))
+    for bad in (math.nan, math.inf, -math.inf):
+        for row, column in ((0, 0), (127, 99), (64, 3)):
+            poisoned = large.clone()
+            poisoned[row, column] = bad
+            assert not all_finite(poisoned), (bad, row, column)
