@@ -103,12 +103,15 @@ class RunDirectory:
 
         The loop calls this once the cohort is up, so ``--overwrite`` deletes the replaced run's
         checkpoints and logs only when the new run has really started. The saved config (defaults
-        filled in) is what ``--resume`` continues with.
+        filled in) is what ``--resume`` continues with, less ``rpc.token``: a credential is never written to
+        the run's storage (a resume reads it from ``rpc.token_env`` or its config again).
         """
         for leftover in (CHECKPOINTS, RESULTS_JSON, RESULTS_TABLE, TENSORBOARD_DIR, PLOTS_DIR):
             self.storage.delete(leftover)
         step_log.clear(self.storage)
-        config_text = yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False).encode()
+        saved = self.config.model_dump(mode="json")
+        saved["rpc"]["token"] = None
+        config_text = yaml.safe_dump(saved, sort_keys=False).encode()
         self.storage.write_bytes(CONFIG_FILE, config_text)
         self.write_results()  # no epoch yet: what a resume before the first epoch's end reads
 

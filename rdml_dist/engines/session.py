@@ -138,7 +138,8 @@ def _saved_run_config(storage: Storage, location: str, address: str | None) -> E
 
 
 # Where and how to reach the cluster, not what is trained: a retried job may differ in these.
-RUNTIME_ADDRESS_FIELDS = ("runtime.ray.address", "runtime.run_dir", "runtime.storage", "runtime.lease")
+RUNTIME_ADDRESS_FIELDS = ("runtime.ray.address", "runtime.run_dir", "runtime.storage", "runtime.lease",
+                          "rpc.token")  # never saved: a resume takes it from the config or the environment again
 MAX_NUMBERED_RUNS = 1000
 
 

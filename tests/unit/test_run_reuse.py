@@ -129,3 +129,13 @@ def test_overwrite_deletes_nothing_before_the_cluster_is_reached(tmp_path: Path,
     code = main(["train", "--run-dir", str(tmp_path / "run"), "--overwrite", *CLI_RUN[2:], "--engine", "ray", "--address", nowhere])
     assert code == 1 and f"no Ray cluster answers at {nowhere}" in capsys.readouterr().err
     assert CheckpointStore(kept).complete_steps() == [20] and kept.exists("config.yaml")
+
+
+def test_a_token_in_the_config_is_never_saved_and_its_run_still_continues(tmp_path: Path) -> None:
+    secret = "s3cret-cohort-token"
+    config = parse_config({**experiment(tmp_path / "run").model_dump(mode="json"), "rpc": {"token": secret}})
+    storage = saved_run(config, epochs_done=1)
+    saved = storage.read_bytes("config.yaml")
+    assert secret.encode() not in saved and yaml.safe_load(saved)["rpc"]["token"] is None
+    assert config_differences(yaml.safe_load(saved), config) == []  # the same run, token or not
+    assert plan_run(config).resume
