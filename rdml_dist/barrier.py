@@ -1,8 +1,9 @@
 """The asynchronous step barrier over the coordinator core, shared by every transport.
 
 Each student's exchange waits here until every live student of the step has arrived; the last
-arrival starts the one batched computation that answers them all, on a worker thread and outside
-the lock, so that the loop and the cohort's state stay free for status calls meanwhile. The Ray actor methods and the
+arrival starts the one batched computation that answers them all, outside the lock: a small one
+on the event loop itself (no thread hop), a large one on a worker thread, so that the loop and the
+cohort's state stay free for status calls meanwhile. The Ray actor methods and the
 gRPC service both call into one :class:`CohortBarrier` on one event loop, so Ray students and
 external students meet at the same barrier. The core is touched only under ``lock`` (short,
 synchronous sections, never held across an ``await``): Ray also calls read-only methods from
@@ -10,7 +11,10 @@ other threads.
 """
 
 import asyncio
+import contextlib
+import functools
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,16 +26,22 @@ from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.messages import (
     NOT_LIVE, EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepTiming, StudentInfo,
 )
+from rdml_dist.coordinator import PendingStep
 from rdml_dist.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import CohortMetrics, LockedRegistry
 
 
 class LockedMetrics:
     """The cohort's metrics, each update taken under ``lock``: the lock a scrape takes instead of the barrier's,
-    so a scrape never waits behind a step's computation, and still never sees half an update."""
+    so a scrape never waits behind a step's computation, and still never sees half an update.
+
+    Inside :meth:`held`, updates are kept instead, for :meth:`apply` to make once the step's replies are on
+    their way: a step's metrics cost the students nothing.
+    """
 
     def __init__(self, metrics: CohortMetrics, lock: threading.Lock) -> None:
         self._metrics, self._lock = metrics, lock
+        self._held: list[Callable[[], Any]] | None = None
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._metrics, name)
@@ -39,10 +49,27 @@ class LockedMetrics:
             return attribute
 
         def locked(*args: Any, **kwargs: Any) -> Any:
+            if self._held is not None:
+                self._held.append(functools.partial(attribute, *args, **kwargs))
+                return None
             with self._lock:
                 return attribute(*args, **kwargs)
 
         return locked
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[list[Callable[[], Any]]]:
+        """Keep the updates made inside (under the barrier's lock, which every metered call holds)."""
+        held = self._held = []
+        try:
+            yield held
+        finally:
+            self._held = None
+
+    def apply(self, held: list[Callable[[], Any]]) -> None:
+        with self._lock:
+            for update in held:
+                update()
 
 
 class CohortBarrier:
@@ -57,8 +84,8 @@ class CohortBarrier:
         self.lock = threading.Lock()  # the core's: held while a step's inputs are taken and its results applied
         self.metrics_lock = threading.Lock()  # the metrics': held only while they are updated or scraped
         self.registry = LockedRegistry(self.metrics_lock)
-        metrics = LockedMetrics(CohortMetrics.for_config(config, self.registry), self.metrics_lock)
-        self.core = MeteredCoordinator(config, metrics, shard=shard, shards=shards)  # type: ignore[arg-type]
+        self._metrics = LockedMetrics(CohortMetrics.for_config(config, self.registry), self.metrics_lock)
+        self.core = MeteredCoordinator(config, self._metrics, shard=shard, shards=shards)  # type: ignore[arg-type]
         self._step_results: dict[int, asyncio.Future[None]] = {}  # resolved when the step is over
         self._replies: dict[tuple[int, str], asyncio.Future[MimicryReply]] = {}  # (step, student) -> its gradient
         self._scores: dict[int, asyncio.Future[EpochEvaluation]] = {}  # epoch -> its scores, once every live student sent them
@@ -71,12 +98,17 @@ class CohortBarrier:
         self.halted: str | None = None  # why frames are refused, while the cohort rolls back
         self._computing: asyncio.Task[None] | None = None  # the computation under way, if any
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cohort-computation")
+        self.inline_below_elements = config.runtime.coordinator.inline_below_elements  # smaller steps skip the thread
 
     def _step_future(self, step: int) -> "asyncio.Future[None]":
         return self._step_results.setdefault(step, asyncio.get_running_loop().create_future())
 
     def _reply_future(self, step: int, student: str) -> "asyncio.Future[MimicryReply]":
-        return self._replies.setdefault((step, student), asyncio.get_running_loop().create_future())
+        """The future of a student's reply; a fresh one where its last wait expired or was cancelled."""
+        future = self._replies.get((step, student))
+        if future is None or (future.done() and (future.cancelled() or isinstance(future.exception(), TimeoutError))):
+            future = self._replies[(step, student)] = asyncio.get_running_loop().create_future()
+        return future
 
     def _ready(self) -> bool:
         """Whether the core can compute: the step's last arrival, or (sequential) a refresh.
@@ -94,8 +126,8 @@ class CohortBarrier:
             self._computing = asyncio.get_running_loop().create_task(self._compute_while_ready())
 
     async def _compute_while_ready(self) -> None:
-        """Each computation runs off the event loop and outside ``lock``, so that status calls, scrapes and
-        control calls are answered meanwhile; its inputs are taken, and its results applied, under the lock.
+        """Each computation runs outside ``lock`` (a large one also off the event loop), so that status calls,
+        scrapes and control calls are answered meanwhile; its inputs are taken, and its results applied, under the lock.
 
         A result that a halt or a restore overtook is dropped: as if the computation had come after it.
         """
@@ -108,10 +140,16 @@ class CohortBarrier:
                         if not self._ready():
                             return
                         pending = self.core.begin_step()
-                    result = await loop.run_in_executor(self._worker, self.core.mimicry, pending)
+                    if self._inline(pending):
+                        result = self.core.mimicry(pending)
+                    else:
+                        result = await loop.run_in_executor(self._worker, self.core.mimicry, pending)
                     with self.lock:
                         if self.halted is None and generation == self.core.generation:
-                            self._deliver(step, self.core.finish_step(pending, result))
+                            with self._metrics.held() as held:
+                                replies = self.core.finish_step(pending, result)
+                            self._deliver(step, replies)
+                            loop.call_soon(self._metrics.apply, held)  # queued behind the woken students
                 except Exception as error:  # noqa: BLE001 - any failure must reach every waiting student
                     with self.lock:
                         if self.halted is None and generation == self.core.generation:
@@ -119,10 +157,17 @@ class CohortBarrier:
         finally:
             self._computing = None
 
+    def _inline(self, pending: PendingStep) -> bool:
+        """Whether the computation is small enough to run on the event loop (no thread hop either way)."""
+        elements = sum(frame.logits.numel() for frame in pending.frames)
+        return elements < self.inline_below_elements
+
     def _deliver(self, step: int, replies: dict[str, MimicryReply]) -> None:
         """Wake the answered students, and release the step once the core has moved past it."""
         for name, reply in replies.items():
-            self._reply_future(step, name).set_result(reply)
+            future = self._reply_future(step, name)
+            if not future.done():  # its student may have stopped waiting (a timeout, a cancelled call)
+                future.set_result(reply)
         if self.core.step != step:
             self._end_step(step)
 
@@ -163,7 +208,16 @@ class CohortBarrier:
                 future = self._reply_future(frame.step, frame.student)
             finally:
                 self._complete_if_ready()
-        return await asyncio.wait_for(asyncio.shield(future), timeout=self.config.runtime.ray.exchange_timeout_s)
+        return await self._reply(future)
+
+    async def _reply(self, future: "asyncio.Future[MimicryReply]") -> MimicryReply:
+        """The gradient, awaited directly (one loop hop after the computation sets it, where ``wait_for`` over a
+        ``shield`` takes three); ``TimeoutError`` once the exchange timeout has passed."""
+        expiry = asyncio.get_running_loop().call_later(self.config.runtime.ray.exchange_timeout_s, _expire, future)
+        try:
+            return await future
+        finally:
+            expiry.cancel()
 
     def refresh(self, frame: LogitsFrame) -> None:
         """Sequential update: the logits of a student that has just applied its gradient; the next turn may go."""
@@ -271,17 +325,27 @@ class CohortBarrier:
             waiting = f"no scores from {', '.join(missing)}" if missing else "no live student left to send scores"
             raise TimeoutError(f"epoch {epoch} was not scored within {timeout_s} s ({waiting})") from None
 
-    async def step_after(self, step: int) -> int:
-        """The cohort's step once it is past ``step``; sooner when the step stops (a halt, a restore)."""
-        with self.lock:
-            if self.halted is not None:
-                raise CohortStepFailed(self.halted)
-            if self.core.step > step:
-                return self.core.step
-            future = self._step_future(self.core.step)
-        await asyncio.shield(future)  # a halt or a restore fails it: the driver hears why
-        with self.lock:
-            return self.core.step
+    async def step_after(self, step: int, at_least_s: float = 0.0, until: int | None = None) -> int:
+        """The cohort's step once it is past ``step`` and ``at_least_s`` have passed since the call, or it reached
+        ``until`` (so a watcher costs one call per interval, not one per step, and still hears a chunk's end at
+        once); sooner when the step stops (a halt, a restore: raised)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + at_least_s
+        while True:
+            with self.lock:
+                if self.halted is not None:
+                    raise CohortStepFailed(self.halted)
+                current = self.core.step
+                moved = current > step
+                if moved and (loop.time() >= deadline or (until is not None and current >= until)):
+                    return current
+                future = self._step_future(current)
+            if moved:
+                await asyncio.wait([future], timeout=deadline - loop.time())  # a timeout leaves the future as it is
+                if future.done():
+                    future.exception()  # a halt's, raised above on the next pass: read here, not logged as lost
+            else:
+                await asyncio.shield(future)  # a halt or a restore fails it: the driver hears why
 
     async def wait_for_members(self, timeout_s: float) -> list[str]:
         """Wait until every member has registered (external students join by themselves); returns the missing."""
@@ -313,3 +377,8 @@ class CohortBarrier:
         """Members that never registered (external students not yet joined)."""
         with self.lock:
             return [name for name in self.core.members if name not in self.core.info]
+
+
+def _expire(future: "asyncio.Future[Any]") -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())

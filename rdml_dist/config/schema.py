@@ -320,6 +320,14 @@ class CoordinatorConfig(_Strict):
         description="GPUs of the coordinator's own bundle (with one, the batched computation runs there)",
     )
     on_head_node: bool = Field(False, description="pin the coordinator to the Ray head node (a stable metrics address)")
+    inline_below_elements: int = Field(
+        1 << 19, ge=0,
+        description=(
+            "a step whose logits hold fewer elements than this (students × rows × classes) is computed on the "
+            "event loop itself, which saves two thread hops per step; a larger one on a worker thread, so that "
+            "status calls are answered while it runs (0: always on the thread)"
+        ),
+    )
     shards: int = Field(
         1, ge=1,
         description=(

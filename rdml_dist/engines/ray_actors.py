@@ -107,10 +107,12 @@ class Coordinator:
         self._check(incarnation)
         self.barrier.register(info)
 
-    async def step_after(self, step: int, incarnation: str | None = None) -> int:
-        """The cohort's step once it has moved past ``step`` (or the step stopped: a halt, a restore)."""
+    async def step_after(self, step: int, incarnation: str | None = None, at_least_s: float = 0.0,
+                         until: int | None = None) -> int:
+        """The cohort's step once it has moved past ``step`` and ``at_least_s`` have passed or it reached ``until``
+        (or the step stopped: a halt, a restore)."""
         self._check(incarnation)
-        return await self.barrier.step_after(step)
+        return await self.barrier.step_after(step, at_least_s, until)
 
     async def evaluation(self, epoch: int, timeout_s: float, incarnation: str | None = None) -> EpochEvaluation:
         """Wait until every live student has evaluated ``epoch`` and return the scores (on the loop that scores it)."""

@@ -35,6 +35,7 @@ from rdml_dist.storage import Storage
 
 RESTART_TIMEOUT_S = 120.0
 RESTART_POLL_S = 0.25
+PROGRESS_INTERVAL_S = 0.2  # the driver hears the cohort's step at most this often: one actor call, not one per step
 STALL_MARGIN_S = 60.0  # beyond the exchange timeout: a chunk in which nothing moved for that long has hung
 
 
@@ -341,17 +342,17 @@ class RayCohort:
         rejoining: list[str] = []
         pending = list(calls)
         step = start
-        watch = self._next_step(step)
+        watch: ray.ObjectRef | None = self._next_step(step, end)
         stall = self._stall_s()
         while pending or step < end:  # the coordinator too must reach ``end``: external students may still be stepping
-            done, _ = ray.wait([*pending, watch], num_returns=1, timeout=stall)
+            done, _ = ray.wait([*pending, *([watch] if watch is not None else [])], num_returns=1, timeout=stall)
             if not done:
                 self._handle(Failure(FailureKind.TIMEOUT.value, step, f"no step of the cohort finished within {stall:.0f} s"),
                              pending, may_continue=False)
             if done[0] == watch:
                 step = self._from_watch(watch, step, pending)
                 on_progress(step)
-                watch = self._next_step(step)
+                watch = self._next_step(step, end) if step < end else None  # none left behind at the chunk's end
                 continue
             pending.remove(done[0])
             name = calls[done[0]]
@@ -369,9 +370,10 @@ class RayCohort:
         """How long the driver waits on any call before it counts as hung: the exchange timeout and a margin."""
         return self.config.runtime.ray.exchange_timeout_s + STALL_MARGIN_S
 
-    def _next_step(self, after: int) -> ray.ObjectRef:
-        """A future of the coordinator's step once it has moved past ``after``."""
-        watch = self.coordinator.step_after.remote(after, self.incarnations[0])
+    def _next_step(self, after: int, end: int) -> ray.ObjectRef:
+        """A future of the coordinator's step once it has moved past ``after`` and the progress interval passed, or
+        it reached the chunk's ``end``."""
+        watch = self.coordinator.step_after.remote(after, self.incarnations[0], PROGRESS_INTERVAL_S, end)
         self._watches.append(watch)
         return watch
 

@@ -17,6 +17,8 @@ class HeldComputation:
     def __init__(self, barrier: CohortBarrier, error: Exception | None = None, hold_s: float = 10.0) -> None:
         self.started, self.released = threading.Event(), threading.Event()
         self.error, self.hold_s = error, hold_s
+        # held on the event loop, it would hold the loop too: every computation goes to the worker thread
+        barrier.inline_below_elements = 0
         self._mimicry = barrier.core.mimicry
         barrier.core.mimicry = self._held  # type: ignore[method-assign]
 

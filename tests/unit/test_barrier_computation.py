@@ -6,6 +6,7 @@ and restore. Nothing is polled by time: the tests wait on the computation's own 
 """
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -96,3 +97,51 @@ def test_a_computation_that_fails_after_a_restore_overtook_it_leaves_the_restore
         assert barrier.halted is None and [reply.step for reply in replies] == [0, 0, 0] and barrier.core.step == 1
 
     asyncio.run(scenario())
+
+
+def test_the_drivers_watch_hears_one_step_per_interval_and_a_chunks_end_at_once() -> None:
+    async def scenario() -> None:
+        barrier = _barrier()
+
+        async def step(index: int) -> None:
+            await asyncio.wait_for(asyncio.gather(*[barrier.exchange(_frame(name, index, index)) for name in NAMES]), WAIT_S)
+
+        throttled = asyncio.ensure_future(barrier.step_after(0, at_least_s=WAIT_S))
+        await step(0)
+        await step(1)
+        await asyncio.sleep(0.05)
+        assert not throttled.done()  # past step 0 twice over, but its interval has not passed
+        at_end = asyncio.ensure_future(barrier.step_after(1, at_least_s=WAIT_S, until=3))
+        await step(2)
+        assert await asyncio.wait_for(at_end, WAIT_S) == 3  # the chunk's end is heard at once
+        barrier.abort("rolled back")
+        with pytest.raises(CohortStepFailed, match="rolled back"):
+            await asyncio.wait_for(throttled, WAIT_S)  # and a halt at once
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("inline_below_elements", [1 << 19, 0])
+def test_a_small_step_is_computed_on_the_event_loop_and_a_large_one_on_the_worker_thread_alike(inline_below_elements: int) -> None:
+    async def scenario() -> tuple[list[str], list[MimicryReply]]:
+        barrier = _barrier()
+        barrier.inline_below_elements = inline_below_elements
+        threads: list[str] = []
+        mimicry = barrier.core.mimicry
+
+        def observed(pending):  # type: ignore[no-untyped-def]
+            threads.append(threading.current_thread().name)
+            return mimicry(pending)
+
+        barrier.core.mimicry = observed  # type: ignore[method-assign]
+        replies = await asyncio.wait_for(
+            asyncio.gather(*[barrier.exchange(_frame(name, 0, seed)) for seed, name in enumerate(NAMES)]), WAIT_S)
+        return threads, replies
+
+    threads, replies = asyncio.run(scenario())
+    assert threads == [threading.main_thread().name if inline_below_elements else "cohort-computation_0"]
+    reference = _barrier().core
+    for seed, name in enumerate(NAMES):
+        reference.submit(_frame(name, 0, seed))
+    expected = reference.compute()
+    assert all(torch.equal(reply.grad, expected[name].grad) for name, reply in zip(NAMES, replies))
