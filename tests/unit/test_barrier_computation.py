@@ -145,3 +145,22 @@ def test_a_small_step_is_computed_on_the_event_loop_and_a_large_one_on_the_worke
         reference.submit(_frame(name, 0, seed))
     expected = reference.compute()
     assert all(torch.equal(reply.grad, expected[name].grad) for name, reply in zip(NAMES, replies))
+
+
+def test_a_steps_metrics_are_applied_right_after_its_replies_are_handed_out() -> None:
+    async def scenario() -> tuple[list[float | None], float | None]:
+        barrier = _barrier()
+        when_answered: list[float | None] = []
+
+        def cohort_step() -> float | None:
+            return barrier.registry.get_sample_value("rdml_cohort_step", {"run": "held"})
+
+        async def exchange(frame: LogitsFrame) -> None:
+            await barrier.exchange(frame)
+            when_answered.append(cohort_step())  # where a transport sends the reply: before the step's metrics
+
+        await asyncio.wait_for(asyncio.gather(*[exchange(_frame(name, 0, seed)) for seed, name in enumerate(NAMES)]), WAIT_S)
+        return when_answered, cohort_step()
+
+    when_answered, after = asyncio.run(scenario())
+    assert when_answered == [None] * len(NAMES) and after == 1.0
