@@ -1,6 +1,6 @@
 """What the engine adds to a step, against the floor of moving the same bytes, side by side in one run.
 
-Cohorts of K students whose forward and backward are a fixed sleep of S ms (benchmarks/sleeping_cohort.py:
+Cohorts of K students whose step is a fixed sleep of S ms (benchmarks/sleeping_cohort.py:
 standing in for a GPU step, so the CPUs are free for the engine), real B×C logits, trained through the
 real driver, actors, frame lane, barrier and coordinator on a simulated multi-node Ray cluster
 (``ray.cluster_utils.Cluster``: a head and worker nodes on loopback). Per cell, from the run's step log

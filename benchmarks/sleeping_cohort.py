@@ -3,6 +3,10 @@
 A GPU student's forward and backward keep its CPU almost idle; a sleep does the same on a CPU-only
 machine, so what a step costs beyond the sleep is the engine's own work (and the student's Python),
 which is what the benchmark measures. The model is one linear layer, so its logits are real.
+
+The whole S is slept once, in the training forward: a GPU student's CPU queues its backward, its
+optimizer step and its next forward without waiting, and blocks once per step, when the logits are
+copied to the host for the exchange (which waits for all of that queued work).
 """
 
 import math
@@ -12,33 +16,18 @@ import torch
 from torch import Tensor, nn
 
 
-class _SleepInBackward(torch.autograd.Function):
-    """Identity forward; the backward sleeps ``seconds`` first (the backward half of the stand-in step)."""
-
-    @staticmethod
-    def forward(context: torch.autograd.function.FunctionCtx, inputs: Tensor, seconds: float) -> Tensor:  # type: ignore[override]
-        context.seconds = seconds
-        return inputs.view_as(inputs)
-
-    @staticmethod
-    def backward(context: torch.autograd.function.FunctionCtx, gradient: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        time.sleep(context.seconds)
-        return gradient, None
-
-
 class SleepingLinear(nn.Module):
-    """One linear layer whose training forward and backward each sleep half of ``sleep_ms``."""
+    """One linear layer whose training forward sleeps ``sleep_ms`` first (the step's one wait for the GPU)."""
 
     def __init__(self, features: int, num_classes: int, sleep_ms: float) -> None:
         super().__init__()
         self.linear = nn.Linear(features, num_classes)
-        self.half_seconds = sleep_ms / 2000
+        self.seconds = sleep_ms / 1000
 
     def forward(self, inputs: Tensor) -> Tensor:
-        if not self.training:
-            return self.linear(inputs.flatten(1))
-        time.sleep(self.half_seconds)
-        return _SleepInBackward.apply(self.linear(inputs.flatten(1)), self.half_seconds)
+        if self.training:
+            time.sleep(self.seconds)
+        return self.linear(inputs.flatten(1))
 
 
 def sleeping_linear(num_classes: int, input_shape: tuple[int, ...], sleep_ms: float = 5.0) -> nn.Module:
