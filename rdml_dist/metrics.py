@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from http.server import HTTPServer
 from pathlib import Path
@@ -25,6 +26,7 @@ from prometheus_client.metrics_core import Metric
 
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.errors import ClusterError
+from rdml_dist.logs import logger
 from rdml_dist.messages import REJECTION_REASONS, EpochEvaluation, StepRecord, StepTiming
 from rdml_dist.storage import atomic_write
 
@@ -219,11 +221,30 @@ class FileSdEntry:
         directory = os.open(self.path.parent, os.O_RDONLY)  # the lock: the file itself is replaced, and no lock file stays
         try:
             fcntl.flock(directory, fcntl.LOCK_EX)
-            entries = json.loads(self.path.read_text()) if self.path.exists() and self.path.stat().st_size else []
+            entries = self._entries()
             document = json.dumps(change(entries), indent=2).encode()
             atomic_write(self.path, lambda handle: handle.write(document))
         finally:
             os.close(directory)  # closing the descriptor releases the lock
+
+
+    def _entries(self) -> list[dict[str, Any]]:
+        """The listed targets (under the lock); a file that is not a target list is moved aside whole, not lost."""
+        if not self.path.exists() or not self.path.stat().st_size:
+            return []
+        text = self.path.read_bytes()
+        try:
+            entries = json.loads(text)
+            if isinstance(entries, list) and all(isinstance(entry, dict) and isinstance(entry.get("targets"), list)
+                                                 for entry in entries):
+                return entries
+            problem = "not a list of target groups"
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            problem = f"not JSON: {error}"
+        aside = self.path.with_name(f"{self.path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.replace(self.path, aside)
+        logger.warning(f"monitoring.file_sd: {self.path} was {problem}; it is kept as {aside} and a new one is written")
+        return []
 
 
 def reachable_address(host: str, port: int, node_address: str) -> str:

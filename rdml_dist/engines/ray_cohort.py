@@ -515,12 +515,18 @@ class RayCohort:
             raise  # unreachable
 
     def shutdown(self) -> None:
-        if self.file_sd is not None:
-            self.file_sd.remove()
-        for actor in [*self.actors.values(), *self.shards]:
-            ray.kill(actor, no_restart=True)
-        if self.owns_group:
-            ray.util.remove_placement_group(self.group)
+        """Release the actors and the reservation whatever else fails; a file_sd entry that cannot be removed is
+        logged, never raised (it would replace the run's own outcome)."""
+        try:
+            if self.file_sd is not None:
+                self.file_sd.remove()
+        except OSError as error:
+            logger.warning(f"monitoring.file_sd: this run's target could not be removed from {self.file_sd.path} ({error})")
+        finally:
+            for actor in [*self.actors.values(), *self.shards]:
+                ray.kill(actor, no_restart=True)
+            if self.owns_group:
+                ray.util.remove_placement_group(self.group)
 
 
 def _answers(references: dict[str, ray.ObjectRef], previous: dict[str, Any]) -> dict[str, Any]:

@@ -118,3 +118,16 @@ def test_a_local_run_lists_its_metrics_in_file_sd_while_it_runs(tmp_path: Path) 
     (during,) = probe.seen
     assert {entry["labels"]["run"] for entry in during} == {"another-run", "local-sd"}
     assert json.loads(targets.read_text()) == [{"targets": ["127.0.0.1:1"], "labels": {"run": "another-run"}}]
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"targets": ["127.0.0.1:1"]}', b"\xff\xfe"])
+def test_a_file_sd_file_that_is_not_a_target_list_is_kept_aside_and_a_new_one_written(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "targets.json"
+    path.write_bytes(content)
+    run = FileSdEntry(str(path), "run-0")
+    run.point_at("127.0.0.1:9500")
+    assert json.loads(path.read_text()) == [{"targets": ["127.0.0.1:9500"], "labels": {"run": "run-0"}}]
+    aside = [entry for entry in tmp_path.iterdir() if entry.name.startswith("targets.json.unreadable-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == content  # nothing of the user's file is lost
+    run.remove()
+    assert json.loads(path.read_text()) == []
