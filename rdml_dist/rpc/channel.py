@@ -26,9 +26,20 @@ def message_options(rpc: "RpcSettings") -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
+KEEPALIVE_MS = 20_000  # both ends ping a quiet connection: a peer whose machine vanished without a reset is noticed
+
+
+def keepalive_options() -> list[tuple[str, int]]:
+    """Ping every ``KEEPALIVE_MS`` (also between calls) and give up on a peer that does not answer within half that;
+    pings that often are accepted from the other end."""
+    return [("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_MS // 2),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2)]
+
+
 def open_channel(address: str, rpc: "RpcSettings", ca_file: str | None = None) -> grpc.Channel:
-    """A channel to ``host:port`` with the cohort's message limits; TLS when a CA certificate is given."""
-    options = message_options(rpc)
+    """A channel to ``host:port`` with the cohort's message limits and keepalive; TLS when a CA certificate is given."""
+    options = [*message_options(rpc), *keepalive_options()]
     if ca_file is not None:
         credentials = grpc.ssl_channel_credentials(root_certificates=Path(ca_file).expanduser().read_bytes())
         return grpc.secure_channel(address, credentials, options=options)

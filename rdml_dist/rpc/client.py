@@ -3,6 +3,7 @@
 
 import queue
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -11,6 +12,9 @@ from rdml_dist.messages import EvalFrame, LogitsFrame, MimicryReply, StepTiming,
 from rdml_dist.rpc.channel import StatusClient
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2, cohort_pb2_grpc
 from rdml_dist.rpc.tensors import decode_tensor, encode_tensor
+
+if TYPE_CHECKING:
+    from rdml_dist.rpc.channel import RpcSettings
 
 
 def _timing_message(timing: StepTiming | None) -> dict[str, cohort_pb2.StepTiming]:
@@ -57,14 +61,26 @@ class ExchangeStream:
             pass  # the stream had already ended with an error, which the caller has handled
 
 
+CALL_DEADLINE_S = 120.0  # a join, a score submission or a leave the coordinator has not answered by then failed
+
+
 class CohortClient(StatusClient):
-    """A student's calls on one coordinator with the cohort's token: join, exchange, evaluate, leave."""
+    """A student's calls on one coordinator with the cohort's token: join, exchange, evaluate, leave.
+
+    Each unary call has a deadline, and the channel's keepalive ends the exchange stream, so a coordinator whose
+    node vanished without a reset never leaves the student waiting.
+    """
+
+    def __init__(self, address: str, rpc: "RpcSettings", token: str | None = None, ca_file: str | None = None,
+                 call_deadline_s: float = CALL_DEADLINE_S) -> None:
+        super().__init__(address, rpc, token, ca_file)
+        self.call_deadline_s = call_deadline_s
 
     def join(self, info: StudentInfo, session: str = "") -> cohort_pb2.JoinResponse:
         return self.stub.Join(cohort_pb2.JoinRequest(
             student=info.name, num_train=info.num_train, num_val=info.num_val, num_classes=info.num_classes,
             steps_per_epoch=info.steps_per_epoch, data_fingerprint=info.data_fingerprint, session_id=session,
-        ), metadata=self.metadata)
+        ), metadata=self.metadata, timeout=self.call_deadline_s)
 
     def stream(self, session: str) -> ExchangeStream:
         return ExchangeStream(self.stub, self.metadata, session)
@@ -73,8 +89,8 @@ class CohortClient(StatusClient):
         return self.stub.SubmitEvaluation(cohort_pb2.SubmitEvaluationRequest(
             student=frame.student, session_id=session, epoch=frame.epoch, logits=encode_tensor(frame.logits),
             labels=encode_tensor(frame.labels), **_timing_message(frame.previous),
-        ), metadata=self.metadata).scored
+        ), metadata=self.metadata, timeout=self.call_deadline_s).scored
 
     def leave(self, student: str, session: str, reason: str) -> list[str]:
         return list(self.stub.Leave(cohort_pb2.LeaveRequest(student=student, session_id=session, reason=reason),
-                                    metadata=self.metadata).live)
+                                    metadata=self.metadata, timeout=self.call_deadline_s).live)

@@ -17,7 +17,7 @@ from rdml_dist.config import RpcConfig
 from rdml_dist.errors import ClusterError
 from rdml_dist.metrics import reachable_address
 from rdml_dist.rpc.auth import BearerTokenInterceptor, check_bind
-from rdml_dist.rpc.channel import message_options
+from rdml_dist.rpc.channel import keepalive_options, message_options
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2, cohort_pb2_grpc
 from rdml_dist.rpc.service import CohortServicer
 from rdml_dist.rpc.status import cohort_phase
@@ -26,14 +26,11 @@ SERVICE_NAME = cohort_pb2.DESCRIPTOR.services_by_name["CohortService"].full_name
 HEALTH_REFRESH_S = 0.2
 
 
-KEEPALIVE_MS = 20_000  # ping an idle connection: a student whose machine vanished is noticed, not waited for
-
-
 def server_options(rpc: RpcConfig) -> list[tuple[str, int]]:
-    """Message limits, keepalive, and an exclusive port: grpc's default SO_REUSEPORT would let a
-    second run on the same node bind the same port and split the students between two cohorts."""
-    return [*message_options(rpc), ("grpc.so_reuseport", 0), ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE_MS // 2)]
+    """Message limits, keepalive (a student whose machine vanished is noticed, not waited for), and an exclusive
+    port: grpc's default SO_REUSEPORT would let a second run on the same node bind the same port and split the
+    students between two cohorts."""
+    return [*message_options(rpc), ("grpc.so_reuseport", 0), *keepalive_options()]
 
 
 def _bind(host: str, port: int) -> str:
