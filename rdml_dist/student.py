@@ -170,10 +170,13 @@ class Student:
         with self._own_rng():
             logits = self.compute.forward(inputs)
         labelled_mask = labels >= 0
-        labelled = int(labelled_mask.sum())
-        ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")[labelled_mask].sum() / max(labelled, 1)
-        predictions = logits.detach().argmax(-1).cpu()
-        correct = int((predictions == labels.cpu())[labelled_mask.cpu()].sum())
+        labelled = labelled_mask.sum()
+        ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")[labelled_mask].sum() / labelled.clamp(min=1)
+        predictions = logits.detach().argmax(-1)
+        correct = ((predictions == labels) & labelled_mask).sum()
+        # everything the frame needs from the device in one wait (one synchronisation on a GPU, not five)
+        wire_logits, predictions, correct, labelled, ce_value = self.compute.to_host(
+            logits.detach().to(self.wire_dtype), predictions, correct, labelled, ce)
         elapsed = time.perf_counter() - started
         self._pending = (global_step, logits, ce, elapsed)
         self._last_batch = (global_step, indices, inputs)
@@ -181,10 +184,10 @@ class Student:
             student=self.name,
             step=global_step,
             batch_hash=indices_hash(indices),
-            logits=logits.detach().to(self.wire_dtype).cpu(),
-            ce_loss=float(ce.detach()),
-            correct=correct,
-            labelled=labelled,
+            logits=wire_logits,
+            ce_loss=float(ce_value),
+            correct=int(correct),
+            labelled=int(labelled),
             correct_clean=int((predictions == self.dataset.train.clean_labels[indices]).sum()),
             previous=self.last_timing,
         )

@@ -53,6 +53,15 @@ class StepCompute:
         with torch.autocast(self.device.type, dtype=self._autocast_dtype):
             return self._forward(inputs)
 
+    def to_host(self, *tensors: Tensor) -> list[Tensor]:
+        """``tensors`` detached on the host with one wait for the device: each copied without blocking (into pinned
+        memory) and the stream synchronised once, not once per tensor; on the CPU they are already there."""
+        if self.device.type != "cuda":
+            return [tensor.detach() for tensor in tensors]
+        copies = [tensor.detach().to("cpu", non_blocking=True) for tensor in tensors]
+        torch.cuda.current_stream(self.device).synchronize()
+        return copies
+
     def backward_and_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> bool:
         """Backward of a float32 ``loss`` and the optimizer's step; False when the scaler skipped an overflowing step."""
         optimizer.zero_grad(set_to_none=True)

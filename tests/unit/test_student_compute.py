@@ -112,3 +112,14 @@ def test_a_student_overrides_the_cohorts_compute_settings() -> None:
     cohort = config({"precision": "bf16"}, compute={"precision": "fp32"})
     assert Student(cohort, 0).compute.settings.precision == "fp32"
     assert Student(cohort, 1).compute.settings.precision == "bf16"
+
+
+def test_a_frames_loss_and_counts_are_those_of_its_logits_brought_to_the_host_together() -> None:
+    student = Student(config({}), 0)
+    frame = student.forward_step(0)
+    _, indices, _ = student._last_batch
+    labels = student.dataset.train.batch(indices)[1]
+    assert frame.logits.device.type == "cpu" and not frame.logits.requires_grad
+    assert frame.labelled == len(labels)
+    assert frame.correct == int((frame.logits.argmax(-1) == labels).sum())
+    assert frame.ce_loss == pytest.approx(float(torch.nn.functional.cross_entropy(frame.logits, labels)), rel=1e-6)
