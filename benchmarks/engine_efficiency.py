@@ -15,7 +15,7 @@ over a blocking loopback socket to one receiver, which answers each with as many
 have arrived. What the engine adds beyond S, over what the floor adds beyond S, is the ratio the
 issue's targets are written in.
 
-Writes benchmarks/results/engine_efficiency.{json,md,png}. Run (about 10 min on 2 cores):
+Writes benchmarks/results/engine_efficiency.{json,md,png}. Run (about 6 min on 2 cores):
     .venv/bin/python benchmarks/engine_efficiency.py
     .venv/bin/python benchmarks/engine_efficiency.py --students 2 8 --sleep-ms 5 --classes 100   # a subset
 """
@@ -167,7 +167,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"{NODES} nodes on loopback. Logits B×C with B = {BATCH}; {STEPS_PER_EPOCH} steps per epoch, the second "
         "epoch measured (medians over students and steps).",
         "",
-        "S: the sleep standing in for a student's forward and backward. Step: a student's compute plus its round trip. "
+        "S: the sleep standing in for a student's GPU step (once a step, in the forward). Step: a student's compute plus its round trip. "
         "Engine adds / floor adds: (step − S) of the engine over (step − S) of the floor.",
         "",
         "| K | S ms | C | step ms | S / step | floor step ms | floor S / step | engine adds / floor adds | "
@@ -194,23 +194,27 @@ def render_plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.2))
+    figure, (times, efficiency) = plt.subplots(1, 2, figsize=(12, 4.4))
     series: dict[tuple[float, int], list[dict[str, Any]]] = {}
     for cell in results["cells"]:
         series.setdefault((cell["sleep_ms"], cell["classes"]), []).append(cell)
     for (sleep_ms, classes), cells in sorted(series.items()):
         cells = sorted(cells, key=lambda cell: cell["students"])
         ks = [cell["students"] for cell in cells]
-        line = axis.plot(ks, [cell["engine"]["efficiency"] for cell in cells], marker="o", label=f"engine, S={sleep_ms:g} ms, C={classes}")
-        axis.plot(ks, [cell["floor"]["efficiency"] for cell in cells], linestyle="--", color=line[0].get_color(),
-                  label=f"floor, S={sleep_ms:g} ms, C={classes}")
-    axis.set_xscale("log", base=2)
-    axis.set_xlabel("students K")
-    axis.set_ylabel("S / step (efficiency)")
-    axis.set_ylim(0, 1.05)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-    axis.set_title("What a step costs beyond its compute: the engine against plain sockets")
+        for axis, value in ((times, lambda part: 1000 * part["step_s"]), (efficiency, lambda part: part["efficiency"])):
+            line = axis.plot(ks, [value(cell["engine"]) for cell in cells], marker="o", label=f"engine, S={sleep_ms:g} ms, C={classes}")
+            axis.plot(ks, [value(cell["floor"]) for cell in cells], linestyle="--", color=line[0].get_color(),
+                      label=f"floor, S={sleep_ms:g} ms, C={classes}")
+    for axis in (times, efficiency):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("students K")
+        axis.grid(alpha=0.3)
+    times.set_ylabel("step (ms)")
+    times.set_ylim(bottom=0)
+    efficiency.set_ylabel("S / step (efficiency)")
+    efficiency.set_ylim(0, 1.05)
+    efficiency.legend(fontsize=7)
+    figure.suptitle("What a step costs beyond its compute: the engine against plain sockets")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -256,7 +260,7 @@ def main() -> int:
         results = {
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
                        f"torch {torch.__version__}, ray {ray.__version__}",
-            "command": "python benchmarks/engine_efficiency.py " + " ".join(sys.argv[1:]),
+            "command": " ".join(["python benchmarks/engine_efficiency.py", *sys.argv[1:]]),
             "cells": cells,
             "skipped": (f"K = {', '.join(map(str, skipped))}: a student process holds about 650 MB and the cohort "
                         "would pass 80% of this machine's memory") if skipped else "",
