@@ -10,6 +10,7 @@ committed page differs from what this script writes.
 """
 
 import argparse
+import enum
 import sys
 import types
 import typing
@@ -56,6 +57,8 @@ def type_text(annotation: Any) -> str:
         return "null"
     if origin is Literal:
         return "one of " + ", ".join(f"`{value}`" for value in args)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "one of " + ", ".join(f"`{member.value}`" for member in annotation)
     if origin in (Union, types.UnionType):
         return " or ".join(type_text(arg) for arg in args)
     if origin is list:
@@ -86,6 +89,8 @@ def default_text(info: FieldInfo) -> str:
     if info.is_required():
         return "required"
     value = info.get_default(call_default_factory=True, validated_data={})
+    if isinstance(value, enum.Enum):
+        value = value.value
     text = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=1000).strip()
     return f"`{text.removesuffix('...').strip()}`"
 

@@ -6,6 +6,7 @@ Every field's description is the configuration reference's text. Loading a YAML 
 :mod:`rdml_dist.config.loading`, the checks that import models and data in :mod:`rdml_dist.config.checks`.
 """
 
+import enum
 import os
 import re
 from pathlib import Path
@@ -347,15 +348,27 @@ class CheckpointConfig(_Strict):
     keep: int = Field(2, ge=1, description="complete cohort checkpoints kept")
 
 
+class OnStudentFailure(str, enum.Enum):
+    """``runtime.fault.on_student_failure``: what a failure costs. Decided on in one place, the failure policy."""
+
+    RESTART_COHORT = "restart_cohort"
+    CONTINUE = "continue"
+    FAIL = "fail"
+
+
+FAILURE_POLICY_MEANINGS = {
+    OnStudentFailure.RESTART_COHORT: "roll back to the latest checkpoint",
+    OnStudentFailure.CONTINUE: "the live students go on",
+    OnStudentFailure.FAIL: "the run stops",
+}
+
+
 class FaultConfig(_Strict):
     """What a failure costs: a cohort rollback (default), the live students carrying on, or the run."""
 
-    on_student_failure: Literal["restart_cohort", "continue", "fail"] = Field(
-        "restart_cohort",
-        description=(
-            "`restart_cohort` (roll back to the latest checkpoint), `continue` (the live students go on) or "
-            "`fail`"
-        ),
+    on_student_failure: OnStudentFailure = Field(
+        OnStudentFailure.RESTART_COHORT,
+        description=", ".join(f"`{policy.value}` ({meaning})" for policy, meaning in FAILURE_POLICY_MEANINGS.items()),
     )
     max_failures: int = Field(3, ge=0, description="failures survived before the run stops, listing every cause")
     nan_lr_backoff: float = Field(

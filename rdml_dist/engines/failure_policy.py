@@ -11,6 +11,7 @@ import enum
 from dataclasses import asdict, dataclass
 
 from rdml_dist.config import FaultConfig
+from rdml_dist.config.schema import OnStudentFailure
 from rdml_dist.engines.failures import FailureKind
 
 WHAT_HAPPENED = {
@@ -69,17 +70,22 @@ class FailurePolicy:
         self.fault = fault
         self.failures: list[Failure] = []
 
+    @property
+    def restarts_processes(self) -> bool:
+        """Whether a dead process is restarted (by Ray) at all: under ``fail`` the first failure ends the run."""
+        return self.fault.on_student_failure is not OnStudentFailure.FAIL
+
     def decide(self, failure: Failure) -> Decision:
         """The decision for ``failure``; raises :class:`RunFailed` when the run must stop."""
         if failure.failure_kind is FailureKind.USER_ERROR:
             raise RunFailed(failure.describe(), failure)
         self.failures.append(failure)
-        if self.fault.on_student_failure == "fail":
+        if self.fault.on_student_failure is OnStudentFailure.FAIL:
             raise RunFailed(f"{failure.describe()} (runtime.fault.on_student_failure is 'fail')", failure)
         if len(self.failures) > self.fault.max_failures:
             causes = "; ".join(f"{number}. {item.describe()}" for number, item in enumerate(self.failures, 1))
             raise RunFailed(f"{len(self.failures)} failures, more than runtime.fault.max_failures={self.fault.max_failures}: {causes}",
                             failure)
-        if failure.failure_kind.of_a_student and self.fault.on_student_failure == "continue":
+        if failure.failure_kind.of_a_student and self.fault.on_student_failure is OnStudentFailure.CONTINUE:
             return Decision.CONTINUE
         return Decision.RESTART_COHORT

@@ -108,7 +108,7 @@ class RayCohort:
         marker = uuid.uuid4().hex
         storage.write_bytes(STORAGE_MARKER, marker.encode())  # every student must see it: the storage is shared
         payload = config.model_dump(mode="json")
-        restarts = -1 if config.runtime.fault.on_student_failure != "fail" else 0
+        restarts = -1 if self.policy.restarts_processes else 0
         shards = config.runtime.coordinator.shards
         self.shards = [  # each serves its rows of every step; the first also holds records, evaluation, services
             CoordinatorActor.options(
