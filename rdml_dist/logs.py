@@ -15,7 +15,10 @@ logger = logging.getLogger(LOGGER_NAME)
 
 
 def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -> logging.Handler:
-    """One handler writing ``LOG_FORMAT`` lines to ``stream`` (stderr by default); replaces an earlier one of ours."""
+    """One handler writing ``LOG_FORMAT`` lines to ``stream`` (stderr by default); replaces an earlier one of ours.
+
+    The records still propagate: a user's own handlers (and pytest's ``caplog``) see them too.
+    """
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     for old in [old for old in logger.handlers if getattr(old, "rdml_dist", False)]:
@@ -23,5 +26,4 @@ def configure_logging(level: int = logging.INFO, stream: TextIO | None = None) -
     handler.rdml_dist = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(level)
-    logger.propagate = False
     return handler
