@@ -14,11 +14,15 @@ from typing import Any
 
 import torch
 
+from rdml_dist.errors import ConfigError
 from rdml_dist.storage import Storage
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 STEP_PREFIX = "step-"
+# The run directory's format, in every manifest: 2 adds the version itself and step-log parts read by their header's
+# column names. A manifest without one is format 1, read as it is; a newer one is refused, naming both.
+FORMAT = 2
 
 
 def to_cpu(value: Any) -> Any:
@@ -61,7 +65,7 @@ class CheckpointStore:
         missing = [name for name in manifest["live"] if not self.storage.exists(f"{directory}/{name}.pt")]
         if missing:
             raise RuntimeError(f"checkpoint at step {manifest['step']} lacks the files of {', '.join(missing)}")
-        self.storage.write_bytes(f"{directory}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        self.storage.write_bytes(f"{directory}/{MANIFEST}", json.dumps({"format": FORMAT, **manifest}, indent=2).encode())
 
     def complete_steps(self) -> list[int]:
         """Steps that have a complete checkpoint (a manifest), oldest first."""
@@ -78,7 +82,12 @@ class CheckpointStore:
         steps = self.complete_steps()
         if not steps:
             return None
-        return json.loads(self.storage.read_bytes(f"{checkpoint_directory(steps[-1])}/{MANIFEST}"))
+        name = f"{checkpoint_directory(steps[-1])}/{MANIFEST}"
+        manifest = json.loads(self.storage.read_bytes(name))
+        if manifest.get("format", 1) > FORMAT:
+            raise ConfigError("run directory", f"{self.storage.describe(name)} is in format {manifest['format']}, newer "
+                              f"than this rdml-dist reads ({FORMAT}): continue it with the rdml-dist that wrote it")
+        return manifest
 
     def prune(self, keep: int) -> None:
         """Keep the newest ``keep`` complete checkpoints; remove older ones and interrupted ones older than the newest."""

@@ -12,7 +12,7 @@ import csv
 import io
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from operator import attrgetter
 
 from rdml_dist.messages import StepRecord
@@ -21,7 +21,8 @@ from rdml_dist.storage import Storage
 PARTS = "steps"
 WHOLE_LOG = "steps.csv"
 COLUMNS = tuple(column.name for column in fields(StepRecord))
-_TYPES = tuple(column.type for column in fields(StepRecord))
+_KINDS = {column.name: column.type for column in fields(StepRecord)}
+_DEFAULTS = {column.name: column.default for column in fields(StepRecord) if column.default is not MISSING}
 _VALUES = attrgetter(*COLUMNS)
 _PART = re.compile(r"part-(\d+)-(\d+)\.csv")
 
@@ -41,12 +42,22 @@ def encode(records: Iterable[StepRecord], header: bool = True) -> bytes:
     return lines.getvalue().encode()
 
 
-def decode(data: bytes) -> Iterator[StepRecord]:
+def decode(data: bytes, source: str = "a step-log part") -> Iterator[StepRecord]:
+    """Records by the columns the part's header names: a part written before a field existed reads it as the
+    field's default (absent), so an older run still resumes; a column this version does not know is refused."""
     reader = csv.reader(io.StringIO(data.decode()))
-    if next(reader, None) is None:
+    header = next(reader, None)
+    if header is None:
         return
+    unknown = [name for name in header if name not in _KINDS]
+    missing = [name for name in COLUMNS if name not in header and name not in _DEFAULTS]
+    if unknown or missing:
+        problem = f"columns {unknown} that this rdml-dist does not know (a newer one wrote it)" if unknown else f"no columns {missing}"
+        raise ValueError(f"{source} has {problem}")
+    kinds = [_KINDS[name] for name in header]
     for row in reader:
-        yield StepRecord(*(kind(value) for kind, value in zip(_TYPES, row, strict=True)))
+        values = {name: kind(value) for name, kind, value in zip(header, kinds, row, strict=True)}
+        yield StepRecord(**{**_DEFAULTS, **values})
 
 
 def write_part(storage: Storage, records: list[StepRecord]) -> str | None:
@@ -74,9 +85,9 @@ def iter_step_log(storage: Storage) -> Iterator[StepRecord]:
     found = parts(storage)
     if found:
         for _, _, name in found:
-            yield from decode(storage.read_bytes(name))
+            yield from decode(storage.read_bytes(name), name)
     elif storage.exists(WHOLE_LOG):
-        yield from decode(storage.read_bytes(WHOLE_LOG))
+        yield from decode(storage.read_bytes(WHOLE_LOG), WHOLE_LOG)
 
 
 def read_step_log(storage: Storage) -> list[StepRecord]:

@@ -4,6 +4,8 @@ A run is driven through the real RunDirectory, CheckpointStore and Storage with 
 records, on a local directory and on fsspec's in-memory object store (where nothing is appended).
 """
 
+import csv
+import io
 import json
 import math
 import random
@@ -14,12 +16,13 @@ from typing import Any
 
 import pytest
 
-from rdml_dist.checkpoints import CheckpointStore
+from rdml_dist.checkpoints import FORMAT, MANIFEST, CheckpointStore, checkpoint_directory
 from rdml_dist.config import ExperimentConfig, parse_config
 from rdml_dist.coordinator import EpochEvaluation, StepRecord
 from rdml_dist.run_directory import RESULTS_JSON, RunDirectory
 from rdml_dist.run_summary import TIMING_KEYS, RunSummary
-from rdml_dist.step_log import WHOLE_LOG, encode, part_name, parts, read_step_log, truncate, write_part
+from rdml_dist.errors import ConfigError
+from rdml_dist.step_log import COLUMNS, WHOLE_LOG, encode, part_name, parts, read_step_log, truncate, write_part
 from rdml_dist.storage import Storage
 
 STUDENTS = ("a", "b", "c")
@@ -285,3 +288,55 @@ def test_a_whole_log_write_that_fails_midway_leaves_no_truncated_file(storage: S
     assert storage.list_files("") == []
     storage.write_chunks(WHOLE_LOG, iter([b"step,student\n", b"0,a\n"]))
     assert storage.read_bytes(WHOLE_LOG) == b"step,student\n0,a\n"
+
+
+PREVIOUS_COLUMNS = [name for name in COLUMNS if name not in ("compute_seconds", "round_trip_seconds")]
+
+
+def _rewrite_in_the_previous_format(storage: Storage) -> None:
+    """Parts without the timing columns, manifests without a format: a run directory as format 1 wrote it."""
+    for _, _, name in parts(storage):
+        rows = list(csv.DictReader(io.StringIO(storage.read_bytes(name).decode())))
+        lines = io.StringIO()
+        writer = csv.DictWriter(lines, PREVIOUS_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        storage.write_bytes(name, lines.getvalue().encode())
+    for step in CheckpointStore(storage).complete_steps():
+        name = f"{checkpoint_directory(step)}/{MANIFEST}"
+        manifest = json.loads(storage.read_bytes(name))
+        assert manifest.pop("format") == FORMAT
+        storage.write_bytes(name, json.dumps(manifest).encode())
+
+
+def test_a_run_directory_in_the_previous_format_resumes_its_missing_fields_read_as_absent(storage: Storage, tmp_path: Path) -> None:
+    whole = Storage(str(tmp_path / "whole"))
+    Driver(whole, experiment(whole.url), every=4).until(30)
+    config = experiment(storage.url)
+    Driver(storage, config, every=4).until(16)
+    _rewrite_in_the_previous_format(storage)
+    resumed = Driver(storage, config, every=4, resume=True)
+    assert resumed.step == 16
+    resumed.until(30)
+
+    def without_timings(rows: list[StepRecord]) -> list[tuple[Any, ...]]:
+        return [astuple(row)[:len(PREVIOUS_COLUMNS)] for row in rows]
+
+    rows = read_step_log(storage)
+    assert without_timings(rows) == without_timings(read_step_log(whole))
+    assert all(math.isnan(row.compute_seconds) for row in rows if row.step < 16)  # absent in the older parts
+    assert all(row.compute_seconds == whole_row.compute_seconds or math.isnan(whole_row.compute_seconds)
+               for row, whole_row in zip(rows, read_step_log(whole)) if row.step >= 16)
+    assert CheckpointStore(storage).latest()["format"] == FORMAT  # what it writes now is the current format
+
+
+def test_a_part_from_a_newer_version_is_refused_naming_its_unknown_column(storage: Storage) -> None:
+    storage.write_bytes(part_name(0, 0), encode(chunk(0, 1, 0)).replace(b"round_trip_seconds", b"round_trip_seconds,gradient_norm", 1))
+    with pytest.raises(ValueError, match=r"steps/part-00000000-00000000\.csv has columns \['gradient_norm'\] that this rdml-dist does not know"):
+        read_step_log(storage)
+
+
+def test_a_manifest_from_a_newer_format_is_refused_naming_both_formats(storage: Storage) -> None:
+    storage.write_bytes(f"{checkpoint_directory(4)}/{MANIFEST}", json.dumps({"format": FORMAT + 1, "step": 4}).encode())
+    with pytest.raises(ConfigError, match=rf"is in format {FORMAT + 1}, newer than this rdml-dist reads \({FORMAT}\)"):
+        CheckpointStore(storage).latest()
