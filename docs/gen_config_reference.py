@@ -110,6 +110,22 @@ def _about(info: FieldInfo | None, model: type[BaseModel]) -> str:
     return text[0].upper() + text[1:] + ("" if text.endswith((".", ":")) else ".")
 
 
+def registered_names() -> dict[str, tuple[str, ...]]:
+    """The fields whose values name a registry entry, with the names registered now (listed here, never by hand)."""
+    from rdml_dist.data.registry import SOURCES
+    from rdml_dist.divergence import DIVERGENCES
+    from rdml_dist.models import MODEL_NAMES
+
+    return {"students[].model": MODEL_NAMES, "data.name": tuple(SOURCES), "mimicry.divergence": tuple(DIVERGENCES)}
+
+
+def _described(dotted: str, field: FieldInfo) -> str:
+    """A field's description, with the registered names where its value names one."""
+    names = registered_names().get(dotted)
+    text = field.description or ""
+    return f"{text}; registered: {', '.join(f'`{name}`' for name in names)}" if names else text
+
+
 def sections(model: type[BaseModel], path: str = "", info: FieldInfo | None = None) -> list[Section]:
     """Every nested model reachable from ``model`` as a section, depth first in field order."""
     own = Section(path, _about(info, model), [])
@@ -123,7 +139,7 @@ def sections(model: type[BaseModel], path: str = "", info: FieldInfo | None = No
                 kind = f"list of mappings (`{dotted}[]` below)" if is_list else f"mapping (`{dotted}` below) or null"
             limits = constraint_text(field)
             own.rows.append((f"`{dotted}`", _cell(kind + (f", {limits}" if limits else "")), default_text(field),
-                             _cell(field.description or "")))
+                             _cell(_described(dotted, field))))
         if inner is not None:
             nested += sections(inner, f"{dotted}[]" if is_list else dotted, field)
     return [own, *nested]

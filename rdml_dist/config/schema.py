@@ -62,8 +62,8 @@ class DataConfig(_Strict):
     name: str = Field(
         "digits",
         description=(
-            "`digits` (scikit-learn's bundled real 8×8 digits), `cifar10`, `cifar100`, `mnist`, `fashion_mnist`, "
-            "`imagefolder`, or `package.module:function`"
+            "a registered data source (the default, `digits`, is scikit-learn's bundled real 8×8 digits) or "
+            "`package.module:function`"
         ),
     )
     root: str | None = Field(
@@ -166,8 +166,7 @@ class StudentConfig(_Strict):
 
     model: str = Field(
         description=(
-            "`mlp`, `small_cnn`, `resnet20/32/56`, `wrn_16_2`, `wrn_28_2/4/10`, `wrn_40_2`, `resnet18`, "
-            "`mobilenetv2`, or `package.module:function`"
+            "a registered model or `package.module:function`"
         ),
     )
     name: str | None = Field(None, description="unique label (metrics, checkpoints); unset: `<model>-<index>`")
@@ -216,7 +215,7 @@ class MimicryConfig(_Strict):
     divergence: str = Field(
         "renyi",
         description=(
-            "a registered divergence (`renyi`, `kl`, `js`, `mse_logits`) or `package.module:name` naming a "
+            "a registered divergence or `package.module:name` naming a "
             "`rdml_dist.divergence.Divergence` of your own (a module beside the config is found)"
         ),
     )

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from rdml_dist.config import apply_overrides, load_config, parse_config, read_raw_config
+from rdml_dist.divergence import DIVERGENCES
 from rdml_dist.errors import ConfigError
 from rdml_dist.schedules import alpha_at, mimicry_weight_at
 
@@ -77,7 +78,7 @@ def test_unknown_model_and_missing_root_fail_in_resource_checks(tmp_path: Path) 
 @pytest.mark.parametrize(
     "divergence,fragment",
     [
-        ("wasserstein", "unknown divergence 'wasserstein' (registered: renyi, kl, js, mse_logits;"),
+        ("wasserstein", f"unknown divergence 'wasserstein' (registered: {', '.join(DIVERGENCES)};"),
         ("beside_the_config:value", "'beside_the_config:value' is a function, not a rdml_dist.divergence.Divergence"),
         ("beside_the_config:nothing", "module 'beside_the_config' has no attribute 'nothing'"),
     ],

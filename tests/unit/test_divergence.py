@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import rdml_dist.divergence as divergence_module
 from rdml_dist.divergence import (
+    DIVERGENCES,
     divergence,
     js_divergence,
     kl_divergence,
@@ -366,7 +367,7 @@ def test_js_and_mse_values() -> None:
         ({"alpha": -0.5}, "alpha"),
         ({"alpha": math.nan}, "alpha"),
         ({"temperature": 0.0}, "temperature"),
-        ({"divergence": "wasserstein"}, "renyi, kl, js, mse_logits"),
+        ({"divergence": "wasserstein"}, ", ".join(DIVERGENCES)),
         ({"mode": "sequential"}, "pairwise, ensemble"),
     ],
 )
@@ -441,7 +442,7 @@ def test_a_registered_divergence_is_used_by_name_and_names_are_not_taken_twice()
 @pytest.mark.parametrize(
     "name,fragment",
     [
-        ("wasserstein", "unknown divergence 'wasserstein' (registered: renyi, kl, js, mse_logits;"),
+        ("wasserstein", f"unknown divergence 'wasserstein' (registered: {', '.join(DIVERGENCES)};"),
         ("user_divergences:not_a_divergence", "is a function, not a rdml_dist.divergence.Divergence"),
         ("user_divergences:missing", "module 'user_divergences' has no attribute 'missing'"),
         ("no_such_module_here:hellinger", "cannot import module 'no_such_module_here'"),

@@ -2,6 +2,7 @@
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,33 @@ def test_message_shapes_and_reason_codes_are_defined_once_in_the_vocabulary() ->
                     and (where, node.value) not in OTHER_MEANINGS):
                 found.append(f"{where}:{node.lineno} spells the reason code {node.value!r}")
     assert not found, "\n".join(found)
+
+
+def _name_lists(text: str, names: list[str]) -> list[str]:
+    """Runs of three or more of ``names`` written one after another (``a, b or c``, with or without quotes)."""
+    name = "|".join(re.escape(item) for item in sorted(names, key=len, reverse=True))
+    item = rf"(?<![\w./-])[`'\"]?(?:{name})[`'\"]?(?![\w./-])"
+    return [match.group(0) for match in re.finditer(rf"{item}(?:\s*(?:,|,?\s+or|,?\s+and)\s+{item}){{2,}}", text)]
+
+
+def test_no_registry_or_enum_name_list_is_spelled_out_by_hand() -> None:
+    """Registered divergences, models, data sources and failure policies are listed from their source (errors, the
+    generated configuration reference), so registering one leaves no description or doc behind. (Tests choose
+    their own models and pin the registry's content on purpose: they are not read here.)"""
+    from rdml_dist.config.schema import OnStudentFailure
+    from rdml_dist.data.registry import SOURCES
+    from rdml_dist.divergence import DIVERGENCES
+    from rdml_dist.models import MODEL_NAMES
+
+    registries = {"divergences": list(DIVERGENCES), "models": list(MODEL_NAMES), "data sources": list(SOURCES),
+                  "failure policies": [policy.value for policy in OnStudentFailure]}
+    root = PACKAGE.parent
+    generated = {root / "docs" / "configuration.md"}
+    files = [*PACKAGE.rglob("*.py"), *(root / "docs").glob("*.md"), root / "README.md"]
+    found = {}
+    for path in sorted(set(files) - generated):
+        text = path.read_text()
+        for registry, names in registries.items():
+            for spelled in _name_lists(text, names):
+                found.setdefault(f"{path.relative_to(root)} ({registry})", []).append(spelled)
+    assert not found, found
