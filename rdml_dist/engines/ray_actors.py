@@ -63,6 +63,7 @@ class Coordinator:
         self.incarnation = uuid.uuid4().hex
         self.driver_state = "starting"
         self._metrics_address: str | None = None
+        self._recoveries: list[dict[str, Any]] = []  # students' non-finite recoveries, until the driver takes them
         self._rpc: CohortServer | None = None
         self._lane: FrameLaneServer | None = None
 
@@ -79,6 +80,15 @@ class Coordinator:
 
     async def record_timing(self, student: str, timing: StepTiming | None) -> None:
         self.barrier.record_timing(student, timing)
+
+    async def note_recovery(self, event: dict[str, Any]) -> None:
+        """A student went back to its checkpoint after a non-finite step: held here, so the event outlives a chunk
+        that is then aborted and the student's own process."""
+        self._recoveries.append(event)
+
+    async def pop_recoveries(self) -> list[dict[str, Any]]:
+        recoveries, self._recoveries = self._recoveries, []
+        return recoveries
 
     def _check(self, incarnation: str | None) -> None:
         """Refuse a control call meant for another process of this actor (Ray restarted it since)."""
@@ -237,14 +247,14 @@ class StudentActor:
     def run_steps(
         self, start: int, end: int, coordinators: list["ray.actor.ActorHandle"], restore_step: int,
         lane: tuple[list[str], str] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Train steps ``[start, end)`` in lock-step with the cohort; returns non-finite recoveries.
+    ) -> None:
+        """Train steps ``[start, end)`` in lock-step with the cohort; each non-finite recovery is told to the first
+        coordinator at once (the driver collects them there).
 
         ``coordinators``: every coordinator shard, the first holding the cohort's records. ``lane``
         (their addresses, this student's own lane key): exchange over their frame lanes; None: actor calls.
         """
         self._refuse_if_not_restored()
-        events = []
         exchange, refresh = self._transport(coordinators, lane)
         for step in range(start, end):
             frame = self.student.forward_step(step)
@@ -255,13 +265,13 @@ class StudentActor:
                 rejection = _rejection(error)
                 if rejection is None or rejection.reason != NON_FINITE:
                     raise
-                events.append(self.student.recover_from_non_finite(self.checkpoints, restore_step, step, str(rejection)))
+                event = self.student.recover_from_non_finite(self.checkpoints, restore_step, step, str(rejection))
+                ray.get(coordinators[0].note_recovery.remote(event))
                 continue
             self.student.apply(reply.grad, time.perf_counter() - sent)
             if reply.refresh:  # sequential update: later peers read this student's updated logits
                 refresh(self.student.refreshed_frame())
         ray.get(coordinators[0].record_timing.remote(self.student.name, self.student.last_timing))
-        return events
 
     def _transport(
         self, coordinators: list["ray.actor.ActorHandle"], lane: tuple[list[str], str] | None

@@ -10,6 +10,7 @@ a coordinator carry the incarnation the driver restored: a process Ray replaced 
 refuses them, which is a coordinator failure like its death.
 """
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -197,7 +198,8 @@ class RayCohort:
                     if name in before and name in self.where and before[name]["pid"] != self.where[name]["pid"]]
         replaced += [(COORDINATOR, old["pid"], new["pid"]) for old, new in zip(self._coordinator_states, states) if old["pid"] != new["pid"]]
         self._coordinator_states = states
-        unreported = [(who, old, new) for who, old, new in replaced if who not in self._reported_deaths]
+        awaited = set(self._inflight.values())  # a student whose call is under way reports its own death when it fails
+        unreported = [(who, old, new) for who, old, new in replaced if who not in self._reported_deaths | awaited]
         self._reported_deaths.clear()
         for who, old, new in unreported:  # a failure like any other: the policy counts it (and may stop the run)
             kind = FailureKind.COORDINATOR_DIED if who == COORDINATOR else FailureKind.STUDENT_DIED
@@ -290,7 +292,8 @@ class RayCohort:
         self._abort(failure)
         deaths = []
         if pending:
-            done, _ = ray.wait(pending, num_returns=len(pending), timeout=self.config.runtime.ray.exchange_timeout_s)
+            done, hung = ray.wait(pending, num_returns=len(pending), timeout=self.config.runtime.ray.exchange_timeout_s)
+            deaths.extend(self._kill_hung(failure, hung))
             for reference in done:
                 name = self._inflight.get(reference)
                 died = _own_death(reference)
@@ -305,6 +308,21 @@ class RayCohort:
                         stopped.events[:0] = [{**failure.event(), "action": "the cohort was rolling back"}, *deaths[:-1]]
                         raise
         raise CohortRollback(failure.event(), deaths)
+
+    def _kill_hung(self, failure: Failure, hung: list[ray.ObjectRef]) -> list[dict[str, Any]]:
+        """Kill the students whose calls outlived the abort (stuck in their own code, where no abort reaches) so
+        that Ray restarts them and the restore brings them back: a hung process would otherwise hold every later
+        call to its actor behind the stuck one. Part of the failure being handled, not counted again."""
+        events = []
+        for reference in hung:
+            name = self._inflight.get(reference)
+            if name is None or name not in self.actors:
+                continue
+            ray.kill(self.actors[name], no_restart=False)
+            self._reported_deaths.add(name)  # its new process is this event's, not a failure found later
+            hung_student = dataclasses.replace(failure, student=name, node=self.where.get(name, {}).get("node_id"))
+            events.append({**hung_student.event(), "action": "killed (its call hung past the abort); restored with the cohort"})
+        return events
 
     def _on_coordinators(self, call: Callable[["ray.actor.ActorHandle", str], ray.ObjectRef], step: int,
                          pending: Iterable[ray.ObjectRef] = (), first_only: bool = False) -> list[Any]:
@@ -326,19 +344,28 @@ class RayCohort:
             self.actors[name].run_steps.remote(start, end, self.shards, restore_step, self._lane_of(name)): name
             for name in self.live_members()
         }
-        self._inflight = dict(calls)
+        self._inflight = dict(calls)  # the calls still under way (the chunk takes each out as it ends)
         events: list[dict[str, Any]] = []
         try:
-            return self._follow_chunk(calls, events, start, end, restore_step, on_progress)
+            self._follow_chunk(calls, events, start, end, restore_step, on_progress)
+            return [*self._pop_recoveries(), *events]
         except CohortRollback as rollback:  # what the chunk met before the rollback stays in the run's faults
-            rollback.earlier[:0] = events
+            rollback.earlier[:0] = [*self._pop_recoveries(), *events]
             raise
         except RunFailed as stopped:  # and before the policy stopped the run
-            stopped.events[:0] = events
+            stopped.events[:0] = [*self._pop_recoveries(), *events]
             raise
 
+    def _pop_recoveries(self) -> list[dict[str, Any]]:
+        """The students' non-finite recoveries the coordinator holds (none when it died with them)."""
+        try:
+            return ray.get(self.coordinator.pop_recoveries.remote(), timeout=self._stall_s())
+        except ray.exceptions.RayError:
+            return []
+
     def _follow_chunk(self, calls: dict[ray.ObjectRef, str], events: list[dict[str, Any]], start: int, end: int,
-                      restore_step: int, on_progress: Callable[[int], None]) -> list[dict[str, Any]]:
+                      restore_step: int, on_progress: Callable[[int], None]) -> None:
+        """Wait for the chunk's calls and the coordinator's steps; what the chunk meets goes into ``events``."""
         rejoining: list[str] = []
         pending = list(calls)
         step = start
@@ -355,16 +382,16 @@ class RayCohort:
                 watch = self._next_step(step, end) if step < end else None  # none left behind at the chunk's end
                 continue
             pending.remove(done[0])
+            self._inflight.pop(done[0], None)
             name = calls[done[0]]
             try:
-                events.extend(ray.get(done[0]))
+                ray.get(done[0])
             except ray.exceptions.RayError as error:
                 events.append(self._lose_student(name, error, self._current_step(step), pending))
                 rejoining.append(name)
         for name in rejoining:
             # The epoch the chunk ending at ``end`` belongs to: its end (if any) is closed by evaluate().
             self._rejoin(name, restore_step, (end - 1) // self.steps_per_epoch, end)
-        return events
 
     def _stall_s(self) -> float:
         """How long the driver waits on any call before it counts as hung: the exchange timeout and a margin."""
@@ -488,6 +515,7 @@ class RayCohort:
         the initial state). A failure meanwhile goes to the policy, and the loop rolls back and restores again."""
         at = step or 0
         self._forget_watches()
+        self._inflight = {}  # nothing asked before the rollback will report a death now: the restore finds them
         try:
             for name, actor in self.actors.items():
                 self._wait_until_restarted(actor, name, at)

@@ -2,7 +2,7 @@
 
 A fault is ``{"how": ..., "where": ..., "after": N}``:
 - ``how``: ``exit`` (the process dies: ``os._exit``), ``raise`` (the student's own exception, as a CUDA
-  out-of-memory error reads), ``hang`` (sleeps ``seconds``), ``wait_for`` (waits until the file ``path`` exists, at most
+  out-of-memory error reads), ``non_finite`` (that forward's logits are NaN), ``hang`` (sleeps ``seconds``), ``wait_for`` (waits until the file ``path`` exists, at most
   ``seconds``: the test decides when the run goes on), ``kill_coordinator`` (SIGKILLs the
   coordinator process named in ``placements.json`` and waits until it is gone), ``kill_coordinator_and_exit``;
 - ``where``: ``step`` (a training forward), ``state_dict`` (writing a checkpoint), ``evaluation`` (an
@@ -39,10 +39,11 @@ class Faulty(nn.Module):
         self.training_forwards = 0
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        self._maybe_fail("step" if self.training else "evaluation")
+        poisoned = self._maybe_fail("step" if self.training else "evaluation")
         if self.training:
             self.training_forwards += 1
-        return self.inner(inputs)
+        logits = self.inner(inputs)
+        return logits * float("nan") if poisoned else logits
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         self._maybe_fail("state_dict")
@@ -52,18 +53,20 @@ class Faulty(nn.Module):
         self._maybe_fail("restore")
         return super().load_state_dict(*args, **kwargs)
 
-    def _maybe_fail(self, where: str) -> None:
+    def _maybe_fail(self, where: str) -> bool:
+        """Fire the next fault if it is due here; True when it is a ``non_finite`` one (the caller poisons its output)."""
         for index, fault in enumerate(self.faults):
             marker = self.markers / f"fault-{index}"
             if marker.exists():
                 continue
             if index > 0 and not (self.markers / f"fault-{index - 1}").exists():
-                return
+                return False
             if fault["where"] != where or self.training_forwards < fault.get("after", 0):
-                return
+                return False
             marker.write_text(str(os.getpid()))
             self._fail(fault)
-            return
+            return fault["how"] == "non_finite"
+        return False
 
     def _fail(self, fault: dict[str, Any]) -> None:
         how = fault["how"]

@@ -139,6 +139,20 @@ def test_a_students_own_exception_goes_to_the_policy_and_names_the_failing_step(
 
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_non_finite_recovery_in_a_chunk_that_is_then_rolled_back_stays_in_the_runs_faults(
+    undisturbed: Any, tmp_path: Path, transport: str
+) -> None:
+    # a's step-2 logits are NaN (it goes back to its step-2 checkpoint); b dies at step 3, in the same chunk
+    results = _train(tmp_path / "run", transport, {"a": [{"how": "non_finite", "where": "step", "after": 2}],
+                                                    "b": [{"how": "exit", "where": "step", "after": 3}]})
+    events = _events(results)
+    assert ("non_finite", "a", 2, "restored its checkpoint of step 2") in events, events
+    assert ("student_died", "b", 3, "rolled back to step 2") in events, events
+    _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_death_during_restore_rolls_back_again(undisturbed: Any, tmp_path: Path, transport: str) -> None:
     faults = {"a": [{"how": "exit", "where": "step", "after": 3}, {"how": "exit", "where": "restore"}]}
     results = _train(tmp_path / "run", transport, faults)
@@ -172,7 +186,8 @@ def test_a_death_while_rejoining_under_continue_is_retried(tmp_path: Path, trans
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_an_exchange_timeout_goes_to_the_policy(undisturbed: Any, tmp_path: Path, transport: str) -> None:
-    faults = {"a": [{"how": "hang", "where": "step", "after": 3, "seconds": EXCHANGE_TIMEOUT_S + 8}]}
+    # a's hang outlasts b's exchange timeout, and ends well within the rollback's wait for the calls under way
+    faults = {"a": [{"how": "hang", "where": "step", "after": 3, "seconds": EXCHANGE_TIMEOUT_S + 3}]}
     results = _train(tmp_path / "run", transport, faults)
     assert _events(results) == [("timeout", "b", 3, "rolled back to step 2")]  # b waited for a at the barrier
     _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
@@ -184,13 +199,16 @@ def test_a_call_that_hangs_outside_the_steps_is_bounded_and_goes_to_the_policy(
     undisturbed: Any, tmp_path: Path, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A student stuck writing its checkpoint of step 4: no exchange times out there, the driver's own bound does.
+    Its call outlives the rollback's abort too, so it is killed, restarted by Ray and restored with the cohort
+    (a hung process would hold every later call to it, the restore's included).
 
     The bound is the exchange timeout plus a margin of a minute; a shorter margin keeps the test short.
     """
     monkeypatch.setattr(ray_cohort, "STALL_MARGIN_S", 3.0)
-    faults = {"a": [{"how": "hang", "where": "state_dict", "after": 4, "seconds": EXCHANGE_TIMEOUT_S + 3.0 + 10}]}
+    faults = {"a": [{"how": "hang", "where": "state_dict", "after": 4, "seconds": 600}]}
     results = _train(tmp_path / "run", transport, faults)
-    assert _events(results) == [("timeout", "a", 4, "rolled back to step 2")]
+    assert _events(results) == [("timeout", "a", 4, "killed (its call hung past the abort); restored with the cohort"),
+                                ("timeout", "a", 4, "rolled back to step 2")]
     assert f"within {EXCHANGE_TIMEOUT_S + 3.0:.0f} s" in results["faults"]["events"][0]["cause"]
     _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
 
@@ -227,6 +245,18 @@ def test_a_student_lost_under_continue_while_the_coordinator_dies_rolls_back(
     assert kinds == {("coordinator_died", None), ("student_died", "a")}, results["faults"]["events"]
     assert results["faults"]["events"][-1]["action"] == "rolled back to step 2"
     _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_two_students_lost_in_one_evaluation_under_continue_are_counted_once_each(tmp_path: Path, transport: str) -> None:
+    """As a node loss would: both die in their epoch-0 evaluation. The first one's rejoin finds the second already
+    replaced by Ray, whose own failing call reports it: counted there alone, so a budget of two failures holds."""
+    faults = {name: [{"how": "exit", "where": "evaluation"}] for name in NAMES}
+    results = _train(tmp_path / "run", transport, faults, on_student_failure="continue", max_failures=2)
+    deaths = sorted(student for kind, student, _, _ in _events(results) if kind == "student_died")
+    assert deaths == NAMES, results["faults"]["events"]
+    assert [entry["epoch"] for entry in results["epochs"]] == list(range(EPOCHS))
 
 
 @pytest.mark.timeout(400)
