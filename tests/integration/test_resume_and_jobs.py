@@ -8,9 +8,11 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,11 +123,17 @@ def _ray(*args: str, timeout_s: float = 180, **environment: str) -> subprocess.C
 
 @contextlib.contextmanager
 def head_with_jobs(cpus: int) -> Iterator[str]:
-    """A real ``ray start --head`` on loopback with its job server; yields the job API address."""
+    """A real ``ray start --head`` on loopback with its job server; yields the job API address.
+
+    The head has a temp directory of its own: Ray's job supervisor gives each job's driver the address
+    in its temp directory's current-cluster file, which a Ray started meanwhile by a test beside this
+    one (``/tmp/ray`` is every Ray's default) would have rewritten, sending the driver to that cluster.
+    """
     port, dashboard, client, agent = free_ports(4)
+    temp_dir = tempfile.mkdtemp(prefix="rdml-head-", dir="/tmp")  # short: Ray's sockets live under it
     started = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={cpus}",
                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                   f"--ray-client-server-port={client}", "--disable-usage-stats",
+                   f"--ray-client-server-port={client}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
                    # the job agent's own port: its default (52365) may still be held by another Ray's agent shutting down
                    f"--dashboard-agent-listen-port={agent}")
     assert started.returncode == 0, started.stderr
@@ -134,9 +142,7 @@ def head_with_jobs(cpus: int) -> Iterator[str]:
     finally:
         _kill_all(_ray_processes(port))
         wait_until(lambda: not _ray_processes(port), "the head node stops", 30)
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.exists() and current.read_text().strip() == f"127.0.0.1:{port}":
-            current.unlink()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.timeout(420)
