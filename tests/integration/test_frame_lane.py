@@ -5,6 +5,9 @@ The barrier and its lane server run on a private event loop thread; the students
 """
 
 import asyncio
+import contextlib
+import json
+import random
 import socket
 import threading
 import time
@@ -198,3 +201,83 @@ def test_a_stopped_coordinator_breaks_the_lane_with_coordinator_unreachable(lane
     lane.clients["b"].close()
     with pytest.raises(CoordinatorUnreachable, match="cannot open the frame lane"):
         FrameLaneClient("127.0.0.1:1", student_key(SECRET, "b"), "b", TIMEOUT, 1 << 20)
+
+
+def _fuzzed_messages(rng: random.Random) -> list[bytes]:
+    """Malformed and hostile messages: random bytes, sizes past the limits, headers that are no JSON object, frames whose
+    fields, dtypes, shapes and payloads lie. Each is one complete write."""
+    good = frame("c", 0, logits_for(2))
+    fields = {"kind": "exchange", "step": good.step, "batch_hash": good.batch_hash, "ce_loss": 1.0, "correct": 1,
+              "labelled": BATCH, "correct_clean": 1, "previous": None}
+
+    def message(header: Any, payload: bytes = b"", declared: int | None = None) -> bytes:
+        text = header if isinstance(header, bytes) else json.dumps(header).encode()
+        size = len(payload) if declared is None else declared
+        return len(text).to_bytes(4, "big") + size.to_bytes(8, "big") + text + payload
+
+    payload = logits_for(2).numpy().tobytes()
+    tensor = {"dtype": "float32", "shape": [BATCH, 4]}
+    messages = [
+        bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))),
+        (1 << 31).to_bytes(4, "big") + (0).to_bytes(8, "big"),  # a header past the limit
+        (2).to_bytes(4, "big") + (1 << 40).to_bytes(8, "big") + b"{}",  # a payload past the limit
+        message(b"\xff\xfe not json"),
+        message([1, 2, 3]),
+        message("just a string"),
+        message({**fields, **tensor, "dtype": "int64"}, payload),
+        message({**fields, **tensor, "dtype": "complex64"}, payload),
+        message({**fields, **tensor, "dtype": "no-such-dtype"}, payload),
+        message({**fields, **tensor, "shape": [-1, 4]}, payload),
+        message({**fields, **tensor, "shape": [BATCH, 4, 2]}, payload),
+        message({**fields, **tensor, "shape": "128x4"}, payload),
+        message({**fields, **tensor}, payload[:-4]),  # fewer bytes than the shape needs
+        message({**fields, **tensor, "step": "zero"}, payload),
+        message({**fields, **tensor, "step": None}, payload),
+        message({**fields, **tensor, "step": -7}, payload),
+        message({**fields, **tensor, "batch_hash": 12}, payload),
+        message({**fields, **tensor, "ce_loss": "NaN"}, payload),
+        message({**fields, **tensor, "labelled": -1}, payload),
+        message({**{key: value for key, value in fields.items() if key != "step"}, **tensor}, payload),
+        message({**fields, **tensor, "previous": {"step": "x"}}, payload),
+        message({**fields, **tensor, "kind": "refresh"}, payload),
+        message({**fields, **tensor, "kind": "no-such-kind", "student": "a"}, payload),
+        message({**fields, **tensor}, payload + b"\0" * 8, declared=len(payload) + 8),
+    ]
+    return messages + [bytes(rng.randrange(256) for _ in range(rng.randrange(12, 200))) for _ in range(20)]
+
+
+def _answers(connection: socket.socket) -> list[dict[str, Any]]:
+    """Whatever the server answered before it closed the connection or went quiet."""
+    answers = []
+    connection.settimeout(0.5)
+    with contextlib.suppress(ConnectionError, TimeoutError, OSError):
+        while True:
+            answers.append(receive_message(connection, 1 << 20)[0])
+    return answers
+
+
+def test_fuzzed_messages_from_strangers_and_from_a_proven_student_are_refused_and_the_cohort_goes_on(lane: RunningLane) -> None:
+    unhandled: list[dict[str, Any]] = []
+    lane.loop.call_soon_threadsafe(lane.loop.set_exception_handler, lambda loop, context: unhandled.append(context))
+    rng = random.Random(7)
+    for junk in _fuzzed_messages(rng):
+        with lane.raw() as stranger:  # before any proof: only the challenge, then the door
+            stranger.sendall(junk)
+            answers = _answers(stranger)
+        assert "challenge" in answers[0] and all(answer.get("ok") is not True for answer in answers[1:]), answers
+        with lane.raw() as student:  # c proves itself on a connection of its own, then sends the junk in its name
+            challenge = receive_message(student, 0)[0]["challenge"]
+            send_message(student, {"student": "c", "proof": proof(student_key(SECRET, "c"), challenge, "c")})
+            assert receive_message(student, 0)[0] == {"ok": True}
+            student.sendall(junk)
+            answers = _answers(student)
+        assert all(answer.get("ok") is False for answer in answers), answers  # refused, never answered with a gradient
+    for step in (0, 1):  # the cohort still steps, all three taking part
+        replies = [lane.send(name, step, logits_for(seed)) for seed, name in enumerate(NAMES)]
+        results = []
+        for future in replies:
+            with contextlib.suppress(FrameRejected):  # c's step-0 frame may be refused: its name sent junk at step 0
+                results.append(future.result(TIMEOUT))
+        assert results and all(reply.step == step for reply in results)
+    assert [reply.live_students for reply in results] == [3, 3, 3]
+    assert not unhandled, unhandled
