@@ -122,10 +122,15 @@ def clear(storage: Storage) -> None:
 def write_whole_log(storage: Storage) -> None:
     """Join the parts into ``steps.csv`` (streamed: one part in memory at a time)."""
 
+    current = encode([], header=True)
+
     def chunks() -> Iterator[bytes]:
-        yield encode([], header=True)
+        yield current
         for _, _, name in parts(storage):
             data = storage.read_bytes(name)
-            yield data[data.index(b"\n") + 1:]
+            if data.startswith(current):
+                yield data[len(current):]
+            else:  # a part of an earlier format: its rows in today's columns
+                yield encode(decode(data, name), header=False)
 
     storage.write_chunks(WHOLE_LOG, chunks())

@@ -22,7 +22,7 @@ from rdml_dist.coordinator import EpochEvaluation, StepRecord
 from rdml_dist.run_directory import RESULTS_JSON, RunDirectory
 from rdml_dist.run_summary import TIMING_KEYS, RunSummary
 from rdml_dist.errors import ConfigError
-from rdml_dist.step_log import COLUMNS, WHOLE_LOG, encode, part_name, parts, read_step_log, truncate, write_part
+from rdml_dist.step_log import COLUMNS, WHOLE_LOG, decode, encode, part_name, parts, read_step_log, truncate, write_part
 from rdml_dist.storage import Storage
 
 STUDENTS = ("a", "b", "c")
@@ -324,6 +324,7 @@ def test_a_run_directory_in_the_previous_format_resumes_its_missing_fields_read_
 
     rows = read_step_log(storage)
     assert without_timings(rows) == without_timings(read_step_log(whole))
+    assert texts(list(decode(storage.read_bytes(WHOLE_LOG)))) == texts(rows)  # the joined log: one header, today's columns
     assert all(math.isnan(row.compute_seconds) for row in rows if row.step < 16)  # absent in the older parts
     assert all(row.compute_seconds == whole_row.compute_seconds or math.isnan(whole_row.compute_seconds)
                for row, whole_row in zip(rows, read_step_log(whole)) if row.step >= 16)
