@@ -342,8 +342,8 @@ class CohortBarrier:
                 future = self._step_future(current)
             if moved:
                 await asyncio.wait([future], timeout=deadline - loop.time())  # a timeout leaves the future as it is
-                if future.done():
-                    future.exception()  # a halt's, raised above on the next pass: read here, not logged as lost
+                if future.done() and future.exception() is not None:
+                    raise future.exception()  # the step stopped (a halt, a restore): the driver hears why at once
             else:
                 await asyncio.shield(future)  # a halt or a restore fails it: the driver hears why
 

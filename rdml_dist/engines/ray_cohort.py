@@ -94,6 +94,8 @@ class RayCohort:
         self.latest_checkpoint: int | None = None  # the step a student restarted under ``continue`` restores
         self._events: list[dict[str, Any]] = []  # failures met while evaluating or checkpointing, for pop_events
         self._inflight: dict[ray.ObjectRef, str] = {}  # the students' calls under way, by student
+        # how long those calls may still run after a rollback's abort before they count as hung (and are killed)
+        self._patience_s = config.runtime.ray.exchange_timeout_s
         self._watches: list[ray.ObjectRef] = []  # futures of the next step not yet collected
         self._reported_deaths: set[str] = set()  # processes whose death is in an event since the placements were read
         self._coordinator_states: list[dict[str, Any]] = []  # each shard's last answer to ``state``
@@ -198,7 +200,9 @@ class RayCohort:
                     if name in before and name in self.where and before[name]["pid"] != self.where[name]["pid"]]
         replaced += [(COORDINATOR, old["pid"], new["pid"]) for old, new in zip(self._coordinator_states, states) if old["pid"] != new["pid"]]
         self._coordinator_states = states
-        awaited = set(self._inflight.values())  # a student whose call is under way reports its own death when it fails
+        # a student whose call is still under way, or failed and not yet handled, reports its own death when that
+        # call is handled (one whose call succeeded will not: its replacement is counted here)
+        awaited = {name for reference, name in self._inflight.items() if not _succeeded(reference)}
         unreported = [(who, old, new) for who, old, new in replaced if who not in self._reported_deaths | awaited]
         self._reported_deaths.clear()
         for who, old, new in unreported:  # a failure like any other: the policy counts it (and may stop the run)
@@ -276,12 +280,14 @@ class RayCohort:
             return
         self._roll_back(failure, list(pending))
 
-    def _abort(self, failure: Failure) -> None:
-        """Fail every step waiting on a coordinator shard now (a dead one already failed its callers)."""
+    def _abort(self, failure: Failure) -> bool:
+        """Fail every step waiting on a coordinator shard now (a dead one already failed its callers); whether every
+        shard heard it."""
         try:
             ray.get([shard.abort.remote(failure.describe()) for shard in self.shards], timeout=10)
+            return True
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            pass
+            return False
 
     def _roll_back(self, failure: Failure, pending: list[ray.ObjectRef]) -> None:
         """Stop the chunk on every student and have the loop take the cohort back to its latest checkpoint.
@@ -289,11 +295,12 @@ class RayCohort:
         The calls still under way fail with the abort's echo; a student that died meanwhile is reported
         (the restore brings it back with the cohort), never silently dropped.
         """
-        self._abort(failure)
+        aborted = self._abort(failure)
         deaths = []
         if pending:
-            done, hung = ray.wait(pending, num_returns=len(pending), timeout=self.config.runtime.ray.exchange_timeout_s)
-            deaths.extend(self._kill_hung(failure, hung))
+            done, hung = ray.wait(pending, num_returns=len(pending), timeout=self._patience_s)
+            if aborted:  # else the calls may wait on a coordinator that never heard the abort: they are not the ones hung
+                deaths.extend(self._kill_hung(failure, hung))
             for reference in done:
                 name = self._inflight.get(reference)
                 died = _own_death(reference)
@@ -310,9 +317,10 @@ class RayCohort:
         raise CohortRollback(failure.event(), deaths)
 
     def _kill_hung(self, failure: Failure, hung: list[ray.ObjectRef]) -> list[dict[str, Any]]:
-        """Kill the students whose calls outlived the abort (stuck in their own code, where no abort reaches) so
-        that Ray restarts them and the restore brings them back: a hung process would otherwise hold every later
-        call to its actor behind the stuck one. Part of the failure being handled, not counted again."""
+        """Kill the students whose calls outlived the abort by the operation's patience (stuck in their own code,
+        where no abort reaches) so that Ray restarts them and the restore brings them back: a hung process would
+        otherwise hold every later call to its actor behind the stuck one. Part of the failure being handled, not
+        counted again."""
         events = []
         for reference in hung:
             name = self._inflight.get(reference)
@@ -345,6 +353,7 @@ class RayCohort:
             for name in self.live_members()
         }
         self._inflight = dict(calls)  # the calls still under way (the chunk takes each out as it ends)
+        self._patience_s = self.config.runtime.ray.exchange_timeout_s  # the abort releases a step's waits at once
         events: list[dict[str, Any]] = []
         try:
             self._follow_chunk(calls, events, start, end, restore_step, on_progress)
@@ -359,7 +368,7 @@ class RayCohort:
     def _pop_recoveries(self) -> list[dict[str, Any]]:
         """The students' non-finite recoveries the coordinator holds (none when it died with them)."""
         try:
-            return ray.get(self.coordinator.pop_recoveries.remote(), timeout=self._stall_s())
+            return ray.get(self.coordinator.pop_recoveries.remote(), timeout=10)  # a wedged coordinator must not hold a failure
         except ray.exceptions.RayError:
             return []
 
@@ -490,6 +499,7 @@ class RayCohort:
         restarted at ``cohort_epoch`` from the latest checkpoint and called again, else the cohort rolls back."""
         calls = {call(self.actors[name]): name for name in self.live_members()}
         self._inflight = calls
+        self._patience_s = self._stall_s()  # no abort stops a scoring or a checkpoint: the bound such calls get
         while calls:
             done, _ = ray.wait(list(calls), num_returns=1, timeout=self._stall_s())
             if not done:  # a student wedged (a stalled store, a hung call) must not hang the driver
@@ -555,6 +565,18 @@ class RayCohort:
                 ray.kill(actor, no_restart=True)
             if self.owns_group:
                 ray.util.remove_placement_group(self.group)
+
+
+def _succeeded(reference: ray.ObjectRef) -> bool:
+    """Whether a call has ended without an error (without waiting, and leaving its result to be read again)."""
+    ready, _ = ray.wait([reference], timeout=0)
+    if not ready:
+        return False
+    try:
+        ray.get(reference, timeout=0)
+    except ray.exceptions.RayError:
+        return False
+    return True
 
 
 def _answers(references: dict[str, ray.ObjectRef], previous: dict[str, Any]) -> dict[str, Any]:
