@@ -235,13 +235,15 @@ class FileSdEntry:
         text = self.path.read_bytes()
         try:
             entries = json.loads(text)
-            if isinstance(entries, list) and all(isinstance(entry, dict) and isinstance(entry.get("targets"), list)
-                                                 for entry in entries):
+            if isinstance(entries, list) and all(
+                isinstance(entry, dict) and isinstance(entry.get("targets"), list)
+                and all(isinstance(target, str) for target in entry["targets"]) for entry in entries
+            ):
                 return entries
             problem = "not a list of target groups"
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             problem = f"not JSON: {error}"
-        aside = self.path.with_name(f"{self.path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        aside = self.path.with_name(f"{self.path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns()}")
         os.replace(self.path, aside)
         logger.warning(f"monitoring.file_sd: {self.path} was {problem}; it is kept as {aside} and a new one is written")
         return []

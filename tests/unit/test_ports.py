@@ -120,7 +120,7 @@ def test_a_local_run_lists_its_metrics_in_file_sd_while_it_runs(tmp_path: Path) 
     assert json.loads(targets.read_text()) == [{"targets": ["127.0.0.1:1"], "labels": {"run": "another-run"}}]
 
 
-@pytest.mark.parametrize("content", [b"{not json", b'{"targets": ["127.0.0.1:1"]}', b"\xff\xfe"])
+@pytest.mark.parametrize("content", [b"{not json", b'{"targets": ["127.0.0.1:1"]}', b'[{"targets": [["127.0.0.1:1"]]}]', b"\xff\xfe"])
 def test_a_file_sd_file_that_is_not_a_target_list_is_kept_aside_and_a_new_one_written(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "targets.json"
     path.write_bytes(content)
