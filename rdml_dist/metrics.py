@@ -227,7 +227,6 @@ class FileSdEntry:
         finally:
             os.close(directory)  # closing the descriptor releases the lock
 
-
     def _entries(self) -> list[dict[str, Any]]:
         """The listed targets (under the lock); a file that is not a target list is moved aside whole, not lost."""
         if not self.path.exists() or not self.path.stat().st_size:

@@ -568,10 +568,8 @@ class RayCohort:
 
 
 def _succeeded(reference: ray.ObjectRef) -> bool:
-    """Whether a call has ended without an error (without waiting, and leaving its result to be read again)."""
-    ready, _ = ray.wait([reference], timeout=0)
-    if not ready:
-        return False
+    """Whether a call has ended without an error (without waiting: one under way raises ``GetTimeoutError``, a
+    ``RayError``; its result stays to be read again)."""
     try:
         ray.get(reference, timeout=0)
     except ray.exceptions.RayError:
