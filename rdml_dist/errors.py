@@ -54,6 +54,11 @@ class ClusterError(RuntimeError):
     """The Ray cluster cannot run the cohort (unreachable, refuses us, too small); the message says what to do."""
 
 
+class ExternalStudentsMissing(ClusterError):
+    """External students did not join the cohort service in time: at the start the run cannot begin; after a
+    coordinator restart it is a timeout like any other, handed to the policy."""
+
+
 class CoordinatorUnreachable(ConnectionError):
     """A student's direct connection to the coordinator broke or was refused: it died, restarted or moved.
 

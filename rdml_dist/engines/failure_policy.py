@@ -21,6 +21,7 @@ WHAT_HAPPENED = {
     FailureKind.COORDINATOR_DIED: "died",
     FailureKind.COORDINATOR_ERROR: "failed",
     FailureKind.TIMEOUT: "timed out",
+    FailureKind.STORAGE_ERROR: "failed",
 }
 
 
@@ -44,7 +45,10 @@ class Failure:
         return FailureKind(self.kind)
 
     def describe(self) -> str:
-        where = f"student {self.student!r} on node {self.node}" if self.student else "the coordinator"
+        if self.student:
+            where = f"student {self.student!r} on node {self.node}"
+        else:
+            where = "the run's storage" if self.failure_kind is FailureKind.STORAGE_ERROR else "the coordinator"
         return f"{where} {WHAT_HAPPENED[self.failure_kind]} at step {self.step}: {self.cause}"
 
     def event(self) -> dict[str, object]:

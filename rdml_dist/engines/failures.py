@@ -1,4 +1,5 @@
-"""Every error the driver meets, classified once: user error, student failure, coordinator failure or timeout.
+"""Every error the driver meets, classified once: user error, student failure, coordinator failure, timeout or
+the run's storage failing.
 
 No Ray here: the Ray cohort turns Ray's wrappers into plain causes (:class:`ProcessDied` for a
 process Ray reports dead, the task's own exception otherwise) and :func:`classify` decides what
@@ -23,6 +24,7 @@ class FailureKind(str, enum.Enum):
     COORDINATOR_DIED = "coordinator_died"  # a coordinator process died, or was replaced by Ray (a new incarnation)
     COORDINATOR_ERROR = "coordinator_error"  # the coordinator's computation or state failed
     TIMEOUT = "timeout"  # an exchange, evaluation or call did not finish in time
+    STORAGE_ERROR = "storage_error"  # the run's files could not be written or read (a full disk, an object store's outage)
 
     @property
     def of_a_student(self) -> bool:
@@ -66,6 +68,12 @@ def classify(cause: BaseException, source: str) -> FailureKind:
     if isinstance(cause, StudentRestarted):
         return FailureKind.STUDENT_DIED
     return FailureKind.COORDINATOR_ERROR if source == COORDINATOR else FailureKind.STUDENT_ERROR
+
+
+def is_storage_error(error: BaseException) -> bool:
+    """Whether an error met in the driver's own work is its storage failing: an ``OSError`` that is neither a
+    timeout nor a broken connection (those are a process's failures, classified above)."""
+    return isinstance(error, OSError) and not isinstance(error, (TimeoutError, ConnectionError))
 
 
 def one_line(error: BaseException) -> str:

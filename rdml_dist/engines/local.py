@@ -14,6 +14,7 @@ import torch
 
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
+from rdml_dist.engines.failure_policy import FailurePolicy
 from rdml_dist.engines.loop import RunObserver, train_loop
 from rdml_dist.engines.session import RunSession, new_session
 from rdml_dist.errors import FrameRejected
@@ -26,12 +27,14 @@ from rdml_dist.student import Student
 
 
 class LocalCohort:
-    """All students and the coordinator core in this process (no failures to survive but non-finite losses)."""
+    """All students and the coordinator core in this process (no failures to survive but non-finite losses and the
+    run's storage failing, which the policy answers by going back to the latest checkpoint)."""
 
     def __init__(self, config: ExperimentConfig, checkpoints: CheckpointStore) -> None:
         if config.runtime.torch_threads:
             torch.set_num_threads(config.runtime.torch_threads)
         self.checkpoints = checkpoints
+        self.policy = FailurePolicy(config.runtime.fault)
         self.students = [Student(config, index) for index in range(len(config.students))]
         self.lock = threading.Lock()  # held for each step, so a scrape never sees half a step
         self.registry = LockedRegistry(self.lock)
@@ -91,7 +94,9 @@ class LocalCohort:
     def pop_events(self) -> list[dict[str, Any]]:
         return []  # one process: a failure outside a chunk ends the run
 
-    def restore(self, step: int) -> None:
+    def restore(self, step: int | None) -> None:
+        if step is None:  # a failure before the step-0 checkpoint was complete: nothing has trained yet
+            return
         for student in self.students:
             student.restore_from(self.checkpoints, step, step // self.steps_per_epoch)
         self.coordinator.restore(step)

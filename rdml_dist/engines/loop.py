@@ -17,8 +17,10 @@ from tqdm import tqdm
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.engines.controller import DriverState, DriverStates
-from rdml_dist.engines.failure_policy import RunFailed
+from rdml_dist.engines.failure_policy import Failure, FailurePolicy, RunFailed
+from rdml_dist.engines.failures import FailureKind, is_storage_error, one_line
 from rdml_dist.engines.progress import describe_epoch
+from rdml_dist.logs import logger
 from rdml_dist.messages import EpochEvaluation, StepRecord
 from rdml_dist.run_directory import RunDirectory
 
@@ -37,6 +39,7 @@ class Cohort(Protocol):
     """What the loop needs from an engine's students and coordinator."""
 
     steps_per_epoch: int
+    policy: FailurePolicy  # one failure budget for the cohort's failures and the run's storage alike
 
     def run_steps(self, start: int, end: int, restore_step: int, on_progress: Callable[[int], None]) -> list[dict[str, Any]]:
         """Train steps ``[start, end)`` in lock-step; returns fault events handled on the way."""
@@ -150,17 +153,46 @@ def train_loop(
                             run.rollback(manifest)
                         state = DriverState.RESTORING
                 except CohortRollback as rollback:
-                    latest = checkpoints.latest()
-                    where = "the initial state" if latest is None else f"step {latest['step']}"
-                    run.add_events([*cohort.pop_events(), *rollback.earlier, {**rollback.event, "action": f"rolled back to {where}"}])
-                    state, why = DriverState.ROLLING_BACK, str(rollback)
+                    state, why = _rolling_back(run, cohort, checkpoints, rollback)
+                except OSError as error:
+                    if not is_storage_error(error):
+                        raise
+                    state, why = _rolling_back(run, cohort, checkpoints, _storage_failed(cohort.policy, error, step))
             states.enter(DriverState.FINISHING)
     except BaseException as error:
-        if isinstance(error, RunFailed):  # the faults that stopped the run belong in its results like any other
-            run.add_events([*cohort.pop_events(), *error.events])
+        # the faults that stopped the run, and those the cohort still held, belong in its results like any other
+        _add_events(run, [*cohort.pop_events(), *(error.events if isinstance(error, RunFailed) else [])])
         states.enter(DriverState.FAILED, f"{type(error).__name__}: {error}")
         raise
     return run
+
+
+def _storage_failed(policy: FailurePolicy, error: OSError, step: int) -> CohortRollback:
+    """The run's storage failed in the driver's own work from ``step`` on: the policy counts it against the budget
+    (raising :class:`RunFailed` past it, or under ``fail``), and the cohort goes back to its latest checkpoint."""
+    failure = Failure(FailureKind.STORAGE_ERROR.value, step, one_line(error))
+    policy.decide(failure)
+    return CohortRollback(failure.event())
+
+
+def _rolling_back(run: RunDirectory, cohort: Cohort, checkpoints: CheckpointStore, rollback: CohortRollback) -> tuple[DriverState, str]:
+    """Record why the cohort goes back (and what it met before), naming where to: the state the loop moves to."""
+    try:
+        latest = checkpoints.latest()
+        where = "the initial state" if latest is None else f"step {latest['step']}"
+    except OSError as error:  # the storage that failed: the rolling back reads it again, and fails through the policy
+        where = f"the latest checkpoint ({one_line(error)})"
+    _add_events(run, [*cohort.pop_events(), *rollback.earlier, {**rollback.event, "action": f"rolled back to {where}"}])
+    return DriverState.ROLLING_BACK, str(rollback)
+
+
+def _add_events(run: RunDirectory, events: list[dict[str, Any]]) -> None:
+    """Fault events into the results. A write that fails now (storage down, the lease lost) keeps them in memory for
+    the next rewrite and must not replace the error being handled; a lost lease still stops the run at its next write."""
+    try:
+        run.add_events(events)
+    except Exception as error:  # noqa: BLE001 - see above
+        logger.warning(f"results.json not rewritten now ({one_line(error)}); its fault events are kept for the next rewrite")
 
 
 def _run_chunk(

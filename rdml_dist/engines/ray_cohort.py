@@ -26,7 +26,7 @@ from rdml_dist.engines.failures import COORDINATOR, CoordinatorReplaced, Failure
 from rdml_dist.engines.loop import CohortRollback
 from rdml_dist.engines.placement import GivenPlacement, bundle_strategy
 from rdml_dist.engines.ray_actors import STORAGE_MARKER, CoordinatorActor, StudentActor
-from rdml_dist.errors import ClusterError, ConfigError, StudentRestarted
+from rdml_dist.errors import ClusterError, ConfigError, ExternalStudentsMissing, StudentRestarted
 from rdml_dist.lane.handshake import new_run_secret, student_key
 from rdml_dist.logs import logger
 from rdml_dist.messages import EpochEvaluation, StepRecord, StudentInfo
@@ -171,7 +171,7 @@ class RayCohort:
                     f"{self.rpc_address} (rdml-dist student CONFIG --coordinator {self.rpc_address} --name NAME)")
         missing = ray.get(self.coordinator.wait_for_members.remote(timeout))
         if missing:
-            raise ClusterError(
+            raise ExternalStudentsMissing(
                 f"external student(s) {', '.join(missing)} did not join the cohort service at {self.rpc_address} "
                 f"within {timeout:.0f} s (rpc.join_timeout_s); start each with: rdml-dist student CONFIG "
                 f"--coordinator {self.rpc_address} --name NAME"
@@ -218,7 +218,10 @@ class RayCohort:
         if len(self.shards) > 1:
             coordinator["shards"] = [{"node_id": state["node_id"], "pid": state["pid"], "lane": lane} for state, lane in zip(states, lanes)]
         external = {name: {"external": True, "coordinator": self.rpc_address} for name in self.external}
-        self.record_placements({**self.where, **external}, coordinator)
+        try:
+            self.record_placements({**self.where, **external}, coordinator)
+        except OSError as error:  # a record for operators and tests, not the run's state: written again at the next change
+            logger.warning(f"placements.json not written ({one_line(error)}); it is written again when a process moves")
 
     def live_members(self) -> list[str]:
         return [name for name in self.names if name in self.live]
@@ -544,6 +547,8 @@ class RayCohort:
             self._update_placements()
         except ray.exceptions.RayError as error:  # a call outside the restore calls proper (serving, placements)
             self._handle(self._failure(error, COORDINATOR, at, restoring=True), may_continue=False)
+        except ExternalStudentsMissing as missing:  # they did not join the restarted coordinator in time
+            self._handle(Failure(FailureKind.TIMEOUT.value, at, str(missing)), may_continue=False)
 
     def _get_or_handle(self, reference: ray.ObjectRef, source: str, step: int, others: dict[ray.ObjectRef, str]) -> Any:
         try:

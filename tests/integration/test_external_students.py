@@ -201,3 +201,32 @@ def test_an_external_student_recovers_from_non_finite_logits_and_the_run_goes_on
     rows = {(int(row["step"]), row["student"]) for row in read_steps(tmp_path / "run")}
     assert (3, "outside") not in rows and (3, "mlp") in rows and (4, "outside") in rows  # the peers went on without it
     assert len(rows) == 3 * 12 - 1
+
+
+@pytest.mark.timeout(300)
+def test_an_external_student_that_does_not_rejoin_a_restarted_coordinator_is_a_timeout_the_policy_counts(tmp_path: Path) -> None:
+    """The external student and then the coordinator are killed: the restore's wait for the student to join again
+    ends in a ``timeout`` failure, counted like any other, until the budget is spent and the run stops saying so."""
+    port = free_port()
+    config_path = _mixed_config(tmp_path, port, join_timeout_s=10)  # the driver's wait, at the start and after the restart
+    raw = yaml.safe_load(config_path.read_text())
+    raw["training"]["batch_size"] = 128
+    raw["runtime"]["checkpoint"] = {"every_steps": 4, "keep": 2}
+    raw["runtime"]["fault"] = {"max_failures": 1}
+    config_path.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    driver = _start(["train", str(config_path), "--no-progress"], tmp_path, tmp_path / "driver.log")
+    external = _start(["student", str(config_path), "--set", "rpc.join_timeout_s=120", "--coordinator", f"127.0.0.1:{port}",
+                       "--name", "outside"], tmp_path, tmp_path / "external.log")  # it waits for the service to come up
+    with _stopped_at_the_end(driver, external):
+        wait_until(lambda: (run_dir / "checkpoints" / "step-00000004" / "manifest.json").exists(), "checkpoint 4", 120)
+        os.killpg(external.pid, signal.SIGKILL)
+        external.wait()
+        _kill_after_checkpoint(run_dir, 4, "coordinator")
+        driver_log = _finish(driver, tmp_path / "driver.log", 180)
+    assert driver.returncode == 1, driver_log
+    assert "2 failures, more than runtime.fault.max_failures=1" in driver_log, driver_log
+    events = read_json(run_dir / "results.json")["faults"]["events"]
+    assert [event["kind"] for event in events] == ["coordinator_died", "timeout"], events
+    assert "external student(s) outside did not join the cohort service" in events[-1]["cause"]
+    assert events[-1]["action"] == "the run stopped"
