@@ -17,15 +17,20 @@ METRICS_LINE = re.compile(r"rdml-dist INFO metrics at http://(\S+)/metrics")
 
 @pytest.mark.timeout(900)
 def test_two_default_runs_at_once_both_complete_at_their_own_addresses(tmp_path: Path) -> None:
-    """The second run starts once the first serves its metrics, and the first trains long enough to outlive it
-    (a run starts in about 30 s here and trains the default's epoch in under 2 s), so the two surely overlap."""
-    targets = tmp_path / "targets.json"
-    epochs = {"first": 50, "second": 1}
+    """The second run starts once the first serves its metrics, and the first waits in its step 5 until the second
+    has ended (its mlp is a test model that holds the cohort there), so the two surely overlap."""
+    targets, second_ended, markers = tmp_path / "targets.json", tmp_path / "second-ended", tmp_path / "markers"
+    markers.mkdir()
+    epochs = {"first": 1, "second": 1}
     commands = {
         name: ["train", "--no-progress", "--run-dir", str(tmp_path / name), "--set", f"name={name}",
                "--set", f"training.epochs={epochs[name]}", "--set", "runtime.torch_threads=1", "--set", f"monitoring.file_sd={targets}"]
         for name in ("first", "second")
     }  # the embedded default config: rpc.port 50151 and monitoring.port 9464 for both
+    hold = {"faults": [{"how": "wait_for", "where": "step", "after": 5, "path": str(second_ended), "seconds": 240}],
+            "markers": str(markers), "run_dir": str(tmp_path / "first")}
+    commands["first"] += ["--set", "students.0.model=tests.integration.faulty_models:mlp_with_faults",
+                          "--set", f"students.0.options={json.dumps(hold)}"]  # its peers wait within the exchange timeout (300 s)
     listed: dict[str, set[str]] = {"first": set(), "second": set()}
     side_by_side: list[dict[str, list[str]]] = []  # file_sd snapshots in which both runs served their metrics
     with ThreadPoolExecutor(2) as pool:
@@ -40,6 +45,8 @@ def test_two_default_runs_at_once_both_complete_at_their_own_addresses(tmp_path:
                     side_by_side.append(snapshot)
                 if "first" in snapshot and len(runs) == 1:  # the first serves: the second starts beside it
                     runs.append(pool.submit(run_cli, commands["second"], cwd=tmp_path, timeout_s=600))
+            if len(runs) == 2 and runs[1].done():
+                second_ended.touch()  # the first goes on
             time.sleep(0.2)
         results = [run.result() for run in runs]
     assert len(results) == 2, "the first run never listed its metrics"
