@@ -170,8 +170,8 @@ def test_metrics_through_a_student_restart(tmp_path: Path) -> None:
 
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
-    wait_until(lambda: (tmp_path / "run" / "checkpoints" / "step-00000004" / "manifest.json").exists() or not thread.is_alive(),
-               "checkpoint 4", 120)
+    # held at step 6 (past checkpoint 4): killed before, its new process would hold the cohort again at its own 6th step
+    wait_until(lambda: (markers / "fault-0").exists() or not thread.is_alive(), "cnn holds the cohort at step 6", 120)
     assert not error, error
     assert kill_actor_process(read_json(tmp_path / "run" / "placements.json")["students"]["cnn"]["pid"], "StudentActor")
     history = []
