@@ -53,7 +53,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-import rdml_dist.divergence as divergence_module  # noqa: E402
+import rdml_dist.mimicry_kernels as kernels  # noqa: E402
 from rdml_dist import native_passes  # noqa: E402
 from rdml_dist.divergence import MimicryWorkspace, mimicry_gradients, stack_by_sample  # noqa: E402
 
@@ -150,7 +150,7 @@ class FactoredFloor:
     def __init__(self, logits: torch.Tensor) -> None:
         k, batch, classes = logits.shape
         self.logits = logits
-        self.rows = max(1, divergence_module._CHUNK_BYTES // (k * classes * logits.element_size()))
+        self.rows = max(1, kernels._CHUNK_BYTES // (k * classes * logits.element_size()))
         block = min(self.rows, batch)
         self.by_sample = torch.empty(batch, k, classes)
         self.factors = torch.empty(2, block, k, classes)

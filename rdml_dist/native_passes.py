@@ -73,7 +73,7 @@ def whole_step_serves(k: int, classes: int) -> bool:
 
 def factors(block: Tensor, alpha: float, temperature: float, into: Tensor, shifts: Tensor) -> tuple[Tensor, Tensor]:
     """The peer and own factors of ``block`` (rows×K×C logits) into ``into`` (rows×2×K×C) and their
-    row shifts into ``shifts`` (rows×2K); as :func:`rdml_dist.divergence._factors`."""
+    row shifts into ``shifts`` (rows×2K); as :func:`rdml_dist.mimicry_kernels._factors`."""
     rows, k, classes = block.shape
     block = block.contiguous()
     _check_buffers((block, _F32, rows * k * classes), (into, _F32, rows * 2 * k * classes), (shifts, _F32, rows * 2 * k))
@@ -89,7 +89,7 @@ def weights(
     loss_sums: Tensor, untrusted: Tensor,
 ) -> int:
     """The overlaps (rows×K×K) overwritten by the transposed gradient weights Vᵀ of
-    :func:`rdml_dist.divergence._write_gradients`, the transposed target weights into
+    :func:`rdml_dist.mimicry_kernels._write_gradients`, the transposed target weights into
     ``target_weights`` when given, and Σ_b Σ_{j≠k} logZ_jk added to ``loss_sums`` (K float64).
 
     ``untrusted`` (rows, uint8) flags the samples with an overlap below ``trusted_floor`` (or not

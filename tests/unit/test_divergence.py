@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import rdml_dist.divergence as divergence_module
+import rdml_dist.mimicry_kernels as kernels
 from rdml_dist.divergence import (
     DIVERGENCES,
     divergence,
@@ -238,7 +239,7 @@ def test_renyi_cohort_matches_per_pair_reference(alpha: float, k: int, kind: str
 
 
 @pytest.mark.parametrize("kind", ["random", "disjoint"])
-@pytest.mark.parametrize("k", [divergence_module._WHOLE_LOSS_MAP_MAX_K, divergence_module._WHOLE_LOSS_MAP_MAX_K + 1])
+@pytest.mark.parametrize("k", [kernels._WHOLE_LOSS_MAP_MAX_K, kernels._WHOLE_LOSS_MAP_MAX_K + 1])
 @pytest.mark.parametrize("alpha", [0.5, 5.0])
 def test_renyi_losses_match_the_reference_on_both_sides_of_the_whole_loss_map(alpha: float, k: int, kind: str) -> None:
     """Small cohorts apply the losses' map to the batch sums as one matrix, larger ones part by part."""
@@ -288,13 +289,13 @@ def test_only_pairs_with_disjoint_support_are_recomputed_exactly(
     """Confident cohorts stay on the matmul path (no cliff); disjoint peers take the exact one, so the
     reference tests above cover both."""
     recomputed: list[int] = []
-    original = divergence_module._recompute_underflowed_pairs
+    original = kernels._recompute_underflowed_pairs
 
     def counting(z, alpha, temperature, scale, mask, out):
         recomputed.append(int(mask.sum()))
         return original(z, alpha, temperature, scale, mask, out)
 
-    monkeypatch.setattr(divergence_module, "_recompute_underflowed_pairs", counting)
+    monkeypatch.setattr(kernels, "_recompute_underflowed_pairs", counting)
     logits = cohort_logits(kind, 16, b=32, c=100, seed=5)
     mimicry_gradients(logits.float(), alpha=alpha)
     mimicry_gradients(logits, alpha=alpha)
@@ -312,7 +313,7 @@ def test_a_batch_split_into_row_blocks_gives_the_same_result(
     single_row = mimicry_gradients(logits[:, :1], alpha=alpha, temperature=2.0, mode=mode, divergence=name)
     assert torch.equal(logits, untouched)  # the caller's logits are never scaled in place
     assert torch.allclose(single_row.grads, whole.grads[:, :1] * 7, rtol=1e-10)  # batch mean over 1 row vs 7
-    monkeypatch.setattr(divergence_module, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(kernels, "_CHUNK_BYTES", 1)
     blocks = mimicry_gradients(logits, alpha=alpha, temperature=2.0, mode=mode, divergence=name)
     for together, apart in zip(whole, blocks):
         assert torch.allclose(together, apart, rtol=1e-12, atol=1e-15)
@@ -459,7 +460,7 @@ def test_a_name_that_is_not_a_divergence_is_refused_naming_the_field(user_module
 def test_a_workspace_reuses_its_buffers_and_changes_no_result(name: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches of changing size (a short last batch, then full again) through one workspace give exactly
     what fresh buffers give, and the full batch's gradients land in the same memory every time."""
-    monkeypatch.setattr(divergence_module, "_CHUNK_BYTES", 512)  # several row blocks per call
+    monkeypatch.setattr(kernels, "_CHUNK_BYTES", 512)  # several row blocks per call
     workspace = divergence_module.MimicryWorkspace()
     addresses = []
     for seed, rows in enumerate([16, 5, 16]):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import rdml_dist.divergence as divergence_module
+import rdml_dist.mimicry_kernels as kernels
 from rdml_dist import native_passes
 from rdml_dist.divergence import MimicryWorkspace, mimicry_gradients, stack_by_sample
 from tests.unit.test_divergence import assert_matches_reference, cohort_logits, reference_cohort
@@ -45,7 +45,7 @@ def test_both_forms_match_the_float64_reference(
 ) -> None:
     """Odd batch sizes leave the last group of lanes short; small row blocks make the passes loop."""
     monkeypatch.setattr(native_passes, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
-    monkeypatch.setattr(divergence_module, "_CHUNK_BYTES", 4 * k * c * 3)  # three rows per block
+    monkeypatch.setattr(kernels, "_CHUNK_BYTES", 4 * k * c * 3)  # three rows per block
     logits = cohort_logits(kind, k, b=b, c=c, seed=k + b)
     result = mimicry_gradients(logits.float(), alpha=alpha, temperature=tau)
     assert result.grads.dtype == torch.float32
@@ -82,10 +82,10 @@ def test_only_the_untrusted_samples_go_to_the_careful_path(form: str, monkeypatc
     """The compiled code flags the samples it cannot trust; the careful path redoes those alone,
     and their losses join the others'."""
     monkeypatch.setattr(native_passes, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
-    monkeypatch.setattr(divergence_module, "_CHUNK_BYTES", 4 * 4 * 12 * 5)  # five rows per block
+    monkeypatch.setattr(kernels, "_CHUNK_BYTES", 4 * 4 * 12 * 5)  # five rows per block
     redone: list[int] = []
-    careful = divergence_module._pairwise_renyi
-    monkeypatch.setattr(divergence_module, "_pairwise_renyi", lambda z, *args: (redone.append(z.shape[0]), careful(z, *args))[1])
+    careful = kernels._pairwise_renyi
+    monkeypatch.setattr(kernels, "_pairwise_renyi", lambda z, *args: (redone.append(z.shape[0]), careful(z, *args))[1])
     logits = with_disjoint_samples(cohort_logits("random", 4, b=19, c=12, seed=2).float(), [3, 11, 18])
     result = mimicry_gradients(logits, alpha=5.0)
     assert redone == [3]
