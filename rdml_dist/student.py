@@ -171,7 +171,9 @@ class Student:
             logits = self.compute.forward(inputs)
         labelled_mask = labels >= 0
         labelled = labelled_mask.sum()
-        ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")[labelled_mask].sum() / labelled.clamp(min=1)
+        # masked by where, not by indexing: a boolean index waits for the device to count the rows (a GPU sync)
+        per_sample = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
+        ce = torch.where(labelled_mask, per_sample, 0.0).sum() / labelled.clamp(min=1)
         predictions = logits.detach().argmax(-1)
         correct = ((predictions == labels) & labelled_mask).sum()
         # everything the frame needs from the device in one wait (one synchronisation on a GPU, not five)
