@@ -5,20 +5,12 @@ hands it to the coordinator, so ``rdml-dist status`` and the ``rdml_driver_state
 the same state as the logs).
 """
 
-import enum
 import logging
 from collections.abc import Callable
 
+from rdml_dist.messages import DriverState
+
 logger = logging.getLogger("rdml-dist")
-
-
-class DriverState(str, enum.Enum):
-    STARTING = "starting"  # opening the run, the step-0 checkpoint (or a resume's first restore)
-    RUNNING = "running"  # chunks of steps, epoch scores, checkpoints
-    RESTORING = "restoring"  # every student and the coordinator go back to a checkpoint
-    ROLLING_BACK = "rolling_back"  # a failure stopped the chunk; the run's files go back to the latest checkpoint
-    FINISHING = "finishing"  # every step is done; the run is being closed
-    FAILED = "failed"  # the policy (or an error no policy answers) stopped the run
 
 
 class DriverStates:

@@ -20,7 +20,6 @@ import ray
 
 from rdml_dist.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.engines.controller import DriverState
 from rdml_dist.engines.failure_policy import Decision, Failure, FailurePolicy, RunFailed
 from rdml_dist.engines.failures import COORDINATOR, CoordinatorReplaced, FailureKind, ProcessDied, classify, one_line
 from rdml_dist.engines.loop import CohortRollback
@@ -29,7 +28,7 @@ from rdml_dist.engines.ray_actors import STORAGE_MARKER, CoordinatorActor, Stude
 from rdml_dist.errors import ClusterError, ConfigError, ExternalStudentsMissing, StudentRestarted
 from rdml_dist.lane.handshake import new_run_secret, student_key
 from rdml_dist.logs import logger
-from rdml_dist.messages import EpochEvaluation, StepRecord, StudentInfo
+from rdml_dist.messages import DriverState, EpochEvaluation, StepRecord, StudentInfo
 from rdml_dist.metrics import FileSdEntry
 from rdml_dist.shards import merge_records
 from rdml_dist.storage import Storage

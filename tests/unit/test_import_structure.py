@@ -1,4 +1,5 @@
-"""The package's import structure: no cycles, and the light modules stay light (no torchvision, scikit-learn or torch)."""
+"""The package's import structure: rooms that import only downward, no cycles, and the light modules stay light (no
+torchvision, scikit-learn or torch)."""
 
 import ast
 import json
@@ -80,6 +81,69 @@ def test_the_graph_sees_imports_inside_functions_and_type_checking_blocks() -> N
 def test_no_import_cycle_in_the_package() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+# The house read top-down as the data flows: each room imports itself and the rooms below it, never one above;
+# the run's records stand beside the rooms (any room may write them, they import no room), and the shared
+# vocabulary lies under everything. Names are the first part of a module's name below ``rdml_dist``.
+ROOMS = [
+    ("entry points", {"cli", "tune"}),
+    ("engines", {"engines", "external_student"}),
+    ("transports", {"lane", "rpc"}),
+    ("coordinator core", {"barrier", "metered_coordinator", "coordinator", "shards", "metrics"}),
+    ("students", {"student", "student_compute", "models", "data"}),
+    ("math", {"divergence", "mimicry_kernels", "native_passes", "schedules"}),
+]
+RECORDS = {"run_directory", "step_log", "epoch_totals", "run_summary", "checkpoints", "storage", "plots",
+           "tensorboard_events", "run_lease"}
+VOCABULARY = {"", "config", "configs", "messages", "errors", "logs", "lazy", "finite", "devices", "factory", "user_modules"}
+# Imports across the rule, each for a reason: config validation looks the names it is given up in the registries
+# (inside the check functions, only when a check runs).
+ALLOWED_ACROSS = {("rdml_dist.config.checks", "data"), ("rdml_dist.config.checks", "models"),
+                  ("rdml_dist.config.checks", "divergence")}
+
+
+def _room(module: str) -> str:
+    return module.removeprefix("rdml_dist").removeprefix(".").split(".")[0]
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of ``graph`` that goes up a room, from the vocabulary into a room, or from a record into a room."""
+    rank = {room: index for index, (_, members) in enumerate(ROOMS) for room in members}
+    found = []
+    for module, imported in sorted(graph.items()):
+        mine = _room(module)
+        for target in sorted(imported):
+            theirs = _room(target)
+            if theirs in VOCABULARY or theirs == mine or (module, theirs) in ALLOWED_ACROSS:
+                continue
+            if theirs in RECORDS:
+                ok = mine not in VOCABULARY
+            else:
+                ok = mine in rank and rank[mine] <= rank[theirs]
+            if not ok:
+                found.append(f"{module} imports {target}")
+    return found
+
+
+def test_every_module_has_a_room() -> None:
+    named = set().union(*(members for _, members in ROOMS), RECORDS, VOCABULARY)
+    assert {_room(module) for module in import_graph()} <= named
+
+
+def test_the_layering_check_finds_an_import_up_a_room() -> None:
+    assert layering_violations({"rdml_dist.barrier": {"rdml_dist.engines.controller"}}) == [
+        "rdml_dist.barrier imports rdml_dist.engines.controller"]
+    assert layering_violations({"rdml_dist.step_log": {"rdml_dist.coordinator"}}) == [
+        "rdml_dist.step_log imports rdml_dist.coordinator"]
+    assert layering_violations({"rdml_dist.errors": {"rdml_dist.run_directory"}}) == [
+        "rdml_dist.errors imports rdml_dist.run_directory"]
+    assert layering_violations({"rdml_dist.engines.local": {"rdml_dist.coordinator", "rdml_dist.run_directory"}}) == []
+
+
+def test_no_module_imports_a_room_above_its_own() -> None:
+    violations = layering_violations(import_graph())
+    assert not violations, "\n".join(violations)
 
 
 def _loaded_after(code: str) -> list[str]:
