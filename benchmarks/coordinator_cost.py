@@ -103,7 +103,7 @@ def per_pair_loop(logits: torch.Tensor, alpha: float) -> tuple[torch.Tensor, tor
 
 
 class CoordinatorCall:
-    """One step of the coordinator's computation, as :class:`rdml_dist.coordinator.CohortCoordinator` runs it.
+    """One step of the coordinator's computation, as :class:`rdml_dist.coordinator_core.coordinator.CohortCoordinator` runs it.
 
     The K frames (B×C each) are stacked by sample into the workspace kept between steps, and the
     gradients and losses are written into it.

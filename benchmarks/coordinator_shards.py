@@ -49,7 +49,7 @@ from rdml_dist.engines.ray_actors import CoordinatorActor  # noqa: E402
 from rdml_dist.messages import LogitsFrame, StudentInfo  # noqa: E402
 from rdml_dist.lane.handshake import student_key  # noqa: E402
 from rdml_dist.lane.client import ShardLanes  # noqa: E402
-from rdml_dist.shards import merge_records  # noqa: E402
+from rdml_dist.coordinator_core.shards import merge_records  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LANE_SECRET = "benchmark"

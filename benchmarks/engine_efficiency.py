@@ -43,8 +43,8 @@ import torch  # noqa: E402
 
 from rdml_dist.config import parse_config  # noqa: E402
 from rdml_dist.engines.ray_engine import train_ray  # noqa: E402
-from rdml_dist.step_log import read_step_log  # noqa: E402
-from rdml_dist.storage import Storage  # noqa: E402
+from rdml_dist.run_records.step_log import read_step_log  # noqa: E402
+from rdml_dist.run_records.storage import Storage  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 128

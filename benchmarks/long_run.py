@@ -3,7 +3,7 @@
 A simulated run of 8 students, 391 steps per epoch (the CIFAR recipe at batch 128) and a
 checkpoint at every epoch's end is driven through the real ``RunDirectory``, ``CheckpointStore``
 and ``Storage`` (a local directory) with made-up step records. Each (code, rows) cell runs in a
-fresh process, so its peak RSS is its own. The old code is ``rdml_dist/run_directory.py`` of
+fresh process, so its peak RSS is its own. The old code is ``rdml_dist/run_records/run_directory.py`` of
 commit fa1f8a3, loaded from git into a module beside the new one; its state at N rows (all rows
 in memory, every epoch's entry) is built directly, since replaying its per-epoch scans would be
 quadratic. Timed: one epoch-end checkpoint at N rows, i.e. ``record_epoch`` + ``write_progress``
@@ -28,10 +28,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from rdml_dist.checkpoints import CheckpointStore
+from rdml_dist.run_records.checkpoints import CheckpointStore
 from rdml_dist.config import parse_config
-from rdml_dist.coordinator import EpochEvaluation, StepRecord
-from rdml_dist.storage import Storage
+from rdml_dist.coordinator_core.coordinator import EpochEvaluation, StepRecord
+from rdml_dist.run_records.storage import Storage
 
 from earlier_code import module_at  # noqa: E402 - beside this script
 
@@ -82,7 +82,7 @@ class SimulatedRun:
                                "runtime": {"engine": "local", "run_dir": directory}})
         self.store = CheckpointStore(storage)
         if code == "new":
-            from rdml_dist.run_directory import RunDirectory
+            from rdml_dist.run_records.run_directory import RunDirectory
 
             self.run = RunDirectory(storage, config, "local")
             self.run.write_config()

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from rdml_dist.config import parse_config
-from rdml_dist.coordinator import CohortCoordinator
+from rdml_dist.coordinator_core.coordinator import CohortCoordinator
 from rdml_dist.data import batch_plan, indices_hash
 from rdml_dist.messages import LogitsFrame, StudentInfo
-from rdml_dist.metered_coordinator import MeteredCoordinator
+from rdml_dist.coordinator_core.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import CohortMetrics, LockedRegistry
 
 RESULTS = Path(__file__).parent / "results"

@@ -18,7 +18,7 @@ _HOMES = {
     "ExperimentConfig": "rdml_dist.config",
     "load_config": "rdml_dist.config",
     "parse_config": "rdml_dist.config",
-    "CohortCoordinator": "rdml_dist.coordinator",
+    "CohortCoordinator": "rdml_dist.coordinator_core.coordinator",
     "DIVERGENCES": "rdml_dist.divergence",
     "TARGET_MODES": "rdml_dist.divergence",
     "MimicryResult": "rdml_dist.divergence",

@@ -15,7 +15,7 @@ from rdml_dist.logs import configure_logging
 from rdml_dist.user_modules import make_user_modules_importable
 
 if TYPE_CHECKING:
-    from rdml_dist.run_directory import RunDirectory
+    from rdml_dist.run_records.run_directory import RunDirectory
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -167,8 +167,8 @@ def _report(run: "RunDirectory") -> int:
 
 
 def _plots(args: argparse.Namespace) -> int:
-    from rdml_dist.plots import PLOTS_DIR, read_results, write_plots
-    from rdml_dist.storage import Storage
+    from rdml_dist.run_records.plots import PLOTS_DIR, read_results, write_plots
+    from rdml_dist.run_records.storage import Storage
 
     try:
         run = Storage(args.run_dir, field="RUN_DIR")

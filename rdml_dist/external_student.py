@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from rdml_dist.checkpoints import CheckpointStore, checkpoint_directory
+from rdml_dist.run_records.checkpoints import CheckpointStore, checkpoint_directory
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.engines.loop import next_boundary
 from rdml_dist.errors import ClusterError, ConfigError
@@ -28,7 +28,7 @@ from rdml_dist.messages import NON_FINITE, NOT_LIVE, WRONG_STEP
 from rdml_dist.rpc.channel import describe, rejection_reason, status_code
 from rdml_dist.rpc.client import CohortClient, ExchangeStream
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.storage import Storage
 from rdml_dist.student import Student
 
 RETRY_SECONDS = 0.5

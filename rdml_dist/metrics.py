@@ -28,7 +28,7 @@ from rdml_dist.config import ExperimentConfig
 from rdml_dist.errors import ClusterError
 from rdml_dist.logs import logger
 from rdml_dist.messages import REJECTION_REASONS, EpochEvaluation, StepRecord, StepTiming
-from rdml_dist.storage import atomic_write
+from rdml_dist.run_records.storage import atomic_write
 
 # Per-step times on CPUs and GPUs range from sub-millisecond exchanges to multi-second steps.
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

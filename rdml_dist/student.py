@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rdml_dist.checkpoints import CheckpointStore, to_cpu
+from rdml_dist.run_records.checkpoints import CheckpointStore, to_cpu
 from rdml_dist.config import ExperimentConfig, OptimizerConfig, data_spec
 from rdml_dist.data import augment_seed, batch_plan, data_fingerprint, indices_hash, load_dataset
 from rdml_dist.data.split import Batch

@@ -8,8 +8,8 @@ from rdml_dist.errors import ConfigError
 from rdml_dist.engines.loop import RunObserver
 from rdml_dist.engines.loopback import keep_local_ray_on_loopback
 from rdml_dist.engines.session import RunSession, new_session, resume_session
-from rdml_dist.run_directory import RunDirectory
-from rdml_dist.run_lease import RunLease
+from rdml_dist.run_records.run_directory import RunDirectory
+from rdml_dist.run_records.run_lease import RunLease
 
 
 def train_cohort(

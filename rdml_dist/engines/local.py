@@ -1,7 +1,7 @@
 """The reference in-process cohort: every student in this process, the same math and loop as the Ray engine.
 
 Students exchange nothing over a transport: their frames go straight into the same
-:class:`~rdml_dist.coordinator.CohortCoordinator` that the Ray coordinator actor wraps, so the
+:class:`~rdml_dist.coordinator_core.coordinator.CohortCoordinator` that the Ray coordinator actor wraps, so the
 two engines follow the same trajectory for the same config and seed.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rdml_dist.checkpoints import CheckpointStore
+from rdml_dist.run_records.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.engines.failure_policy import FailurePolicy
 from rdml_dist.engines.loop import RunObserver, train_loop
@@ -20,9 +20,9 @@ from rdml_dist.engines.session import RunSession, new_session
 from rdml_dist.errors import FrameRejected
 from rdml_dist.logs import logger
 from rdml_dist.messages import NON_FINITE, EpochEvaluation, StepRecord
-from rdml_dist.metered_coordinator import MeteredCoordinator
+from rdml_dist.coordinator_core.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import CohortMetrics, FileSdEntry, LockedRegistry, metrics_address, serve
-from rdml_dist.run_directory import RunDirectory
+from rdml_dist.run_records.run_directory import RunDirectory
 from rdml_dist.student import Student
 
 

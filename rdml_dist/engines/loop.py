@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from rdml_dist.checkpoints import CheckpointStore
+from rdml_dist.run_records.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.engines.controller import DriverStates
 from rdml_dist.engines.failure_policy import Failure, FailurePolicy, RunFailed
@@ -22,7 +22,7 @@ from rdml_dist.engines.failures import FailureKind, is_storage_error, one_line
 from rdml_dist.engines.progress import describe_epoch
 from rdml_dist.logs import logger
 from rdml_dist.messages import DriverState, EpochEvaluation, StepRecord
-from rdml_dist.run_directory import RunDirectory
+from rdml_dist.run_records.run_directory import RunDirectory
 
 
 class CohortRollback(Exception):

@@ -6,8 +6,8 @@ from contextlib import contextmanager
 
 from rdml_dist.engines.loop import RunObserver
 from rdml_dist.engines.session import RunSession
-from rdml_dist.plots import FinalPlots
-from rdml_dist.tensorboard_events import TensorBoardObserver
+from rdml_dist.run_records.plots import FinalPlots
+from rdml_dist.run_records.tensorboard_events import TensorBoardObserver
 
 
 @contextmanager

@@ -19,8 +19,8 @@ from typing import Any
 import ray
 import torch
 
-from rdml_dist.barrier import CohortBarrier
-from rdml_dist.checkpoints import CheckpointStore
+from rdml_dist.coordinator_core.barrier import CohortBarrier
+from rdml_dist.run_records.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.devices import resolve_device
 from rdml_dist.engines.failures import CoordinatorReplaced
@@ -32,8 +32,8 @@ from rdml_dist.messages import (
 )
 from rdml_dist.metrics import metrics_address, serve
 from rdml_dist.rpc.server import CohortServer, start_cohort_server
-from rdml_dist.shards import join_replies, split_frame
-from rdml_dist.storage import Storage
+from rdml_dist.coordinator_core.shards import join_replies, split_frame
+from rdml_dist.run_records.storage import Storage
 from rdml_dist.student import Student
 
 CONTROL_GROUP = "control"

@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from rdml_dist.checkpoints import CheckpointStore
+from rdml_dist.run_records.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.engines.failure_policy import Decision, Failure, FailurePolicy, RunFailed
 from rdml_dist.engines.failures import COORDINATOR, CoordinatorReplaced, FailureKind, ProcessDied, classify, one_line
@@ -30,8 +30,8 @@ from rdml_dist.lane.handshake import new_run_secret, student_key
 from rdml_dist.logs import logger
 from rdml_dist.messages import DriverState, EpochEvaluation, StepRecord, StudentInfo
 from rdml_dist.metrics import FileSdEntry
-from rdml_dist.shards import merge_records
-from rdml_dist.storage import Storage
+from rdml_dist.coordinator_core.shards import merge_records
+from rdml_dist.run_records.storage import Storage
 
 RESTART_TIMEOUT_S = 120.0
 RESTART_POLL_S = 0.25

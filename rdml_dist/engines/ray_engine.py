@@ -21,7 +21,7 @@ from rdml_dist.engines.ray_cohort import RayCohort
 from rdml_dist.engines.session import RunSession, new_session
 from rdml_dist.logs import logger
 from rdml_dist.rpc.auth import check_bind, resolve_token
-from rdml_dist.run_directory import RunDirectory
+from rdml_dist.run_records.run_directory import RunDirectory
 
 # The placement names stay importable from here (Ray Tune trials use them).
 __all__ = ["CohortDoesNotFit", "GivenPlacement", "RayCohort", "cohort_bundles", "run_ray", "student_resources", "train_ray"]

@@ -5,7 +5,7 @@ a resumed run differs only in the checkpoint manifest it starts from. :func:`pla
 ``rdml-dist train CONFIG`` does, so that a retried job (KubeRay's ``backoffLimit``, a resubmitted
 entrypoint) continues its run instead of failing or starting over.
 
-Every session holds the run's lease (:mod:`rdml_dist.run_lease`) from the moment it is opened
+Every session holds the run's lease (:mod:`rdml_dist.run_records.run_lease`) from the moment it is opened
 until it is closed, and its storage checks the lease before every write: a run has one writer.
 """
 
@@ -16,13 +16,13 @@ from typing import Any
 
 import yaml
 
-from rdml_dist.checkpoints import CheckpointStore
+from rdml_dist.run_records.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig, check_resources, parse_config
 from rdml_dist.errors import ConfigError
 from rdml_dist.logs import logger
-from rdml_dist.run_directory import CONFIG_FILE, RESULTS_JSON, RunDirectory
-from rdml_dist.run_lease import LeaseHeld, LeaseLost, LeaseRecord, RunLease, newest_lease
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.run_directory import CONFIG_FILE, RESULTS_JSON, RunDirectory
+from rdml_dist.run_records.run_lease import LeaseHeld, LeaseLost, LeaseRecord, RunLease, newest_lease
+from rdml_dist.run_records.storage import Storage
 
 
 @dataclass

@@ -2,6 +2,6 @@
 
 An actor call costs a few milliseconds of Ray's own machinery per student and step; the lane
 carries the same frames and replies over one persistent socket per student, into the same
-:class:`~rdml_dist.barrier.CohortBarrier`, and raises the same errors, so the runtime's failure
+:class:`~rdml_dist.coordinator_core.barrier.CohortBarrier`, and raises the same errors, so the runtime's failure
 handling does not depend on which transport a step used (``runtime.exchange.transport``).
 """

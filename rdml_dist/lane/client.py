@@ -13,7 +13,7 @@ from rdml_dist.errors import CohortStepFailed, CoordinatorUnreachable, FrameReje
 from rdml_dist.messages import HALTED, INVALID, TIMEOUT, UNAUTHENTICATED, LogitsFrame, MimicryReply
 from rdml_dist.lane.handshake import proof
 from rdml_dist.lane.wire import LaneProtocolError, frame_header, receive_message, reply_from, send_message
-from rdml_dist.shards import join_replies, split_frame
+from rdml_dist.coordinator_core.shards import join_replies, split_frame
 
 CONNECT_TIMEOUT_S = 10.0
 T = TypeVar("T")

@@ -4,7 +4,7 @@ Each Ray student opens one connection, answers its challenge with its own key
 (:mod:`rdml_dist.lane.handshake`: the name it claims is proved, and no secret crosses the wire), and
 then sends one frame at a time. A connection that has not proved itself within
 ``HELLO_TIMEOUT_S`` is closed, and at most ``MAX_PENDING_HELLOS`` are held at once. A frame goes into the same
-:class:`~rdml_dist.barrier.CohortBarrier` as an actor call would take it; what the barrier
+:class:`~rdml_dist.coordinator_core.barrier.CohortBarrier` as an actor call would take it; what the barrier
 raises (a refusal, a halted cohort, a timeout) goes back as an error message with its reason code,
 which the client turns into the same exception.
 """
@@ -13,7 +13,7 @@ import asyncio
 import socket
 from typing import Any
 
-from rdml_dist.barrier import CohortBarrier
+from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.messages import BAD_TENSOR, HALTED, TIMEOUT, UNAUTHENTICATED
 from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.lane.handshake import HELLO_TIMEOUT_S, MAX_PENDING_HELLOS, new_challenge, proves

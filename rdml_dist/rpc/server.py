@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rdml_dist.barrier import CohortBarrier
+from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.config import RpcConfig
 from rdml_dist.errors import ClusterError
 from rdml_dist.metrics import reachable_address

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from rdml_dist.barrier import CohortBarrier
+from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.messages import (
     BAD_TENSOR, DUPLICATE, HALTED, INVALID, NOT_EXTERNAL, NOT_LIVE, REASON_KEY, REASONS, TIMEOUT, UNKNOWN_STUDENT,
     EvalFrame, LogitsFrame, StepTiming, StudentInfo,

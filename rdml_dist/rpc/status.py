@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2
 
 if TYPE_CHECKING:  # the server side passes the barrier; rendering (rdml-dist status) needs neither it nor torch
-    from rdml_dist.barrier import CohortBarrier
+    from rdml_dist.coordinator_core.barrier import CohortBarrier
 
 
 def cohort_phase(barrier: "CohortBarrier") -> int:

@@ -17,7 +17,7 @@ from rdml_dist.errors import ConfigError
 from rdml_dist.tune.sweep import trial_experiment
 
 if TYPE_CHECKING:
-    from rdml_dist.storage import Storage
+    from rdml_dist.run_records.storage import Storage
 
 TRIAL_DRIVER_BUNDLE = 0
 COHORT_FIRST_BUNDLE = 1
@@ -103,7 +103,7 @@ class TuneReporter:
             return
         from ray import tune
 
-        from rdml_dist.checkpoints import checkpoint_directory
+        from rdml_dist.run_records.checkpoints import checkpoint_directory
 
         metrics, self.pending = self.pending, None
         directory = Path(self.run_location) / checkpoint_directory(step)
@@ -117,7 +117,7 @@ def rewind_to_tune_checkpoint(storage: "Storage", checkpoint: Any) -> None:
     The run may have pruned that checkpoint meanwhile (``runtime.checkpoint.keep`` newer ones committed after the
     report), so Tune's copy is put back first, its manifest last, before the newer ones are dropped.
     """
-    from rdml_dist.checkpoints import MANIFEST, CheckpointStore, checkpoint_directory
+    from rdml_dist.run_records.checkpoints import MANIFEST, CheckpointStore, checkpoint_directory
 
     with checkpoint.as_directory() as copy:
         manifest = Path(copy) / MANIFEST
@@ -141,7 +141,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     from rdml_dist.engines.observers import standard_observers
     from rdml_dist.engines.ray_engine import run_ray
     from rdml_dist.engines.session import new_session, resume_session, take_lease
-    from rdml_dist.storage import Storage
+    from rdml_dist.run_records.storage import Storage
 
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(plan, params, trial_id)

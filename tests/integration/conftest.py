@@ -20,8 +20,8 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 
 from rdml_dist.config import ExperimentConfig, parse_config  # noqa: E402
-from rdml_dist.step_log import COLUMNS, read_step_log  # noqa: E402
-from rdml_dist.storage import Storage  # noqa: E402
+from rdml_dist.run_records.step_log import COLUMNS, read_step_log  # noqa: E402
+from rdml_dist.run_records.storage import Storage  # noqa: E402
 
 
 # Modules whose tests split into one pytest-xdist group per value of this parameter: each group pays for its own

@@ -22,7 +22,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from rdml_dist.barrier import CohortBarrier
+from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.config import ExperimentConfig, parse_config
 from rdml_dist.data import batch_plan, indices_hash
 from rdml_dist.divergence import mimicry_gradients

@@ -11,7 +11,7 @@ import ray
 import torch
 
 from rdml_dist.data import batch_plan, indices_hash
-from rdml_dist.coordinator import PendingStep
+from rdml_dist.coordinator_core.coordinator import PendingStep
 from rdml_dist.divergence import MimicryResult, mimicry_gradients
 from rdml_dist.engines.ray_actors import CONTROL_GROUP, Coordinator, CoordinatorActor
 from rdml_dist.errors import CohortStepFailed, FrameRejected

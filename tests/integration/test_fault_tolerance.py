@@ -21,8 +21,8 @@ from rdml_dist.engines.failure_policy import RunFailed
 from rdml_dist.engines.ray_actors import STORAGE_MARKER, StudentActor
 from rdml_dist.engines.ray_engine import train_ray
 from rdml_dist.errors import StudentRestarted
-from rdml_dist.run_directory import RunDirectory
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.run_directory import RunDirectory
+from rdml_dist.run_records.storage import Storage
 from tests.integration.cli_process import kill_actor_process
 from tests.integration.conftest import cohort_released, make_config, read_json, read_steps, wait_until
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from rdml_dist.barrier import CohortBarrier
+from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.config import ExperimentConfig, parse_config
 from rdml_dist.divergence import mimicry_gradients
 from rdml_dist.errors import CohortStepFailed, CoordinatorUnreachable, FrameRejected

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rdml_dist.checkpoints import CheckpointStore
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.checkpoints import CheckpointStore
+from rdml_dist.run_records.storage import Storage
 from tests.integration.cli_process import RDML_DIST, child_environment, run_cli
 from tests.integration.conftest import wait_until
 

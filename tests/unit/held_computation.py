@@ -6,8 +6,8 @@ Used by the barrier's unit tests and by the gRPC service's test; the computation
 import asyncio
 import threading
 
-from rdml_dist.barrier import CohortBarrier
-from rdml_dist.coordinator import PendingStep
+from rdml_dist.coordinator_core.barrier import CohortBarrier
+from rdml_dist.coordinator_core.coordinator import PendingStep
 from rdml_dist.divergence import MimicryResult
 
 

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from rdml_dist.barrier import CohortBarrier
+from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.config import parse_config
 from rdml_dist.data import batch_plan, indices_hash
 from rdml_dist.errors import CohortStepFailed, FrameRejected

@@ -7,7 +7,7 @@ import pytest
 import torch
 from prometheus_client import generate_latest
 
-from rdml_dist.barrier import CohortBarrier
+from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.config import parse_config
 from rdml_dist.errors import CohortStepFailed
 from rdml_dist.messages import EvalFrame, StudentInfo

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rdml_dist.config import parse_config
-from rdml_dist.coordinator import CohortCoordinator, score_epoch
+from rdml_dist.coordinator_core.coordinator import CohortCoordinator, score_epoch
 from rdml_dist.data import batch_plan, indices_hash
 from rdml_dist.divergence import mimicry_gradients
 from rdml_dist.errors import FrameRejected

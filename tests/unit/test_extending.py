@@ -22,14 +22,14 @@ import torch
 import yaml
 from prometheus_client import Counter, Gauge, generate_latest
 
-import rdml_dist.barrier as barrier_module
-from rdml_dist.barrier import CohortBarrier
+import rdml_dist.coordinator_core.barrier as barrier_module
+from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.config import load_config, parse_config
 from rdml_dist.data import batch_plan, indices_hash
 from rdml_dist.divergence import mimicry_gradients
 from rdml_dist.engines.local import train_local
 from rdml_dist.messages import LogitsFrame, StepRecord, StudentInfo
-from rdml_dist.metered_coordinator import MeteredCoordinator
+from rdml_dist.coordinator_core.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import STUDENT_LABELS, CohortMetrics
 from rdml_dist.student import Student
 from rdml_dist.user_modules import make_user_modules_importable

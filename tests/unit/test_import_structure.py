@@ -74,7 +74,7 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_the_graph_sees_imports_inside_functions_and_type_checking_blocks() -> None:
     graph = import_graph()
     assert "rdml_dist.engines.failure_policy" in graph["rdml_dist.cli"]  # inside a command function
-    assert "rdml_dist.barrier" in graph["rdml_dist.rpc.status"]  # under TYPE_CHECKING
+    assert "rdml_dist.coordinator_core.barrier" in graph["rdml_dist.rpc.status"]  # under TYPE_CHECKING
     assert "rdml_dist.messages.reasons" in graph["rdml_dist.errors"]
 
 
@@ -90,12 +90,11 @@ ROOMS = [
     ("entry points", {"cli", "tune"}),
     ("engines", {"engines", "external_student"}),
     ("transports", {"lane", "rpc"}),
-    ("coordinator core", {"barrier", "metered_coordinator", "coordinator", "shards", "metrics"}),
+    ("coordinator core", {"coordinator_core", "metrics"}),
     ("students", {"student", "student_compute", "models", "data"}),
     ("math", {"divergence", "mimicry_kernels", "native_passes", "schedules"}),
 ]
-RECORDS = {"run_directory", "step_log", "epoch_totals", "run_summary", "checkpoints", "storage", "plots",
-           "tensorboard_events", "run_lease"}
+RECORDS = {"run_records"}
 VOCABULARY = {"", "config", "configs", "messages", "errors", "logs", "lazy", "finite", "devices", "factory", "user_modules"}
 # Imports across the rule, each for a reason: config validation looks the names it is given up in the registries
 # (inside the check functions, only when a check runs).
@@ -132,13 +131,14 @@ def test_every_module_has_a_room() -> None:
 
 
 def test_the_layering_check_finds_an_import_up_a_room() -> None:
-    assert layering_violations({"rdml_dist.barrier": {"rdml_dist.engines.controller"}}) == [
-        "rdml_dist.barrier imports rdml_dist.engines.controller"]
-    assert layering_violations({"rdml_dist.step_log": {"rdml_dist.coordinator"}}) == [
-        "rdml_dist.step_log imports rdml_dist.coordinator"]
-    assert layering_violations({"rdml_dist.errors": {"rdml_dist.run_directory"}}) == [
-        "rdml_dist.errors imports rdml_dist.run_directory"]
-    assert layering_violations({"rdml_dist.engines.local": {"rdml_dist.coordinator", "rdml_dist.run_directory"}}) == []
+    assert layering_violations({"rdml_dist.coordinator_core.barrier": {"rdml_dist.engines.controller"}}) == [
+        "rdml_dist.coordinator_core.barrier imports rdml_dist.engines.controller"]
+    assert layering_violations({"rdml_dist.run_records.step_log": {"rdml_dist.coordinator_core.coordinator"}}) == [
+        "rdml_dist.run_records.step_log imports rdml_dist.coordinator_core.coordinator"]
+    assert layering_violations({"rdml_dist.errors": {"rdml_dist.run_records.run_directory"}}) == [
+        "rdml_dist.errors imports rdml_dist.run_records.run_directory"]
+    assert layering_violations({"rdml_dist.engines.local": {"rdml_dist.coordinator_core.coordinator",
+                                                            "rdml_dist.run_records.run_directory"}}) == []
 
 
 def test_no_module_imports_a_room_above_its_own() -> None:
@@ -155,7 +155,7 @@ def _loaded_after(code: str) -> list[str]:
 
 def test_config_core_metrics_barrier_and_rpc_load_neither_torchvision_nor_sklearn() -> None:
     loaded = _loaded_after(
-        "import rdml_dist.config, rdml_dist.coordinator, rdml_dist.metrics, rdml_dist.barrier, rdml_dist.rpc.server, "
+        "import rdml_dist.config, rdml_dist.coordinator_core.coordinator, rdml_dist.metrics, rdml_dist.coordinator_core.barrier, rdml_dist.rpc.server, "
         "rdml_dist.rpc.service, rdml_dist.lane.server, rdml_dist.messages"
     )
     assert "torch" in loaded  # the core computes with torch: the check below is not vacuous

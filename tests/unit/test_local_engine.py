@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from rdml_dist.checkpoints import CheckpointStore
+from rdml_dist.run_records.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig, parse_config
 from rdml_dist.engines import resume_cohort
 from rdml_dist.engines.local import train_local
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.storage import Storage
 from rdml_dist.student import Student
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from rdml_dist.barrier import CohortBarrier
+from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.config import parse_config
 from rdml_dist.errors import ClusterError
 from rdml_dist.metrics import FileSdEntry, metrics_address, serve

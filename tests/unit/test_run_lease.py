@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from rdml_dist.checkpoints import CheckpointStore
+from rdml_dist.run_records.checkpoints import CheckpointStore
 from rdml_dist.cli import main
 from rdml_dist.config import parse_config
 from rdml_dist.engines.session import new_session, plan_run, resume_session
 from rdml_dist.errors import ConfigError
-from rdml_dist.run_lease import LeaseHeld, LeaseLost, RunLease, newest_lease
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.run_lease import LeaseHeld, LeaseLost, RunLease, newest_lease
+from rdml_dist.run_records.storage import Storage
 from tests.unit.test_run_reuse import experiment, saved_run
 
 
@@ -100,7 +100,7 @@ def test_a_driver_whose_lease_was_taken_over_stops_writing(tmp_path: Path) -> No
 
 
 def test_the_lease_of_a_killed_driver_on_this_host_is_free_at_once(tmp_path: Path) -> None:
-    script = ("import sys, os, signal; from rdml_dist.storage import Storage; from rdml_dist.run_lease import RunLease; "
+    script = ("import sys, os, signal; from rdml_dist.run_records.storage import Storage; from rdml_dist.run_records.run_lease import RunLease; "
               "RunLease.acquire(Storage(sys.argv[1]), ttl_s=3600); print('held', flush=True); os.kill(os.getpid(), signal.SIGKILL)")
     child = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True, timeout=60)
     assert child.stdout == "held\n" and child.returncode == -9

@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rdml_dist.checkpoints import CheckpointStore
+from rdml_dist.run_records.checkpoints import CheckpointStore
 from rdml_dist.cli import main
 from rdml_dist.config import ExperimentConfig, parse_config
 from rdml_dist.engines import resume_cohort, train_cohort
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.storage import Storage
 
 EPOCHS = 3
 STUDENTS = ("mlp", "cnn")

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rdml_dist.checkpoints import CheckpointStore, checkpoint_directory
+from rdml_dist.run_records.checkpoints import CheckpointStore, checkpoint_directory
 from rdml_dist.cli import main
 from rdml_dist.config import ExperimentConfig, parse_config
 from rdml_dist.engines.session import RunPlan, config_differences
 from rdml_dist.engines.session import plan_run as plan_and_hold
 from rdml_dist.errors import ConfigError
-from rdml_dist.run_directory import RunDirectory
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.run_directory import RunDirectory
+from rdml_dist.run_records.storage import Storage
 
 TIMINGS = {"seconds", "compute_seconds", "round_trip_seconds", "wait_seconds", "coordinator_seconds", "exchange_overhead_seconds"}
 

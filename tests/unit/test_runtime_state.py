@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rdml_dist.checkpoints import CheckpointStore, checkpoint_directory, to_cpu
+from rdml_dist.run_records.checkpoints import CheckpointStore, checkpoint_directory, to_cpu
 from rdml_dist.config import FaultConfig, parse_config
 from rdml_dist.engines import resume_cohort, train_cohort
 from rdml_dist.engines.failure_policy import Decision, Failure, FailurePolicy, RunFailed
 from rdml_dist.engines.local import train_local
 from rdml_dist.engines.loop import next_boundary
 from rdml_dist.errors import ConfigError
-from rdml_dist.step_log import read_step_log
-from rdml_dist.storage import Storage, atomic_write
+from rdml_dist.run_records.step_log import read_step_log
+from rdml_dist.run_records.storage import Storage, atomic_write
 from rdml_dist.student import Student
 
 

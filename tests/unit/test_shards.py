@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from rdml_dist.config import ConfigError, parse_config
-from rdml_dist.coordinator import CohortCoordinator
+from rdml_dist.coordinator_core.coordinator import CohortCoordinator
 from rdml_dist.messages import NON_FINITE, StudentInfo
 from rdml_dist.errors import FrameRejected
-from rdml_dist.shards import join_replies, merge_records, shard_rows, split_frame
+from rdml_dist.coordinator_core.shards import join_replies, merge_records, shard_rows, split_frame
 from tests.unit.test_coordinator import BATCH, CLASSES, NUM_TRAIN, frame
 
 NAMES = ("a", "b", "c")

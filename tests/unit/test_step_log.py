@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
-from rdml_dist.checkpoints import FORMAT, MANIFEST, CheckpointStore, checkpoint_directory
+from rdml_dist.run_records.checkpoints import FORMAT, MANIFEST, CheckpointStore, checkpoint_directory
 from rdml_dist.config import ExperimentConfig, parse_config
-from rdml_dist.coordinator import EpochEvaluation, StepRecord
-from rdml_dist.run_directory import RESULTS_JSON, RunDirectory
-from rdml_dist.run_summary import TIMING_KEYS, RunSummary
+from rdml_dist.coordinator_core.coordinator import EpochEvaluation, StepRecord
+from rdml_dist.run_records.run_directory import RESULTS_JSON, RunDirectory
+from rdml_dist.run_records.run_summary import TIMING_KEYS, RunSummary
 from rdml_dist.errors import ConfigError
-from rdml_dist.step_log import COLUMNS, WHOLE_LOG, decode, encode, part_name, parts, read_step_log, truncate, write_part
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.step_log import COLUMNS, WHOLE_LOG, decode, encode, part_name, parts, read_step_log, truncate, write_part
+from rdml_dist.run_records.storage import Storage
 
 STUDENTS = ("a", "b", "c")
 STEPS_PER_EPOCH = 10

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from rdml_dist.checkpoints import CheckpointStore
+from rdml_dist.run_records.checkpoints import CheckpointStore
 from rdml_dist.config import parse_config
 from rdml_dist.engines import local
 from rdml_dist.engines.failure_policy import RunFailed
 from rdml_dist.engines.local import train_local
-from rdml_dist.step_log import read_step_log
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.step_log import read_step_log
+from rdml_dist.run_records.storage import Storage
 
 STEPS = 6  # one epoch of the digits at batch 256, a checkpoint every 2 steps
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from ray.tune import Checkpoint
 
-from rdml_dist.checkpoints import MANIFEST, CheckpointStore, checkpoint_directory
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.checkpoints import MANIFEST, CheckpointStore, checkpoint_directory
+from rdml_dist.run_records.storage import Storage
 from rdml_dist.tune.trainable import rewind_to_tune_checkpoint
 
 

@@ -23,7 +23,7 @@ from rdml_dist.messages import (
     EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepTiming, StudentInfo,
 )
 from rdml_dist.schedules import alpha_at, mimicry_weight_at
-from rdml_dist.shards import shard_rows
+from rdml_dist.coordinator_core.shards import shard_rows
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class CohortCoordinator:
     """Per-step barrier logic and the batched mimicry computation, without any transport.
 
     As shard ``shard`` of ``shards`` (the Ray engine's ``runtime.coordinator.shards``) it takes its rows
-    of every frame (:func:`rdml_dist.shards.shard_rows`) and weights the gradients by their share of the
+    of every frame (:func:`rdml_dist.coordinator_core.shards.shard_rows`) and weights the gradients by their share of the
     batch; losses and records are means over its rows (the student and the driver average them by rows).
     """
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.coordinator import CohortCoordinator, PendingStep
+from rdml_dist.coordinator_core.coordinator import CohortCoordinator, PendingStep
 from rdml_dist.divergence import MimicryResult
 from rdml_dist.errors import FrameRejected
 from rdml_dist.messages import EpochEvaluation, LogitsFrame, MimicryReply, StepTiming, StudentInfo

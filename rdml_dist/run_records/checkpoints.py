@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from rdml_dist.errors import ConfigError
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.storage import Storage
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"

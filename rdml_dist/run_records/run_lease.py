@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.storage import Storage
 
 LEASE_DIR = "lease"
 DEFAULT_TTL_S = 30.0

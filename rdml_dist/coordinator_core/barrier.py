@@ -21,12 +21,12 @@ from typing import Any
 from prometheus_client import Gauge
 
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.coordinator import PendingStep
+from rdml_dist.coordinator_core.coordinator import PendingStep
 from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.messages import (
     NOT_LIVE, DriverState, EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepTiming, StudentInfo,
 )
-from rdml_dist.metered_coordinator import MeteredCoordinator
+from rdml_dist.coordinator_core.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import CohortMetrics, LockedRegistry
 
 

@@ -11,8 +11,8 @@ import math
 from typing import Any
 
 from rdml_dist.errors import ConfigError
-from rdml_dist.run_directory import PLOTS_DIR, RESULTS_JSON
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.run_directory import PLOTS_DIR, RESULTS_JSON
+from rdml_dist.run_records.storage import Storage
 
 TIMING_PARTS = (  # (results key, label): the parts of a student's step, in the order they happen
     ("compute_seconds", "compute (forward + backward)"),

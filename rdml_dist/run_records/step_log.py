@@ -16,7 +16,7 @@ from dataclasses import MISSING, fields
 from operator import attrgetter
 
 from rdml_dist.messages import StepRecord
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.storage import Storage
 
 PARTS = "steps"
 WHOLE_LOG = "steps.csv"

@@ -1,11 +1,11 @@
 """The run directory: resolved config, per-step log, per-epoch results (JSON + table) and fault events.
 
-It lives in the run's :class:`~rdml_dist.storage.Storage` (local, shared or object store) and
+It lives in the run's :class:`~rdml_dist.run_records.storage.Storage` (local, shared or object store) and
 every file is written all at once, so a crash never leaves a truncated file behind. What a
 checkpoint writes is proportional to its chunk, never to the run: the chunk's step rows become
-one new part of the step log (:mod:`rdml_dist.step_log`), ``results.json`` is rewritten only when
+one new part of the step log (:mod:`rdml_dist.run_records.step_log`), ``results.json`` is rewritten only when
 an epoch or a fault was added, and the manifest holds the position and the open epoch's sums.
-Checkpoints live beside these files and are managed by :mod:`rdml_dist.checkpoints`.
+Checkpoints live beside these files and are managed by :mod:`rdml_dist.run_records.checkpoints`.
 """
 
 import json
@@ -15,16 +15,16 @@ from typing import Any
 
 import yaml
 
-from rdml_dist import step_log
-from rdml_dist.checkpoints import CHECKPOINTS
+from rdml_dist.run_records import step_log
+from rdml_dist.run_records.checkpoints import CHECKPOINTS
 from rdml_dist.config import ExperimentConfig
-from rdml_dist.epoch_totals import EpochTotals
-from rdml_dist.run_summary import RunSummary
+from rdml_dist.run_records.epoch_totals import EpochTotals
+from rdml_dist.run_records.run_summary import RunSummary
 from rdml_dist.errors import ConfigError
 from rdml_dist.messages import EpochEvaluation, StepRecord
-from rdml_dist.step_log import WHOLE_LOG as STEP_LOG
-from rdml_dist.step_log import read_step_log
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.step_log import WHOLE_LOG as STEP_LOG
+from rdml_dist.run_records.step_log import read_step_log
+from rdml_dist.run_records.storage import Storage
 
 __all__ = ["STEP_LOG", "RunDirectory", "format_table", "read_step_log"]
 
@@ -32,8 +32,8 @@ RESULTS_JSON = "results.json"
 RESULTS_TABLE = "results.txt"
 CONFIG_FILE = "config.yaml"
 PLACEMENTS_JSON = "placements.json"
-TENSORBOARD_DIR = "tensorboard"  # written by rdml_dist.tensorboard_events
-PLOTS_DIR = "plots"  # written by rdml_dist.plots
+TENSORBOARD_DIR = "tensorboard"  # written by rdml_dist.run_records.tensorboard_events
+PLOTS_DIR = "plots"  # written by rdml_dist.run_records.plots
 
 
 def _json_safe(value: Any) -> Any:

@@ -19,8 +19,8 @@ from typing import Any
 
 from tensorboardX import SummaryWriter
 
-from rdml_dist.run_directory import TENSORBOARD_DIR
-from rdml_dist.storage import Storage
+from rdml_dist.run_records.run_directory import TENSORBOARD_DIR
+from rdml_dist.run_records.storage import Storage
 
 # results.json's per-student keys -> the scalar's name under student/<name>/
 STUDENT_SCALARS = {
