@@ -3,7 +3,7 @@
 A simulated run of 8 students, 391 steps per epoch (the CIFAR recipe at batch 128) and a
 checkpoint at every epoch's end is driven through the real ``RunDirectory``, ``CheckpointStore``
 and ``Storage`` (a local directory) with made-up step records. Each (code, rows) cell runs in a
-fresh process, so its peak RSS is its own. The old code is ``rdml_dist/run_records/run_directory.py`` of
+fresh process, so its peak RSS is its own. The old code is ``rdml_dist/run_directory.py`` of
 commit fa1f8a3, loaded from git into a module beside the new one; its state at N rows (all rows
 in memory, every epoch's entry) is built directly, since replaying its per-epoch scans would be
 quadratic. Timed: one epoch-end checkpoint at N rows, i.e. ``record_epoch`` + ``write_progress``
@@ -15,6 +15,7 @@ it (the medians are in the JSON).
 """
 
 import argparse
+import importlib
 import json
 import os
 import random
@@ -58,6 +59,9 @@ def evaluation(epoch: int) -> EpochEvaluation:
 
 def old_module() -> ModuleType:
     """``run_directory.py`` as it was at ``OLD_COMMIT``, imported under another name."""
+    # its imports, by the names modules had then (the records and the coordinator's core were top-level modules)
+    for then, now in (("rdml_dist.coordinator", "rdml_dist.messages"), ("rdml_dist.storage", "rdml_dist.run_records.storage")):
+        sys.modules.setdefault(then, importlib.import_module(now))
     return module_at(OLD_COMMIT, "rdml_dist/run_directory.py", "old_run_directory")
 
 

@@ -70,12 +70,6 @@ def classify(cause: BaseException, source: str) -> FailureKind:
     return FailureKind.COORDINATOR_ERROR if source == COORDINATOR else FailureKind.STUDENT_ERROR
 
 
-def is_storage_error(error: BaseException) -> bool:
-    """Whether an error met in the driver's own work is its storage failing: an ``OSError`` that is neither a
-    timeout nor a broken connection (those are a process's failures, classified above)."""
-    return isinstance(error, OSError) and not isinstance(error, (TimeoutError, ConnectionError))
-
-
 def one_line(error: BaseException) -> str:
     """``Type: first line of the message``: how a cause is named in reports and events."""
     text = str(error).strip().splitlines()

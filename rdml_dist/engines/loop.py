@@ -8,8 +8,9 @@ An engine's cohort raises :class:`CohortRollback` when a failure is to be answer
 back to the latest complete checkpoint; the loop does that and carries on.
 """
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from tqdm import tqdm
@@ -18,7 +19,7 @@ from rdml_dist.run_records.checkpoints import CheckpointStore
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.engines.controller import DriverStates
 from rdml_dist.engines.failure_policy import Failure, FailurePolicy, RunFailed
-from rdml_dist.engines.failures import FailureKind, is_storage_error, one_line
+from rdml_dist.engines.failures import FailureKind, one_line
 from rdml_dist.engines.progress import describe_epoch
 from rdml_dist.logs import logger
 from rdml_dist.messages import DriverState, EpochEvaluation, StepRecord
@@ -33,6 +34,26 @@ class CohortRollback(Exception):
         super().__init__(event.get("cause", "rollback"))
         self.event = event
         self.earlier = list(earlier or [])
+
+
+class StorageFailed(Exception):
+    """The run's storage failed (``cause``) in the driver's own reads and writes of the run's files at ``step``."""
+
+    def __init__(self, cause: OSError, step: int) -> None:
+        super().__init__(one_line(cause))
+        self.cause = cause
+        self.step = step
+
+
+@contextlib.contextmanager
+def _storage(step: int) -> Iterator[None]:
+    """The driver's own work on the run's files at ``step``: an ``OSError`` there is the storage failing (a full
+    disk, an object store's outage), which the policy answers. The cohort's work is never wrapped: a student's own
+    I/O error is its failure, a data file that cannot be read a user's."""
+    try:
+        yield
+    except OSError as error:
+        raise StorageFailed(error, step) from error
 
 
 class Cohort(Protocol):
@@ -112,6 +133,7 @@ def train_loop(
     step = restore_step = 0 if target is None else target
     epoch_started = time.perf_counter()
     begun = False
+    checkpointed = start is not None  # from then on a complete checkpoint exists: none found is the storage failing
     try:
         with tqdm(total=total, initial=step, disable=not show_progress, unit="step") as bar:
             progress = _progress_callback(bar)
@@ -124,6 +146,7 @@ def train_loop(
                                 run.write_config()
                                 begun = True
                             _checkpoint(config, cohort, run, checkpoints, 0)
+                            checkpointed = True
                             state = DriverState.RUNNING
                         else:
                             state = DriverState.RESTORING
@@ -145,19 +168,21 @@ def train_loop(
                             bar.set_postfix_str(describe_epoch(entry))
                             epoch_started = time.perf_counter()
                         restore_step = step = end
+                        checkpointed = True
                         progress(step)
                     elif state is DriverState.ROLLING_BACK:
-                        manifest = checkpoints.latest()
+                        with _storage(step):
+                            manifest = checkpoints.latest()
+                            if manifest is None and checkpointed:
+                                raise FileNotFoundError(f"no complete checkpoint found in {checkpoints.storage.describe()}")
+                            if manifest is not None:
+                                run.rollback(manifest)
                         target = None if manifest is None else manifest["step"]
-                        if manifest is not None:
-                            run.rollback(manifest)
                         state = DriverState.RESTORING
                 except CohortRollback as rollback:
-                    state, why = _rolling_back(run, cohort, checkpoints, rollback)
-                except OSError as error:
-                    if not is_storage_error(error):
-                        raise
-                    state, why = _rolling_back(run, cohort, checkpoints, _storage_failed(cohort.policy, error, step))
+                    state, why = _rolling_back(run, cohort, checkpoints, rollback, checkpointed)
+                except StorageFailed as failed:
+                    state, why = _rolling_back(run, cohort, checkpoints, _storage_failed(cohort.policy, failed), checkpointed)
             states.enter(DriverState.FINISHING)
     except BaseException as error:
         # the faults that stopped the run, and those the cohort still held, belong in its results like any other
@@ -167,20 +192,25 @@ def train_loop(
     return run
 
 
-def _storage_failed(policy: FailurePolicy, error: OSError, step: int) -> CohortRollback:
-    """The run's storage failed in the driver's own work from ``step`` on: the policy counts it against the budget
-    (raising :class:`RunFailed` past it, or under ``fail``), and the cohort goes back to its latest checkpoint."""
-    failure = Failure(FailureKind.STORAGE_ERROR.value, step, one_line(error))
+def _storage_failed(policy: FailurePolicy, failed: StorageFailed) -> CohortRollback:
+    """The policy counts the storage's failure against the budget (raising :class:`RunFailed` past it, or under
+    ``fail``), and the cohort goes back to its latest checkpoint."""
+    failure = Failure(FailureKind.STORAGE_ERROR.value, failed.step, one_line(failed.cause))
     policy.decide(failure)
     return CohortRollback(failure.event())
 
 
-def _rolling_back(run: RunDirectory, cohort: Cohort, checkpoints: CheckpointStore, rollback: CohortRollback) -> tuple[DriverState, str]:
-    """Record why the cohort goes back (and what it met before), naming where to: the state the loop moves to."""
+def _rolling_back(
+    run: RunDirectory, cohort: Cohort, checkpoints: CheckpointStore, rollback: CohortRollback, checkpointed: bool
+) -> tuple[DriverState, str]:
+    """Record why the cohort goes back (and what it met before), naming where to: the state the loop moves to.
+
+    Where the latest checkpoint cannot be read now, the rolling back reads it again (and fails through the policy).
+    """
     try:
         latest = checkpoints.latest()
-        where = "the initial state" if latest is None else f"step {latest['step']}"
-    except OSError as error:  # the storage that failed: the rolling back reads it again, and fails through the policy
+        where = f"step {latest['step']}" if latest else "the latest checkpoint (none found)" if checkpointed else "the initial state"
+    except OSError as error:
         where = f"the latest checkpoint ({one_line(error)})"
     _add_events(run, [*cohort.pop_events(), *rollback.earlier, {**rollback.event, "action": f"rolled back to {where}"}])
     return DriverState.ROLLING_BACK, str(rollback)
@@ -204,12 +234,16 @@ def _run_chunk(
     Returns the epoch's results entry when the chunk closed an epoch.
     """
     steps_per_epoch = cohort.steps_per_epoch
-    run.add_events(cohort.run_steps(step, end, restore_step, progress))
+    events = cohort.run_steps(step, end, restore_step, progress)
+    with _storage(end):
+        run.add_events(events)
     run.add_records(cohort.pop_records(end))
     entry = None
     if end % steps_per_epoch == 0:
         epoch = end // steps_per_epoch - 1
-        entry = run.record_epoch(epoch, cohort.evaluate(epoch), time.perf_counter() - epoch_started)
+        evaluation = cohort.evaluate(epoch)
+        with _storage(end):
+            entry = run.record_epoch(epoch, evaluation, time.perf_counter() - epoch_started)
     manifest = _checkpoint(config, cohort, run, checkpoints, end)
     for observer in observers:
         if entry is not None:
@@ -225,13 +259,15 @@ def _checkpoint(
 
     The driver's lease is checked before the students write theirs (they write through storage of their own).
     """
-    checkpoints.storage.check_writable()
+    with _storage(step):
+        checkpoints.storage.check_writable()
     cohort.save_checkpoint(step)
-    run.add_events(cohort.pop_events())
-    run.write_progress()
-    manifest = run.manifest(step, cohort.live_members())
-    checkpoints.commit(manifest)
-    checkpoints.prune(config.runtime.checkpoint.keep)
+    with _storage(step):
+        run.add_events(cohort.pop_events())
+        run.write_progress()
+        manifest = run.manifest(step, cohort.live_members())
+        checkpoints.commit(manifest)
+        checkpoints.prune(config.runtime.checkpoint.keep)
     return manifest
 
 

@@ -129,6 +129,7 @@ class RunDirectory:
         """Fault events (failures, rollbacks, non-finite losses): written to ``results.json`` at once, kept for good."""
         if events:
             self.events.extend(events)
+            self._results_stale = True  # a write that fails now is done again with the next progress
             self.write_results()
 
     def rollback(self, manifest: dict[str, Any]) -> None:

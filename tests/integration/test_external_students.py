@@ -213,16 +213,22 @@ def test_an_external_student_that_does_not_rejoin_a_restarted_coordinator_is_a_t
     raw["training"]["batch_size"] = 128
     raw["runtime"]["checkpoint"] = {"every_steps": 4, "keep": 2}
     raw["runtime"]["fault"] = {"max_failures": 1}
+    run_dir, markers, killed = tmp_path / "run", tmp_path / "markers", tmp_path / "killed"
+    markers.mkdir()
+    # mlp holds the cohort at step 6 (past checkpoint 4) until both processes are killed: the run cannot end first
+    hold = [{"how": "wait_for", "where": "step", "after": 6, "path": str(killed), "seconds": 120}]
+    raw["students"][0] = {"name": "mlp", "model": "tests.integration.faulty_models:mlp_with_faults",
+                          "options": {"faults": hold, "markers": str(markers), "run_dir": str(run_dir)}}
     config_path.write_text(yaml.safe_dump(raw))
-    run_dir = tmp_path / "run"
     driver = _start(["train", str(config_path), "--no-progress"], tmp_path, tmp_path / "driver.log")
     external = _start(["student", str(config_path), "--set", "rpc.join_timeout_s=120", "--coordinator", f"127.0.0.1:{port}",
                        "--name", "outside"], tmp_path, tmp_path / "external.log")  # it waits for the service to come up
     with _stopped_at_the_end(driver, external):
-        wait_until(lambda: (run_dir / "checkpoints" / "step-00000004" / "manifest.json").exists(), "checkpoint 4", 120)
+        wait_until(lambda: (markers / "fault-0").exists(), "mlp holds the cohort at step 6", 120)
         os.killpg(external.pid, signal.SIGKILL)
         external.wait()
         _kill_after_checkpoint(run_dir, 4, "coordinator")
+        killed.touch()
         driver_log = _finish(driver, tmp_path / "driver.log", 180)
     assert driver.returncode == 1, driver_log
     assert "2 failures, more than runtime.fault.max_failures=1" in driver_log, driver_log

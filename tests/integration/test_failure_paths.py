@@ -43,8 +43,7 @@ def _ray(ray_session: None) -> None:
     """Every test here shares the module's Ray session."""
 
 
-def _config(run_dir: Path, transport: str, faults: dict[str, list[dict[str, Any]]] | None = None,
-            exchange_timeout_s: float = EXCHANGE_TIMEOUT_S, **fault: Any) -> Any:
+def _config(run_dir: Path, transport: str, faults: dict[str, list[dict[str, Any]]] | None = None, **fault: Any) -> Any:
     faults = faults or {}
     students = []
     for name in NAMES:
@@ -60,7 +59,7 @@ def _config(run_dir: Path, transport: str, faults: dict[str, list[dict[str, Any]
         training={"epochs": EPOCHS, "batch_size": 256},
         runtime={"checkpoint": {"every_steps": 2, "keep": 100}, "fault": {"max_failures": 4, **fault},
                  "exchange": {"transport": transport}},
-        ray={"exchange_timeout_s": exchange_timeout_s},
+        ray={"exchange_timeout_s": EXCHANGE_TIMEOUT_S},
     )
 
 
@@ -81,9 +80,8 @@ def undisturbed(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return run
 
 
-def _train(run_dir: Path, transport: str, faults: dict[str, list[dict[str, Any]]], exchange_timeout_s: float = EXCHANGE_TIMEOUT_S,
-           **fault: Any) -> dict[str, Any]:
-    train_ray(_config(run_dir, transport, faults, exchange_timeout_s, **fault), run_dir, show_progress=False).finish()
+def _train(run_dir: Path, transport: str, faults: dict[str, list[dict[str, Any]]], **fault: Any) -> dict[str, Any]:
+    train_ray(_config(run_dir, transport, faults, **fault), run_dir, show_progress=False).finish()
     wait_until(cohort_released, "the cohort is released")
     return read_json(run_dir / "results.json")
 
@@ -204,15 +202,14 @@ def test_a_call_that_hangs_outside_the_steps_is_bounded_and_goes_to_the_policy(
     Its call outlives the rollback's abort too, so it is killed, restarted by Ray and restored with the cohort
     (a hung process would hold every later call to it, the restore's included).
 
-    The bound is the exchange timeout plus a margin of a minute; a shorter margin, and a shorter exchange timeout
-    (no exchange waits on the hung call), keep the test short.
+    The bound is the exchange timeout plus a margin of a minute; a shorter margin keeps the test short.
     """
     monkeypatch.setattr(ray_cohort, "STALL_MARGIN_S", 3.0)
     faults = {"a": [{"how": "hang", "where": "state_dict", "after": 4, "seconds": 600}]}
-    results = _train(tmp_path / "run", transport, faults, exchange_timeout_s=5.0)
+    results = _train(tmp_path / "run", transport, faults)
     assert _events(results) == [("timeout", "a", 4, "killed (its call hung past the abort); restored with the cohort"),
                                 ("timeout", "a", 4, "rolled back to step 2")]
-    assert "within 8 s" in results["faults"]["events"][0]["cause"]
+    assert f"within {EXCHANGE_TIMEOUT_S + 3.0:.0f} s" in results["faults"]["events"][0]["cause"]
     _assert_as_undisturbed(tmp_path / "run", undisturbed(transport))
 
 

@@ -75,7 +75,7 @@ def test_a_checkpoint_that_cannot_be_written_rolls_back_and_the_run_ends_as_undi
     train_local(_config(tmp_path / "run"), tmp_path / "run", show_progress=False)
     assert failed == [step]
     (event,) = _results(tmp_path / "run")["faults"]["events"]
-    assert (event["kind"], event["action"]) == ("storage_error", f"rolled back to {back_to}")
+    assert (event["kind"], event["step"], event["action"]) == ("storage_error", step, f"rolled back to {back_to}")
     assert "No space left on device" in event["cause"] and "student" not in event
     assert _steps(tmp_path / "run") == _steps(undisturbed)  # every step once, with the same losses
     mine, theirs = _results(tmp_path / "run")["epochs"], _results(undisturbed)["epochs"]
@@ -84,7 +84,7 @@ def test_a_checkpoint_that_cannot_be_written_rolls_back_and_the_run_ends_as_undi
 
 def test_storage_that_keeps_failing_stops_the_run_past_the_budget_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     failed = _fail_commits(monkeypatch, {4}, times=10)
-    with pytest.raises(RunFailed, match=r"3 failures, more than runtime.fault.max_failures=2: .*the run's storage failed at step 2"):
+    with pytest.raises(RunFailed, match=r"3 failures, more than runtime.fault.max_failures=2: .*the run's storage failed at step 4"):
         train_local(_config(tmp_path / "run", max_failures=2), tmp_path / "run", show_progress=False)
     assert failed == [4, 4, 4]
     events = _results(tmp_path / "run")["faults"]["events"]
@@ -94,9 +94,29 @@ def test_storage_that_keeps_failing_stops_the_run_past_the_budget_and_says_so(tm
 
 def test_under_fail_the_first_storage_error_stops_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fail_commits(monkeypatch, {2})
-    with pytest.raises(RunFailed, match="the run's storage failed at step 0: OSError: .*No space left on device"):
+    with pytest.raises(RunFailed, match="the run's storage failed at step 2: OSError: .*No space left on device"):
         train_local(_config(tmp_path / "run", on_student_failure="fail"), tmp_path / "run", show_progress=False)
     assert [event["kind"] for event in _results(tmp_path / "run")["faults"]["events"]] == ["storage_error"]
+
+
+def test_a_checkpoint_that_cannot_be_found_after_one_was_written_is_the_storage_failing_not_a_fresh_start(
+    undisturbed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing that comes back empty (a local directory the driver may no longer read, an object store's outage)
+    must not send a cohort that has trained back to its initial state under a step-0 checkpoint of trained weights."""
+    failed = _fail_commits(monkeypatch, {4})
+    latest, empty_listings = CheckpointStore.latest, [None, None]  # the event's account of it, then the rolling back
+
+    def empty_after_the_failure(store: CheckpointStore) -> Any:
+        return empty_listings.pop() if failed and empty_listings else latest(store)
+
+    monkeypatch.setattr(CheckpointStore, "latest", empty_after_the_failure)
+    train_local(_config(tmp_path / "run"), tmp_path / "run", show_progress=False)
+    events = _results(tmp_path / "run")["faults"]["events"]
+    assert [(event["kind"], event["step"], event["action"]) for event in events] == [
+        ("storage_error", 4, "rolled back to the latest checkpoint (none found)"), ("storage_error", 2, "rolled back to step 2")]
+    assert "no complete checkpoint found" in events[1]["cause"]
+    assert _steps(tmp_path / "run") == _steps(undisturbed)
 
 
 def test_events_the_cohort_still_holds_reach_the_results_when_any_error_ends_the_run(
