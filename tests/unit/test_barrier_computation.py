@@ -13,9 +13,9 @@ import torch
 
 from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.config import parse_config
-from rdml_dist.data import batch_plan, indices_hash
 from rdml_dist.errors import CohortStepFailed, FrameRejected
-from rdml_dist.messages import WRONG_STEP, LogitsFrame, MimicryReply, StudentInfo
+from rdml_dist.messages import WRONG_STEP, LogitsFrame, MimicryReply
+from tests.unit.cohort_barrier import planned_frame, registered_barrier
 from tests.unit.held_computation import HeldComputation
 
 NAMES = ("a", "b", "c")
@@ -26,16 +26,12 @@ WAIT_S = 10.0  # the bound of every wait here
 def _barrier(update: str = "simultaneous") -> CohortBarrier:
     config = parse_config({"name": "held", "students": [{"model": "mlp", "name": name} for name in NAMES],
                            "training": {"batch_size": BATCH, "epochs": 2}, "mimicry": {"update": update}})
-    barrier = CohortBarrier(config)
-    for name in NAMES:
-        barrier.register(StudentInfo(name, NUM_TRAIN, 4, CLASSES, steps_per_epoch=STEPS))
-    return barrier
+    return registered_barrier(config, NUM_TRAIN, CLASSES, STEPS)
 
 
 def _frame(name: str, step: int, seed: int) -> LogitsFrame:
-    plan = batch_plan(NUM_TRAIN, BATCH, 0, step // STEPS)
     logits = torch.randn(BATCH, CLASSES, generator=torch.Generator().manual_seed(seed))
-    return LogitsFrame(name, step, indices_hash(plan[step % STEPS]), logits, 1.0, 1, BATCH, 1)
+    return planned_frame(name, step, logits, BATCH, NUM_TRAIN, STEPS)
 
 
 async def _at_the_barrier(barrier: CohortBarrier, frames: list[LogitsFrame]) -> list["asyncio.Future[MimicryReply]"]:

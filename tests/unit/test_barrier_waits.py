@@ -11,6 +11,7 @@ from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.config import parse_config
 from rdml_dist.errors import CohortStepFailed
 from rdml_dist.messages import EvalFrame, StudentInfo
+from tests.unit.cohort_barrier import registered_barrier
 
 NAMES = ("a", "b")
 
@@ -18,10 +19,7 @@ NAMES = ("a", "b")
 def _barrier() -> CohortBarrier:
     config = parse_config({"name": "waits", "students": [{"model": "mlp", "name": name} for name in NAMES],
                            "training": {"batch_size": 8, "epochs": 2}})
-    barrier = CohortBarrier(config)
-    for name in NAMES:
-        barrier.register(StudentInfo(name, 20, 4, 3, steps_per_epoch=3))
-    return barrier
+    return registered_barrier(config, num_train=20, classes=3, steps_per_epoch=3)
 
 
 def _eval(name: str, epoch: int = 0) -> EvalFrame:

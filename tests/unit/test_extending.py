@@ -25,14 +25,14 @@ from prometheus_client import Counter, Gauge, generate_latest
 import rdml_dist.coordinator_core.barrier as barrier_module
 from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.config import load_config, parse_config
-from rdml_dist.data import batch_plan, indices_hash
 from rdml_dist.divergence import mimicry_gradients
 from rdml_dist.engines.local import train_local
-from rdml_dist.messages import LogitsFrame, StepRecord, StudentInfo
+from rdml_dist.messages import LogitsFrame, StepRecord
 from rdml_dist.coordinator_core.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import STUDENT_LABELS, CohortMetrics
 from rdml_dist.student import Student
 from rdml_dist.user_modules import make_user_modules_importable
+from tests.unit.cohort_barrier import planned_frame, registered_barrier
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 PAGE = REPOSITORY / "docs" / "extending.md"
@@ -144,16 +144,12 @@ def barrier(monkeypatch: pytest.MonkeyPatch) -> CohortBarrier:
     monkeypatch.setattr(barrier_module, "MeteredCoordinator", HookedCoordinator)
     config = parse_config({"name": "extended", "students": [{"model": "mlp", "name": name} for name in NAMES],
                            "training": {"batch_size": BATCH, "epochs": 2}})
-    barrier = CohortBarrier(config)
-    for name in NAMES:
-        barrier.register(StudentInfo(name, NUM_TRAIN, 4, CLASSES, steps_per_epoch=STEPS))
-    return barrier
+    return registered_barrier(config, NUM_TRAIN, CLASSES, STEPS)
 
 
 def _frame(name: str, step: int, labelled: int) -> LogitsFrame:
-    plan = batch_plan(NUM_TRAIN, BATCH, 0, step // STEPS)
     logits = torch.randn(BATCH, CLASSES, generator=torch.Generator().manual_seed(step * 10 + len(name)))
-    return LogitsFrame(name, step, indices_hash(plan[step % STEPS]), logits, 1.0, 1, labelled, 1)
+    return planned_frame(name, step, logits, labelled, NUM_TRAIN, STEPS)
 
 
 def _scraped(barrier: CohortBarrier, metric: str) -> dict[str, float]:
