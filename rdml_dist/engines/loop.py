@@ -168,7 +168,6 @@ def train_loop(
                             bar.set_postfix_str(describe_epoch(entry))
                             epoch_started = time.perf_counter()
                         restore_step = step = end
-                        checkpointed = True
                         progress(step)
                     elif state is DriverState.ROLLING_BACK:
                         with _storage(step):
