@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -90,6 +91,7 @@ class CohortBarrier:
         self._scores: dict[int, asyncio.Future[EpochEvaluation]] = {}  # epoch -> its scores, once every live student sent them
         self._members: asyncio.Future[None] | None = None  # resolved once every member has registered
         self.driver_state = DriverState.STARTING.value  # set by the driver: what ``rdml-dist status`` shows
+        self._stepping_since: float | None = None  # when the driver last began stepping the cohort; None while it does not
         self._driver_gauge = Gauge("rdml_driver_state", "The driver's state: 1 for the current one, 0 for the others",
                                    ["run", "state"], registry=self.registry)
         for state in DriverState:
@@ -211,8 +213,27 @@ class CohortBarrier:
 
     async def _reply(self, future: "asyncio.Future[MimicryReply]") -> MimicryReply:
         """The gradient, awaited directly (one loop hop after the computation sets it, where ``wait_for`` over a
-        ``shield`` takes three); ``TimeoutError`` once the exchange timeout has passed."""
-        expiry = asyncio.get_running_loop().call_later(self.config.runtime.ray.exchange_timeout_s, _expire, future)
+        ``shield`` takes three); ``TimeoutError`` once the exchange timeout has passed.
+
+        The timeout counts only while the driver steps the cohort: a student that arrives while the driver
+        still starts or restores the cohort (actors starting, the step-0 checkpoint) waits for the cohort,
+        whose start the driver's own timeouts bound, and its clock starts when the stepping does.
+        """
+        loop = asyncio.get_running_loop()
+        timeout_s = self.config.runtime.ray.exchange_timeout_s
+        arrived = time.monotonic()
+        expiry: asyncio.TimerHandle | None = None
+
+        def expire_unless_waiting_for_the_cohort() -> None:
+            nonlocal expiry
+            since = self._stepping_since
+            left = timeout_s if since is None else max(arrived, since) + timeout_s - time.monotonic()
+            if left > 0:
+                expiry = loop.call_later(left, expire_unless_waiting_for_the_cohort)
+            else:
+                _expire(future)
+
+        expiry = loop.call_later(timeout_s, expire_unless_waiting_for_the_cohort)
         try:
             return await future
         finally:
@@ -362,6 +383,10 @@ class CohortBarrier:
             for known in DriverState:
                 self._driver_gauge.labels(self.config.name, known.value).set(1 if known.value == state else 0)
         self.driver_state = state
+        if state in _COHORT_NOT_STEPPING:
+            self._stepping_since = None
+        elif self._stepping_since is None:
+            self._stepping_since = time.monotonic()
 
     def pop_records(self, before_step: int) -> list[StepRecord]:
         with self.lock:
@@ -376,6 +401,9 @@ class CohortBarrier:
         """Members that never registered (external students not yet joined)."""
         with self.lock:
             return [name for name in self.core.members if name not in self.core.info]
+
+
+_COHORT_NOT_STEPPING = frozenset({DriverState.STARTING.value, DriverState.RESTORING.value})  # an exchange's clock waits
 
 
 def _expire(future: "asyncio.Future[Any]") -> None:

@@ -10,16 +10,21 @@ from prometheus_client import generate_latest
 from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.config import parse_config
 from rdml_dist.errors import CohortStepFailed
-from rdml_dist.messages import EvalFrame, StudentInfo
-from tests.unit.cohort_barrier import registered_barrier
+from rdml_dist.messages import EvalFrame, LogitsFrame, StudentInfo
+from tests.unit.cohort_barrier import planned_frame, registered_barrier
 
 NAMES = ("a", "b")
 
 
-def _barrier() -> CohortBarrier:
+def _barrier(exchange_timeout_s: float = 300.0) -> CohortBarrier:
     config = parse_config({"name": "waits", "students": [{"model": "mlp", "name": name} for name in NAMES],
-                           "training": {"batch_size": 8, "epochs": 2}})
+                           "training": {"batch_size": 8, "epochs": 2},
+                           "runtime": {"ray": {"exchange_timeout_s": exchange_timeout_s}}})
     return registered_barrier(config, num_train=20, classes=3, steps_per_epoch=3)
+
+
+def _frame(name: str, step: int) -> LogitsFrame:
+    return planned_frame(name, step, torch.eye(3)[[0, 1, 2, 0, 1, 2, 0, 1]], 8, num_train=20, steps_per_epoch=3)
 
 
 def _eval(name: str, epoch: int = 0) -> EvalFrame:
@@ -101,5 +106,35 @@ def test_the_driver_awaits_the_next_step_and_hears_of_a_halt() -> None:
         barrier.abort("the coordinator's computation failed")
         with pytest.raises(CohortStepFailed, match="computation failed"):
             await asyncio.wait_for(nxt, 5)
+
+    asyncio.run(scenario())
+
+
+def test_an_exchange_times_out_only_while_the_driver_steps_the_cohort() -> None:
+    """An external student may join, and send its first frame, long before the Ray students' first step (their
+    actors start, the step-0 checkpoint is written); its wait must not time out while the driver starts or
+    restores the cohort, and must once the driver steps it."""
+    timeout_s = 0.1
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        barrier = _barrier(timeout_s)
+        early = asyncio.ensure_future(barrier.exchange(_frame("a", 0)))
+        await asyncio.sleep(5 * timeout_s)  # the driver is still starting the cohort
+        assert not early.done()
+        barrier.set_driver_state("running")
+        stepping = loop.time()
+        with pytest.raises(TimeoutError):  # b never comes: the clock ran from when the stepping began
+            await asyncio.wait_for(early, 5)
+        assert loop.time() - stepping >= 0.9 * timeout_s
+        barrier = _barrier(timeout_s)  # a rollback: the driver restores the cohort, then steps it again
+        barrier.set_driver_state("running")
+        barrier.set_driver_state("restoring")
+        waiting = asyncio.ensure_future(barrier.exchange(_frame("a", 0)))
+        await asyncio.sleep(5 * timeout_s)
+        assert not waiting.done()
+        barrier.set_driver_state("running")
+        reply = await asyncio.wait_for(barrier.exchange(_frame("b", 0)), 5)
+        assert reply.step == 0 and (await asyncio.wait_for(waiting, 5)).step == 0
 
     asyncio.run(scenario())
