@@ -4,11 +4,14 @@ Cohorts of K students whose step is a fixed sleep of S ms (benchmarks/sleeping_c
 standing in for a GPU step, so the CPUs are free for the engine), real B×C logits, trained through the
 real driver, actors, frame lane, barrier and coordinator on a simulated multi-node Ray cluster
 (``ray.cluster_utils.Cluster``: a head and worker nodes on loopback). Per cell, from the run's step log
-(the second epoch; medians over students and steps):
+(the epochs after the first; medians over students and steps):
 
 - step: each student's compute plus its round trip; efficiency = S / step;
 - its parts: the student's own work beyond S, the coordinator's computation, the wait for the slowest
-  peer at the barrier, and the rest (serialisation, transport, thread hops, headers, reply).
+  peer at the barrier, and the rest (serialisation, transport, thread hops, headers, reply);
+- where the CPU went meanwhile: every process's CPU time from /proc, per step, by whose work it does (the
+  students' actors, the coordinator's, Ray's own processes, this driver), and how busy the machine was.
+  Where the students' CPU alone fills the cores, no engine could reach the step a faster machine would.
 
 The floor, in the same run: K plain processes that each sleep S ms, then send the same B×C float32 bytes
 over a blocking loopback socket to one receiver, which answers each with as many bytes once all K
@@ -42,13 +45,15 @@ import ray  # noqa: E402  (must follow the loopback setting)
 import torch  # noqa: E402
 
 from rdml_dist.config import parse_config  # noqa: E402
-from rdml_dist.engines.ray_engine import train_ray  # noqa: E402
+from rdml_dist.engines.ray_engine import run_ray  # noqa: E402
+from rdml_dist.engines.session import new_session  # noqa: E402
 from rdml_dist.run_records.step_log import read_step_log  # noqa: E402
 from rdml_dist.run_records.storage import Storage  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 128
-STEPS_PER_EPOCH = 40
+STEPS_PER_EPOCH = 100  # long epochs: their ends (evaluation, checkpoint) weigh little in the CPU per step
+MEASURED_EPOCHS = 2  # after the first, whose steps include the processes' warm-up
 NODES = 2  # a head and one worker node, students spread over both
 
 
@@ -59,14 +64,14 @@ def _student_processes_fit(students: int) -> bool:
 
 
 def engine_cell(students: int, sleep_ms: float, classes: int, cluster_address: str, scratch: Path) -> dict[str, Any]:
-    """Train the sleeping cohort for two epochs; the second epoch's per-step medians."""
+    """Train the sleeping cohort; the per-step medians of the epochs after the first, and where the CPU went then."""
     config = parse_config({
         "name": f"engine-k{students}-s{sleep_ms:g}-c{classes}",
         "seed": 0,
         "data": {"name": "sleeping_cohort:random_features", "options": {"classes": classes, "samples": BATCH * STEPS_PER_EPOCH}},
         "students": [{"name": f"s{index}", "model": "sleeping_cohort:sleeping_linear", "options": {"sleep_ms": sleep_ms}}
                      for index in range(students)],
-        "training": {"epochs": 2, "batch_size": BATCH, "drop_last": True, "last_epochs_reported": 1},
+        "training": {"epochs": 1 + MEASURED_EPOCHS, "batch_size": BATCH, "drop_last": True, "last_epochs_reported": 1},
         "mimicry": {"divergence": "renyi", "alpha": 2.0},
         "runtime": {"engine": "ray", "torch_threads": 1,
                     "ray": {"address": cluster_address, "cpus_per_student": 0.1, "placement_strategy": "SPREAD"},
@@ -75,8 +80,10 @@ def engine_cell(students: int, sleep_ms: float, classes: int, cluster_address: s
         "rpc": {"port": 0},
     })
     run_dir = scratch / config.name
-    train_ray(config, run_dir, show_progress=False).finish()
-    rows = [row for row in read_step_log(Storage(str(run_dir))) if row.epoch == 1]
+    cpu = CpuAtEpochEnds()
+    with new_session(config, run_dir, engine="ray") as session:
+        run_ray(session, show_progress=False, observers=[cpu]).finish()
+    rows = [row for row in read_step_log(Storage(str(run_dir))) if row.epoch >= 1]
     sleep = sleep_ms / 1000
 
     def median(values: list[float]) -> float:
@@ -88,7 +95,70 @@ def engine_cell(students: int, sleep_ms: float, classes: int, cluster_address: s
     wait = median([row.wait_seconds for row in rows])
     rest = median([row.round_trip_seconds - row.coordinator_seconds - row.wait_seconds for row in rows])
     return {"step_s": step, "efficiency": sleep / step, "student_own_s": own, "coordinator_s": coordinator,
-            "wait_s": wait, "rest_s": rest, "rows": len(rows)}
+            "wait_s": wait, "rest_s": rest, "rows": len(rows), "cpu": cpu.measured(STEPS_PER_EPOCH * MEASURED_EPOCHS)}
+
+
+# --- where the CPU goes: every process of the machine, read from /proc ----------------------------------------
+
+CPU_GROUPS = ("students", "coordinator", "ray", "driver", "other")
+
+
+def _process_group(pid: int, command: str) -> str:
+    """Whose work a process does: the students' and the coordinator's actors, Ray's own processes, this driver."""
+    if pid == os.getpid():
+        return "driver"
+    if command.startswith("ray::StudentActor"):
+        return "students"
+    if command.startswith("ray::Coordinator"):
+        return "coordinator"
+    return "ray" if "ray" in command else "other"
+
+
+def cpu_snapshot() -> dict[str, Any]:
+    """The machine's busy and total CPU time (/proc/stat) and each process's, in seconds, with its group."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as stat:
+        values = [int(value) for value in stat.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle and iowait
+    processes: dict[int, tuple[str, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        processes[int(entry)] = (_process_group(int(entry), command), (int(fields[11]) + int(fields[12])) / ticks)
+    return {"busy_s": (sum(values) - idle) / ticks, "total_s": sum(values) / ticks, "processes": processes}
+
+
+class CpuAtEpochEnds:
+    """A run observer that takes a :func:`cpu_snapshot` at each epoch's end, so the measured epochs' CPU can be split
+    by who spent it (the window also holds their evaluations and checkpoints)."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[dict[str, Any]] = []
+
+    def on_epoch(self, entry: dict[str, Any]) -> None:
+        self.snapshots.append({**cpu_snapshot(), "wall_s": time.perf_counter()})
+
+    def on_checkpoint(self, step: int, manifest: dict[str, Any]) -> None:
+        pass
+
+    def measured(self, steps: int) -> dict[str, float]:
+        """CPU seconds per step of each group from the first epoch's end to the last one's, the wall time per step
+        of that window, and the machine's busy share in it (1: both cores busy all the time)."""
+        before, after = self.snapshots[0], self.snapshots[-1]
+        per_step = dict.fromkeys(CPU_GROUPS, 0.0)
+        for pid, (group, seconds) in after["processes"].items():
+            earlier = before["processes"].get(pid)
+            per_step[group] += (seconds - (earlier[1] if earlier and earlier[0] == group else 0.0)) / steps
+        busy = (after["busy_s"] - before["busy_s"]) / max(after["total_s"] - before["total_s"], 1e-9)
+        per_step["wall"] = (after["wall_s"] - before["wall_s"]) / steps
+        return {**{f"{group}_s": value for group, value in per_step.items()}, "machine_busy": busy}
 
 
 # --- the floor: plain processes, plain sockets ------------------------------------------------------------
@@ -164,8 +234,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "# Engine efficiency (benchmarks/engine_efficiency.py)",
         "",
         f"Machine: {results['machine']}. Command: `{results['command']}`. Cluster: `ray.cluster_utils.Cluster`, "
-        f"{NODES} nodes on loopback. Logits B×C with B = {BATCH}; {STEPS_PER_EPOCH} steps per epoch, the second "
-        "epoch measured (medians over students and steps).",
+        f"{NODES} nodes on loopback. Logits B×C with B = {BATCH}; {STEPS_PER_EPOCH} steps per epoch, the "
+        f"{MEASURED_EPOCHS} epochs after the first measured (medians over students and steps).",
         "",
         "S: the sleep standing in for a student's GPU step (once a step, in the forward). Step: a student's compute plus its round trip. "
         "Engine adds / floor adds: (step − S) of the engine over (step − S) of the floor.",
@@ -185,6 +255,28 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{1000 * engine['rest_s']:.2f} |")
     if results.get("skipped"):
         lines += ["", f"Not run: {results['skipped']}"]
+    cores = results.get("cores", os.cpu_count() or 1)
+    lines += [
+        "",
+        "## Where the CPU goes",
+        "",
+        f"CPU time of every process on the machine over the measured epochs (their evaluations and checkpoints "
+        f"included), per step, by whose work it does; wall: the window's time per step. Busy: the share of the "
+        f"{cores} cores busy in the window. Students' floor: the students' CPU per step spread over all "
+        f"{cores} cores, a step no engine could beat on this machine; S / that floor: the efficiency it caps.",
+        "",
+        "| K | S ms | C | wall ms | busy | students ms | coordinator ms | Ray ms | driver ms | students' floor ms | "
+        "S / students' floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in results["cells"]:
+        cpu = cell["engine"]["cpu"]
+        floor = max(cpu["students_s"] / cores, cell["sleep_ms"] / 1000)
+        lines.append(
+            f"| {cell['students']} | {cell['sleep_ms']:g} | {cell['classes']} | {1000 * cpu['wall_s']:.2f} | "
+            f"{cpu['machine_busy']:.0%} | {1000 * cpu['students_s']:.2f} | {1000 * cpu['coordinator_s']:.2f} | "
+            f"{1000 * cpu['ray_s']:.2f} | {1000 * cpu['driver_s']:.2f} | {1000 * floor:.2f} | "
+            f"{min(1.0, cell['sleep_ms'] / 1000 / floor):.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -262,6 +354,7 @@ def main() -> int:
                        f"torch {torch.__version__}, ray {ray.__version__}",
             "command": " ".join(["python benchmarks/engine_efficiency.py", *sys.argv[1:]]),
             "cells": cells,
+            "cores": os.cpu_count(),
             "skipped": (f"K = {', '.join(map(str, skipped))}: a student process holds about 650 MB and the cohort "
                         "would pass 80% of this machine's memory") if skipped else "",
         }
