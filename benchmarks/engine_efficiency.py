@@ -18,7 +18,7 @@ over a blocking loopback socket to one receiver, which answers each with as many
 have arrived. What the engine adds beyond S, over what the floor adds beyond S, is the ratio the
 issue's targets are written in.
 
-Writes benchmarks/results/engine_efficiency.{json,md,png}. Run (about 6 min on 2 cores):
+Writes benchmarks/results/engine_efficiency.{json,md,png}. Run (about 9 min on 2 cores):
     .venv/bin/python benchmarks/engine_efficiency.py
     .venv/bin/python benchmarks/engine_efficiency.py --students 2 8 --sleep-ms 5 --classes 100   # a subset
 """
