@@ -149,7 +149,7 @@ class CohortBarrier:
                         if self.halted is None and generation == self.core.generation:
                             with self._metrics.held() as held:
                                 replies = self.core.finish_step(pending, result)
-                            self._deliver(step, replies)
+                            self._deliver(step, _latest_arrivals_first(replies, pending))
                             loop.call_soon(self._metrics.apply, held)  # queued behind the woken students
                 except Exception as error:  # noqa: BLE001 - any failure must reach every waiting student
                     with self.lock:
@@ -404,6 +404,14 @@ class CohortBarrier:
 
 
 _COHORT_NOT_STEPPING = frozenset({DriverState.STARTING.value, DriverState.RESTORING.value})  # an exchange's clock waits
+
+
+def _latest_arrivals_first(replies: dict[str, MimicryReply], pending: PendingStep) -> dict[str, MimicryReply]:
+    """The replies in the order their students are woken: the last to arrive first. The slowest student is on
+    the cohort's critical path (its peers wait for it at the next step too); woken first, it gets a core before
+    its peers' next steps take them, where member order left it waiting behind them on a busy machine."""
+    arrived = dict(zip(pending.names, pending.arrivals))
+    return dict(sorted(replies.items(), key=lambda item: arrived.get(item[0], 0.0), reverse=True))
 
 
 def _expire(future: "asyncio.Future[Any]") -> None:

@@ -138,3 +138,21 @@ def test_an_exchange_times_out_only_while_the_driver_steps_the_cohort() -> None:
         assert reply.step == 0 and (await asyncio.wait_for(waiting, 5)).step == 0
 
     asyncio.run(scenario())
+
+
+def test_the_last_student_to_arrive_is_answered_first() -> None:
+    """The straggler is on the cohort's critical path: its reply goes out before its peers', who waited anyway."""
+    async def scenario() -> None:
+        barrier = _barrier()
+        barrier.set_driver_state("running")
+        answered: list[str] = []
+        exchanges = []
+        for name in NAMES:  # a arrives first, b last
+            exchange = asyncio.ensure_future(barrier.exchange(_frame(name, 0)))
+            exchange.add_done_callback(lambda _done, name=name: answered.append(name))
+            exchanges.append(exchange)
+            await asyncio.sleep(0.01)
+        replies = await asyncio.wait_for(asyncio.gather(*exchanges), 5)
+        assert [reply.step for reply in replies] == [0, 0] and answered == ["b", "a"]
+
+    asyncio.run(scenario())
