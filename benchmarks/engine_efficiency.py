@@ -111,15 +111,15 @@ def _process_group(pid: int, command: str) -> str:
         return "students"
     if command.startswith("ray::Coordinator"):
         return "coordinator"
-    return "ray" if "ray" in command else "other"
+    return "ray" if "ray::" in command or "/ray/" in command else "other"  # workers, raylet, GCS, agents
 
 
 def cpu_snapshot() -> dict[str, Any]:
     """The machine's busy and total CPU time (/proc/stat) and each process's, in seconds, with its group."""
     ticks = os.sysconf("SC_CLK_TCK")
     with open("/proc/stat") as stat:
-        values = [int(value) for value in stat.readline().split()[1:]]
-    idle = values[3] + values[4]  # idle and iowait
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(value) for value in stat.readline().split()[1:9])
+    busy = user + nice + system + irq + softirq  # guest time is inside user and nice; steal is the host's
     processes: dict[int, tuple[str, float]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -132,7 +132,7 @@ def cpu_snapshot() -> dict[str, Any]:
         except OSError:  # the process ended meanwhile
             continue
         processes[int(entry)] = (_process_group(int(entry), command), (int(fields[11]) + int(fields[12])) / ticks)
-    return {"busy_s": (sum(values) - idle) / ticks, "total_s": sum(values) / ticks, "processes": processes}
+    return {"busy_s": busy / ticks, "total_s": (busy + idle + iowait + steal) / ticks, "processes": processes}
 
 
 class CpuAtEpochEnds:
@@ -153,9 +153,9 @@ class CpuAtEpochEnds:
         of that window, and the machine's busy share in it (1: both cores busy all the time)."""
         before, after = self.snapshots[0], self.snapshots[-1]
         per_step = dict.fromkeys(CPU_GROUPS, 0.0)
-        for pid, (group, seconds) in after["processes"].items():
+        for pid, (group, seconds) in after["processes"].items():  # one that ended inside the window is not counted
             earlier = before["processes"].get(pid)
-            per_step[group] += (seconds - (earlier[1] if earlier and earlier[0] == group else 0.0)) / steps
+            per_step[group] += (seconds - (earlier[1] if earlier else 0.0)) / steps
         busy = (after["busy_s"] - before["busy_s"]) / max(after["total_s"] - before["total_s"], 1e-9)
         per_step["wall"] = (after["wall_s"] - before["wall_s"]) / steps
         return {**{f"{group}_s": value for group, value in per_step.items()}, "machine_busy": busy}

@@ -217,7 +217,8 @@ class CohortBarrier:
 
         The timeout counts only while the driver steps the cohort: a student that arrives while the driver
         still starts or restores the cohort (actors starting, the step-0 checkpoint) waits for the cohort,
-        whose start the driver's own timeouts bound, and its clock starts when the stepping does.
+        and its clock starts when the stepping does. That wait ends with the driver: its process gone, the
+        coordinator goes too (the student's connection breaks); its rollback fails every waiting student.
         """
         loop = asyncio.get_running_loop()
         timeout_s = self.config.runtime.ray.exchange_timeout_s
