@@ -13,6 +13,7 @@ other threads.
 import asyncio
 import contextlib
 import functools
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -149,7 +150,7 @@ class CohortBarrier:
                         if self.halted is None and generation == self.core.generation:
                             with self._metrics.held() as held:
                                 replies = self.core.finish_step(pending, result)
-                            self._deliver(step, _latest_arrivals_first(replies, pending))
+                            self._deliver(step, self._slowest_first(replies))
                             loop.call_soon(self._metrics.apply, held)  # queued behind the woken students
                 except Exception as error:  # noqa: BLE001 - any failure must reach every waiting student
                     with self.lock:
@@ -162,6 +163,14 @@ class CohortBarrier:
         """Whether the computation is small enough to run on the event loop (no thread hop either way)."""
         elements = sum(frame.logits.numel() for frame in pending.frames)
         return elements < self.inline_below_elements
+
+    def _slowest_first(self, replies: dict[str, MimicryReply]) -> dict[str, MimicryReply]:
+        """The replies in the order their students are woken: the longest compute first (as the students last
+        measured it, in steps of a quarter), member order among alike ones. The slowest student is on the
+        cohort's critical path, its peers wait for it at the next step anyway; woken after them on a busy
+        machine, it waited for a core behind their next steps. Alike students keep one order, step after step."""
+        compute = self.core.compute_seconds
+        return dict(sorted(replies.items(), key=lambda item: -_quarter_steps(compute.get(item[0], 0.0))))
 
     def _deliver(self, step: int, replies: dict[str, MimicryReply]) -> None:
         """Wake the answered students, and release the step once the core has moved past it."""
@@ -407,12 +416,9 @@ class CohortBarrier:
 _COHORT_NOT_STEPPING = frozenset({DriverState.STARTING.value, DriverState.RESTORING.value})  # an exchange's clock waits
 
 
-def _latest_arrivals_first(replies: dict[str, MimicryReply], pending: PendingStep) -> dict[str, MimicryReply]:
-    """The replies in the order their students are woken: the last to arrive first. The slowest student is on
-    the cohort's critical path (its peers wait for it at the next step too); woken first, it gets a core before
-    its peers' next steps take them, where member order left it waiting behind them on a busy machine."""
-    arrived = dict(zip(pending.names, pending.arrivals))
-    return dict(sorted(replies.items(), key=lambda item: arrived.get(item[0], 0.0), reverse=True))
+def _quarter_steps(seconds: float) -> int:
+    """``seconds`` on a scale of steps of 25%: times within a quarter of each other mostly share a step."""
+    return math.floor(math.log(seconds, 1.25)) if seconds > 0 else -(1 << 30)
 
 
 def _expire(future: "asyncio.Future[Any]") -> None:

@@ -83,6 +83,7 @@ class CohortCoordinator:
         self.evaluations: dict[int, EpochEvaluation] = {}
         self.latest: dict[str, StepRecord] = {}  # each student's newest record, kept for status displays
         self.samples_per_second: dict[str, float] = {}  # for status displays and the metrics alike
+        self.compute_seconds: dict[str, float] = {}  # each student's latest own measure of its step's compute
         self._last_computed: dict[str, float] = {}
         self._turns: list[str] | None = None  # sequential update: students of this step still to be answered
         self._refreshing: str | None = None  # sequential update: the answered student whose refreshed logits come next
@@ -394,6 +395,7 @@ class CohortCoordinator:
         """
         if timing is None:
             return
+        self.compute_seconds[student] = timing.compute_seconds
         record = self.records.get(timing.step, {}).get(student)
         if record is not None:
             record.compute_seconds = timing.compute_seconds

@@ -10,7 +10,7 @@ from prometheus_client import generate_latest
 from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.config import parse_config
 from rdml_dist.errors import CohortStepFailed
-from rdml_dist.messages import EvalFrame, LogitsFrame, StudentInfo
+from rdml_dist.messages import EvalFrame, LogitsFrame, StepTiming, StudentInfo
 from tests.unit.cohort_barrier import planned_frame, registered_barrier
 
 NAMES = ("a", "b")
@@ -141,19 +141,24 @@ def test_an_exchange_times_out_only_while_the_driver_steps_the_cohort() -> None:
     asyncio.run(scenario())
 
 
-def test_the_last_student_to_arrive_is_answered_first() -> None:
-    """The straggler is on the cohort's critical path: its reply goes out before its peers', who waited anyway."""
+@pytest.mark.parametrize(("compute_s", "answered_first"), [({"a": 0.001, "b": 0.05}, "b"), ({"a": 0.05, "b": 0.001}, "a"),
+                                                         ({"a": 0.010, "b": 0.011}, "a")])
+def test_the_student_with_the_longest_compute_is_answered_first(compute_s: dict[str, float], answered_first: str) -> None:
+    """The slowest student is on the cohort's critical path: its reply goes out before its peers', who wait for it
+    anyway; students whose compute is alike keep member order, whichever arrived last."""
     async def scenario() -> None:
         barrier = _barrier()
         barrier.set_driver_state("running")
+        for name, seconds in compute_s.items():
+            barrier.record_timing(name, StepTiming(0, seconds, 0.0))
         answered: list[str] = []
         exchanges = []
-        for name in NAMES:  # a arrives first, b last
+        for name in ("b", "a"):  # b arrives first, a last
             exchange = asyncio.ensure_future(barrier.exchange(_frame(name, 0)))
             exchange.add_done_callback(lambda _done, name=name: answered.append(name))
             exchanges.append(exchange)
             await asyncio.sleep(0.01)
         replies = await asyncio.wait_for(asyncio.gather(*exchanges), 5)
-        assert [reply.step for reply in replies] == [0, 0] and answered == ["b", "a"]
+        assert [reply.step for reply in replies] == [0, 0] and answered[0] == answered_first, answered
 
     asyncio.run(scenario())
