@@ -417,8 +417,9 @@ _COHORT_NOT_STEPPING = frozenset({DriverState.STARTING.value, DriverState.RESTOR
 
 
 def _quarter_steps(seconds: float) -> int:
-    """``seconds`` on a scale of steps of 25%: times within a quarter of each other mostly share a step."""
-    return math.floor(math.log(seconds, 1.25)) if seconds > 0 else -(1 << 30)
+    """``seconds`` on a scale of steps of 25%: times within a quarter of each other mostly share a step. What a
+    student reported is not trusted: a time that is not a positive finite number sorts last."""
+    return math.floor(math.log(seconds, 1.25)) if seconds > 0 and math.isfinite(seconds) else -(1 << 30)
 
 
 def _expire(future: "asyncio.Future[Any]") -> None:

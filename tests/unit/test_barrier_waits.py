@@ -1,6 +1,7 @@
 """The coordinator's barrier is waited on, never polled, and a scrape never waits behind a step's computation."""
 
 import asyncio
+import math
 import threading
 
 import pytest
@@ -141,8 +142,10 @@ def test_an_exchange_times_out_only_while_the_driver_steps_the_cohort() -> None:
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize(("compute_s", "answered_first"), [({"a": 0.001, "b": 0.05}, "b"), ({"a": 0.05, "b": 0.001}, "a"),
-                                                         ({"a": 0.010, "b": 0.011}, "a")])
+@pytest.mark.parametrize(("compute_s", "answered_first"), [
+    ({"a": 0.001, "b": 0.05}, "b"), ({"a": 0.05, "b": 0.001}, "a"), ({"a": 0.010, "b": 0.011}, "a"),
+    ({"a": math.inf, "b": 0.05}, "b"), ({"a": math.nan, "b": -1.0}, "a"),  # what a student reports is not trusted
+])
 def test_the_student_with_the_longest_compute_is_answered_first(compute_s: dict[str, float], answered_first: str) -> None:
     """The slowest student is on the cohort's critical path: its reply goes out before its peers', who wait for it
     anyway; students whose compute is alike keep member order, whichever arrived last."""
