@@ -32,6 +32,9 @@ from rdml_dist.coordinator_core.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import CohortMetrics, LockedRegistry
 
 
+SLOWEST_SHARE = 0.8  # a student within this share of the longest compute is woken with the slowest
+
+
 class LockedMetrics:
     """The cohort's metrics, each update taken under ``lock``: the lock a scrape takes instead of the barrier's,
     so a scrape never waits behind a step's computation, and still never sees half an update.
@@ -165,12 +168,14 @@ class CohortBarrier:
         return elements < self.inline_below_elements
 
     def _slowest_first(self, replies: dict[str, MimicryReply]) -> dict[str, MimicryReply]:
-        """The replies in the order their students are woken: the longest compute first (as the students last
-        measured it, in steps of a quarter), member order among alike ones. The slowest student is on the
-        cohort's critical path, its peers wait for it at the next step anyway; woken after them on a busy
-        machine, it waited for a core behind their next steps. Alike students keep one order, step after step."""
-        compute = self.core.compute_seconds
-        return dict(sorted(replies.items(), key=lambda item: -_quarter_steps(compute.get(item[0], 0.0))))
+        """The replies in the order their students are woken: the slowest first (those whose compute, as they last
+        measured it, is within a fifth of the longest), then the others, each group in member order. The
+        slowest student is on the cohort's critical path, its peers wait for it at the next step anyway; woken
+        after them on a busy machine, it waited for a core behind their next steps. Alike students all belong
+        to the first group, so their order stays the same step after step."""
+        compute = {name: _trusted_seconds(self.core.compute_seconds.get(name)) for name in replies}
+        longest = max(compute.values(), default=0.0)
+        return dict(sorted(replies.items(), key=lambda item: compute[item[0]] < SLOWEST_SHARE * longest))
 
     def _deliver(self, step: int, replies: dict[str, MimicryReply]) -> None:
         """Wake the answered students, and release the step once the core has moved past it."""
@@ -416,10 +421,9 @@ class CohortBarrier:
 _COHORT_NOT_STEPPING = frozenset({DriverState.STARTING.value, DriverState.RESTORING.value})  # an exchange's clock waits
 
 
-def _quarter_steps(seconds: float) -> int:
-    """``seconds`` on a scale of steps of 25%: times within a quarter of each other mostly share a step. What a
-    student reported is not trusted: a time that is not a positive finite number sorts last."""
-    return math.floor(math.log(seconds, 1.25)) if seconds > 0 and math.isfinite(seconds) else -(1 << 30)
+def _trusted_seconds(seconds: float | None) -> float:
+    """A student's reported time where it is a positive finite number, else 0: what a student reports is not trusted."""
+    return seconds if seconds is not None and seconds > 0 and math.isfinite(seconds) else 0.0
 
 
 def _expire(future: "asyncio.Future[Any]") -> None:
