@@ -50,6 +50,8 @@ from rdml_dist.engines.session import new_session  # noqa: E402
 from rdml_dist.run_records.step_log import read_step_log  # noqa: E402
 from rdml_dist.run_records.storage import Storage  # noqa: E402
 
+from proc_cpu import TICKS_PER_S, command_line, machine_ticks, process_ticks  # noqa: E402  (beside this script)
+
 RESULTS = Path(__file__).parent / "results"
 BATCH = 128
 STEPS_PER_EPOCH = 100  # long epochs: their ends (evaluation, checkpoint) weigh little in the CPU per step
@@ -115,24 +117,14 @@ def _process_group(pid: int, command: str) -> str:
 
 
 def cpu_snapshot() -> dict[str, Any]:
-    """The machine's busy and total CPU time (/proc/stat) and each process's, in seconds, with its group."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    with open("/proc/stat") as stat:
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(value) for value in stat.readline().split()[1:9])
-    busy = user + nice + system + irq + softirq  # guest time is inside user and nice; steal is the host's
-    processes: dict[int, tuple[str, float]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended meanwhile
-            continue
-        processes[int(entry)] = (_process_group(int(entry), command), (int(fields[11]) + int(fields[12])) / ticks)
-    return {"busy_s": busy / ticks, "total_s": (busy + idle + iowait + steal) / ticks, "processes": processes}
+    """The machine's busy and total CPU time and each process's, in seconds, with its group."""
+    machine = machine_ticks()
+    processes = {}
+    for pid, process in process_ticks().items():
+        command = command_line(pid)
+        if command is not None:  # None: the process ended meanwhile
+            processes[pid] = (_process_group(pid, command), process.ticks / TICKS_PER_S)
+    return {"busy_s": machine.busy / TICKS_PER_S, "total_s": sum(machine) / TICKS_PER_S, "processes": processes}
 
 
 class CpuAtEpochEnds:

@@ -71,6 +71,8 @@ from rdml_dist.lane.handshake import student_key  # noqa: E402
 from rdml_dist.lane.client import FrameLaneClient  # noqa: E402
 from rdml_dist.rpc.client import CohortClient, ExchangeStream  # noqa: E402
 
+from proc_cpu import TICKS_PER_S, machine_ticks, process_ticks  # noqa: E402  (beside this script)
+
 RESULTS = Path(__file__).parent / "results"
 HOST = "127.0.0.1"
 TRANSPORTS = ("ray", "grpc", "tcp")
@@ -122,35 +124,26 @@ class OutsideLoad:
     def __init__(self, wait_budget_s: float) -> None:
         self.wait_budget_s = wait_budget_s
         self.available = Path("/proc/stat").exists()
-        self.tick = os.sysconf("SC_CLK_TCK") if self.available else 100
+        self.tick = TICKS_PER_S
         self._mark: tuple[float, int, dict[int, int]] | None = None
         self._last: tuple[float, float] | None = None  # when the last reading ended, and its value
 
     @staticmethod
     def _busy_ticks() -> int:
-        values = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return sum(values) - values[3] - values[4]  # all but idle and iowait (guest time is inside user)
+        ticks = machine_ticks()
+        return ticks.busy + ticks.steal  # all but idle and iowait
 
     @staticmethod
     def _own_ticks() -> dict[int, int]:
         """CPU ticks of each live process in this process's tree."""
-        parents, ticks = {}, {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue
-                fields = stat[stat.rindex(")") + 2:].split()
-                parents[int(entry)] = int(fields[1])
-                ticks[int(entry)] = int(fields[11]) + int(fields[12])
+        processes = process_ticks()
         children: dict[int, list[int]] = {}
-        for pid, parent in parents.items():
-            children.setdefault(parent, []).append(pid)
+        for pid, process in processes.items():
+            children.setdefault(process.parent, []).append(pid)
         own, stack = {}, [os.getpid()]
         while stack:
             pid = stack.pop()
-            own[pid] = ticks.get(pid, 0)
+            own[pid] = processes[pid].ticks if pid in processes else 0
             stack.extend(children.get(pid, []))
         return own
 
