@@ -23,6 +23,7 @@ from typing import Any
 from prometheus_client import Gauge
 
 from rdml_dist.config import ExperimentConfig
+from rdml_dist.config.schema import OnStudentFailure
 from rdml_dist.coordinator_core.coordinator import PendingStep
 from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.messages import (
@@ -104,6 +105,9 @@ class CohortBarrier:
         self._computing: asyncio.Task[None] | None = None  # the computation under way, if any
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cohort-computation")
         self.inline_below_elements = config.runtime.coordinator.inline_below_elements  # smaller steps skip the thread
+        self._drops_silent = config.runtime.fault.on_student_failure is OnStudentFailure.CONTINUE
+        self._external = frozenset(config.external_students())
+        self._dropped: list[dict[str, Any]] = []  # silent external students dropped, until the driver counts them
 
     def _step_future(self, step: int) -> "asyncio.Future[None]":
         return self._step_results.setdefault(step, asyncio.get_running_loop().create_future())
@@ -223,11 +227,12 @@ class CohortBarrier:
                 future = self._reply_future(frame.step, frame.student)
             finally:
                 self._complete_if_ready()
-        return await self._reply(future)
+        return await self._reply(future, frame.step)
 
-    async def _reply(self, future: "asyncio.Future[MimicryReply]") -> MimicryReply:
+    async def _reply(self, future: "asyncio.Future[MimicryReply]", step: int) -> MimicryReply:
         """The gradient, awaited directly (one loop hop after the computation sets it, where ``wait_for`` over a
-        ``shield`` takes three); ``TimeoutError`` once the exchange timeout has passed.
+        ``shield`` takes three); ``TimeoutError`` once the exchange timeout has passed, unless the step goes on
+        without the silent external students it waited for (:meth:`_go_on_without_the_silent`).
 
         The timeout counts only while the driver steps the cohort: a student that arrives while the driver
         still starts or restores the cohort (actors starting, the step-0 checkpoint) waits for the cohort,
@@ -245,6 +250,8 @@ class CohortBarrier:
             left = timeout_s if since is None else max(arrived, since) + timeout_s - time.monotonic()
             if left > 0:
                 expiry = loop.call_later(left, expire_unless_waiting_for_the_cohort)
+            elif self._go_on_without_the_silent(step):
+                expiry = loop.call_later(timeout_s, expire_unless_waiting_for_the_cohort)
             else:
                 _expire(future)
 
@@ -253,6 +260,37 @@ class CohortBarrier:
             return await future
         finally:
             expiry.cancel()
+
+    def _go_on_without_the_silent(self, step: int) -> bool:
+        """At an exchange's timeout under ``continue``: whether ``step`` goes on instead of failing its waiting students.
+
+        It does when every member it still waits for is an external student: each is dropped (marked dead, an event
+        the driver counts against the failure budget); its next frame is refused as not live, and it joins again.
+        A step that waits for a Ray student times out as before, for the driver to find that student hung or dead.
+        A step that waits for no one is being computed: its gradients are on their way.
+        """
+        with self.lock:
+            if not self._drops_silent or self.halted is not None or self.core.step != step:
+                return False
+            silent = self.core.waiting_for()
+            if not silent:
+                return self._computing is not None
+            if not self._external.issuperset(silent):
+                return False
+            timeout_s = self.config.runtime.ray.exchange_timeout_s
+            for name in silent:
+                self.core.mark_dead(name)
+                self._dropped.append({"student": name, "step": step,
+                                      "cause": f"no frame for step {step} within the exchange timeout ({timeout_s:g} s)"})
+            self._score_awaited()
+            self._complete_if_ready()
+            return True
+
+    def pop_dropped(self) -> list[dict[str, Any]]:
+        """The silent external students dropped since the last call (student, step, cause), handed over once."""
+        with self.lock:
+            dropped, self._dropped = self._dropped, []
+            return dropped
 
     def refresh(self, frame: LogitsFrame) -> None:
         """Sequential update: the logits of a student that has just applied its gradient; the next turn may go."""

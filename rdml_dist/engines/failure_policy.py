@@ -18,6 +18,7 @@ WHAT_HAPPENED = {
     FailureKind.USER_ERROR: "cannot run",
     FailureKind.STUDENT_DIED: "died",
     FailureKind.STUDENT_ERROR: "failed",
+    FailureKind.STUDENT_SILENT: "went silent",
     FailureKind.COORDINATOR_DIED: "died",
     FailureKind.COORDINATOR_ERROR: "failed",
     FailureKind.TIMEOUT: "timed out",
@@ -46,7 +47,7 @@ class Failure:
 
     def describe(self) -> str:
         if self.student:
-            where = f"student {self.student!r} on node {self.node}"
+            where = f"student {self.student!r}" + (f" on node {self.node}" if self.node else "")  # an external one has none
         else:
             where = "the run's storage" if self.failure_kind is FailureKind.STORAGE_ERROR else "the coordinator"
         return f"{where} {WHAT_HAPPENED[self.failure_kind]} at step {self.step}: {self.cause}"

@@ -21,6 +21,7 @@ class FailureKind(str, enum.Enum):
     USER_ERROR = "user_error"  # a config or data contract problem, a model factory that fails: the run ends
     STUDENT_DIED = "student_died"  # a student's process died (killed, out of memory, node lost)
     STUDENT_ERROR = "student_error"  # a student's own exception: CUDA OOM, an I/O error in its data, a bug in a model
+    STUDENT_SILENT = "student_silent"  # under ``continue``, an external student sent no frame within the exchange timeout
     COORDINATOR_DIED = "coordinator_died"  # a coordinator process died, or was replaced by Ray (a new incarnation)
     COORDINATOR_ERROR = "coordinator_error"  # the coordinator's computation or state failed
     TIMEOUT = "timeout"  # an exchange, evaluation or call did not finish in time
@@ -28,7 +29,7 @@ class FailureKind(str, enum.Enum):
 
     @property
     def of_a_student(self) -> bool:
-        return self in (FailureKind.STUDENT_DIED, FailureKind.STUDENT_ERROR)
+        return self in (FailureKind.STUDENT_DIED, FailureKind.STUDENT_ERROR, FailureKind.STUDENT_SILENT)
 
 
 class ProcessDied(Exception):

@@ -90,6 +90,10 @@ class Coordinator:
         recoveries, self._recoveries = self._recoveries, []
         return recoveries
 
+    async def pop_dropped(self) -> list[dict[str, Any]]:
+        """The silent external students the barrier dropped under ``continue``, for the driver to count."""
+        return self.barrier.pop_dropped()
+
     def _check(self, incarnation: str | None) -> None:
         """Refuse a control call meant for another process of this actor (Ray restarted it since)."""
         if incarnation is not None and incarnation != self.incarnation:

@@ -359,6 +359,7 @@ class RayCohort:
         events: list[dict[str, Any]] = []
         try:
             self._follow_chunk(calls, events, start, end, restore_step, on_progress)
+            events.extend(self._count_dropped())
             return [*self._pop_recoveries(), *events]
         except CohortRollback as rollback:  # what the chunk met before the rollback stays in the run's faults
             rollback.earlier[:0] = [*self._pop_recoveries(), *events]
@@ -373,6 +374,28 @@ class RayCohort:
             return ray.get(self.coordinator.pop_recoveries.remote(), timeout=10)  # a wedged coordinator must not hold a failure
         except ray.exceptions.RayError:
             return []
+
+    def _count_dropped(self) -> list[dict[str, Any]]:
+        """The external students the coordinator dropped in the chunk (silent past the exchange timeout, under
+        ``continue``), each a failure the policy counts (raises :class:`RunFailed` past the budget).
+
+        Counted once the chunk has ended; a chunk rolled back first leaves them held for the next one."""
+        events: list[dict[str, Any]] = []
+        if not self.external:
+            return events
+        try:
+            held = ray.get(self.coordinator.pop_dropped.remote(), timeout=10)
+        except ray.exceptions.RayError:
+            return events  # the coordinator's failure is met by the next call, which the policy answers
+        for dropped in held:
+            failure = Failure(FailureKind.STUDENT_SILENT.value, dropped["step"], dropped["cause"], student=dropped["student"])
+            try:
+                self.policy.decide(failure)
+            except RunFailed as stopped:
+                stopped.events[:0] = events
+                raise
+            events.append({**failure.event(), "action": "the live students went on without it; it joins again when it sends"})
+        return events
 
     def _follow_chunk(self, calls: dict[ray.ObjectRef, str], events: list[dict[str, Any]], start: int, end: int,
                       restore_step: int, on_progress: Callable[[int], None]) -> None:

@@ -236,3 +236,47 @@ def test_an_external_student_that_does_not_rejoin_a_restarted_coordinator_is_a_t
     assert [event["kind"] for event in events] == ["coordinator_died", "timeout"], events
     assert "external student(s) outside did not join the cohort service" in events[-1]["cause"]
     assert events[-1]["action"] == "the run stopped"
+
+
+@pytest.mark.timeout(300)
+def test_under_continue_a_silent_external_student_is_dropped_and_joins_again_when_it_sends(tmp_path: Path) -> None:
+    """The external student sends nothing for step 2 until told: after the exchange timeout the Ray students go on
+    without it (no rollback), the drop is a ``student_silent`` failure in the run's faults, and once it sends again
+    it is refused as not live, joins again and trains to the run's end with its peers."""
+    port = free_port()
+    config_path = _mixed_config(tmp_path, port)
+    raw = yaml.safe_load(config_path.read_text())
+    raw["training"]["batch_size"] = 128  # 12 steps per epoch, a checkpoint every 4
+    raw["runtime"]["checkpoint"] = {"every_steps": 4, "keep": 2}
+    raw["runtime"]["fault"] = {"on_student_failure": "continue"}
+    raw["runtime"]["ray"] = {"exchange_timeout_s": 10}  # the drop's wait; mlp's hold below lasts only until the rejoin
+    run_dir, woken = tmp_path / "run", tmp_path / "woken"
+    outside_markers, mlp_markers = tmp_path / "outside-markers", tmp_path / "mlp-markers"
+    outside_markers.mkdir()
+    mlp_markers.mkdir()
+    # outside stalls in its step-2 forward until the test wakes it, then marks its first step after joining again
+    silent = [{"how": "wait_for", "where": "step", "after": 2, "path": str(woken), "seconds": 120},
+              {"how": "mark", "where": "step", "after": 3}]
+    raw["students"][2] = {"name": "outside", "model": "tests.integration.faulty_models:mlp_with_faults", "external": True,
+                          "options": {"faults": silent, "markers": str(outside_markers), "run_dir": str(run_dir)}}
+    # mlp holds the cohort at step 6 (after the drop) until outside has joined again: the run cannot end first
+    hold = [{"how": "wait_for", "where": "step", "after": 6, "path": str(outside_markers / "fault-1"), "seconds": 120}]
+    raw["students"][0] = {"name": "mlp", "model": "tests.integration.faulty_models:mlp_with_faults",
+                          "options": {"faults": hold, "markers": str(mlp_markers), "run_dir": str(run_dir)}}
+    config_path.write_text(yaml.safe_dump(raw))
+    driver = _start(["train", str(config_path), "--no-progress"], tmp_path, tmp_path / "driver.log")
+    external = _start(["student", str(config_path), "--coordinator", f"127.0.0.1:{port}", "--name", "outside"], tmp_path,
+                      tmp_path / "external.log")
+    with _stopped_at_the_end(driver, external):
+        wait_until(lambda: (mlp_markers / "fault-0").exists(), "the cohort reaches step 6 without outside", 180)
+        woken.touch()
+        external_log = _finish(external, tmp_path / "external.log", 180)
+        driver_log = _finish(driver, tmp_path / "driver.log", 120)
+    assert driver.returncode == 0, driver_log
+    assert external.returncode == 0 and "finished at step 24 (2 evaluations, 1 rejoins, 0 non-finite recoveries)" in external_log, external_log
+    (event,) = read_json(run_dir / "results.json")["faults"]["events"]
+    assert (event["kind"], event["student"], event["step"]) == ("student_silent", "outside", 2), event
+    assert event["action"].startswith("the live students went on"), event
+    rows = {(int(row["step"]), row["student"]) for row in read_steps(run_dir)}
+    assert {step for step, student in rows if student == "outside"} == {0, 1, *range(6, 24)}
+    assert all((step, name) in rows for step in range(24) for name in ("mlp", "cnn"))  # the Ray students never went back

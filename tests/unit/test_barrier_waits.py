@@ -10,8 +10,8 @@ from prometheus_client import generate_latest
 
 from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.config import parse_config
-from rdml_dist.errors import CohortStepFailed
-from rdml_dist.messages import EvalFrame, LogitsFrame, StepTiming, StudentInfo
+from rdml_dist.errors import CohortStepFailed, FrameRejected
+from rdml_dist.messages import NOT_LIVE, EvalFrame, LogitsFrame, StepTiming, StudentInfo
 from tests.unit.cohort_barrier import planned_frame, registered_barrier
 
 NAMES = ("a", "b")
@@ -164,5 +164,49 @@ def test_the_slowest_student_is_answered_first(compute_s: dict[str, float], arri
             await asyncio.sleep(0.01)
         replies = await asyncio.wait_for(asyncio.gather(*exchanges), 5)
         assert [reply.step for reply in replies] == [0, 0] and answered[0] == answered_first, answered
+
+    asyncio.run(scenario())
+
+
+def _mixed_barrier(on_student_failure: str, exchange_timeout_s: float) -> CohortBarrier:
+    """Ray students ``a`` and ``b`` and the external student ``x``, stepping under ``on_student_failure``."""
+    students = [{"model": "mlp", "name": "a"}, {"model": "mlp", "name": "b"}, {"model": "mlp", "name": "x", "external": True}]
+    config = parse_config({"name": "waits", "students": students, "training": {"batch_size": 8, "epochs": 2},
+                           "rpc": {"enabled": True, "port": 50051},
+                           "runtime": {"engine": "ray", "ray": {"exchange_timeout_s": exchange_timeout_s},
+                                       "fault": {"on_student_failure": on_student_failure}}})
+    barrier = registered_barrier(config, num_train=20, classes=3, steps_per_epoch=3)
+    barrier.set_driver_state("running")
+    return barrier
+
+
+@pytest.mark.parametrize("on_student_failure", ["continue", "restart_cohort"])
+def test_under_continue_a_step_goes_on_without_a_silent_external_student(on_student_failure: str) -> None:
+    """Under ``continue``, the external student a step still waits for at the exchange timeout is dropped: the step's
+    waiting students get their gradients, the drop is handed to the driver once, and the silent student's late frame
+    is refused as not live. Any other policy times the step out, as does a step still waiting for a Ray student."""
+    async def scenario() -> None:
+        timeout_s = 0.2
+        barrier = _mixed_barrier(on_student_failure, timeout_s)
+        waiting = [asyncio.ensure_future(barrier.exchange(_frame(name, 0))) for name in "ab"]
+        done, _ = await asyncio.wait(waiting, timeout=5)
+        assert len(done) == 2
+        if on_student_failure != "continue":
+            assert all(isinstance(exchange.exception(), TimeoutError) for exchange in waiting)
+            assert barrier.pop_dropped() == [] and "x" in barrier.core.live
+            return
+        assert [exchange.result().step for exchange in waiting] == [0, 0]
+        assert all(reply.live_students == 2 for reply in (exchange.result() for exchange in waiting))
+        assert barrier.pop_dropped() == [{"student": "x", "step": 0, "cause": "no frame for step 0 within the exchange timeout (0.2 s)"}]
+        assert barrier.pop_dropped() == []  # handed over once
+        with pytest.raises(FrameRejected, match="not a live member") as refused:
+            await barrier.exchange(_frame("x", 0))
+        assert refused.value.reason == NOT_LIVE
+        # a step that waits for a Ray student (b) as well as the silent x times out: the driver finds b itself
+        barrier.register(StudentInfo("x", 20, 4, 3, steps_per_epoch=3))  # x joins again
+        alone = asyncio.ensure_future(barrier.exchange(_frame("a", 1)))
+        await asyncio.wait({alone}, timeout=5)
+        assert alone.done() and isinstance(alone.exception(), TimeoutError)
+        assert barrier.pop_dropped() == [] and {"b", "x"} <= barrier.core.live
 
     asyncio.run(scenario())
