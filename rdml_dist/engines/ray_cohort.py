@@ -100,6 +100,10 @@ class RayCohort:
         self._coordinator_states: list[dict[str, Any]] = []  # each shard's last answer to ``state``
         try:  # whatever fails while starting must not leave the actors and the reservation behind
             self._start(placement.first_bundle, bundles, storage)
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown()
+            raise ClusterError(f"the coordinator did not answer within {self._stall_s():.0f} s while the cohort started "
+                               f"(runtime.ray.exchange_timeout_s and a {STALL_MARGIN_S:.0f} s margin)") from None
         except BaseException:
             self.shutdown()
             raise
@@ -134,13 +138,25 @@ class RayCohort:
                      config.runtime.torch_threads or max(1, int(bundles[name]["CPU"])), storage.url, marker)
             for position, name in enumerate(self.names)
         }
-        self.infos = dict(zip(self.names, _get_with_user_errors([actor.info.remote() for actor in self.actors.values()])))
-        _get_with_user_errors([shard.register.remote(info) for shard in self.shards for info in self.infos.values()])
-        self.incarnations: list[str] = [state["incarnation"] for state in ray.get([shard.state.remote() for shard in self.shards])]
+        self.infos = dict(zip(self.names, self._started({name: actor.info.remote() for name, actor in self.actors.items()})))
+        _get_with_user_errors([shard.register.remote(info) for shard in self.shards for info in self.infos.values()], self._stall_s())
+        states = ray.get([shard.state.remote() for shard in self.shards], timeout=self._stall_s())
+        self.incarnations: list[str] = [state["incarnation"] for state in states]
         self.metrics_address = self._serve_metrics()
         self._wait_for_external_students()
-        self.steps_per_epoch = ray.get(self.coordinator.state.remote())["steps_per_epoch"]
+        self.steps_per_epoch = ray.get(self.coordinator.state.remote(), timeout=self._stall_s())["steps_per_epoch"]
         self._update_placements()
+
+    def _started(self, calls: dict[str, ray.ObjectRef]) -> list[Any]:
+        """The first answers of the students' new actors (by name), within the driver's bound on any call: a student
+        whose start hangs (a stalled data mount, a model that never builds) ends the run naming it, instead of holding
+        the driver, and an external student that joined early, for ever."""
+        _done, late = ray.wait(list(calls.values()), num_returns=len(calls), timeout=self._stall_s())
+        if late:
+            hung = [name for name, reference in calls.items() if reference in late]
+            raise ClusterError(f"student(s) {', '.join(hung)} did not start within {self._stall_s():.0f} s "
+                               f"(runtime.ray.exchange_timeout_s and a {STALL_MARGIN_S:.0f} s margin)")
+        return _get_with_user_errors(list(calls.values()))
 
     def placements(self) -> dict[str, dict[str, Any]]:
         """Where each student runs (node id, GPU ids, device, pid); one being restarted keeps its last known place."""
@@ -148,13 +164,13 @@ class RayCohort:
 
     def _serve_rpc(self) -> str | None:
         """Have the coordinator serve the gRPC cohort service (again, after a restart)."""
-        return _get_with_user_errors(self.coordinator.serve_rpc.remote(self.token))
+        return _get_with_user_errors(self.coordinator.serve_rpc.remote(self.token), self._stall_s())
 
     def _serve_lane(self) -> list[str] | None:
         """Have every coordinator shard open its frame lane (again, after a restart) when the students exchange over TCP."""
         if self.config.runtime.exchange.transport != "tcp":
             return None
-        return ray.get([shard.serve_lane.remote(self._lane_secret) for shard in self.shards])
+        return ray.get([shard.serve_lane.remote(self._lane_secret) for shard in self.shards], timeout=self._stall_s())
 
     def _lane_of(self, name: str) -> tuple[list[str], str] | None:
         """What student ``name`` needs to exchange over the frame lanes: their addresses and its own key."""
@@ -168,7 +184,7 @@ class RayCohort:
         timeout = self.config.rpc.join_timeout_s
         logger.info(f"waiting up to {timeout:.0f} s for external students {', '.join(self.external)} at "
                     f"{self.rpc_address} (rdml-dist student CONFIG --coordinator {self.rpc_address} --name NAME)")
-        missing = ray.get(self.coordinator.wait_for_members.remote(timeout))
+        missing = ray.get(self.coordinator.wait_for_members.remote(timeout), timeout=timeout + self._stall_s())
         if missing:
             raise ExternalStudentsMissing(
                 f"external student(s) {', '.join(missing)} did not join the cohort service at {self.rpc_address} "
@@ -178,7 +194,7 @@ class RayCohort:
 
     def _serve_metrics(self) -> str | None:
         """Have the coordinator serve its metrics (again, after a restart); keep Prometheus's file_sd current."""
-        address = _get_with_user_errors(self.coordinator.serve_metrics.remote())
+        address = _get_with_user_errors(self.coordinator.serve_metrics.remote(), self._stall_s())
         if address is not None and self.file_sd is not None:
             self.file_sd.point_at(address)
         return address
@@ -629,12 +645,12 @@ def _own_death(reference: ray.ObjectRef) -> BaseException | None:
     return None
 
 
-def _get_with_user_errors(references: Any) -> Any:
+def _get_with_user_errors(references: Any, timeout_s: float | None = None) -> Any:
     """``ray.get``, with an error meant for the user raised inside an actor (a config problem met by a
     student, a model factory that fails, a port the coordinator cannot bind) re-raised as itself: one line
     in the CLI, not a traceback."""
     try:
-        return ray.get(references)
+        return ray.get(references, timeout=timeout_s)
     except ray.exceptions.RayTaskError as error:
         if isinstance(error.cause, (ConfigError, ClusterError)):
             raise error.cause from None

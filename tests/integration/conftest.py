@@ -27,6 +27,9 @@ from rdml_dist.run_records.storage import Storage  # noqa: E402
 # Modules whose tests split into one pytest-xdist group per value of this parameter: each group pays for its own
 # Ray session and undisturbed run, and the halves run side by side.
 SPLIT_BY_PARAMETER = {"test_failure_paths.py": "transport", "test_evaluation_timeout.py": "transport"}
+# Modules whose tests share nothing (each starts its own driver and Ray in child processes): a group per test, so
+# that their long tests spread over the workers.
+ONE_GROUP_PER_TEST = {"test_external_students.py"}
 
 
 # The groups that take longest (measured with --durations=0), handed to the workers first so that they end
@@ -59,9 +62,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> Iterator[None]:
             callspec = getattr(item, "callspec", None)
             if split is not None and callspec is not None and split in callspec.params:
                 group = f"{group}-{callspec.params[split]}"
+            elif item.path.name in ONE_GROUP_PER_TEST:
+                group = f"{group}-{item.name}"
             item.add_marker(pytest.mark.xdist_group(group))
     rank = {group: position for position, group in enumerate(LONGEST_GROUPS_FIRST)}
-    items.sort(key=lambda item: rank.get(_group(item) or "", len(rank)))  # stable: the rest keep their order
+    def position(item: pytest.Item) -> int:  # a group split per test ranks as its module
+        group = _group(item) or ""
+        return rank.get(group, rank.get(group.split("-")[0], len(rank)))
+
+    items.sort(key=position)  # stable: the rest keep their order
     yield
 
 

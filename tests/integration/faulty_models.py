@@ -104,3 +104,9 @@ def mlp_with_faults(num_classes: int, input_shape: tuple[int, ...], faults: list
 def failing_factory(num_classes: int) -> nn.Module:
     """A user's model factory with a bug."""
     raise RuntimeError("the model factory failed: simulated bug in the user's code")
+
+
+def hanging_factory(num_classes: int, input_shape: tuple[int, ...], seconds: float) -> nn.Module:
+    """A model whose construction stalls for ``seconds`` (a data mount that hangs, a download that never ends)."""
+    time.sleep(seconds)
+    return build_model("mlp", num_classes=num_classes, input_shape=input_shape)

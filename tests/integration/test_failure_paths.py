@@ -25,7 +25,7 @@ from rdml_dist.engines.failures import CoordinatorReplaced
 from rdml_dist.engines import ray_cohort
 from rdml_dist.engines.ray_actors import CoordinatorActor
 from rdml_dist.engines.ray_engine import train_ray
-from rdml_dist.errors import ConfigError
+from rdml_dist.errors import ClusterError, ConfigError
 from rdml_dist.messages import EvalFrame, StudentInfo
 from tests.integration.conftest import cohort_released, make_config, read_json, read_steps, wait_until
 from tests.integration.faulty_models import SIMULATED_OOM
@@ -292,6 +292,21 @@ def test_a_model_factory_that_fails_ends_the_run_with_one_line_and_leaves_nothin
         train_ray(config, tmp_path, show_progress=False)
     assert str(error.value) == ("students.0: student 'a' could not be built: RuntimeError: the model factory failed: "
                                 "simulated bug in the user's code")
+    wait_until(cohort_released, "the placement group and the actors are released")
+
+
+@pytest.mark.timeout(300)
+def test_a_student_whose_start_hangs_ends_the_run_naming_it_and_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's bound on any call (the exchange timeout and a margin, shortened here) holds while the cohort starts."""
+    monkeypatch.setattr(ray_cohort, "STALL_MARGIN_S", 3.0)
+    config = make_config(tmp_path, [{"name": "a", "model": "mlp"},
+                                    {"name": "b", "model": "tests.integration.faulty_models:hanging_factory",
+                                     "options": {"seconds": 600}}],
+                         ray={"exchange_timeout_s": 2})
+    with pytest.raises(ClusterError, match=r"^student\(s\) b did not start within 5 s \(runtime.ray.exchange_timeout_s"):
+        train_ray(config, tmp_path, show_progress=False)
     wait_until(cohort_released, "the placement group and the actors are released")
 
 
