@@ -416,6 +416,15 @@ class ExchangeConfig(_Strict):
             "prefer `bfloat16`)"
         ),
     )
+    allow_plaintext: bool = Field(
+        False,
+        description=(
+            "let the frame lane listen on a node's network address, for students on other nodes: no secret crosses "
+            "it, but the logits and gradients travel in clear and frames after the handshake carry no MAC; only on "
+            "a network you trust (else `transport: actor_calls`, under Ray's own token and TLS). Where every Ray "
+            "student runs on the coordinator's node, the lane listens on loopback and needs no such setting"
+        ),
+    )
 
 
 class RuntimeConfig(_Strict):

@@ -26,7 +26,7 @@ from rdml_dist.devices import resolve_device
 from rdml_dist.engines.failures import CoordinatorReplaced
 from rdml_dist.errors import ConfigError, FrameRejected, StudentRestarted
 from rdml_dist.lane.client import ShardLanes
-from rdml_dist.lane.server import FrameLaneServer
+from rdml_dist.lane.server import FrameLaneServer, lane_host
 from rdml_dist.messages import (
     NON_FINITE, EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepTiming, StudentInfo,
 )
@@ -151,11 +151,16 @@ class Coordinator:
             self._rpc = await start_cohort_server(self.barrier, token, ray.util.get_node_ip_address())
         return self._rpc.address if self._rpc is not None else None
 
-    async def serve_lane(self, secret: str) -> str:
-        """Start the frame lane (once per process) on this node's address; returns ``host:port``."""
+    async def serve_lane(self, secret: str, every_student_here: bool) -> str:
+        """Start the frame lane (once per process, again where its host must change: a student's bundle moved to
+        another node) on loopback, or on this node's address for students on other nodes; returns ``host:port``."""
+        host = lane_host(ray.util.get_node_ip_address(), every_student_here, self.config.runtime.exchange.allow_plaintext)
+        if self._lane is not None and self._lane.host != host:
+            await self._lane.stop()
+            self._lane = None
         if self._lane is None:
             self._lane = FrameLaneServer(self.barrier, secret, self.config.rpc.max_message_mb << 20)
-            await self._lane.start(ray.util.get_node_ip_address())
+            await self._lane.start(host)
         return self._lane.address
 
     @ray.method(concurrency_group=CONTROL_GROUP)

@@ -90,6 +90,7 @@ class RayCohort:
         self.where: dict[str, dict[str, Any]] = {}
         self._lane_secret = new_run_secret()  # the coordinator's only; each student gets its own key, through Ray
         self.lane: list[str] | None = None  # every shard's frame-lane address
+        self._first_bundle = placement.first_bundle  # the group's bundles from here on are the cohort's
         self.latest_checkpoint: int | None = None  # the step a student restarted under ``continue`` restores
         self._events: list[dict[str, Any]] = []  # failures met while evaluating or checkpointing, for pop_events
         self._inflight: dict[ray.ObjectRef, str] = {}  # the students' calls under way, by student
@@ -170,7 +171,16 @@ class RayCohort:
         """Have every coordinator shard open its frame lane (again, after a restart) when the students exchange over TCP."""
         if self.config.runtime.exchange.transport != "tcp":
             return None
-        return ray.get([shard.serve_lane.remote(self._lane_secret) for shard in self.shards], timeout=self._stall_s())
+        beside = self._every_student_beside()
+        return _get_with_user_errors([shard.serve_lane.remote(self._lane_secret, here) for shard, here in zip(self.shards, beside)],
+                                     self._stall_s())
+
+    def _every_student_beside(self) -> list[bool]:
+        """Per coordinator shard: whether every Ray student's bundle is on the shard's node (its lane listens on loopback)."""
+        nodes = ray.util.placement_group_table(self.group)["bundles_to_node_id"]
+        shards = len(self.shards)
+        students = {nodes.get(self._first_bundle + shards + position) for position in range(len(self.names))}
+        return [students <= {nodes.get(self._first_bundle + shard)} for shard in range(shards)]
 
     def _lane_of(self, name: str) -> tuple[list[str], str] | None:
         """What student ``name`` needs to exchange over the frame lanes: their addresses and its own key."""

@@ -15,9 +15,29 @@ from typing import Any
 
 from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.messages import BAD_TENSOR, HALTED, TIMEOUT, UNAUTHENTICATED
-from rdml_dist.errors import CohortStepFailed, FrameRejected
+from rdml_dist.errors import CohortStepFailed, ConfigError, FrameRejected
 from rdml_dist.lane.handshake import HELLO_TIMEOUT_S, MAX_PENDING_HELLOS, new_challenge, proves
 from rdml_dist.lane.wire import LaneProtocolError, encode, frame_from, read_message, reply_header
+from rdml_dist.rpc.auth import is_loopback
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def lane_host(node_address: str, every_student_here: bool, allow_plaintext: bool) -> str:
+    """Where a coordinator shard's frame lane listens: on loopback when every Ray student runs on its node, else on
+    the node's address, which only ``runtime.exchange.allow_plaintext`` opens (frames travel in clear there), as the
+    cohort service's rule for ``rpc.host``."""
+    if every_student_here:
+        return LOOPBACK
+    if not is_loopback(node_address) and not allow_plaintext:
+        raise ConfigError(
+            "runtime.exchange.allow_plaintext",
+            f"Ray students run on other nodes than the coordinator, so the frame lane would listen on {node_address}, "
+            "where their logits and gradients travel in clear: set runtime.exchange.transport: actor_calls (Ray's own "
+            "transport, under Ray's token and TLS), or runtime.exchange.allow_plaintext: true on a network you trust",
+        )
+    return node_address
 
 
 def _refusal(reason: str, message: str) -> dict[str, Any]:
@@ -36,12 +56,14 @@ class FrameLaneServer:
         self.secret = secret
         self.max_payload_bytes = max_payload_bytes
         self.address = ""
+        self.host = ""
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
         self._pending_hellos = 0
 
     async def start(self, host: str) -> str:
         """Listen on ``host`` (a free port); returns ``host:port``. Must run on the barrier's event loop."""
+        self.host = host
         self._server = await asyncio.start_server(self._serve, host, 0)
         port = self._server.sockets[0].getsockname()[1]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -5,6 +5,7 @@ import pytest
 from rdml_dist.config import RpcConfig, parse_config
 from rdml_dist.data import DataSpec, data_fingerprint, load_dataset
 from rdml_dist.errors import ConfigError
+from rdml_dist.lane.server import lane_host
 from rdml_dist.rpc.auth import bearer_metadata, check_bind, is_loopback, resolve_token
 
 
@@ -40,6 +41,17 @@ def test_a_bind_beyond_loopback_needs_a_token_and_tls_or_an_explicit_plaintext()
     check_bind(RpcConfig(host="0.0.0.0", allow_plaintext=True), "token")
     with pytest.raises(ConfigError, match="no token"):
         check_bind(RpcConfig(host="0.0.0.0", allow_plaintext=True), None)
+
+
+def test_the_frame_lane_listens_beyond_loopback_only_for_students_on_other_nodes_and_only_when_allowed() -> None:
+    """The cohort service's rule for the frame lane: frames travel in clear, so a non-loopback bind is explicit."""
+    assert lane_host("10.0.0.5", every_student_here=True, allow_plaintext=False) == "127.0.0.1"
+    assert lane_host("127.0.0.1", every_student_here=False, allow_plaintext=False) == "127.0.0.1"  # a loopback cluster
+    with pytest.raises(ConfigError, match="runtime.exchange.allow_plaintext") as refused:
+        lane_host("10.0.0.5", every_student_here=False, allow_plaintext=False)
+    assert "would listen on 10.0.0.5" in str(refused.value) and "transport: actor_calls" in str(refused.value)
+    assert lane_host("10.0.0.5", every_student_here=False, allow_plaintext=True) == "10.0.0.5"
+    assert parse_config({"students": [{"model": "mlp"}], "runtime": {"exchange": {"allow_plaintext": True}}}).runtime.exchange.allow_plaintext
 
 
 def test_the_token_comes_from_the_command_line_the_config_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
