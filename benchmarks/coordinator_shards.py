@@ -114,7 +114,7 @@ def measure(students: int, settings: dict[str, Any]) -> list[dict[str, Any]]:
                 CoordinatorActor.options(num_cpus=1).remote(config.model_dump(mode="json"), index) for index in range(shards)
             ]
             ray.get([shard.register.remote(info) for shard in sets[shards] for info in infos])
-            addresses = ray.get([shard.serve_lane.remote(LANE_SECRET, every_student_here=True) for shard in sets[shards]])
+            addresses = ray.get([shard.serve_lane.remote(LANE_SECRET) for shard in sets[shards]])
             ray.get([sender.connect.remote(shards, addresses) for sender in senders])
         steps = dict.fromkeys(shard_counts, 0)
         spans: dict[int, list[float]] = {shards: [] for shards in shard_counts}

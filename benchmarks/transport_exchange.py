@@ -314,7 +314,7 @@ def measure_cell(senders: list[Any], batch: int, classes: int, schedule: Schedul
         ray.get([sender.prepare.remote(name, hashes, batch, classes) for sender, name in zip(senders, names)])
         ray.get([lanes[transport].coordinator.register.remote(info) for transport in ("ray", "tcp") for info in infos])
         tcp_lane = lanes["tcp"]
-        tcp_lane.address = ray.get(tcp_lane.coordinator.serve_lane.remote(LANE_SECRET, every_student_here=True))
+        tcp_lane.address = ray.get(tcp_lane.coordinator.serve_lane.remote(LANE_SECRET))
         ray.get([sender.connect_lane.remote(tcp_lane.address) for sender in senders])
         grpc_lane = lanes["grpc"]
         grpc_lane.address = ray.get(grpc_lane.coordinator.serve_rpc.remote(None))

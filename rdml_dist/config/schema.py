@@ -307,6 +307,13 @@ class RayConfig(_Strict):
         description="how long to wait for the placement group; then fail with a message naming what did not fit",
     )
     exchange_timeout_s: float = Field(300.0, gt=0, description="longest wait at the step barrier")
+    start_timeout_s: float = Field(
+        600.0, gt=0,
+        description=(
+            "longest wait for the cohort's actors to start (a student's data, model and `torch.compile`) and for each "
+            "coordinator call while it starts; then the run ends naming the students that did not start"
+        ),
+    )
 
     _gpus_schedulable = field_validator("gpus_per_student")(_whole_if_above_one)
 
@@ -419,10 +426,10 @@ class ExchangeConfig(_Strict):
     allow_plaintext: bool = Field(
         False,
         description=(
-            "let the frame lane listen on a node's network address, for students on other nodes: no secret crosses "
-            "it, but the logits and gradients travel in clear and frames after the handshake carry no MAC; only on "
-            "a network you trust (else `transport: actor_calls`, under Ray's own token and TLS). Where every Ray "
-            "student runs on the coordinator's node, the lane listens on loopback and needs no such setting"
+            "let the frame lane listen on the coordinator's node address, for Ray students on other nodes: no secret "
+            "crosses it, but the logits and gradients travel in clear and frames after the handshake carry no MAC; "
+            "only on a network you trust. Unset, the lane listens on loopback and students on other nodes exchange "
+            "through Ray's actor calls (under Ray's own token and TLS)"
         ),
     )
 

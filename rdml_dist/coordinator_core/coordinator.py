@@ -65,6 +65,7 @@ class CohortCoordinator:
         self.shard, self.shards = shard, shards
         self.members: list[str] = config.student_names()
         self.live: set[str] = set()
+        self._joined_at: dict[str, int] = {}  # the step each external student last joined at
         self.clock = clock
         # With a GPU in its bundle the batched computation runs there; replies always leave on the CPU.
         self.device = resolve_device(config.runtime.device) if config.runtime.coordinator.gpus > 0 else torch.device("cpu")
@@ -105,6 +106,12 @@ class CohortCoordinator:
         self.info[info.name] = info
         self.live.add(info.name)
 
+    def join(self, info: StudentInfo) -> None:
+        """An external student (re)joins at the current step: it takes part in the epochs that end after it, and
+        the scores of one that ended before are not waited for (it never trained that epoch's end)."""
+        self.register(info)
+        self._joined_at[info.name] = self.step
+
     def mark_dead(self, name: str) -> None:
         """Stop waiting for a student; mimicry then averages over the remaining live peers."""
         self.live.discard(name)
@@ -133,6 +140,7 @@ class CohortCoordinator:
         finished_epochs = step // self.steps_per_epoch if self.info else 0
         self.evaluations = {epoch: scores for epoch, scores in self.evaluations.items() if epoch < finished_epochs}
         self._eval_frames = {epoch: frames for epoch, frames in self._eval_frames.items() if epoch < finished_epochs}
+        self._joined_at = {name: min(joined, step) for name, joined in self._joined_at.items()}
 
     @property
     def steps_per_epoch(self) -> int:
@@ -408,9 +416,11 @@ class CohortCoordinator:
 
     # -- evaluation -----------------------------------------------------------------------
     def unscored(self, epoch: int) -> list[str]:
-        """Live members whose validation logits of ``epoch`` have not arrived."""
+        """Live members whose validation logits of ``epoch`` have not arrived (an external student that joined after
+        the epoch's end sends none)."""
         sent = self._eval_frames.get(epoch, {})
-        return [name for name in self.members if name in self.live and name not in sent]
+        return [name for name in self.members  # a live member implies a registered one, so steps_per_epoch is known
+                if name in self.live and name not in sent and self._joined_at.get(name, 0) < (epoch + 1) * self.steps_per_epoch]
 
     def submit_eval(self, frame: EvalFrame) -> EpochEvaluation | None:
         """Collect validation logits; once every live student has sent them, score students and ensemble."""

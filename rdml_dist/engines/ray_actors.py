@@ -151,16 +151,11 @@ class Coordinator:
             self._rpc = await start_cohort_server(self.barrier, token, ray.util.get_node_ip_address())
         return self._rpc.address if self._rpc is not None else None
 
-    async def serve_lane(self, secret: str, every_student_here: bool) -> str:
-        """Start the frame lane (once per process, again where its host must change: a student's bundle moved to
-        another node) on loopback, or on this node's address for students on other nodes; returns ``host:port``."""
-        host = lane_host(ray.util.get_node_ip_address(), every_student_here, self.config.runtime.exchange.allow_plaintext)
-        if self._lane is not None and self._lane.host != host:
-            await self._lane.stop()
-            self._lane = None
+    async def serve_lane(self, secret: str) -> str:
+        """Start the frame lane (once per process) where :func:`lane_host` says; returns ``host:port``."""
         if self._lane is None:
             self._lane = FrameLaneServer(self.barrier, secret, self.config.rpc.max_message_mb << 20)
-            await self._lane.start(host)
+            await self._lane.start(lane_host(ray.util.get_node_ip_address(), self.config.runtime.exchange.allow_plaintext))
         return self._lane.address
 
     @ray.method(concurrency_group=CONTROL_GROUP)
@@ -182,7 +177,8 @@ class Coordinator:
         with self.barrier.lock:
             state = self.barrier.core.state()
         return {**state, "unregistered": self.barrier.unregistered(), "steps_per_epoch": self.barrier.steps_per_epoch(), "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id(), "incarnation": self.incarnation,
+                "node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "incarnation": self.incarnation,
                 "driver_state": self.driver_state}
 
 

@@ -27,6 +27,7 @@ from rdml_dist.engines.placement import GivenPlacement, bundle_strategy
 from rdml_dist.engines.ray_actors import STORAGE_MARKER, CoordinatorActor, StudentActor
 from rdml_dist.errors import ClusterError, ConfigError, ExternalStudentsMissing, StudentRestarted
 from rdml_dist.lane.handshake import new_run_secret, student_key
+from rdml_dist.lane.server import lanes_reach
 from rdml_dist.logs import logger
 from rdml_dist.messages import DriverState, EpochEvaluation, StepRecord, StudentInfo
 from rdml_dist.metrics import FileSdEntry
@@ -90,7 +91,8 @@ class RayCohort:
         self.where: dict[str, dict[str, Any]] = {}
         self._lane_secret = new_run_secret()  # the coordinator's only; each student gets its own key, through Ray
         self.lane: list[str] | None = None  # every shard's frame-lane address
-        self._first_bundle = placement.first_bundle  # the group's bundles from here on are the cohort's
+        self._through_actor_calls: set[str] = set()  # students told that no frame lane reaches their node
+        self._start_s = config.runtime.ray.start_timeout_s  # the bound on each call while the cohort starts (or serves again)
         self.latest_checkpoint: int | None = None  # the step a student restarted under ``continue`` restores
         self._events: list[dict[str, Any]] = []  # failures met while evaluating or checkpointing, for pop_events
         self._inflight: dict[ray.ObjectRef, str] = {}  # the students' calls under way, by student
@@ -103,8 +105,8 @@ class RayCohort:
             self._start(placement.first_bundle, bundles, storage)
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
-            raise ClusterError(f"the coordinator did not answer within {self._stall_s():.0f} s while the cohort started "
-                               f"(runtime.ray.exchange_timeout_s and a {STALL_MARGIN_S:.0f} s margin)") from None
+            raise ClusterError(f"the coordinator did not answer while the cohort started (runtime.ray.start_timeout_s: "
+                               f"{self._start_s:.0f} s, and rpc.join_timeout_s while it waited for external students)") from None
         except BaseException:
             self.shutdown()
             raise
@@ -140,23 +142,22 @@ class RayCohort:
             for position, name in enumerate(self.names)
         }
         self.infos = dict(zip(self.names, self._started({name: actor.info.remote() for name, actor in self.actors.items()})))
-        _get_with_user_errors([shard.register.remote(info) for shard in self.shards for info in self.infos.values()], self._stall_s())
-        states = ray.get([shard.state.remote() for shard in self.shards], timeout=self._stall_s())
+        _get_with_user_errors([shard.register.remote(info) for shard in self.shards for info in self.infos.values()], self._start_s)
+        states = ray.get([shard.state.remote() for shard in self.shards], timeout=self._start_s)
         self.incarnations: list[str] = [state["incarnation"] for state in states]
         self.metrics_address = self._serve_metrics()
         self._wait_for_external_students()
-        self.steps_per_epoch = ray.get(self.coordinator.state.remote(), timeout=self._stall_s())["steps_per_epoch"]
+        self.steps_per_epoch = ray.get(self.coordinator.state.remote(), timeout=self._start_s)["steps_per_epoch"]
         self._update_placements()
 
     def _started(self, calls: dict[str, ray.ObjectRef]) -> list[Any]:
-        """The first answers of the students' new actors (by name), within the driver's bound on any call: a student
+        """The first answers of the students' new actors (by name), within ``runtime.ray.start_timeout_s``: a student
         whose start hangs (a stalled data mount, a model that never builds) ends the run naming it, instead of holding
         the driver, and an external student that joined early, for ever."""
-        _done, late = ray.wait(list(calls.values()), num_returns=len(calls), timeout=self._stall_s())
+        _done, late = ray.wait(list(calls.values()), num_returns=len(calls), timeout=self._start_s)
         if late:
             hung = [name for name, reference in calls.items() if reference in late]
-            raise ClusterError(f"student(s) {', '.join(hung)} did not start within {self._stall_s():.0f} s "
-                               f"(runtime.ray.exchange_timeout_s and a {STALL_MARGIN_S:.0f} s margin)")
+            raise ClusterError(f"student(s) {', '.join(hung)} did not start within {self._start_s:.0f} s (runtime.ray.start_timeout_s)")
         return _get_with_user_errors(list(calls.values()))
 
     def placements(self) -> dict[str, dict[str, Any]]:
@@ -165,26 +166,28 @@ class RayCohort:
 
     def _serve_rpc(self) -> str | None:
         """Have the coordinator serve the gRPC cohort service (again, after a restart)."""
-        return _get_with_user_errors(self.coordinator.serve_rpc.remote(self.token), self._stall_s())
+        return _get_with_user_errors(self.coordinator.serve_rpc.remote(self.token), self._start_s)
 
     def _serve_lane(self) -> list[str] | None:
         """Have every coordinator shard open its frame lane (again, after a restart) when the students exchange over TCP."""
         if self.config.runtime.exchange.transport != "tcp":
             return None
-        beside = self._every_student_beside()
-        return _get_with_user_errors([shard.serve_lane.remote(self._lane_secret, here) for shard, here in zip(self.shards, beside)],
-                                     self._stall_s())
-
-    def _every_student_beside(self) -> list[bool]:
-        """Per coordinator shard: whether every Ray student's bundle is on the shard's node (its lane listens on loopback)."""
-        nodes = ray.util.placement_group_table(self.group)["bundles_to_node_id"]
-        shards = len(self.shards)
-        students = {nodes.get(self._first_bundle + shards + position) for position in range(len(self.names))}
-        return [students <= {nodes.get(self._first_bundle + shard)} for shard in range(shards)]
+        return _get_with_user_errors([shard.serve_lane.remote(self._lane_secret) for shard in self.shards], self._start_s)
 
     def _lane_of(self, name: str) -> tuple[list[str], str] | None:
-        """What student ``name`` needs to exchange over the frame lanes: their addresses and its own key."""
-        return None if self.lane is None else (self.lane, student_key(self._lane_secret, name))
+        """What student ``name`` needs to exchange over the frame lanes: their addresses and its own key; None (Ray's
+        actor calls) where a lane listens on loopback only and the student runs on another node (it may have moved
+        there in a restart)."""
+        if self.lane is None:
+            return None
+        shards = [(state["node_id"], state["node_ip"]) for state in self._coordinator_states]
+        if not lanes_reach(self.where.get(name, {}).get("node_id"), shards, self.config.runtime.exchange.allow_plaintext):
+            if name not in self._through_actor_calls:
+                self._through_actor_calls.add(name)
+                logger.info(f"student {name} runs on another node than the coordinator: it exchanges through Ray's actor "
+                            "calls (runtime.exchange.allow_plaintext: true opens the frame lane to other nodes, in clear)")
+            return None
+        return self.lane, student_key(self._lane_secret, name)
 
     def _wait_for_external_students(self) -> None:
         """Wait until every external student has joined the coordinator (a future the coordinator resolves),
@@ -194,7 +197,7 @@ class RayCohort:
         timeout = self.config.rpc.join_timeout_s
         logger.info(f"waiting up to {timeout:.0f} s for external students {', '.join(self.external)} at "
                     f"{self.rpc_address} (rdml-dist student CONFIG --coordinator {self.rpc_address} --name NAME)")
-        missing = ray.get(self.coordinator.wait_for_members.remote(timeout), timeout=timeout + self._stall_s())
+        missing = ray.get(self.coordinator.wait_for_members.remote(timeout), timeout=timeout + self._start_s)
         if missing:
             raise ExternalStudentsMissing(
                 f"external student(s) {', '.join(missing)} did not join the cohort service at {self.rpc_address} "
@@ -204,7 +207,7 @@ class RayCohort:
 
     def _serve_metrics(self) -> str | None:
         """Have the coordinator serve its metrics (again, after a restart); keep Prometheus's file_sd current."""
-        address = _get_with_user_errors(self.coordinator.serve_metrics.remote(), self._stall_s())
+        address = _get_with_user_errors(self.coordinator.serve_metrics.remote(), self._start_s)
         if address is not None and self.file_sd is not None:
             self.file_sd.point_at(address)
         return address
@@ -390,8 +393,9 @@ class RayCohort:
         except CohortRollback as rollback:  # what the chunk met before the rollback stays in the run's faults
             rollback.earlier[:0] = [*self._pop_recoveries(), *events]
             raise
-        except RunFailed as stopped:  # and before the policy stopped the run
+        except RunFailed as stopped:  # and before the policy stopped the run, and the drops it had no time to count
             stopped.events[:0] = [*self._pop_recoveries(), *events]
+            stopped.events.extend(_uncounted(self._pop_dropped()))
             raise
 
     def _pop_recoveries(self) -> list[dict[str, Any]]:
@@ -403,25 +407,31 @@ class RayCohort:
 
     def _count_dropped(self) -> list[dict[str, Any]]:
         """The external students the coordinator dropped in the chunk (silent past the exchange timeout, under
-        ``continue``), each a failure the policy counts (raises :class:`RunFailed` past the budget).
+        ``continue``), each a failure the policy counts (raises :class:`RunFailed` past the budget, listing every drop).
 
-        Counted once the chunk has ended; a chunk rolled back first leaves them held for the next one."""
+        Counted once the chunk has ended; a chunk rolled back first leaves them held for the next one (a restarted
+        coordinator has lost them)."""
         events: list[dict[str, Any]] = []
-        if not self.external:
-            return events
-        try:
-            held = ray.get(self.coordinator.pop_dropped.remote(), timeout=10)
-        except ray.exceptions.RayError:
-            return events  # the coordinator's failure is met by the next call, which the policy answers
-        for dropped in held:
-            failure = Failure(FailureKind.STUDENT_SILENT.value, dropped["step"], dropped["cause"], student=dropped["student"])
+        dropped = self._pop_dropped()
+        for index, failure in enumerate(dropped):
             try:
                 self.policy.decide(failure)
             except RunFailed as stopped:
                 stopped.events[:0] = events
+                stopped.events.extend(_uncounted(dropped[index + 1:]))
                 raise
             events.append({**failure.event(), "action": "the live students went on without it; it joins again when it sends"})
         return events
+
+    def _pop_dropped(self) -> list[Failure]:
+        """The drops the coordinator holds, as failures (none without external students, or when it cannot say)."""
+        if not self.external:
+            return []
+        try:
+            held = ray.get(self.coordinator.pop_dropped.remote(), timeout=10)
+        except ray.exceptions.RayError:
+            return []  # the coordinator's failure is met by the next call, which the policy answers
+        return [Failure(FailureKind.STUDENT_SILENT.value, entry["step"], entry["cause"], student=entry["student"]) for entry in held]
 
     def _follow_chunk(self, calls: dict[ray.ObjectRef, str], events: list[dict[str, Any]], start: int, end: int,
                       restore_step: int, on_progress: Callable[[int], None]) -> None:
@@ -618,6 +628,11 @@ class RayCohort:
                 ray.kill(actor, no_restart=True)
             if self.owns_group:
                 ray.util.remove_placement_group(self.group)
+
+
+def _uncounted(dropped: list[Failure]) -> list[dict[str, Any]]:
+    """The events of drops that the run stopped before counting."""
+    return [{**failure.event(), "action": "not counted: the run stopped"} for failure in dropped]
 
 
 def _succeeded(reference: ray.ObjectRef) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.messages import BAD_TENSOR, HALTED, TIMEOUT, UNAUTHENTICATED
-from rdml_dist.errors import CohortStepFailed, ConfigError, FrameRejected
+from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.lane.handshake import HELLO_TIMEOUT_S, MAX_PENDING_HELLOS, new_challenge, proves
 from rdml_dist.lane.wire import LaneProtocolError, encode, frame_from, read_message, reply_header
 from rdml_dist.rpc.auth import is_loopback
@@ -24,20 +24,17 @@ from rdml_dist.rpc.auth import is_loopback
 LOOPBACK = "127.0.0.1"
 
 
-def lane_host(node_address: str, every_student_here: bool, allow_plaintext: bool) -> str:
-    """Where a coordinator shard's frame lane listens: on loopback when every Ray student runs on its node, else on
-    the node's address, which only ``runtime.exchange.allow_plaintext`` opens (frames travel in clear there), as the
-    cohort service's rule for ``rpc.host``."""
-    if every_student_here:
-        return LOOPBACK
-    if not is_loopback(node_address) and not allow_plaintext:
-        raise ConfigError(
-            "runtime.exchange.allow_plaintext",
-            f"Ray students run on other nodes than the coordinator, so the frame lane would listen on {node_address}, "
-            "where their logits and gradients travel in clear: set runtime.exchange.transport: actor_calls (Ray's own "
-            "transport, under Ray's token and TLS), or runtime.exchange.allow_plaintext: true on a network you trust",
-        )
-    return node_address
+def lane_host(node_address: str, allow_plaintext: bool) -> str:
+    """Where a coordinator shard's frame lane listens: its node's address only where that is loopback (every node on
+    one machine) or ``runtime.exchange.allow_plaintext`` opens it (frames travel in clear there), the cohort service's
+    rule for ``rpc.host``; else on loopback, for the students on its node (the others exchange through Ray's calls)."""
+    return node_address if allow_plaintext or is_loopback(node_address) else LOOPBACK
+
+
+def lanes_reach(student_node: str | None, shard_nodes: list[tuple[str, str]], allow_plaintext: bool) -> bool:
+    """Whether every coordinator shard's lane, placed by :func:`lane_host` on its node (``(node id, node address)``
+    each), reaches a student on ``student_node``: one on loopback only reaches the students of its own node."""
+    return all(node_id == student_node or lane_host(address, allow_plaintext) == address for node_id, address in shard_nodes)
 
 
 def _refusal(reason: str, message: str) -> dict[str, Any]:

@@ -87,7 +87,7 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
         info = StudentInfo(name, request.num_train, request.num_val, request.num_classes, request.steps_per_epoch,
                            request.data_fingerprint)
         try:
-            self.barrier.register(info)
+            self.barrier.register(info, joining=True)
         except FrameRejected as rejected:
             await _refuse_rejected(context, rejected)
         session = request.session_id if live else uuid.uuid4().hex

@@ -249,7 +249,7 @@ def test_under_continue_a_silent_external_student_is_dropped_and_joins_again_whe
     raw["training"]["batch_size"] = 128  # 12 steps per epoch, a checkpoint every 4
     raw["runtime"]["checkpoint"] = {"every_steps": 4, "keep": 2}
     raw["runtime"]["fault"] = {"on_student_failure": "continue"}
-    raw["runtime"]["ray"] = {"exchange_timeout_s": 10}  # the drop's wait; mlp's hold below lasts only until the rejoin
+    raw["runtime"]["ray"] = {"exchange_timeout_s": 20}  # the drop's wait, and the bound on mlp's hold below (until the rejoin)
     run_dir, woken = tmp_path / "run", tmp_path / "woken"
     outside_markers, mlp_markers = tmp_path / "outside-markers", tmp_path / "mlp-markers"
     outside_markers.mkdir()

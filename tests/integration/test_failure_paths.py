@@ -296,16 +296,13 @@ def test_a_model_factory_that_fails_ends_the_run_with_one_line_and_leaves_nothin
 
 
 @pytest.mark.timeout(300)
-def test_a_student_whose_start_hangs_ends_the_run_naming_it_and_leaves_nothing_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The driver's bound on any call (the exchange timeout and a margin, shortened here) holds while the cohort starts."""
-    monkeypatch.setattr(ray_cohort, "STALL_MARGIN_S", 3.0)
+def test_a_student_whose_start_hangs_ends_the_run_naming_it_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """``runtime.ray.start_timeout_s`` bounds the cohort's start (long enough here for a's start under any load)."""
     config = make_config(tmp_path, [{"name": "a", "model": "mlp"},
                                     {"name": "b", "model": "tests.integration.faulty_models:hanging_factory",
                                      "options": {"seconds": 600}}],
-                         ray={"exchange_timeout_s": 2})
-    with pytest.raises(ClusterError, match=r"^student\(s\) b did not start within 5 s \(runtime.ray.exchange_timeout_s"):
+                         ray={"start_timeout_s": 30})
+    with pytest.raises(ClusterError, match=r"^student\(s\) b did not start within 30 s \(runtime.ray.start_timeout_s\)$"):
         train_ray(config, tmp_path, show_progress=False)
     wait_until(cohort_released, "the placement group and the actors are released")
 

@@ -9,6 +9,7 @@ import torch
 from prometheus_client import generate_latest
 
 from rdml_dist.coordinator_core.barrier import CohortBarrier
+from rdml_dist.data import batch_plan, indices_hash
 from rdml_dist.config import parse_config
 from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.messages import NOT_LIVE, EvalFrame, LogitsFrame, StepTiming, StudentInfo
@@ -26,6 +27,12 @@ def _barrier(exchange_timeout_s: float = 300.0) -> CohortBarrier:
 
 def _frame(name: str, step: int) -> LogitsFrame:
     return planned_frame(name, step, torch.eye(3)[[0, 1, 2, 0, 1, 2, 0, 1]], 8, num_train=20, steps_per_epoch=3)
+
+
+def _planned_rows(name: str, step: int) -> LogitsFrame:
+    """``name``'s frame of ``step`` with as many rows as the plan's batch of that step (the last one of an epoch is short)."""
+    indices = batch_plan(20, 8, 0, step // 3)[step % 3]
+    return LogitsFrame(name, step, indices_hash(indices), torch.eye(3)[[row % 3 for row in range(len(indices))]], 1.0, 1, len(indices), 1)
 
 
 def _eval(name: str, epoch: int = 0) -> EvalFrame:
@@ -208,5 +215,45 @@ def test_under_continue_a_step_goes_on_without_a_silent_external_student(on_stud
         await asyncio.wait({alone}, timeout=5)
         assert alone.done() and isinstance(alone.exception(), TimeoutError)
         assert barrier.pop_dropped() == [] and {"b", "x"} <= barrier.core.live
+
+    asyncio.run(scenario())
+
+
+def test_an_external_student_that_joined_within_the_timeout_is_not_dropped_before_its_own_timeout() -> None:
+    """The drop's clock runs from the waiting students' arrival, but a student that (re)joined since has its whole
+    timeout: the step waits for it that long before it goes on without it."""
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        timeout_s = 0.2
+        barrier = _mixed_barrier("continue", timeout_s)
+        arrived = loop.time()
+        waiting = [asyncio.ensure_future(barrier.exchange(_frame(name, 0))) for name in "ab"]  # x is silent
+        await asyncio.sleep(0.75 * timeout_s)
+        barrier.register(StudentInfo("x", 20, 4, 3, steps_per_epoch=3), joining=True)  # x joins again, and is silent
+        joined = loop.time()
+        replies = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+        assert [reply.step for reply in replies] == [0, 0]
+        assert loop.time() - joined >= timeout_s, (joined - arrived, loop.time() - arrived)
+        assert [entry["student"] for entry in barrier.pop_dropped()] == ["x"]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("joining", [True, False])
+def test_an_epoch_that_ended_before_an_external_student_joined_is_scored_without_it(joining: bool) -> None:
+    """An external student joining at the end of epoch 0 never trained that epoch's end and sends no scores for it;
+    a Ray student revived there restores its checkpoint and is asked for them, so the epoch waits for it."""
+    async def scenario() -> None:
+        barrier = _mixed_barrier("continue", 300.0)
+        barrier.mark_dead("x")
+        for step in range(3):  # epoch 0 (batches of 8, 8 and 4 rows) without x
+            await asyncio.wait_for(asyncio.gather(*(barrier.exchange(_planned_rows(name, step)) for name in "ab")), 5)
+        barrier.register(StudentInfo("x", 20, 4, 3, steps_per_epoch=3), joining=joining)
+        assert barrier.submit_eval(_eval("a")) is None
+        scored = barrier.submit_eval(_eval("b"))
+        if joining:
+            assert scored is not None and set(scored.accuracy) == {"a", "b"}
+        else:
+            assert scored is None and barrier.core.unscored(0) == ["x"]
 
     asyncio.run(scenario())

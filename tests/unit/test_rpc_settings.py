@@ -5,7 +5,7 @@ import pytest
 from rdml_dist.config import RpcConfig, parse_config
 from rdml_dist.data import DataSpec, data_fingerprint, load_dataset
 from rdml_dist.errors import ConfigError
-from rdml_dist.lane.server import lane_host
+from rdml_dist.lane.server import lane_host, lanes_reach
 from rdml_dist.rpc.auth import bearer_metadata, check_bind, is_loopback, resolve_token
 
 
@@ -43,14 +43,16 @@ def test_a_bind_beyond_loopback_needs_a_token_and_tls_or_an_explicit_plaintext()
         check_bind(RpcConfig(host="0.0.0.0", allow_plaintext=True), None)
 
 
-def test_the_frame_lane_listens_beyond_loopback_only_for_students_on_other_nodes_and_only_when_allowed() -> None:
-    """The cohort service's rule for the frame lane: frames travel in clear, so a non-loopback bind is explicit."""
-    assert lane_host("10.0.0.5", every_student_here=True, allow_plaintext=False) == "127.0.0.1"
-    assert lane_host("127.0.0.1", every_student_here=False, allow_plaintext=False) == "127.0.0.1"  # a loopback cluster
-    with pytest.raises(ConfigError, match="runtime.exchange.allow_plaintext") as refused:
-        lane_host("10.0.0.5", every_student_here=False, allow_plaintext=False)
-    assert "would listen on 10.0.0.5" in str(refused.value) and "transport: actor_calls" in str(refused.value)
-    assert lane_host("10.0.0.5", every_student_here=False, allow_plaintext=True) == "10.0.0.5"
+def test_the_frame_lane_listens_beyond_loopback_only_when_allowed() -> None:
+    """The cohort service's rule for the frame lane: its frames travel in clear, so a non-loopback bind is explicit."""
+    assert lane_host("10.0.0.5", allow_plaintext=False) == "127.0.0.1"
+    assert lane_host("10.0.0.5", allow_plaintext=True) == "10.0.0.5"
+    assert lane_host("127.0.0.1", allow_plaintext=False) == "127.0.0.1"  # every node on this machine
+    # a student on another node than a loopback-only lane exchanges through Ray's calls; on the lane's node, over it
+    shards = [("node-a", "10.0.0.5"), ("node-b", "10.0.0.6")]
+    assert not lanes_reach("node-a", shards, allow_plaintext=False) and not lanes_reach(None, shards, allow_plaintext=False)
+    assert lanes_reach("node-a", shards[:1], allow_plaintext=False) and lanes_reach("node-c", shards, allow_plaintext=True)
+    assert lanes_reach("node-c", [("node-a", "127.0.0.1")], allow_plaintext=False)  # simulated nodes on one machine
     assert parse_config({"students": [{"model": "mlp"}], "runtime": {"exchange": {"allow_plaintext": True}}}).runtime.exchange.allow_plaintext
 
 
