@@ -8,20 +8,14 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
-from rdml_dist.messages import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
+from rdml_dist.messages import EvalFrame, LogitsFrame, MimicryReply, StudentInfo
 from rdml_dist.rpc.channel import StatusClient
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2, cohort_pb2_grpc
+from rdml_dist.rpc.mapping import from_proto, to_proto
 from rdml_dist.rpc.tensors import decode_tensor, encode_tensor
 
 if TYPE_CHECKING:
     from rdml_dist.rpc.channel import RpcSettings
-
-
-def _timing_message(timing: StepTiming | None) -> dict[str, cohort_pb2.StepTiming]:
-    if timing is None:
-        return {}
-    return {"previous": cohort_pb2.StepTiming(step=timing.step, compute_seconds=timing.compute_seconds,
-                                              round_trip_seconds=timing.round_trip_seconds)}
 
 
 class ExchangeStream:
@@ -36,17 +30,11 @@ class ExchangeStream:
 
     def exchange(self, frame: LogitsFrame, dtype: torch.dtype | None = None) -> MimicryReply:
         logits = frame.logits if dtype is None else frame.logits.to(dtype)
-        self._requests.put(cohort_pb2.ExchangeRequest(
-            student=frame.student, session_id=self.session, step=frame.step, batch_hash=frame.batch_hash,
-            logits=encode_tensor(logits), ce_loss=frame.ce_loss, correct=frame.correct, labelled=frame.labelled,
-            correct_clean=frame.correct_clean,
-            **_timing_message(frame.previous),
-        ))
+        self._requests.put(to_proto(cohort_pb2.ExchangeRequest, frame, session_id=self.session, logits=encode_tensor(logits)))
         self._awaiting = True
         reply = next(self._responses)
         self._awaiting = False
-        return MimicryReply(reply.step, decode_tensor(reply.grad, "gradient").float(), reply.mimicry_loss, reply.alpha,
-                            reply.weight, reply.live_students)
+        return from_proto(MimicryReply, reply, grad=decode_tensor(reply.grad, "gradient").float())
 
     def close(self) -> None:
         """End the stream: a clean half-close between steps; a cancel (the student leaves) in the middle of one."""
@@ -77,19 +65,16 @@ class CohortClient(StatusClient):
         self.call_deadline_s = call_deadline_s
 
     def join(self, info: StudentInfo, session: str = "") -> cohort_pb2.JoinResponse:
-        return self.stub.Join(cohort_pb2.JoinRequest(
-            student=info.name, num_train=info.num_train, num_val=info.num_val, num_classes=info.num_classes,
-            steps_per_epoch=info.steps_per_epoch, data_fingerprint=info.data_fingerprint, session_id=session,
-        ), metadata=self.metadata, timeout=self.call_deadline_s)
+        return self.stub.Join(to_proto(cohort_pb2.JoinRequest, info, session_id=session),
+                              metadata=self.metadata, timeout=self.call_deadline_s)
 
     def stream(self, session: str) -> ExchangeStream:
         return ExchangeStream(self.stub, self.metadata, session)
 
     def submit_evaluation(self, frame: EvalFrame, session: str) -> bool:
-        return self.stub.SubmitEvaluation(cohort_pb2.SubmitEvaluationRequest(
-            student=frame.student, session_id=session, epoch=frame.epoch, logits=encode_tensor(frame.logits),
-            labels=encode_tensor(frame.labels), **_timing_message(frame.previous),
-        ), metadata=self.metadata, timeout=self.call_deadline_s).scored
+        request = to_proto(cohort_pb2.SubmitEvaluationRequest, frame, session_id=session,
+                           logits=encode_tensor(frame.logits), labels=encode_tensor(frame.labels))
+        return self.stub.SubmitEvaluation(request, metadata=self.metadata, timeout=self.call_deadline_s).scored
 
     def leave(self, student: str, session: str, reason: str) -> list[str]:
         return list(self.stub.Leave(cohort_pb2.LeaveRequest(student=student, session_id=session, reason=reason),

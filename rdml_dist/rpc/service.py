@@ -16,10 +16,11 @@ import grpc
 from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.messages import (
     BAD_TENSOR, DUPLICATE, HALTED, INVALID, NOT_EXTERNAL, NOT_LIVE, REASON_KEY, REASONS, TIMEOUT, UNKNOWN_STUDENT,
-    EvalFrame, LogitsFrame, StepTiming, StudentInfo,
+    EvalFrame, LogitsFrame, StudentInfo,
 )
 from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2, cohort_pb2_grpc
+from rdml_dist.rpc.mapping import from_proto, to_proto
 from rdml_dist.rpc.status import cohort_status
 from rdml_dist.rpc.tensors import WireFormatError, decode_tensor, encode_tensor
 
@@ -39,10 +40,6 @@ def _status_of(reason: str) -> grpc.StatusCode:
 async def _refuse_rejected(context: grpc.aio.ServicerContext, rejected: FrameRejected) -> None:
     """The core's refusal with the status code of its reason."""
     await _refuse(context, rejected.reason, str(rejected))
-
-
-def _timing(message: cohort_pb2.StepTiming, present: bool) -> StepTiming | None:
-    return StepTiming(message.step, message.compute_seconds, message.round_trip_seconds) if present else None
 
 
 class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
@@ -84,8 +81,7 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
         if live and request.session_id != self.sessions.get(name):
             await _refuse(context, DUPLICATE,
                           f"student {name!r} has already joined this cohort; a second process cannot take its place")
-        info = StudentInfo(name, request.num_train, request.num_val, request.num_classes, request.steps_per_epoch,
-                           request.data_fingerprint)
+        info = from_proto(StudentInfo, request)
         try:
             self.barrier.register(info, joining=True)
         except FrameRejected as rejected:
@@ -114,10 +110,7 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
                 except WireFormatError as error:
                     self.barrier.refuse(student, request.step, BAD_TENSOR)
                     await _refuse(context, BAD_TENSOR, str(error))
-                frame = LogitsFrame(
-                    student, request.step, request.batch_hash, logits.float(), request.ce_loss, request.correct,
-                    request.labelled, request.correct_clean, _timing(request.previous, request.HasField("previous")),
-                )
+                frame = from_proto(LogitsFrame, request, logits=logits.float())
                 try:
                     reply = await self.barrier.exchange(frame)
                 except FrameRejected as rejected:
@@ -127,10 +120,9 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
                 except asyncio.TimeoutError:
                     await _refuse(context, TIMEOUT,
                                   f"step {request.step} did not complete within the exchange timeout")
-                yield cohort_pb2.ExchangeResponse(
-                    step=reply.step, grad=encode_tensor(reply.grad.to(logits.dtype)), mimicry_loss=reply.mimicry_loss,
-                    alpha=reply.alpha, weight=reply.weight, live_students=reply.live_students,
-                )
+                # ``refresh`` belongs to sequential updates, which external students never take part in
+                yield to_proto(cohort_pb2.ExchangeResponse, reply, leave_out=("refresh",),
+                               grad=encode_tensor(reply.grad.to(logits.dtype)))
         except asyncio.CancelledError:
             if student is not None:  # the student went away mid-stream: its peers must not wait for it
                 self.barrier.mark_dead(student)
@@ -141,11 +133,8 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
     ) -> cohort_pb2.SubmitEvaluationResponse:
         await self._check_session(context, request.student, request.session_id)
         try:
-            frame = EvalFrame(
-                request.student, request.epoch, decode_tensor(request.logits, "validation logits").float(),
-                decode_tensor(request.labels, "validation labels", floating=False),
-                _timing(request.previous, request.HasField("previous")),
-            )
+            frame = from_proto(EvalFrame, request, logits=decode_tensor(request.logits, "validation logits").float(),
+                               labels=decode_tensor(request.labels, "validation labels", floating=False))
             evaluation = self.barrier.submit_eval(frame)
         except WireFormatError as error:
             await _refuse(context, BAD_TENSOR, str(error))
