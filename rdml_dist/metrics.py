@@ -27,11 +27,17 @@ from prometheus_client.metrics_core import Metric
 from rdml_dist.config import ExperimentConfig
 from rdml_dist.errors import ClusterError
 from rdml_dist.logs import logger
-from rdml_dist.messages import REJECTION_REASONS, EpochEvaluation, StepRecord, StepTiming
+from rdml_dist.messages import REJECTION_REASONS, EpochEvaluation, StepRecord, StepMeasures
 from rdml_dist.run_records.storage import atomic_write
 
 # Per-step times on CPUs and GPUs range from sub-millisecond exchanges to multi-second steps.
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# each value a student measures (a field of rdml_dist.messages.StepMeasures): its per-student histogram and buckets
+MEASURE_METRICS: dict[str, tuple[str, str, tuple[float, ...]]] = {
+    "compute_seconds": ("rdml_student_compute_seconds", "Forward and backward time of a step", SECONDS_BUCKETS),
+    "round_trip_seconds": ("rdml_student_exchange_round_trip_seconds", "Exchange round trip of a step, as the student measured it",
+                           SECONDS_BUCKETS),
+}
 STUDENT_LABELS = ("run", "student", "model")
 
 
@@ -81,8 +87,8 @@ class CohortMetrics:
         self.steps = per_student(Counter, "rdml_student_steps", "Training steps completed")
         self.samples = per_student(Counter, "rdml_student_samples", "Training samples processed")
         self.samples_per_second = per_student(Gauge, "rdml_student_samples_per_second", "Samples of the last step over the time since the one before")
-        self.compute = per_student(Histogram, "rdml_student_compute_seconds", "Forward and backward time of a step", buckets=SECONDS_BUCKETS)
-        self.round_trip = per_student(Histogram, "rdml_student_exchange_round_trip_seconds", "Exchange round trip of a step, as the student measured it", buckets=SECONDS_BUCKETS)
+        self.measured = {measure: per_student(Histogram, name, documentation, buckets=buckets)
+                         for measure, (name, documentation, buckets) in MEASURE_METRICS.items()}
         self.wait = per_student(Histogram, "rdml_student_straggler_wait_seconds", "Time a student's frame waited for the slowest peer", buckets=SECONDS_BUCKETS)
         self.live = per_student(Gauge, "rdml_student_live", "1 while the student takes part in the steps, 0 while it is dead or restarting")
         self.restarts = per_student(Counter, "rdml_student_restarts", "Times the student's process died and was restarted")
@@ -142,10 +148,10 @@ class CohortMetrics:
         self.epoch.labels(self.run).set(epoch)
         self.step.labels(self.run).set(step + 1)
 
-    def timing_reported(self, student: str, timing: StepTiming) -> None:
-        """A student's own measurement of a step: its compute and its exchange round trip."""
-        self._bound(self.compute, student).observe(timing.compute_seconds)
-        self._bound(self.round_trip, student).observe(timing.round_trip_seconds)
+    def measures_reported(self, student: str, measures: StepMeasures) -> None:
+        """A student's own measures of a step (its compute, its exchange round trip, …), each into its histogram."""
+        for measure, value in measures.values().items():
+            self._bound(self.measured[measure], student).observe(value)
 
     def frame_rejected(self, student: str, reason: str) -> None:
         known = student if student in self.models else "unknown"  # a stranger's name must not become a label

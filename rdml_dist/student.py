@@ -21,7 +21,7 @@ from rdml_dist.config import ExperimentConfig, OptimizerConfig, data_spec
 from rdml_dist.data import augment_seed, batch_plan, data_fingerprint, indices_hash, load_dataset
 from rdml_dist.data.split import Batch
 from rdml_dist.devices import resolve_device
-from rdml_dist.messages import NON_FINITE, EvalFrame, LogitsFrame, StepTiming, StudentInfo
+from rdml_dist.messages import NON_FINITE, EvalFrame, LogitsFrame, StepMeasures, StudentInfo
 from rdml_dist.models import build_model
 from rdml_dist.student_compute import StepCompute
 
@@ -91,7 +91,7 @@ class Student:
         self._feed: tuple[int, int, Iterator[tuple[Tensor, Batch]]] | None = None  # (epoch, next step, batches)
         self._pending: tuple[int, Tensor, Tensor, float] | None = None
         self._last_batch: tuple[int, Tensor, Tensor] | None = None  # (step, indices, inputs on the device)
-        self.last_timing: StepTiming | None = None  # this student's measurement of its latest step
+        self.last_measures: StepMeasures | None = None  # this student's measurement of its latest step
 
     def _example_batches(self) -> list[Tensor]:
         """Batches of every training batch size a step can see (the last one of an epoch may be smaller)."""
@@ -191,7 +191,7 @@ class Student:
             correct=int(correct),
             labelled=int(labelled),
             correct_clean=int((predictions == self.dataset.train.clean_labels[indices]).sum()),
-            previous=self.last_timing,
+            previous=self.last_measures,
         )
 
     def apply(self, mimicry_grad: Tensor, round_trip_seconds: float = 0.0) -> None:
@@ -207,7 +207,7 @@ class Student:
         started = time.perf_counter()
         grad = mimicry_grad.to(device=logits.device, dtype=torch.float32)
         self.compute.backward_and_step(ce + (logits.float() * grad).sum(), self.optimizer)
-        self.last_timing = StepTiming(step, forward_seconds + time.perf_counter() - started, round_trip_seconds)
+        self.last_measures = StepMeasures(step, forward_seconds + time.perf_counter() - started, round_trip_seconds)
 
     @torch.no_grad()
     def refreshed_frame(self) -> LogitsFrame:
@@ -260,7 +260,7 @@ class Student:
             epoch=epoch,
             logits=torch.cat(outputs),
             labels=torch.cat(labels),
-            previous=self.last_timing,
+            previous=self.last_measures,
         )
 
     def state_dict(self) -> dict[str, Any]:

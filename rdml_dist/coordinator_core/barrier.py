@@ -27,7 +27,7 @@ from rdml_dist.config.schema import OnStudentFailure
 from rdml_dist.coordinator_core.coordinator import PendingStep
 from rdml_dist.errors import CohortStepFailed, FrameRejected
 from rdml_dist.messages import (
-    NOT_LIVE, DriverState, EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepTiming, StudentInfo,
+    NOT_LIVE, DriverState, EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepMeasures, StudentInfo,
 )
 from rdml_dist.coordinator_core.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import CohortMetrics, LockedRegistry
@@ -330,10 +330,10 @@ class CohortBarrier:
         except CohortStepFailed:
             pass  # the cohort is rolling back: the frame is refused with the same cause below
 
-    def record_timing(self, student: str, timing: StepTiming | None) -> None:
+    def record_measures(self, student: str, measures: StepMeasures | None) -> None:
         """A student's measurement of the last step of a chunk (no next frame carries it)."""
         with self.lock:
-            self.core.record_timing(student, timing)
+            self.core.record_measures(student, measures)
 
     def submit_eval(self, frame: EvalFrame) -> EpochEvaluation | None:
         """Collect a student's validation logits; the last one scores the epoch and wakes whoever awaits it."""

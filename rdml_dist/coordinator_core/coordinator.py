@@ -2,7 +2,7 @@
 
 Plain Python and torch, no Ray and no sockets: the in-process trainer calls it directly, the Ray
 actor (and any other transport) is a thin adapter that adds waiting. It is the single source of
-cohort state: the step, the members and which are live, per-student losses and timings.
+cohort state: the step, the members and which are live, per-student losses and measures.
 """
 
 import math
@@ -20,7 +20,7 @@ from rdml_dist.errors import FrameRejected
 from rdml_dist.finite import all_finite
 from rdml_dist.messages import (
     BATCH_MISMATCH, DATA_MISMATCH, DUPLICATE, NON_FINITE, NOT_LIVE, UNKNOWN_STUDENT, WRONG_SHAPE, WRONG_STEP,
-    EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepTiming, StudentInfo,
+    EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepMeasures, StudentInfo,
 )
 from rdml_dist.schedules import alpha_at, mimicry_weight_at
 from rdml_dist.coordinator_core.shards import shard_rows
@@ -207,7 +207,7 @@ class CohortCoordinator:
             raise
         self._pending[frame.student] = frame
         self._arrivals[frame.student] = self.clock()
-        self.record_timing(frame.student, frame.previous)
+        self.record_measures(frame.student, frame.previous)
 
     def exclude(self, student: str, step: int) -> None:
         """Leave ``student`` out of the current step after refusing its frame for that step (peers must not wait).
@@ -396,18 +396,19 @@ class CohortCoordinator:
         self._refreshing = None
         self._in_flight = False
 
-    def record_timing(self, student: str, timing: StepTiming | None) -> None:
-        """Attach a student's own measurement of an earlier step (compute, round trip) to that step's record.
+    def record_measures(self, student: str, measures: StepMeasures | None) -> None:
+        """Attach a student's own measures of an earlier step (compute, round trip, …) to that step's record, each
+        to the field of its name.
 
-        It travels in the student's next frame, or on its own at the end of a chunk of steps.
+        They travel in the student's next frame, or on their own at the end of a chunk of steps.
         """
-        if timing is None:
+        if measures is None:
             return
-        self.compute_seconds[student] = timing.compute_seconds
-        record = self.records.get(timing.step, {}).get(student)
+        self.compute_seconds[student] = measures.compute_seconds
+        record = self.records.get(measures.step, {}).get(student)
         if record is not None:
-            record.compute_seconds = timing.compute_seconds
-            record.round_trip_seconds = timing.round_trip_seconds
+            for name, value in measures.values().items():
+                setattr(record, name, value)
 
     def pop_records(self, before_step: int) -> list[StepRecord]:
         """Hand over (and forget) the records of all steps before ``before_step``, in step order."""
@@ -435,7 +436,7 @@ class CohortCoordinator:
         if not all_finite(frame.logits):
             raise FrameRejected(f"validation logits of {frame.student!r} hold NaN or infinite values")
         frames[frame.student] = frame
-        self.record_timing(frame.student, frame.previous)
+        self.record_measures(frame.student, frame.previous)
         return self.score_if_complete(frame.epoch)
 
     def score_if_complete(self, epoch: int) -> EpochEvaluation | None:

@@ -1,7 +1,7 @@
 """The coordinator core with its Prometheus metrics kept current: what every engine's coordinator runs.
 
 The core itself stays free of metrics and transports; this subclass observes each of its
-operations (frames accepted or refused, steps computed, timings, scores, membership) and
+operations (frames accepted or refused, steps computed, measures, scores, membership) and
 updates :class:`~rdml_dist.metrics.CohortMetrics`.
 """
 
@@ -12,7 +12,7 @@ from rdml_dist.config import ExperimentConfig
 from rdml_dist.coordinator_core.coordinator import CohortCoordinator, PendingStep
 from rdml_dist.divergence import MimicryResult
 from rdml_dist.errors import FrameRejected
-from rdml_dist.messages import EpochEvaluation, LogitsFrame, MimicryReply, StepTiming, StudentInfo
+from rdml_dist.messages import EpochEvaluation, LogitsFrame, MimicryReply, StepMeasures, StudentInfo
 from rdml_dist.metrics import CohortMetrics
 
 
@@ -25,7 +25,7 @@ class MeteredCoordinator(CohortCoordinator):
     ) -> None:
         super().__init__(config, clock, shard, shards)
         self.metrics = metrics
-        self._timed_steps: dict[str, int] = {}  # the last step whose timing each student reported
+        self._measured_steps: dict[str, int] = {}  # the last step whose measures each student reported
 
     def register(self, info: StudentInfo) -> None:
         super().register(info)
@@ -67,11 +67,11 @@ class MeteredCoordinator(CohortCoordinator):
         self.metrics.step_computed(step, self.epoch_of(step), records, batch, self.samples_per_second)
         return replies
 
-    def record_timing(self, student: str, timing: StepTiming | None) -> None:
-        super().record_timing(student, timing)
-        if timing is not None and self._timed_steps.get(student) != timing.step:  # reported once, observed once
-            self._timed_steps[student] = timing.step
-            self.metrics.timing_reported(student, timing)
+    def record_measures(self, student: str, measures: StepMeasures | None) -> None:
+        super().record_measures(student, measures)
+        if measures is not None and self._measured_steps.get(student) != measures.step:  # reported once, observed once
+            self._measured_steps[student] = measures.step
+            self.metrics.measures_reported(student, measures)
 
     def score_if_complete(self, epoch: int) -> EpochEvaluation | None:
         evaluation = super().score_if_complete(epoch)

@@ -51,7 +51,7 @@ class LocalCohort:
             on_progress(step + 1)
         with self.lock:
             for student in self.students:
-                self.coordinator.record_timing(student.name, student.last_timing)
+                self.coordinator.record_measures(student.name, student.last_measures)
         return events
 
     def _step(self, step: int, restore_step: int) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from rdml_dist.errors import ConfigError, FrameRejected, StudentRestarted
 from rdml_dist.lane.client import ShardLanes
 from rdml_dist.lane.server import FrameLaneServer, lane_host
 from rdml_dist.messages import (
-    NON_FINITE, EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepTiming, StudentInfo,
+    NON_FINITE, EpochEvaluation, EvalFrame, LogitsFrame, MimicryReply, StepRecord, StepMeasures, StudentInfo,
 )
 from rdml_dist.metrics import metrics_address, serve
 from rdml_dist.rpc.server import CohortServer, start_cohort_server
@@ -78,8 +78,8 @@ class Coordinator:
         """Sequential update: a student's logits after its update; releases the next student's turn."""
         self.barrier.refresh(frame)
 
-    async def record_timing(self, student: str, timing: StepTiming | None) -> None:
-        self.barrier.record_timing(student, timing)
+    async def record_measures(self, student: str, measures: StepMeasures | None) -> None:
+        self.barrier.record_measures(student, measures)
 
     async def note_recovery(self, event: dict[str, Any]) -> None:
         """A student went back to its checkpoint after a non-finite step: held here, so the event outlives a chunk
@@ -276,7 +276,7 @@ class StudentActor:
             self.student.apply(reply.grad, time.perf_counter() - sent)
             if reply.refresh:  # sequential update: later peers read this student's updated logits
                 refresh(self.student.refreshed_frame())
-        ray.get(coordinators[0].record_timing.remote(self.student.name, self.student.last_timing))
+        ray.get(coordinators[0].record_measures.remote(self.student.name, self.student.last_measures))
 
     def _transport(
         self, coordinators: list["ray.actor.ActorHandle"], lane: tuple[list[str], str] | None

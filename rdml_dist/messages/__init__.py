@@ -6,7 +6,7 @@ from rdml_dist.messages.frames import (
     EvalFrame,
     LogitsFrame,
     MimicryReply,
-    StepTiming,
+    StepMeasures,
     StudentInfo,
     from_fields,
     scalar_fields,
@@ -38,6 +38,6 @@ __all__ = [
     "BAD_TENSOR", "BATCH_MISMATCH", "DATA_MISMATCH", "DUPLICATE", "HALTED", "INVALID", "NON_FINITE", "NOT_EXTERNAL",
     "NOT_LIVE", "REASONS", "REASON_KEY", "REJECTION_REASONS", "TIMEOUT", "UNAUTHENTICATED", "UNKNOWN_STUDENT",
     "WIRE_DTYPES", "WRONG_SHAPE", "WRONG_STEP", "DriverState", "EpochEvaluation", "EvalFrame", "LogitsFrame", "MimicryReply",
-    "Reason", "StepRecord", "StepTiming", "StudentInfo", "WireDtype", "from_fields", "scalar_fields", "torch_dtype",
+    "Reason", "StepRecord", "StepMeasures", "StudentInfo", "WireDtype", "from_fields", "scalar_fields", "torch_dtype",
     "wire_dtype",
 ]

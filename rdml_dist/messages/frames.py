@@ -30,12 +30,22 @@ class StudentInfo:
 
 
 @dataclass
-class StepTiming:
-    """A student's own measurement of one completed step: its compute and its exchange round trip."""
+class StepMeasures:
+    """What a student measured of one completed step and the coordinator cannot see: its compute, its exchange's
+    round trip. It travels in the student's next frame (``previous``), or alone at a chunk's end.
+
+    The one road for such a value: each field but ``step`` lands in the ``StepRecord`` field of its name (a column
+    of the step log) and in its histogram of ``rdml_dist.metrics.MEASURE_METRICS``; ``tests/unit/test_coordinator.py``
+    fails while either is missing. The frame lane and the gRPC service carry every field by name.
+    """
 
     step: int
     compute_seconds: float
     round_trip_seconds: float
+
+    def values(self) -> dict[str, float]:
+        """The measured values by name (every field but ``step``)."""
+        return {item.name: getattr(self, item.name) for item in fields(self) if item.name != "step"}
 
 
 @dataclass
@@ -56,7 +66,7 @@ class LogitsFrame:
     correct: int
     labelled: int
     correct_clean: int  # samples of the whole batch whose argmax equals the true label (noise and hiding ignored)
-    previous: StepTiming | None = None
+    previous: StepMeasures | None = None
 
 
 @dataclass
@@ -84,7 +94,7 @@ class EvalFrame:
     epoch: int
     logits: Tensor
     labels: Tensor
-    previous: StepTiming | None = None
+    previous: StepMeasures | None = None
 
 
 def scalar_fields(message: Any, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -112,8 +122,8 @@ def from_fields(kind: type[M], named: dict[str, Any], **given: Any) -> M:
                 raise KeyError(item.name)
             continue
         value = named[item.name]
-        if item.type == "StepTiming | None":
-            values[item.name] = None if value is None else from_fields(StepTiming, value)
+        if item.type == "StepMeasures | None":
+            values[item.name] = None if value is None else from_fields(StepMeasures, value)
         else:
             values[item.name] = _SCALARS[item.type](value)
     return kind(**values)

@@ -12,7 +12,7 @@ from rdml_dist.coordinator_core.barrier import CohortBarrier
 from rdml_dist.data import batch_plan, indices_hash
 from rdml_dist.config import parse_config
 from rdml_dist.errors import CohortStepFailed, FrameRejected
-from rdml_dist.messages import NOT_LIVE, EvalFrame, LogitsFrame, StepTiming, StudentInfo
+from rdml_dist.messages import NOT_LIVE, EvalFrame, LogitsFrame, StepMeasures, StudentInfo
 from tests.unit.cohort_barrier import planned_frame, registered_barrier
 
 NAMES = ("a", "b")
@@ -161,7 +161,7 @@ def test_the_slowest_student_is_answered_first(compute_s: dict[str, float], arri
         barrier = _barrier()
         barrier.set_driver_state("running")
         for name, seconds in compute_s.items():
-            barrier.record_timing(name, StepTiming(0, seconds, 0.0))
+            barrier.record_measures(name, StepMeasures(0, seconds, 0.0))
         answered: list[str] = []
         exchanges = []
         for name in arrivals:

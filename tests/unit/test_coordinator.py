@@ -1,15 +1,21 @@
 """The transport-free coordinator core: barrier bookkeeping, frame validation, batched mimicry, scoring."""
 
 import math
+from dataclasses import fields
+
 import pytest
 import torch
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from rdml_dist.config import parse_config
 from rdml_dist.coordinator_core.coordinator import CohortCoordinator, score_epoch
 from rdml_dist.data import batch_plan, indices_hash
 from rdml_dist.divergence import mimicry_gradients
 from rdml_dist.errors import FrameRejected
-from rdml_dist.messages import EvalFrame, LogitsFrame, StepTiming, StudentInfo
+from rdml_dist.messages import EvalFrame, LogitsFrame, StepMeasures, StepRecord, StudentInfo
+from rdml_dist.metrics import MEASURE_METRICS
+from tests.unit.cohort_barrier import planned_frame, registered_barrier
 
 NUM_TRAIN, BATCH, CLASSES = 20, 8, 4
 
@@ -154,10 +160,35 @@ def test_student_timings_attach_to_the_step_they_measure(coordinator: CohortCoor
     for name in "abc":
         coordinator.submit(frame(name, 0, logits_for(0)))
     coordinator.compute()
-    coordinator.submit(frame("a", 1, logits_for(0), previous=StepTiming(0, compute_seconds=0.25, round_trip_seconds=0.5)))
+    coordinator.submit(frame("a", 1, logits_for(0), previous=StepMeasures(0, compute_seconds=0.25, round_trip_seconds=0.5)))
     record = coordinator.records[0]["a"]
     assert (record.compute_seconds, record.round_trip_seconds) == (0.25, 0.5)
     assert [r.student for r in coordinator.pop_records(1)] == ["a", "b", "c"] and 0 not in coordinator.records
+
+
+def test_every_value_a_student_measures_has_its_column_and_its_metric() -> None:
+    """The one road of a measured value: a StepMeasures field is a StepRecord field (a column of the step log) and a
+    histogram of the metrics; a new field fails here until it has both."""
+    measured = set(StepMeasures(0, 0.0, 0.0).values())
+    assert measured == {item.name for item in fields(StepMeasures)} - {"step"}
+    assert measured <= {item.name for item in fields(StepRecord)}
+    assert measured == set(MEASURE_METRICS)
+
+
+def test_a_students_measures_reach_its_step_record_and_its_histograms() -> None:
+    config = parse_config({"students": [{"model": "mlp", "name": name} for name in "ab"], "training": {"batch_size": 8}})
+    barrier = registered_barrier(config, num_train=20, classes=3, steps_per_epoch=3)
+    for name in "ab":
+        barrier.core.submit(planned_frame(name, 0, torch.eye(3)[[0, 1, 2, 0, 1, 2, 0, 1]], 8, num_train=20, steps_per_epoch=3))
+    barrier.core.compute()
+    barrier.record_measures("a", StepMeasures(0, compute_seconds=0.25, round_trip_seconds=0.0375))
+    record = barrier.core.records[0]["a"]
+    assert {name: getattr(record, name) for name in MEASURE_METRICS} == {"compute_seconds": 0.25, "round_trip_seconds": 0.0375}
+    scraped = {(sample.name, sample.labels.get("student")): sample.value
+               for family in text_string_to_metric_families(generate_latest(barrier.registry).decode()) for sample in family.samples}
+    for measure, (metric, _, _) in MEASURE_METRICS.items():
+        assert scraped[(f"{metric}_sum", "a")] == getattr(record, measure) and scraped[(f"{metric}_count", "a")] == 1.0
+        assert (f"{metric}_count", "b") not in scraped  # b reported nothing
 
 
 def test_epoch_scoring_uses_the_mean_of_probabilities(coordinator: CohortCoordinator) -> None:

@@ -7,7 +7,7 @@ import socket
 import pytest
 import torch
 
-from rdml_dist.messages import LogitsFrame, MimicryReply, StepTiming
+from rdml_dist.messages import LogitsFrame, MimicryReply, StepMeasures
 from rdml_dist.lane.wire import (
     LaneProtocolError, decode_tensor, encode, frame_from, frame_header, receive_message, reply_from, reply_header, send_message,
 )
@@ -25,13 +25,13 @@ def pair() -> socket.socket:
 def test_a_frame_arrives_as_it_was_sent(pair: tuple[socket.socket, socket.socket], dtype: torch.dtype) -> None:
     left, right = pair
     logits = torch.randn(5, 7).to(dtype)
-    sent = LogitsFrame("a", 3, "abc123", logits, 1.25, 4, 5, 3, StepTiming(2, 0.5, 0.25))
+    sent = LogitsFrame("a", 3, "abc123", logits, 1.25, 4, 5, 3, StepMeasures(2, 0.5, 0.25))
     send_message(left, frame_header("exchange", sent), sent.logits)
     header, payload = receive_message(right, 1 << 20)
     received = frame_from("a", header, payload)
     assert header["kind"] == "exchange" and received.logits.dtype == dtype
     assert torch.equal(received.logits, logits)
-    assert (received.step, received.batch_hash, received.ce_loss, received.previous) == (3, "abc123", 1.25, StepTiming(2, 0.5, 0.25))
+    assert (received.step, received.batch_hash, received.ce_loss, received.previous) == (3, "abc123", 1.25, StepMeasures(2, 0.5, 0.25))
 
 
 def test_a_reply_arrives_as_it_was_sent_and_nan_losses_survive(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -61,7 +61,7 @@ def test_a_tensor_that_does_not_match_its_header_is_refused(header: dict, payloa
 
 def test_the_header_names_every_field_of_the_frame() -> None:
     """The header is the message vocabulary's fields by name (no positional lists), so either end can evolve them."""
-    frame = LogitsFrame("a", 3, "abc123", torch.zeros(1, 2), 1.25, 4, 5, 3, StepTiming(2, 0.5, 0.25))
+    frame = LogitsFrame("a", 3, "abc123", torch.zeros(1, 2), 1.25, 4, 5, 3, StepMeasures(2, 0.5, 0.25))
     header = frame_header("exchange", frame)
     assert header == {"kind": "exchange", "step": 3, "batch_hash": "abc123", "ce_loss": 1.25, "correct": 4, "labelled": 5,
                       "correct_clean": 3, "previous": {"step": 2, "compute_seconds": 0.5, "round_trip_seconds": 0.25}}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from google.protobuf.message import Message
 
-from rdml_dist.messages import EvalFrame, LogitsFrame, MimicryReply, StepTiming, StudentInfo
+from rdml_dist.messages import EvalFrame, LogitsFrame, MimicryReply, StepMeasures, StudentInfo
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2
 from rdml_dist.rpc.mapping import PROTO_NAMES, from_proto, to_proto
 from rdml_dist.rpc.tensors import decode_tensor, encode_tensor
@@ -15,11 +15,12 @@ LOGITS = torch.tensor([[0.5, -1.25], [2.0, 0.0]])
 LABELS = torch.tensor([1, 0])
 # each dataclass, its message, the fields only one side has (the request's session, sequential updates' refresh)
 PAIRS: list[tuple[object, type[Message], tuple[str, ...], tuple[str, ...]]] = [
-    (LogitsFrame("a", 7, "h3", LOGITS, 0.75, 3, 4, 2, StepTiming(6, 0.012, 0.004)), cohort_pb2.ExchangeRequest, (), ("session_id",)),
+    (LogitsFrame("a", 7, "h3", LOGITS, 0.75, 3, 4, 2, StepMeasures(6, 0.012, 0.004)), cohort_pb2.ExchangeRequest, (), ("session_id",)),
     (LogitsFrame("a", 0, "h0", LOGITS, 0.5, 1, 2, 1, None), cohort_pb2.ExchangeRequest, (), ("session_id",)),
     (MimicryReply(7, LOGITS, 0.25, 2.0, 0.5, 3), cohort_pb2.ExchangeResponse, ("refresh",), ()),
-    (EvalFrame("b", 2, LOGITS, LABELS, StepTiming(35, 0.02, 0.001)), cohort_pb2.SubmitEvaluationRequest, (), ("session_id",)),
+    (EvalFrame("b", 2, LOGITS, LABELS, StepMeasures(35, 0.02, 0.001)), cohort_pb2.SubmitEvaluationRequest, (), ("session_id",)),
     (StudentInfo("c", 1000, 200, 10, 8, "f1ng3r"), cohort_pb2.JoinRequest, (), ("session_id",)),
+    (StepMeasures(12, 0.0125, 0.0031), cohort_pb2.StepMeasures, (), ()),  # what the frames' ``previous`` carries
 ]
 
 

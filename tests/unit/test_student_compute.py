@@ -93,7 +93,7 @@ def test_compile_happens_before_the_first_step_and_changes_nothing_but_the_clock
     assert set(compiled.state_dict()["model"]) == set(plain.state_dict()["model"])  # no wrapper's prefix in checkpoints
     for step in range(3):
         torch.testing.assert_close(one_step(compiled, step), one_step(plain, step), rtol=1e-5, atol=1e-6)
-    assert compiled.last_timing is not None and compiled.last_timing.compute_seconds < compiled.compute.compile_seconds
+    assert compiled.last_measures is not None and compiled.last_measures.compute_seconds < compiled.compute.compile_seconds
 
 
 @pytest.mark.parametrize("compute, field", [

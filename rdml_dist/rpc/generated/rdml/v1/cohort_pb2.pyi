@@ -43,7 +43,7 @@ class Tensor(_message.Message):
     data: bytes
     def __init__(self, dtype: _Optional[_Union[TensorDtype, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
-class StepTiming(_message.Message):
+class StepMeasures(_message.Message):
     __slots__ = ("step", "compute_seconds", "round_trip_seconds")
     STEP_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -113,9 +113,9 @@ class ExchangeRequest(_message.Message):
     ce_loss: float
     correct: int
     labelled: int
-    previous: StepTiming
+    previous: StepMeasures
     correct_clean: int
-    def __init__(self, student: _Optional[str] = ..., session_id: _Optional[str] = ..., step: _Optional[int] = ..., batch_hash: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., ce_loss: _Optional[float] = ..., correct: _Optional[int] = ..., labelled: _Optional[int] = ..., previous: _Optional[_Union[StepTiming, _Mapping]] = ..., correct_clean: _Optional[int] = ...) -> None: ...
+    def __init__(self, student: _Optional[str] = ..., session_id: _Optional[str] = ..., step: _Optional[int] = ..., batch_hash: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., ce_loss: _Optional[float] = ..., correct: _Optional[int] = ..., labelled: _Optional[int] = ..., previous: _Optional[_Union[StepMeasures, _Mapping]] = ..., correct_clean: _Optional[int] = ...) -> None: ...
 
 class ExchangeResponse(_message.Message):
     __slots__ = ("step", "grad", "mimicry_loss", "alpha", "weight", "live_students")
@@ -146,8 +146,8 @@ class SubmitEvaluationRequest(_message.Message):
     epoch: int
     logits: Tensor
     labels: Tensor
-    previous: StepTiming
-    def __init__(self, student: _Optional[str] = ..., session_id: _Optional[str] = ..., epoch: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., previous: _Optional[_Union[StepTiming, _Mapping]] = ...) -> None: ...
+    previous: StepMeasures
+    def __init__(self, student: _Optional[str] = ..., session_id: _Optional[str] = ..., epoch: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., previous: _Optional[_Union[StepMeasures, _Mapping]] = ...) -> None: ...
 
 class SubmitEvaluationResponse(_message.Message):
     __slots__ = ("scored",)
