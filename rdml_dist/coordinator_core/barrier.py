@@ -107,7 +107,6 @@ class CohortBarrier:
         self.inline_below_elements = config.runtime.coordinator.inline_below_elements  # smaller steps skip the thread
         self._external = frozenset(config.external_students())
         self._drops_silent = bool(self._external) and config.runtime.fault.on_student_failure is OnStudentFailure.CONTINUE
-        self._registered_at: dict[str, float] = {}  # when each student last registered (monotonic seconds)
         self._dropped: list[dict[str, Any]] = []  # silent external students dropped, until the driver counts them
 
     def _step_future(self, step: int) -> "asyncio.Future[None]":
@@ -209,8 +208,9 @@ class CohortBarrier:
             if not future.done():
                 future.set_exception(CohortStepFailed(reason))
 
-    def register(self, info: StudentInfo, joining: bool = False) -> None:
+    def register(self, info: StudentInfo, joining: bool = False) -> int:
         """Admit (or re-admit) a student; the last member to register releases a step that waited for the cohort.
+        Returns the cohort's step it takes part from.
 
         ``joining``: an external student (re)joining at the cohort's current step (:meth:`CohortCoordinator.join`).
         """
@@ -219,10 +219,11 @@ class CohortBarrier:
                 self.core.join(info)
             else:
                 self.core.register(info)
-            self._registered_at[info.name] = time.monotonic()
+            step = self.core.step
             self._complete_if_ready()
             if self._members is not None and not self._members.done() and len(self.core.info) == len(self.core.members):
                 self._members.set_result(None)
+            return step
 
     async def exchange(self, frame: LogitsFrame) -> MimicryReply:
         """Submit one student's logits and wait for its mimicry gradient (the per-step barrier)."""
@@ -272,9 +273,10 @@ class CohortBarrier:
     def _go_on_without_the_silent(self, step: int) -> bool:
         """At an exchange's timeout under ``continue``: whether ``step`` goes on instead of failing its waiting students.
 
-        It does when every member it still waits for is an external student that joined more than the timeout ago:
-        each is dropped (marked dead, an event the driver counts against the failure budget); its next frame is
-        refused as not live, and it joins again.
+        It does when every member it still waits for is an external student: each is dropped (marked dead, an event
+        the driver counts against the failure budget); its next frame is refused as not live, and it joins again.
+        One that joined while the step waited is dropped too: the waiting students' clients and the driver bound
+        their waits by the exchange timeout, so the step cannot wait longer for it.
         A step that waits for a Ray student times out as before, for the driver to find that student hung or dead.
         A step that waits for no one is being computed: its gradients are on their way.
         """
@@ -287,9 +289,6 @@ class CohortBarrier:
             if not self._external.issuperset(silent):
                 return False
             timeout_s = self.config.runtime.ray.exchange_timeout_s
-            now = time.monotonic()
-            if any(now - self._registered_at.get(name, 0.0) < timeout_s for name in silent):
-                return True  # one (re)joined within the timeout: it has its whole timeout, the waiters' clocks start again
             for name in silent:
                 self.core.mark_dead(name)
                 self._dropped.append({"student": name, "step": step,

@@ -181,7 +181,8 @@ class RayCohort:
         if self.lane is None:
             return None
         shards = [(state["node_id"], state["node_ip"]) for state in self._coordinator_states]
-        if not lanes_reach(self.where.get(name, {}).get("node_id"), shards, self.config.runtime.exchange.allow_plaintext):
+        known = len(shards) == len(self.lane)  # a shard that has not answered yet: where its lane listens is unknown
+        if not known or not lanes_reach(self.where.get(name, {}).get("node_id"), shards, self.config.runtime.exchange.allow_plaintext):
             if name not in self._through_actor_calls:
                 self._through_actor_calls.add(name)
                 logger.info(f"student {name} runs on another node than the coordinator: it exchanges through Ray's actor "

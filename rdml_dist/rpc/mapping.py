@@ -2,8 +2,9 @@
 
 The dataclasses are the one description of each message: the frame lane sends their fields
 (:func:`~rdml_dist.messages.scalar_fields`), Ray pickles them, and here each becomes its ``rdml.v1``
-message and back. A field the proto lacks fails at once (protobuf raises ``ValueError``), never
-silently; ``tests/unit/test_message_mapping.py`` checks every pair and round-trips each.
+message and back. A set field the proto lacks fails at once (protobuf raises ``ValueError``); a field
+either side lacks is otherwise left out (a request's session id, sequential updates' ``refresh``), so
+``tests/unit/test_message_mapping.py`` checks every pair field by field and round-trips each.
 """
 
 from typing import Any, TypeVar

@@ -83,13 +83,12 @@ class CohortServicer(cohort_pb2_grpc.CohortServiceServicer):
                           f"student {name!r} has already joined this cohort; a second process cannot take its place")
         info = from_proto(StudentInfo, request)
         try:
-            self.barrier.register(info, joining=True)
+            step = self.barrier.register(info, joining=True)  # the step it takes part from, as the core recorded it
         except FrameRejected as rejected:
             await _refuse_rejected(context, rejected)
         session = request.session_id if live else uuid.uuid4().hex
         self.sessions[name] = session
         with self.barrier.lock:
-            step = core.step
             fingerprint = next((other.data_fingerprint for other in core.info.values() if other.name != name), info.data_fingerprint)
         return cohort_pb2.JoinResponse(
             cohort=self.barrier.config.name, student=name, session_id=session, step=step,
