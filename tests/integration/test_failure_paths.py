@@ -9,9 +9,12 @@ mislabelled: every checkpoint of a run the policy rolled back holds exactly the 
 weights of its step.
 """
 
+import contextlib
 import math
 import os
 import signal
+import socket
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ from rdml_dist.engines import ray_cohort
 from rdml_dist.engines.ray_actors import CoordinatorActor
 from rdml_dist.engines.ray_engine import train_ray
 from rdml_dist.errors import ClusterError, ConfigError
+from rdml_dist.lane.handshake import MAX_PENDING_HELLOS, proof
+from rdml_dist.lane.wire import receive_message, send_message
 from rdml_dist.messages import EvalFrame, StudentInfo
 from tests.integration.conftest import cohort_released, make_config, read_json, read_steps, wait_until
 from tests.integration.faulty_models import SIMULATED_OOM
@@ -293,6 +298,67 @@ def test_a_model_factory_that_fails_ends_the_run_with_one_line_and_leaves_nothin
     assert str(error.value) == ("students.0: student 'a' could not be built: RuntimeError: the model factory failed: "
                                 "simulated bug in the user's code")
     wait_until(cohort_released, "the placement group and the actors are released")
+
+
+def _refused_or_closed(address: str, hello: dict[str, Any] | None = None, junk: bytes = b"") -> list[dict[str, Any]]:
+    """What the lane at ``address`` answers a stranger: its challenge, then to ``hello`` (its proof answered with a
+    key of its own choosing) or ``junk``; until the server closes the connection or goes quiet."""
+    host, port = address.rsplit(":", 1)
+    answers: list[dict[str, Any]] = []
+    with socket.create_connection((host, int(port)), timeout=2.0) as stranger:
+        with contextlib.suppress(ConnectionError, TimeoutError, OSError, ValueError):
+            answers.append(receive_message(stranger, 0)[0])
+            if hello is not None:
+                send_message(stranger, {**hello, "proof": proof("a key of its own", answers[0]["challenge"], hello["student"])})
+            stranger.sendall(junk)
+            while True:
+                answers.append(receive_message(stranger, 1 << 20)[0])
+    return answers
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transport", ["tcp"])
+def test_strangers_at_the_frame_lane_of_a_live_run_are_turned_away_and_change_nothing(
+    undisturbed: Any, tmp_path: Path, transport: str
+) -> None:
+    """While a holds the cohort in its checkpoint of step 2 (no exchange waits then), strangers reach the run's frame
+    lane: proofs from keys of their own in a student's name and in a stranger's, more connections that never say hello
+    than the lane holds, and junk. Each is refused or closed, and the run ends as the undisturbed one, faults none."""
+    released, run_dir = tmp_path / "released", tmp_path / "run"
+    faults = {"a": [{"how": "wait_for", "where": "state_dict", "after": 2, "path": str(released), "seconds": 50}]}
+    error: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            _train(run_dir, transport, faults)
+        except BaseException as failure:  # noqa: BLE001 - handed to the test
+            error.append(failure)
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: (tmp_path / "run-markers-a" / "fault-0").exists() or not thread.is_alive(), "a holds the cohort", 120)
+        assert not error, error
+        (address,) = [read_json(run_dir / "placements.json")["coordinator"]["lane"]]
+        for name in ("a", "mallory"):
+            answers = _refused_or_closed(address, hello={"student": name})
+            assert "challenge" in answers[0] and [answer.get("reason") for answer in answers[1:]] == ["unauthenticated"], answers
+        for junk in (b"\0" * 12, b"\0\0\0\x05" + b"\0" * 8 + b"hello", (1 << 30).to_bytes(4, "big") + b"\0" * 8, bytes(range(200))):
+            answers = _refused_or_closed(address, junk=junk)
+            assert "challenge" in answers[0] and all(answer.get("ok") is not True for answer in answers[1:]), answers
+        host, port = address.rsplit(":", 1)
+        with contextlib.ExitStack() as held:
+            silent = [held.enter_context(socket.create_connection((host, int(port)), timeout=5.0)) for _ in range(MAX_PENDING_HELLOS)]
+            for connection in silent:
+                assert "challenge" in receive_message(connection, 0)[0]
+            with socket.create_connection((host, int(port)), timeout=5.0) as one_more:  # closed unheard
+                assert one_more.recv(1 << 16) == b""
+    finally:
+        released.touch()
+        thread.join(240)
+    assert not thread.is_alive() and not error, error
+    assert read_json(run_dir / "results.json")["faults"]["events"] == []
+    _assert_as_undisturbed(run_dir, undisturbed(transport))
 
 
 @pytest.mark.timeout(300)
