@@ -605,6 +605,13 @@ class ExperimentConfig(_Strict):
                              f"({self.training.batch_size}): every shard needs rows of the batch")
         return self
 
+    def without_credentials(self) -> dict[str, Any]:
+        """The config as plain data, less ``rpc.token``: what is written to a file (a run's ``config.yaml``, a sweep's
+        ``best.yaml``), where a credential never goes (a run reads it again from ``rpc.token_env`` or its config)."""
+        saved = self.model_dump(mode="json")
+        saved["rpc"]["token"] = None
+        return saved
+
     def external_students(self) -> list[str]:
         """Names of the students that run outside Ray and join over gRPC."""
         return [name for name, student in zip(self.student_names(), self.students) if student.external]

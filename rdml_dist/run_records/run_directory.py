@@ -109,9 +109,7 @@ class RunDirectory:
         for leftover in (CHECKPOINTS, RESULTS_JSON, RESULTS_TABLE, TENSORBOARD_DIR, PLOTS_DIR):
             self.storage.delete(leftover)
         step_log.clear(self.storage)
-        saved = self.config.model_dump(mode="json")
-        saved["rpc"]["token"] = None
-        config_text = yaml.safe_dump(saved, sort_keys=False).encode()
+        config_text = yaml.safe_dump(self.config.without_credentials(), sort_keys=False).encode()
         self.storage.write_bytes(CONFIG_FILE, config_text)
         self.write_results()  # no epoch yet: what a resume before the first epoch's end reads
 

@@ -104,5 +104,5 @@ def write_best(rows: list[TrialOutcome], sweep: SweepConfig, base: dict[str, Any
     path = directory / BEST
     header = (f"# The best trial ({ranked[0].trial_id}) of sweep {sweep.name}: final {sweep.metric} = "
               f"{ranked[0].final:.4f}.\n# Train it again with: rdml-dist train {path}\n")
-    path.write_text(header + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    path.write_text(header + yaml.safe_dump(config.without_credentials(), sort_keys=False))  # never a token in clear
     return path

@@ -10,6 +10,7 @@ import yaml
 
 from rdml_dist.cli import main
 from rdml_dist.errors import ConfigError
+from rdml_dist.tune.results import TrialOutcome, write_best
 from rdml_dist.tune.space import extremes
 from rdml_dist.tune.sweep import experiment_raw, load_sweep
 
@@ -85,3 +86,16 @@ def test_tune_without_the_extra_says_what_to_install(tmp_path: Path) -> None:
     assert finished.returncode == 2
     assert finished.stderr.strip().splitlines() == [
         'rdml-dist: tune needs Ray Tune, which is not installed: pip install "rdml-dist[tune]" (or "ray[tune]==2.60.*")']
+
+
+def test_best_yaml_is_the_best_trials_experiment_without_the_token(tmp_path: Path) -> None:
+    """best.yaml is written for people to train again, so a cohort token in the sweep's base never lands in it."""
+    secret = "s3cret-cohort-token"
+    sweep, base = load_sweep(write_sweep(tmp_path, {"mimicry.alpha": {"grid": [1.5, 2.0]}}))
+    base = {**base, "rpc": {"token": secret}}
+    rows = [TrialOutcome("t2", {"mimicry.alpha": 2.0}, "completed", 2, 0.95, 0.95),  # ranked, the best first
+            TrialOutcome("t1", {"mimicry.alpha": 1.5}, "completed", 2, 0.91, 0.92)]
+    path = write_best(rows, sweep, base, tmp_path)
+    assert path is not None and secret not in path.read_text()
+    best = yaml.safe_load(path.read_text())
+    assert best["mimicry"]["alpha"] == 2.0 and best["rpc"]["token"] is None
