@@ -34,6 +34,7 @@ from rdml_dist.metrics import CohortMetrics, LockedRegistry
 
 
 SLOWEST_SHARE = 0.8  # a student within this share of the longest compute is woken with the slowest
+RECHECK_AFTER_DROP_S = 1.0  # after a drop the step is computed at once: its waiters look again this soon, not a timeout later
 
 
 class LockedMetrics:
@@ -260,7 +261,7 @@ class CohortBarrier:
             if left > 0:
                 expiry = loop.call_later(left, expire_unless_waiting_for_the_cohort)
             elif self._go_on_without_the_silent(step):
-                expiry = loop.call_later(timeout_s, expire_unless_waiting_for_the_cohort)
+                expiry = loop.call_later(min(timeout_s, RECHECK_AFTER_DROP_S), expire_unless_waiting_for_the_cohort)
             else:
                 _expire(future)
 

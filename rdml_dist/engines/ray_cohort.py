@@ -145,6 +145,7 @@ class RayCohort:
         _get_with_user_errors([shard.register.remote(info) for shard in self.shards for info in self.infos.values()], self._start_s)
         states = ray.get([shard.state.remote() for shard in self.shards], timeout=self._start_s)
         self.incarnations: list[str] = [state["incarnation"] for state in states]
+        self._coordinator_states = states  # where each shard runs, so where its lane listens, from the first chunk on
         self.metrics_address = self._serve_metrics()
         self._wait_for_external_students()
         self.steps_per_epoch = ray.get(self.coordinator.state.remote(), timeout=self._start_s)["steps_per_epoch"]
@@ -181,8 +182,9 @@ class RayCohort:
         if self.lane is None:
             return None
         shards = [(state["node_id"], state["node_ip"]) for state in self._coordinator_states]
-        known = len(shards) == len(self.lane)  # a shard that has not answered yet: where its lane listens is unknown
-        if not known or not lanes_reach(self.where.get(name, {}).get("node_id"), shards, self.config.runtime.exchange.allow_plaintext):
+        if len(shards) != len(self.lane):  # a shard that never answered: where its lane listens is not known
+            return None
+        if not lanes_reach(self.where.get(name, {}).get("node_id"), shards, self.config.runtime.exchange.allow_plaintext):
             if name not in self._through_actor_calls:
                 self._through_actor_calls.add(name)
                 logger.info(f"student {name} runs on another node than the coordinator: it exchanges through Ray's actor "

@@ -223,13 +223,17 @@ def test_an_external_student_that_joins_while_the_step_waits_is_dropped_at_the_w
     """The waiting students' clients and the driver bound their waits by the exchange timeout: a silent external
     student that (re)joined meanwhile does not extend it; it is dropped with the others, and joins again."""
     async def scenario() -> None:
-        timeout_s = 0.2
+        loop = asyncio.get_running_loop()
+        timeout_s = 2.0
         barrier = _mixed_barrier("continue", timeout_s)
+        arrived = loop.time()
         waiting = [asyncio.ensure_future(barrier.exchange(_frame(name, 0))) for name in "ab"]  # x is silent
-        await asyncio.sleep(0.5 * timeout_s)
+        await asyncio.sleep(0.25 * timeout_s)
         assert barrier.register(StudentInfo("x", 20, 4, 3, steps_per_epoch=3), joining=True) == 0  # it joins, and is silent
-        replies = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+        joined = loop.time()
+        replies = await asyncio.wait_for(asyncio.gather(*waiting), 10)
         assert [reply.step for reply in replies] == [0, 0] and "x" not in barrier.core.live
+        assert loop.time() < joined + timeout_s, (joined - arrived, loop.time() - arrived)  # not its own timeout later
         assert [entry["student"] for entry in barrier.pop_dropped()] == ["x"]
 
     asyncio.run(scenario())
