@@ -146,6 +146,11 @@ def test_an_external_student_needs_a_fixed_port_and_the_ray_engine(tmp_path: Pat
 def _kill_after_checkpoint(run_dir: Path, step: int, who: str) -> None:
     """Once the cohort checkpoint of ``step`` is complete, SIGKILL a Ray student (by name) or the coordinator."""
     wait_until(lambda: (run_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").exists(), f"checkpoint {step}", 180)
+    _kill(run_dir, who)
+
+
+def _kill(run_dir: Path, who: str) -> None:
+    """SIGKILL a Ray student (by name) or the coordinator, as ``placements.json`` names its process."""
     placements = read_json(run_dir / "placements.json")
     pid = placements["coordinator"]["pid"] if who == "coordinator" else placements["students"][who]["pid"]
     assert kill_actor_process(pid, "Coordinator" if who == "coordinator" else "StudentActor"), f"{who} is not running"
@@ -156,21 +161,31 @@ def test_an_external_student_follows_a_rollback_and_a_coordinator_restart(tmp_pa
     """A Ray student dies (the cohort rolls back), then the coordinator dies (Ray restarts it on the same port).
 
     The external student restores its own snapshot each time and the run stays on the undisturbed trajectory.
+    mlp holds the cohort for each kill (a whole run takes a few seconds: a kill after a checkpoint's file appears
+    could come after the external student had finished, which then never rejoins the restarted coordinator).
     """
     port = free_port()
     config_path = _mixed_config(tmp_path, port)
     raw = yaml.safe_load(config_path.read_text())
     raw["training"]["batch_size"] = 128  # 12 steps per epoch, a checkpoint every 4
     raw["runtime"]["checkpoint"] = {"every_steps": 4, "keep": 2}
+    run_dir, markers, cnn_killed, coordinator_killed = tmp_path / "run", tmp_path / "markers", tmp_path / "cnn-killed", tmp_path / "killed"
+    markers.mkdir()
+    # its 7th forward is step 6 (past checkpoint 4); after the rollback to 4 its 21st is step 17 (past checkpoint 16)
+    holds = [{"how": "wait_for", "where": "step", "after": 6, "path": str(cnn_killed), "seconds": 120},
+             {"how": "wait_for", "where": "step", "after": 20, "path": str(coordinator_killed), "seconds": 120}]
+    raw["students"][0] = {"name": "mlp", "model": "tests.integration.faulty_models:mlp_with_faults",
+                          "options": {"faults": holds, "markers": str(markers), "run_dir": str(run_dir)}}
     config_path.write_text(yaml.safe_dump(raw))
     address = f"127.0.0.1:{port}"
-    run_dir = tmp_path / "run"
     driver = _start(["train", str(config_path), "--no-progress"], tmp_path, tmp_path / "driver.log")
     external = _start(["student", str(config_path), "--coordinator", address, "--name", "outside"], tmp_path,
                       tmp_path / "external.log")
     with _stopped_at_the_end(driver, external):
-        _kill_after_checkpoint(run_dir, 4, "cnn")
-        _kill_after_checkpoint(run_dir, 16, "coordinator")
+        for index, (who, released) in enumerate([("cnn", cnn_killed), ("coordinator", coordinator_killed)]):
+            wait_until(lambda index=index: (markers / f"fault-{index}").exists(), f"mlp holds the cohort for {who}", 180)
+            _kill(run_dir, who)
+            released.touch()
         external_log = _finish(external, tmp_path / "external.log", 300)
         driver_log = _finish(driver, tmp_path / "driver.log", 120)
     assert driver.returncode == 0, driver_log
