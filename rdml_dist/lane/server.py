@@ -53,14 +53,12 @@ class FrameLaneServer:
         self.secret = secret
         self.max_payload_bytes = max_payload_bytes
         self.address = ""
-        self.host = ""
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
         self._pending_hellos = 0
 
     async def start(self, host: str) -> str:
         """Listen on ``host`` (a free port); returns ``host:port``. Must run on the barrier's event loop."""
-        self.host = host
         self._server = await asyncio.start_server(self._serve, host, 0)
         port = self._server.sockets[0].getsockname()[1]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
