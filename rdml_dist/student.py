@@ -206,7 +206,7 @@ class Student:
         self._pending = None
         started = time.perf_counter()
         grad = mimicry_grad.to(device=logits.device, dtype=torch.float32)
-        self.compute.backward_and_step(ce + (logits.float() * grad).sum(), self.optimizer)
+        self.compute.backward_and_step(ce, logits.float(), grad, self.optimizer)
         self.last_measures = StepMeasures(step, forward_seconds + time.perf_counter() - started, round_trip_seconds)
 
     @torch.no_grad()

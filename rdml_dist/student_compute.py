@@ -62,15 +62,17 @@ class StepCompute:
         torch.cuda.current_stream(self.device).synchronize()
         return copies
 
-    def backward_and_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> bool:
-        """Backward of a float32 ``loss`` and the optimizer's step; False when the scaler skipped an overflowing step."""
+    def backward_and_step(self, ce: Tensor, logits: Tensor, mimicry_grad: Tensor, optimizer: torch.optim.Optimizer) -> bool:
+        """Backward of the float32 cross-entropy ``ce`` with ``mimicry_grad`` fed straight into ``logits`` (float32; the
+        same sum as a backward of ``ce + (logits * mimicry_grad).sum()``, bit for bit, without that product's graph),
+        then the optimizer's step; False when the scaler skipped an overflowing step."""
         optimizer.zero_grad(set_to_none=True)
         if not self.scaler.is_enabled():
-            loss.backward()
+            torch.autograd.backward([ce, logits], [None, mimicry_grad])
             optimizer.step()
             return True
         scale = self.scaler.get_scale()
-        self.scaler.scale(loss).backward()
+        torch.autograd.backward([self.scaler.scale(ce), logits], [None, self.scaler.scale(mimicry_grad)])
         self.scaler.step(optimizer)
         self.scaler.update()
         stepped = self.scaler.get_scale() >= scale  # the scaler lowers its scale exactly when it skipped the step

@@ -123,3 +123,25 @@ def test_a_frames_loss_and_counts_are_those_of_its_logits_brought_to_the_host_to
     assert frame.labelled == len(labels)
     assert frame.correct == int((frame.logits.argmax(-1) == labels).sum())
     assert frame.ce_loss == pytest.approx(float(torch.nn.functional.cross_entropy(frame.logits, labels)), rel=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_the_mimicry_gradient_fed_into_the_logits_steps_as_the_backward_of_the_summed_loss_bit_for_bit(precision: str) -> None:
+    """A step gives the same weights, to the bit, as a backward of ``ce + (logits * grad).sum()`` (scaled for fp16)."""
+    fed, summed = (Student(config({"precision": precision}, model="resnet20"), 0) for _ in range(2))
+    grads = torch.Generator().manual_seed(3)
+    for step in range(3):
+        frame = fed.forward_step(step)
+        grad = torch.randn(frame.logits.shape, generator=grads) * 0.01
+        fed.apply(grad)
+        summed.forward_step(step)
+        _, logits, ce, _ = summed._pending
+        summed._pending = None
+        summed.optimizer.zero_grad(set_to_none=True)
+        loss = ce + (logits.float() * grad).sum()
+        summed.compute.scaler.scale(loss).backward()
+        summed.compute.scaler.step(summed.optimizer)
+        summed.compute.scaler.update()
+    assert all(torch.equal(tensor, summed.model.state_dict()[name]) for name, tensor in fed.model.state_dict().items())
+    assert any(not torch.equal(tensor, Student(config({"precision": precision}, model="resnet20"), 0).model.state_dict()[name])
+               for name, tensor in fed.model.state_dict().items() if tensor.is_floating_point())
