@@ -18,6 +18,7 @@ class MachineTicks(NamedTuple):
 class ProcessTicks(NamedTuple):
     parent: int
     ticks: int  # user and system time of all its threads
+    started: int  # clock ticks after boot: with the pid, names one process even where pids are used again
 
 
 def machine_ticks() -> MachineTicks:
@@ -36,7 +37,7 @@ def process_ticks() -> dict[int, ProcessTicks]:
             except OSError:
                 continue
             fields = stat[stat.rindex(")") + 2:].split()  # the name in parentheses may hold spaces and parentheses
-            processes[int(entry)] = ProcessTicks(int(fields[1]), int(fields[11]) + int(fields[12]))
+            processes[int(entry)] = ProcessTicks(int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[19]))
     return processes
 
 
@@ -46,3 +47,16 @@ def command_line(pid: int) -> str | None:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return None
+
+
+def inherited_variable(pid: int, name: str) -> str | None:
+    """The value of environment variable ``name`` the process started with (None: unset, or the process has ended)."""
+    try:
+        environment = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    prefix = name.encode() + b"="
+    for item in environment.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix):].decode(errors="replace")
+    return None
