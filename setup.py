@@ -1,7 +1,7 @@
-"""The compiled part of rdml-dist: the Rényi step's element-wise passes (rdml_dist/native/renyi_passes.c).
+"""The compiled part of rdml-dist: the Rényi step's element-wise passes (rdml_dist/kernels/renyi_passes.c).
 
 Everything else is in pyproject.toml. The extension is optional: where it cannot be built (no C
-compiler), the install goes on and the step runs in torch alone (rdml_dist/native_passes.py).
+compiler), the install goes on and the step runs in torch alone (rdml_dist/kernels/native.py).
 """
 
 import sys
@@ -16,8 +16,8 @@ UNIX_FLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-std=gnu11"]
 setup(
     ext_modules=[
         Extension(
-            "rdml_dist._renyi_passes",
-            sources=["rdml_dist/native/renyi_passes.c"],
+            "rdml_dist.kernels._renyi_passes",
+            sources=["rdml_dist/kernels/renyi_passes.c"],
             extra_compile_args=[] if sys.platform == "win32" else UNIX_FLAGS,
             optional=True,
         )

@@ -5,7 +5,7 @@ the same class of each sample, as late in training), one torch thread, it times:
 - ``batched``: what the coordinator runs per step: the K frames stacked by sample into its
   workspace (:func:`rdml_dist.divergence.stack_by_sample`), then
   :func:`rdml_dist.divergence.mimicry_gradients` (gradients and losses, ``with_targets=False``) into it,
-  by the compiled step (:mod:`rdml_dist.native_passes`) where the extension is built;
+  by the compiled step (:mod:`rdml_dist.kernels.native`) where the extension is built;
 - ``torch``: the same in torch alone (the compiled step switched off), as where no C compiler was
   found at install;
 - ``floor``: the limit of the factored computation on this machine: one K×B×C copy, the exp of the
@@ -53,8 +53,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-import rdml_dist.mimicry_kernels as kernels  # noqa: E402
-from rdml_dist import native_passes  # noqa: E402
+import rdml_dist.kernels.mimicry as kernels  # noqa: E402
+from rdml_dist.kernels import native  # noqa: E402
 from rdml_dist.divergence import MimicryWorkspace, mimicry_gradients, stack_by_sample  # noqa: E402
 
 from earlier_code import module_at  # noqa: E402 - beside this script
@@ -126,16 +126,16 @@ def step_form(form: str) -> Iterator[None]:
     """The step as chosen (``chosen``), in torch alone (``torch``), or in one compiled form for every
     shape: the whole step in lanes (``lanes``) or the passes around torch's bmm (``passes``)."""
     if form == "torch":
-        with native_passes.switched_off():
+        with native.switched_off():
             yield
         return
-    limits = native_passes.WHOLE_STEP_MAX_SAMPLE_SIZE, native_passes.WHOLE_STEP_MAX_STUDENTS
+    limits = native.WHOLE_STEP_MAX_SAMPLE_SIZE, native.WHOLE_STEP_MAX_STUDENTS
     forced = {"chosen": limits, "lanes": (math.inf, math.inf), "passes": (0, 0)}[form]
-    native_passes.WHOLE_STEP_MAX_SAMPLE_SIZE, native_passes.WHOLE_STEP_MAX_STUDENTS = forced
+    native.WHOLE_STEP_MAX_SAMPLE_SIZE, native.WHOLE_STEP_MAX_STUDENTS = forced
     try:
         yield
     finally:
-        native_passes.WHOLE_STEP_MAX_SAMPLE_SIZE, native_passes.WHOLE_STEP_MAX_STUDENTS = limits
+        native.WHOLE_STEP_MAX_SAMPLE_SIZE, native.WHOLE_STEP_MAX_STUDENTS = limits
 
 
 class FactoredFloor:
@@ -246,7 +246,7 @@ def measure_cell(k: int, b: int, c: int, kind: str, baseline: ModuleType | None,
     for form in ("lanes", "passes"):
         if form in times:
             row[f"{form}_over_floor"] = median_ratio(times[form]["cpu"], times["floor"]["cpu"])
-    row["whole_step_chosen"] = native_passes.whole_step_serves(k, c)
+    row["whole_step_chosen"] = native.whole_step_serves(k, c)
     row["loop_over_batched"] = median_ratio(times["loop"]["cpu"], times["batched"]["cpu"])
     if "baseline" in times:
         row["baseline_over_batched"] = median_ratio(times["baseline"]["cpu"], times["batched"]["cpu"])
@@ -309,7 +309,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     forms = [row for row in report["rows"] if "lanes_over_floor" in row]
     if forms:
         lines += ["", "## The compiled step's two forms (--forms)", "",
-                  "Each cell timed in both forms in the same rounds; the chosen form is the one `native_passes.whole_step_serves` picks.", "",
+                  "Each cell timed in both forms in the same rounds; the chosen form is the one `native.whole_step_serves` picks.", "",
                   "| K | B | C | logits | lanes / floor | passes / floor | chosen |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {row['k']} | {row['b']} | {row['c']} | {row['logits']} | {row['lanes_over_floor']:.2f}× | "
                   f"{row['passes_over_floor']:.2f}× | {'lanes' if row['whole_step_chosen'] else 'passes'} |" for row in forms]
@@ -382,7 +382,7 @@ def main() -> int:
         "command": " ".join([".venv/bin/python", "benchmarks/coordinator_cost.py", *sys.argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch {torch.__version__}",
         "baseline_commit": args.baseline_commit,
-        "compiled": native_passes.available(),
+        "compiled": native.available(),
         "baseline_loaded": baseline is not None,
         "shards": args.shards,
         "wall_seconds": time.perf_counter() - started,

@@ -44,7 +44,7 @@ from rdml_dist.lane.client import FrameLaneClient
 from rdml_dist.lane.handshake import student_key
 from rdml_dist.lane.server import FrameLaneServer
 from rdml_dist.messages import LogitsFrame, StepMeasures, StudentInfo
-from rdml_dist.student import Student
+from rdml_dist.students.student import Student
 
 sys.path.insert(0, str(Path(__file__).parent))  # sleeping_cohort, the engine benchmark's students
 

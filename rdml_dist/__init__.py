@@ -30,7 +30,7 @@ _HOMES = {
     "train_cohort": "rdml_dist.engines",
     "ConfigError": "rdml_dist.errors",
     "FrameRejected": "rdml_dist.errors",
-    "Student": "rdml_dist.student",
+    "Student": "rdml_dist.students.student",
 }
 
 __all__ = sorted(_HOMES)

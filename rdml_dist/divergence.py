@@ -17,7 +17,7 @@ one; the others get their gradients from autograd): :data:`DIVERGENCES` maps the
 them, and ``package.module:name`` names a user's own (see :func:`resolve_divergence`).
 
 This module is the API and the registry; the fast closed-form passes, their buffers and numerics
-live in :mod:`rdml_dist.mimicry_kernels`, which a new divergence never needs to read.
+live in :mod:`rdml_dist.kernels.mimicry`, which a new divergence never needs to read.
 """
 
 import math
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from rdml_dist.errors import ConfigError
 from rdml_dist.factory import is_factory_reference, load_reference
-from rdml_dist.mimicry_kernels import (
+from rdml_dist.kernels.mimicry import (
     CHUNK_ELEMENTS,
     MimicryResult,
     MimicryWorkspace,

@@ -29,7 +29,7 @@ from rdml_dist.rpc.channel import describe, rejection_reason, status_code
 from rdml_dist.rpc.client import CohortClient, ExchangeStream
 from rdml_dist.rpc.generated.rdml.v1 import cohort_pb2
 from rdml_dist.run_records.storage import Storage
-from rdml_dist.student import Student
+from rdml_dist.students.student import Student
 
 RETRY_SECONDS = 0.5
 FOLLOWED = (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)

@@ -23,7 +23,7 @@ from rdml_dist.messages import NON_FINITE, EpochEvaluation, StepRecord
 from rdml_dist.coordinator_core.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import CohortMetrics, FileSdEntry, LockedRegistry, metrics_address, serve
 from rdml_dist.run_records.run_directory import RunDirectory
-from rdml_dist.student import Student
+from rdml_dist.students.student import Student
 
 
 class LocalCohort:

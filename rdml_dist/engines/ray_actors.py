@@ -34,7 +34,7 @@ from rdml_dist.metrics import metrics_address, serve
 from rdml_dist.rpc.server import CohortServer, start_cohort_server
 from rdml_dist.coordinator_core.shards import join_replies, split_frame
 from rdml_dist.run_records.storage import Storage
-from rdml_dist.student import Student
+from rdml_dist.students.student import Student
 
 CONTROL_GROUP = "control"
 STORAGE_MARKER = ".storage-marker"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import rdml_dist.divergence as divergence_module
-import rdml_dist.mimicry_kernels as kernels
+import rdml_dist.kernels.mimicry as kernels
 from rdml_dist.divergence import (
     DIVERGENCES,
     divergence,

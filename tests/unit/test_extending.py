@@ -30,7 +30,7 @@ from rdml_dist.engines.local import train_local
 from rdml_dist.messages import LogitsFrame, StepRecord
 from rdml_dist.coordinator_core.metered_coordinator import MeteredCoordinator
 from rdml_dist.metrics import STUDENT_LABELS, CohortMetrics
-from rdml_dist.student import Student
+from rdml_dist.students.student import Student
 from rdml_dist.user_modules import make_user_modules_importable
 from tests.unit.cohort_barrier import planned_frame, registered_barrier
 

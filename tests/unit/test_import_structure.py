@@ -91,8 +91,8 @@ ROOMS = [
     ("engines", {"engines", "external_student"}),
     ("transports", {"lane", "rpc"}),
     ("coordinator core", {"coordinator_core", "metrics"}),
-    ("students", {"student", "student_compute", "models", "data"}),
-    ("math", {"divergence", "mimicry_kernels", "native_passes", "schedules"}),
+    ("students", {"students", "models", "data"}),
+    ("math", {"divergence", "kernels", "schedules"}),
 ]
 RECORDS = {"run_records"}
 VOCABULARY = {"", "config", "configs", "messages", "errors", "logs", "lazy", "finite", "devices", "factory", "user_modules"}

@@ -15,7 +15,7 @@ from rdml_dist.config import ExperimentConfig, parse_config
 from rdml_dist.engines import resume_cohort
 from rdml_dist.engines.local import train_local
 from rdml_dist.run_records.storage import Storage
-from rdml_dist.student import Student
+from rdml_dist.students.student import Student
 
 
 def tiny_cohort(tmp_path: Path, name: str, epochs: int = 1, **mimicry: object) -> ExperimentConfig:

@@ -1,4 +1,4 @@
-"""The compiled Rényi step (rdml_dist/native/renyi_passes.c): both of its forms against the float64
+"""The compiled Rényi step (rdml_dist/kernels/renyi_passes.c): both of its forms against the float64
 reference, its fall-back to the careful torch path, and its switch."""
 
 import os
@@ -8,17 +8,17 @@ import sys
 import pytest
 import torch
 
-import rdml_dist.mimicry_kernels as kernels
-from rdml_dist import native_passes
+import rdml_dist.kernels.mimicry as kernels
+from rdml_dist.kernels import native
 from rdml_dist.divergence import MimicryWorkspace, mimicry_gradients, stack_by_sample
 from tests.unit.test_divergence import assert_matches_reference, cohort_logits, reference_cohort
 
-FORMS = {"whole step": 10**9, "passes around bmm": 0}  # native_passes.WHOLE_STEP_MAX_SAMPLE_SIZE for each form
+FORMS = {"whole step": 10**9, "passes around bmm": 0}  # native.WHOLE_STEP_MAX_SAMPLE_SIZE for each form
 
 
 def torch_only(logits: torch.Tensor, **kwargs):
     """``mimicry_gradients`` with the compiled code out of the way."""
-    with native_passes.switched_off():
+    with native.switched_off():
         return mimicry_gradients(logits, **kwargs)
 
 
@@ -27,12 +27,12 @@ def test_the_compiled_passes_are_built_and_serve_float32_on_the_cpu() -> None:
     broken build must fail here instead of silently leaving every step to torch."""
     if os.environ.get("RDML_DIST_NATIVE") == "0":
         pytest.skip("RDML_DIST_NATIVE=0 switches the compiled passes off")
-    assert native_passes.available()
-    assert native_passes.serves(torch.float32, torch.device("cpu"))
-    assert not native_passes.serves(torch.float64, torch.device("cpu"))
+    assert native.available()
+    assert native.serves(torch.float32, torch.device("cpu"))
+    assert not native.serves(torch.float64, torch.device("cpu"))
 
 
-needs_passes = pytest.mark.skipif(not native_passes.available(), reason="the compiled passes are not built")
+needs_passes = pytest.mark.skipif(not native.available(), reason="the compiled passes are not built")
 
 
 @needs_passes
@@ -44,7 +44,7 @@ def test_both_forms_match_the_float64_reference(
     form: str, kind: str, k: int, b: int, c: int, alpha: float, tau: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Odd batch sizes leave the last group of lanes short; small row blocks make the passes loop."""
-    monkeypatch.setattr(native_passes, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
+    monkeypatch.setattr(native, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
     monkeypatch.setattr(kernels, "_CHUNK_BYTES", 4 * k * c * 3)  # three rows per block
     logits = cohort_logits(kind, k, b=b, c=c, seed=k + b)
     result = mimicry_gradients(logits.float(), alpha=alpha, temperature=tau)
@@ -58,7 +58,7 @@ def test_both_forms_match_the_float64_reference(
 @needs_passes
 @pytest.mark.parametrize("form", FORMS)
 def test_the_compiled_step_agrees_with_torch_alone(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native_passes, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
+    monkeypatch.setattr(native, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
     logits = cohort_logits("confident15", 6, b=40, c=30, seed=1).float()
     compiled, alone = mimicry_gradients(logits, alpha=2.0), torch_only(logits, alpha=2.0)
     for mine, theirs in zip(compiled, alone):
@@ -81,7 +81,7 @@ def with_disjoint_samples(logits: torch.Tensor, samples: list[int]) -> torch.Ten
 def test_only_the_untrusted_samples_go_to_the_careful_path(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The compiled code flags the samples it cannot trust; the careful path redoes those alone,
     and their losses join the others'."""
-    monkeypatch.setattr(native_passes, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
+    monkeypatch.setattr(native, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
     monkeypatch.setattr(kernels, "_CHUNK_BYTES", 4 * 4 * 12 * 5)  # five rows per block
     redone: list[int] = []
     careful = kernels._pairwise_renyi
@@ -99,7 +99,7 @@ def test_only_the_untrusted_samples_go_to_the_careful_path(form: str, monkeypatc
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_non_finite_logits_give_what_torch_alone_gives(form: str, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native_passes, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
+    monkeypatch.setattr(native, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
     logits = cohort_logits("random", 4, b=19, c=12, seed=2).float()
     logits[1, 7, 3] = float(value)
     result, alone = mimicry_gradients(logits, alpha=5.0), torch_only(logits, alpha=5.0)
@@ -125,7 +125,7 @@ def test_half_precision_logits_laid_out_by_sample_are_converted_first(dtype: tor
 def test_an_order_near_one_keeps_the_losses_as_accurate_as_torch_alone(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The losses' terms cancel and are divided by α − 1: α must reach them unrounded (a cosine
     schedule passes close to 1)."""
-    monkeypatch.setattr(native_passes, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
+    monkeypatch.setattr(native, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
     logits = (cohort_logits("random", 4, b=64, c=10, seed=7) * 5 + 30).float()
     alpha = 1.00001
     reference = reference_cohort("renyi", logits.double(), alpha, 1.0, "pairwise")[2]
@@ -140,7 +140,7 @@ def test_confident_students_losses_are_as_accurate_as_torch_alone(form: str, mon
     """Late in training every student puts a large logit on the same class: in the factors' logits
     α z and (1−α) m nearly cancel, and the losses then cancel again. The compiled factors take the
     small difference z − m first so that this loses nothing."""
-    monkeypatch.setattr(native_passes, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
+    monkeypatch.setattr(native, "WHOLE_STEP_MAX_SAMPLE_SIZE", FORMS[form])
     generator = torch.Generator().manual_seed(8)
     logits = torch.randn(4, 128, 10, generator=generator)
     logits[:, torch.arange(128), torch.randint(10, (128,), generator=generator)] += 15.0
@@ -166,21 +166,21 @@ def test_a_strided_short_or_wrongly_typed_buffer_is_refused_by_name() -> None:
     """The loops would read or write such buffers wrongly, past their end even: they never get them."""
     block = torch.randn(4, 3, 8)
     with pytest.raises(ValueError, match="contiguous torch.float32 CPU buffers"):
-        native_passes.factors(block, 2.0, 1.0, torch.empty(4, 2, 3, 16)[..., :8], torch.empty(4, 6))
+        native.factors(block, 2.0, 1.0, torch.empty(4, 2, 3, 16)[..., :8], torch.empty(4, 6))
     with pytest.raises(ValueError, match="need 24 elements in a torch.float32 buffer, got 23"):
-        native_passes.factors(block, 2.0, 1.0, torch.empty(4, 2, 3, 8), torch.empty(23))
+        native.factors(block, 2.0, 1.0, torch.empty(4, 2, 3, 8), torch.empty(23))
     flags, sums = torch.empty(4, dtype=torch.uint8), torch.zeros(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="need 96 elements"):
-        native_passes.step(block, 2.0, 1.0, 0.25, 1e-30, torch.empty(4, 3, 7), None, sums, flags, torch.empty(3))
+        native.step(block, 2.0, 1.0, 0.25, 1e-30, torch.empty(4, 3, 7), None, sums, flags, torch.empty(3))
     with pytest.raises(ValueError, match="contiguous torch.float64 CPU buffers"):
-        native_passes.step(block, 2.0, 1.0, 0.25, 1e-30, torch.empty(4, 3, 8), None, sums.float(), flags, torch.empty(3))
+        native.step(block, 2.0, 1.0, 0.25, 1e-30, torch.empty(4, 3, 8), None, sums.float(), flags, torch.empty(3))
 
 
 def test_the_switch_leaves_every_step_to_torch() -> None:
     """``RDML_DIST_NATIVE=0``: nothing compiled is loaded, and the step still runs."""
     probe = (
-        "import torch; from rdml_dist import native_passes; from rdml_dist.divergence import mimicry_gradients;"
-        "assert not native_passes.available();"
+        "import torch; from rdml_dist.kernels import native; from rdml_dist.divergence import mimicry_gradients;"
+        "assert not native.available();"
         "result = mimicry_gradients(torch.randn(3, 8, 10), alpha=2.0);"
         "assert torch.isfinite(result.grads).all(); print('torch only')"
     )

@@ -19,7 +19,7 @@ from rdml_dist.engines.loop import next_boundary
 from rdml_dist.errors import ConfigError
 from rdml_dist.run_records.step_log import read_step_log
 from rdml_dist.run_records.storage import Storage, atomic_write
-from rdml_dist.student import Student
+from rdml_dist.students.student import Student
 
 
 def cohort_config(tmp_path: Path, name: str = "state", **runtime: object) -> object:

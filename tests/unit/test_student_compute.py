@@ -10,7 +10,7 @@ import torch
 from rdml_dist.config import ExperimentConfig, parse_config
 from rdml_dist.engines.local import train_local
 from rdml_dist.errors import ConfigError
-from rdml_dist.student import Student
+from rdml_dist.students.student import Student
 from tests.unit.data_files import write_cifar
 
 

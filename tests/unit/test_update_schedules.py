@@ -12,7 +12,7 @@ from rdml_dist.data import augment_seed, batch_plan
 from rdml_dist.divergence import divergence
 from rdml_dist.engines.local import train_local
 from rdml_dist.errors import ConfigError
-from rdml_dist.student import Student
+from rdml_dist.students.student import Student
 
 
 def cohort(tmp_path: Path, update: str) -> ExperimentConfig:

@@ -2,7 +2,7 @@
 
 :mod:`rdml_dist.divergence` holds the public API and the registry; this module holds what a new
 divergence never needs to read: the per-sample divergences in log space, the closed-form Rényi and
-KL passes over blocks of rows (the compiled passes of :mod:`rdml_dist.native_passes` where they load,
+KL passes over blocks of rows (the compiled passes of :mod:`rdml_dist.kernels.native` where they load,
 torch otherwise), the exact recomputation of underflowed pairs, and the buffers a caller reuses
 between steps (:class:`MimicryWorkspace`). The closed form and its numerics are DESIGN §1.
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rdml_dist import native_passes
+from rdml_dist.kernels import native
 
 
 class MimicryResult(NamedTuple):
@@ -508,7 +508,7 @@ def _pairwise_renyi_in_row_blocks(
     k, batch, classes = logits.shape
     scale = 1 / (temperature * batch)
     buffers = _RenyiBuffers.empty(batch, k, classes, dtype, logits.device, with_targets, workspace)
-    if native_passes.serves(dtype, logits.device):
+    if native.serves(dtype, logits.device):
         return _pairwise_renyi_compiled(logits, alpha, temperature, scale, buffers, workspace)
     factors, overlaps = _block_scratch(logits, dtype, workspace)
     for rows, block in _row_blocks(logits, dtype):
@@ -534,7 +534,7 @@ def _block_scratch(logits: Tensor, dtype: torch.dtype, workspace: MimicryWorkspa
 def _pairwise_renyi_compiled(
     logits: Tensor, alpha: float, temperature: float, scale: float, buffers: _RenyiBuffers, workspace: MimicryWorkspace | None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """:func:`_pairwise_renyi_in_row_blocks` by the compiled code (:mod:`rdml_dist.native_passes`).
+    """:func:`_pairwise_renyi_in_row_blocks` by the compiled code (:mod:`rdml_dist.kernels.native`).
 
     Small samples (K·C) are one call for the whole batch, products included; larger ones are, per
     row block, the compiled passes around torch's two ``bmm``. The samples the compiled code could
@@ -546,9 +546,9 @@ def _pairwise_renyi_compiled(
     flags = _empty(workspace, "untrusted", (batch,), torch.uint8, logits.device)
     trusted_floor = _trusted_floor(classes, dtype)
     by_sample = logits.transpose(0, 1)
-    if native_passes.whole_step_serves(k, classes):
+    if native.whole_step_serves(k, classes):
         losses = torch.empty(k, dtype=dtype, device=logits.device)
-        untrusted = native_passes.step(
+        untrusted = native.step(
             by_sample if by_sample.dtype == dtype else by_sample.to(dtype), alpha, temperature, scale, trusted_floor,
             buffers.grads, buffers.targets, loss_sums, flags, losses,
         )
@@ -579,10 +579,10 @@ def _compiled_passes_in_row_blocks(
     for rows, block in _row_blocks(logits, buffers.grads.dtype):
         used = block.shape[0]
         out = buffers if used == batch else buffers.rows(rows)
-        peer, own = native_passes.factors(block, alpha, temperature, factors[:used], shifts[:used])
+        peer, own = native.factors(block, alpha, temperature, factors[:used], shifts[:used])
         overlap = torch.bmm(peer, own.transpose(1, 2), out=overlaps[:used])
         block_targets = None if target_weights is None else target_weights[:used]
-        untrusted += native_passes.weights(
+        untrusted += native.weights(
             overlap, shifts[:used], alpha, scale, trusted_floor, block_targets, loss_sums, flags[rows]
         )
         if out.targets is not None:

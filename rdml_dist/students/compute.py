@@ -1,6 +1,6 @@
 """How one student's forward and backward run on its device: precision, memory format and compilation.
 
-The student's step (:mod:`rdml_dist.student`) asks this for its forward and for the backward
+The student's step (:mod:`rdml_dist.students.student`) asks this for its forward and for the backward
 and optimizer step; what GPU users turn on (``training.compute``) lives here alone:
 
 - ``bf16``/``fp16``: the forward under ``torch.autocast``; the loss is formed in float32 from

@@ -23,7 +23,7 @@ from rdml_dist.data.split import Batch
 from rdml_dist.devices import resolve_device
 from rdml_dist.messages import NON_FINITE, EvalFrame, LogitsFrame, StepMeasures, StudentInfo
 from rdml_dist.models import build_model
-from rdml_dist.student_compute import StepCompute
+from rdml_dist.students.compute import StepCompute
 
 
 def student_seed(seed: int, index: int) -> int:

@@ -1,4 +1,4 @@
-"""The Rényi step compiled (``rdml_dist/native/renyi_passes.c``), where ``pip install`` built it.
+"""The Rényi step compiled (``rdml_dist/kernels/renyi_passes.c``), where ``pip install`` built it.
 
 A step in torch alone makes about twenty torch calls of a few microseconds each, and passes over
 its K×B×C factors that one loop does at once; at small batches and class counts those calls cost
@@ -21,7 +21,7 @@ def _load() -> ModuleType | None:
     if os.environ.get("RDML_DIST_NATIVE", "1") == "0":
         return None
     try:
-        from rdml_dist import _renyi_passes  # type: ignore[attr-defined]  # compiled at install
+        from rdml_dist.kernels import _renyi_passes  # type: ignore[attr-defined]  # compiled at install
     except ImportError:
         return None
     return _renyi_passes
@@ -73,7 +73,7 @@ def whole_step_serves(k: int, classes: int) -> bool:
 
 def factors(block: Tensor, alpha: float, temperature: float, into: Tensor, shifts: Tensor) -> tuple[Tensor, Tensor]:
     """The peer and own factors of ``block`` (rows×K×C logits) into ``into`` (rows×2×K×C) and their
-    row shifts into ``shifts`` (rows×2K); as :func:`rdml_dist.mimicry_kernels._factors`."""
+    row shifts into ``shifts`` (rows×2K); as :func:`rdml_dist.kernels.mimicry._factors`."""
     rows, k, classes = block.shape
     block = block.contiguous()
     _check_buffers((block, _F32, rows * k * classes), (into, _F32, rows * 2 * k * classes), (shifts, _F32, rows * 2 * k))
@@ -89,7 +89,7 @@ def weights(
     loss_sums: Tensor, untrusted: Tensor,
 ) -> int:
     """The overlaps (rows×K×K) overwritten by the transposed gradient weights Vᵀ of
-    :func:`rdml_dist.mimicry_kernels._write_gradients`, the transposed target weights into
+    :func:`rdml_dist.kernels.mimicry._write_gradients`, the transposed target weights into
     ``target_weights`` when given, and Σ_b Σ_{j≠k} logZ_jk added to ``loss_sums`` (K float64).
 
     ``untrusted`` (rows, uint8) flags the samples with an overlap below ``trusted_floor`` (or not

@@ -1,6 +1,6 @@
 /* The factored pairwise Rényi step of rdml_dist/divergence.py in few calls, on the CPU in float32.
  *
- * Two forms (rdml_dist/native_passes.py and divergence.py choose):
+ * Two forms (rdml_dist/kernels/native.py and divergence.py choose):
  * - whole_step: the whole step, both matrix products included, LANES samples at a time side by
  *   side in the vector lanes. For small cohorts and few classes, where per-sample loops would be a
  *   few elements long and torch's calls and bmm cost more than the arithmetic.
@@ -444,7 +444,7 @@ static int weights_pass(float *overlap, int rows, int k, const float *shifts, We
 }
 
 /* ---- Python ----
- * The functions take the tensors' addresses (the caller, rdml_dist/native_passes.py, checks dtype,
+ * The functions take the tensors' addresses (the caller, rdml_dist/kernels/native.py, checks dtype,
  * device, layout and sizes) and release the GIL while they run, as torch's own calls do. */
 
 static PyObject *factors(PyObject *self, PyObject *args) {
