@@ -17,11 +17,12 @@ the gap between a cell and its target can be read as machine and engine parts:
   processes sending frames as fast as they are answered: the coordinator process's CPU per frame, its
   computation included.
 
-Writes benchmarks/results/step_limits.{json,md}. Run (about 15 s):
+Writes benchmarks/results/step_limits.{json,md}. Run (about 20 s):
     .venv/bin/python benchmarks/step_limits.py
 """
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -31,7 +32,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,44 @@ SLEEP_S = 0.005
 FORK = multiprocessing.get_context("fork")
 
 
+@contextlib.contextmanager
+def _loop_thread() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop running on its own thread, stopped and closed on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield loop
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@contextlib.contextmanager
+def _children(target: Callable[..., None], argument_lists: list[tuple[Any, ...]]) -> Iterator[None]:
+    """One forked process per argument list, started; on exit each is waited for and, if still alive, ended."""
+    processes = [FORK.Process(target=target, args=arguments, daemon=True) for arguments in argument_lists]
+    for process in processes:
+        process.start()
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.join(10)
+            if process.is_alive():
+                process.terminate()
+                process.join(10)
+
+
 def _median_of_runs(measure: Callable[[], float], runs: int = 3) -> float:
     return statistics.median(measure() for _ in range(runs))
+
+
+def _median_run(measure: Callable[[], dict[str, float]], runs: int = 3) -> dict[str, float]:
+    """Each value's median over ``runs`` runs, with every run's values beside it (a cohort's cell varies from run to run)."""
+    results = [measure() for _ in range(runs)]
+    return {**{key: statistics.median(result[key] for result in results) for key in results[0]}, "runs": results}
 
 
 # --- waking a process that slept ----------------------------------------------------------------------------
@@ -63,9 +100,6 @@ def _median_of_runs(measure: Callable[[], float], runs: int = 3) -> float:
 def wake_up() -> dict[str, float]:
     """One-byte round trips between two processes, hot and after a 5 ms sleep; the 5 ms sleep's overshoot."""
     mine, theirs = socket.socketpair()
-    child = FORK.Process(target=_answer_bytes, args=(theirs, mine))
-    child.start()
-    theirs.close()
 
     def round_trips(count: int, sleep_s: float) -> float:
         total = 0.0
@@ -78,11 +112,14 @@ def wake_up() -> dict[str, float]:
             total += time.perf_counter() - started
         return total / count
 
-    round_trips(200, 0.0)
-    hot = _median_of_runs(lambda: round_trips(2000, 0.0))
-    after_sleep = _median_of_runs(lambda: round_trips(200, SLEEP_S))
-    mine.close()
-    child.join(10)
+    with _children(_answer_bytes, [(theirs, mine)]):
+        theirs.close()
+        try:
+            round_trips(200, 0.0)
+            hot = _median_of_runs(lambda: round_trips(2000, 0.0))
+            after_sleep = _median_of_runs(lambda: round_trips(200, SLEEP_S))
+        finally:
+            mine.close()  # ends the child's stream, and the child returns
 
     def overshoot() -> float:
         total = 0.0
@@ -211,21 +248,18 @@ def lane_transport(count: int = 3000) -> dict[str, float]:
     for name, start in (("streams", _streams_server), ("buffered_protocol", _protocol_server)):
         samples = []
         for _ in range(3):
-            loop = asyncio.new_event_loop()
-            thread = threading.Thread(target=loop.run_forever, daemon=True)
-            thread.start()
-            server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-            ready, done = FORK.Queue(), FORK.Queue()
-            client = FORK.Process(target=_send_messages, args=(server.sockets[0].getsockname()[1], count, ready, done))
-            client.start()
-            ready.get(timeout=30)
-            cpu = time.process_time()
-            done.get(timeout=120)
-            samples.append((time.process_time() - cpu) / count)
-            client.join(10)
-            server.close()
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(10)
+            with _loop_thread() as loop:
+                server = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+                ready, done = FORK.Queue(), FORK.Queue()
+                try:
+                    with _children(_send_messages, [(server.sockets[0].getsockname()[1], count, ready, done)]):
+                        ready.get(timeout=30)
+                        cpu = time.process_time()
+                        done.get(timeout=120)
+                        samples.append((time.process_time() - cpu) / count)
+                finally:
+                    server.close()
+                    asyncio.run_coroutine_threadsafe(server.wait_closed(), loop).result(10)
         results[f"{name}_cpu_s"] = statistics.median(samples)
     return results
 
@@ -295,31 +329,24 @@ def coordinator_per_frame(students: int, steps: int = 300) -> dict[str, float]:
     names = [f"s{index}" for index in range(students)]
     steps_per_epoch = NUM_TRAIN // BATCH
     hashes = _batch_hashes(steps // steps_per_epoch + 1)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    barrier = CohortBarrier(_coordinator_config(names))
-    for name in names:
-        barrier.register(StudentInfo(name, NUM_TRAIN, 10, 100, steps_per_epoch, "same-data"))
-    server = FrameLaneServer(barrier, LANE_SECRET, 1 << 26)
-    address = asyncio.run_coroutine_threadsafe(server.start("127.0.0.1"), loop).result(10)
-    ready, done = FORK.Queue(), FORK.Queue()
-    clients = [FORK.Process(target=_exchange_frames, args=(name, address, hashes, steps, ready, done)) for name in names]
-    for client in clients:
-        client.start()
-    for _ in names:
-        ready.get(timeout=60)
-    cpu, started = time.process_time(), time.perf_counter()
-    for _ in names:
-        done.get(timeout=300)
-    result = {"cpu_per_frame_s": (time.process_time() - cpu) / (steps * students),
-              "step_s": (time.perf_counter() - started) / steps}
-    for client in clients:
-        client.join(10)
-    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    return result
+    with _loop_thread() as loop:
+        barrier = CohortBarrier(_coordinator_config(names))
+        for name in names:
+            barrier.register(StudentInfo(name, NUM_TRAIN, 10, 100, steps_per_epoch, "same-data"))
+        server = FrameLaneServer(barrier, LANE_SECRET, 1 << 26)
+        address = asyncio.run_coroutine_threadsafe(server.start("127.0.0.1"), loop).result(10)
+        ready, done = FORK.Queue(), FORK.Queue()
+        try:
+            with _children(_exchange_frames, [(name, address, hashes, steps, ready, done) for name in names]):
+                for _ in names:
+                    ready.get(timeout=60)
+                cpu, started = time.process_time(), time.perf_counter()
+                for _ in names:
+                    done.get(timeout=300)
+                return {"cpu_per_frame_s": (time.process_time() - cpu) / (steps * students),
+                        "step_s": (time.perf_counter() - started) / steps}
+        finally:
+            asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
 
 
 def _exchange_frames(name: str, address: str, hashes: list[str], steps: int, ready: Any, done: Any) -> None:
@@ -343,7 +370,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     wake, student, lane = report["wake_up"], report["student_step"], report["lane_transport"]
     lines = [
         "# Step limits (benchmarks/step_limits.py)", "",
-        f"Machine: {report['machine']}. Command: `python benchmarks/step_limits.py`. Medians of three runs where repeated.", "",
+        f"Machine: {report['machine']}. Command: `python benchmarks/step_limits.py`. Medians of three runs for the wake-ups, the lane server and the coordinator (each coordinator cell's runs in the JSON); one run of 2,000 round trips (400 of the largest frame) for the loopback sizes and of 120 steps for the student.", "",
         "## Waking a process that slept", "",
         "| one-byte round trip between two processes | µs |", "|---|---|",
         f"| back to back | {wake['hot_round_trip_s'] * us:.1f} |",
@@ -375,7 +402,7 @@ def main() -> int:
         "loopback": loopback_round_trips(),
         "lane_transport": lane_transport(),
         "student_step": student_step(),
-        "coordinator": [{"students": students, **coordinator_per_frame(students)} for students in (2, 8, 16)],
+        "coordinator": [{"students": students, **_median_run(lambda: coordinator_per_frame(students))} for students in (2, 8, 16)],
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "step_limits.json").write_text(json.dumps(report, indent=1) + "\n")
