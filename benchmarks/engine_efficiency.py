@@ -50,7 +50,8 @@ from rdml_dist.engines.session import new_session  # noqa: E402
 from rdml_dist.run_records.step_log import read_step_log  # noqa: E402
 from rdml_dist.run_records.storage import Storage  # noqa: E402
 
-from proc_cpu import TICKS_PER_S, command_line, machine_ticks, process_ticks  # noqa: E402  (beside this script)
+from plain_sockets import receive_exactly  # noqa: E402  (beside this script)
+from proc_cpu import TICKS_PER_S, command_line, machine_ticks, process_ticks  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 128
@@ -156,15 +157,6 @@ class CpuAtEpochEnds:
 # --- the floor: plain processes, plain sockets ------------------------------------------------------------
 
 
-def _receive_exactly(connection: socket.socket, size: int, buffer: bytearray) -> None:
-    view, received = memoryview(buffer), 0
-    while received < size:
-        count = connection.recv_into(view[received:size])
-        if count == 0:
-            raise ConnectionError("closed")
-        received += count
-
-
 def _floor_sender(port: int, payload_bytes: int, sleep_s: float, steps: int, results: Any) -> None:
     payload = os.urandom(payload_bytes)
     buffer = bytearray(payload_bytes)
@@ -175,7 +167,7 @@ def _floor_sender(port: int, payload_bytes: int, sleep_s: float, steps: int, res
             started = time.perf_counter()
             time.sleep(sleep_s)
             connection.sendall(payload)
-            _receive_exactly(connection, payload_bytes, buffer)
+            receive_exactly(connection, payload_bytes, buffer)
             times.append(time.perf_counter() - started)
     results.put(times)
 
@@ -202,7 +194,7 @@ def floor_cell(students: int, sleep_ms: float, classes: int, steps: int = 200) -
     def serve() -> None:
         for _ in range(steps):
             for connection in connections:
-                _receive_exactly(connection, payload_bytes, buffer)
+                receive_exactly(connection, payload_bytes, buffer)
             for connection in connections:
                 connection.sendall(reply)
 

@@ -49,6 +49,8 @@ from rdml_dist.students.student import Student
 
 sys.path.insert(0, str(Path(__file__).parent))  # sleeping_cohort, the engine benchmark's students
 
+from plain_sockets import receive_exactly  # noqa: E402  (beside this script)
+
 RESULTS = Path(__file__).parent / "results"
 BATCH = 128
 SLEEP_S = 0.005
@@ -152,12 +154,12 @@ def loopback_round_trips() -> list[dict[str, Any]]:
         count = 2000 if size < 100_000 else 400
         echo = threading.Thread(target=_echo, args=(server, size, count + 100))
         echo.start()
-        data, into = bytes(size), memoryview(bytearray(size))
+        data, buffer = bytes(size), bytearray(size)
         for _ in range(100):
-            _round_trip(client, data, into)
+            _round_trip(client, data, buffer)
         cpu, started = time.process_time(), time.perf_counter()
         for _ in range(count):
-            _round_trip(client, data, into)
+            _round_trip(client, data, buffer)
         rows.append({"size": label, "bytes": size, "round_trip_s": (time.perf_counter() - started) / count,
                      "cpu_s": (time.process_time() - cpu) / count})
         echo.join(10)
@@ -166,22 +168,16 @@ def loopback_round_trips() -> list[dict[str, Any]]:
     return rows
 
 
-def _receive_into(connection: socket.socket, into: memoryview) -> None:
-    received = 0
-    while received < len(into):
-        received += connection.recv_into(into[received:])
-
-
-def _round_trip(connection: socket.socket, data: bytes, into: memoryview) -> None:
+def _round_trip(connection: socket.socket, data: bytes, buffer: bytearray) -> None:
     connection.sendall(data)
-    _receive_into(connection, into)
+    receive_exactly(connection, len(buffer), buffer)
 
 
 def _echo(connection: socket.socket, size: int, count: int) -> None:
-    into = memoryview(bytearray(size))
+    buffer = bytearray(size)
     for _ in range(count):
-        _receive_into(connection, into)
-        connection.sendall(into)
+        receive_exactly(connection, size, buffer)
+        connection.sendall(buffer)
 
 
 # --- the lane server's transport alone ------------------------------------------------------------------------
@@ -267,12 +263,12 @@ def lane_transport(count: int = 3000) -> dict[str, float]:
 def _send_messages(port: int, count: int, ready: Any, done: Any) -> None:
     connection = socket.create_connection(("127.0.0.1", port))
     connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    into = memoryview(bytearray(len(MESSAGE)))
+    buffer = bytearray(len(MESSAGE))
     for _ in range(200):
-        _round_trip(connection, MESSAGE, into)
+        _round_trip(connection, MESSAGE, buffer)
     ready.put(True)
     for _ in range(count):
-        _round_trip(connection, MESSAGE, into)
+        _round_trip(connection, MESSAGE, buffer)
     done.put(True)
     connection.close()
 
