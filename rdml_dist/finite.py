@@ -1,17 +1,24 @@
-"""Whether a tensor holds only finite values, at the cost of one reduction (it runs on every frame)."""
+"""Whether a tensor holds only finite values, at the cost of one pass (it runs on every frame)."""
 
 import math
 
+import numpy as np
 import torch
+
+# CPU dtypes that numpy reads without a copy: checked element by element in one vectorised pass
+_NUMPY_DTYPES = frozenset({torch.float16, torch.float32, torch.float64})
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """True when no element is NaN or infinite.
 
-    The float64 sum is non-finite exactly when an element is (a NaN or an infinity propagates, and finite
-    float32/16 values cannot overflow a float64 sum), and costs a fifth of ``isfinite(...).all()``. Float64
-    tensors, whose finite values could overflow it, are checked element by element.
+    A CPU float16/32/64 tensor is checked element by element through numpy (``isfinite(...).all()``, a third
+    cheaper than a reduction in torch for a frame's 128×100 logits). Other tensors (bfloat16, a GPU's) take
+    a float64 sum, which is non-finite exactly when an element is: a NaN or an infinity propagates, and
+    finite bfloat16 values cannot overflow a float64 sum.
     """
+    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_DTYPES:
+        return bool(np.isfinite(tensor.detach().numpy()).all())
     if tensor.dtype == torch.float64:
         return bool(torch.isfinite(tensor).all())
     return math.isfinite(float(tensor.sum(dtype=torch.float64)))

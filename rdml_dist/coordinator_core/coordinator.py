@@ -342,15 +342,19 @@ class CohortCoordinator:
         scale = pending.weight * mimicry.temperature**2
         elapsed = self.clock() - pending.started
         last_arrival = max(pending.arrivals)
+        epoch = self.epoch_of(self.step)
+        # one product for every student, each reply a row of it (a transport that pickles copies its row out: ray_actors)
+        grads = result.grads * (scale * share)
+        losses = result.losses.tolist()
         replies: dict[str, MimicryReply] = {}
         step_records = self.records.setdefault(self.step, {})
         for position, (name, frame, arrival) in enumerate(zip(pending.names, pending.frames, pending.arrivals)):
             if name not in pending.answered:
                 continue
-            divergence_value = float(result.losses[position])
+            divergence_value = losses[position]
             replies[name] = MimicryReply(
                 step=self.step,
-                grad=(result.grads[position] * (scale * share)).to(frame.logits.dtype),  # back in the dtype it was sent in
+                grad=grads[position].to(frame.logits.dtype),  # back in the dtype it was sent in
                 mimicry_loss=scale * divergence_value,
                 alpha=pending.alpha,
                 weight=pending.weight,
@@ -359,7 +363,7 @@ class CohortCoordinator:
             )
             step_records[name] = StepRecord(
                 step=self.step,
-                epoch=self.epoch_of(self.step),
+                epoch=epoch,
                 student=name,
                 ce_loss=frame.ce_loss,
                 mimicry_loss=scale * divergence_value,
