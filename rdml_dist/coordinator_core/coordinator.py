@@ -343,8 +343,6 @@ class CohortCoordinator:
         elapsed = self.clock() - pending.started
         last_arrival = max(pending.arrivals)
         epoch = self.epoch_of(self.step)
-        # one product for every student, each reply a row of it (a transport that pickles copies its row out: ray_actors)
-        grads = result.grads * (scale * share)
         losses = result.losses.tolist()
         replies: dict[str, MimicryReply] = {}
         step_records = self.records.setdefault(self.step, {})
@@ -354,7 +352,7 @@ class CohortCoordinator:
             divergence_value = losses[position]
             replies[name] = MimicryReply(
                 step=self.step,
-                grad=grads[position].to(frame.logits.dtype),  # back in the dtype it was sent in
+                grad=(result.grads[position] * (scale * share)).to(frame.logits.dtype),  # back in the dtype it was sent in
                 mimicry_loss=scale * divergence_value,
                 alpha=pending.alpha,
                 weight=pending.weight,

@@ -9,7 +9,6 @@ dies (``max_restarts``); a restarted actor starts fresh and the driver restores 
 run's latest checkpoint.
 """
 
-import dataclasses
 import os
 import time
 import uuid
@@ -73,7 +72,7 @@ class Coordinator:
 
     async def exchange(self, frame: LogitsFrame) -> MimicryReply:
         """Submit one student's logits and wait for its mimicry gradient (the per-step barrier)."""
-        return with_own_gradient(await self.barrier.exchange(frame))
+        return await self.barrier.exchange(frame)
 
     async def refresh(self, frame: LogitsFrame) -> None:
         """Sequential update: a student's logits after its update; releases the next student's turn."""
@@ -197,15 +196,6 @@ def _rejection(error: BaseException) -> FrameRejected | None:
     """The coordinator's refusal of a frame, unwrapped from Ray's task error."""
     cause = error.cause if isinstance(error, ray.exceptions.RayTaskError) else error
     return cause if isinstance(cause, FrameRejected) else None
-
-
-def with_own_gradient(reply: MimicryReply) -> MimicryReply:
-    """``reply`` with a gradient that owns its memory: the core answers a step with rows of one tensor, and Ray
-    pickles a row with the whole of it (K students' gradients to each)."""
-    grad = reply.grad
-    if grad.untyped_storage().nbytes() == grad.nbytes:
-        return reply
-    return dataclasses.replace(reply, grad=grad.clone())
 
 
 @ray.remote

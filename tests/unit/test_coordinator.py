@@ -1,7 +1,6 @@
 """The transport-free coordinator core: barrier bookkeeping, frame validation, batched mimicry, scoring."""
 
 import math
-import pickle
 from dataclasses import fields
 
 import pytest
@@ -93,24 +92,6 @@ def test_replies_survive_the_next_step_that_reuses_the_workspace(coordinator: Co
             first = replies
     assert all(torch.equal(first[name].grad, answered[0][name]) for name in "abc")
     assert not torch.equal(answered[0]["a"], answered[1]["a"])
-
-
-def test_replies_through_ray_carry_only_their_own_gradient(coordinator: CohortCoordinator) -> None:
-    """A step's replies are rows of one tensor (one product for the cohort); the actor-call path pickles each with
-    its own row only, the same values, not the cohort's."""
-    from rdml_dist.engines.ray_actors import with_own_gradient
-
-    for seed, name in enumerate("abc"):
-        coordinator.submit(frame(name, 0, logits_for(seed, rows=BATCH)))
-    replies = coordinator.compute()
-    row_bytes = BATCH * CLASSES * 4
-    for reply in replies.values():
-        sent = with_own_gradient(reply)
-        assert torch.equal(sent.grad, reply.grad) and sent.mimicry_loss == reply.mimicry_loss
-        assert sent.grad.untyped_storage().nbytes() == row_bytes
-        assert len(pickle.dumps(reply)) >= len(pickle.dumps(sent)) + 2 * row_bytes  # the two peers' rows left behind
-    compact = with_own_gradient(sent)
-    assert compact is sent  # a gradient that owns its memory goes as it is
 
 
 @pytest.mark.parametrize(
