@@ -19,8 +19,10 @@ the gap between a cell and its target can be read as machine and engine parts:
 
 Writes benchmarks/results/step_limits.{json,md}. Run (about 20 s):
     .venv/bin/python benchmarks/step_limits.py
+    .venv/bin/python benchmarks/step_limits.py --coordinator-only 5   # those cells alone, to compare two commits
 """
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -390,8 +392,25 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_coordinator(runs: int) -> None:
+    """Only the coordinator cells, ``runs`` runs each, printed and not written: run it on each of two commits, in
+    turns, to compare their per-frame CPU (a cell varies from run to run by more than a small cut)."""
+    for students in (2, 8, 16):
+        cell = _median_run(lambda: coordinator_per_frame(students), runs)
+        each = ", ".join(f"{run['cpu_per_frame_s'] * 1e6:.0f}" for run in cell["runs"])
+        print(f"K = {students}: median {cell['cpu_per_frame_s'] * 1e6:.0f} µs of CPU a frame (runs: {each}); "
+              f"step {cell['step_s'] * 1e3:.2f} ms")
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description="Where a sleeping-cohort step's time goes beyond the engine.")
+    parser.add_argument("--coordinator-only", type=int, metavar="RUNS",
+                        help="measure only the coordinator per frame, RUNS runs of each cell; print, write nothing")
+    arguments = parser.parse_args()
     torch.set_num_threads(1)
+    if arguments.coordinator_only:
+        compare_coordinator(arguments.coordinator_only)
+        return 0
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch {torch.__version__}",
         "wake_up": wake_up(),
