@@ -407,8 +407,10 @@ def main() -> int:
     parser.add_argument("--coordinator-only", type=int, metavar="RUNS",
                         help="measure only the coordinator per frame, RUNS runs of each cell; print, write nothing")
     arguments = parser.parse_args()
+    if arguments.coordinator_only is not None and arguments.coordinator_only < 1:
+        parser.error(f"--coordinator-only needs at least 1 run, not {arguments.coordinator_only}")
     torch.set_num_threads(1)
-    if arguments.coordinator_only:
+    if arguments.coordinator_only is not None:
         compare_coordinator(arguments.coordinator_only)
         return 0
     report = {
