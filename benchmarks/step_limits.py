@@ -392,13 +392,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def coordinator_cells(runs: int = 3) -> list[dict[str, Any]]:
+    """The coordinator per frame at K = 2, 8 and 16, each cell the median of ``runs`` runs (every run kept)."""
+    return [{"students": students, **_median_run(lambda: coordinator_per_frame(students), runs)} for students in (2, 8, 16)]
+
+
 def compare_coordinator(runs: int) -> None:
     """Only the coordinator cells, ``runs`` runs each, printed and not written: run it on each of two commits, in
     turns, to compare their per-frame CPU (a cell varies from run to run by more than a small cut)."""
-    for students in (2, 8, 16):
-        cell = _median_run(lambda: coordinator_per_frame(students), runs)
+    for cell in coordinator_cells(runs):
         each = ", ".join(f"{run['cpu_per_frame_s'] * 1e6:.0f}" for run in cell["runs"])
-        print(f"K = {students}: median {cell['cpu_per_frame_s'] * 1e6:.0f} µs of CPU a frame (runs: {each}); "
+        print(f"K = {cell['students']}: median {cell['cpu_per_frame_s'] * 1e6:.0f} µs of CPU a frame (runs: {each}); "
               f"step {cell['step_s'] * 1e3:.2f} ms")
 
 
@@ -419,7 +423,7 @@ def main() -> int:
         "loopback": loopback_round_trips(),
         "lane_transport": lane_transport(),
         "student_step": student_step(),
-        "coordinator": [{"students": students, **_median_run(lambda: coordinator_per_frame(students))} for students in (2, 8, 16)],
+        "coordinator": coordinator_cells(),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "step_limits.json").write_text(json.dumps(report, indent=1) + "\n")
