@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -63,14 +64,32 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def _fixed_port_range() -> range:
+    """Ports that no process is handed by chance: above Ray's worker ports (10002-19999 by default) and below the
+    kernel's ephemeral range, from which every bind to port 0 and every outgoing connection takes one. A port chosen
+    there (as binding port 0 would) can be taken by one of Ray's many servers or connections before the test's own
+    process binds it; seen: an external student's fixed ``rpc.port`` answered by a Ray server's gRPC."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if ephemeral_low <= 21000:
+        raise RuntimeError(f"the kernel's ephemeral ports start at {ephemeral_low}: no fixed range is left for the tests")
+    return range(20000, ephemeral_low)
+
+
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports on loopback that nothing listens on right now: held together while
-    they are chosen, since ports asked for one after another may come back the same."""
+    """``count`` distinct TCP ports on loopback that nothing is bound to right now, drawn at random from
+    :func:`_fixed_port_range` (tests side by side draw apart): held together while they are chosen."""
     with contextlib.ExitStack() as held:
-        probes = [held.enter_context(socket.socket()) for _ in range(count)]
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
+        chosen: list[int] = []
+        for port in random.sample(_fixed_port_range(), 200):
+            probe = held.enter_context(socket.socket())
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen.append(port)
+            if len(chosen) == count:
+                return chosen
+    raise RuntimeError(f"no {count} free ports among 200 drawn from {_fixed_port_range()}")
 
 
 def processes_mentioning(text: str) -> list[int]:
