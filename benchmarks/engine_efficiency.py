@@ -261,7 +261,35 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{cpu['machine_busy']:.0%} | {1000 * cpu['students_s']:.2f} | {1000 * cpu['coordinator_s']:.2f} | "
             f"{1000 * cpu['ray_s']:.2f} | {1000 * cpu['driver_s']:.2f} | {1000 * floor:.2f} | "
             f"{min(1.0, cell['sleep_ms'] / 1000 / floor):.2f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _work_the_floor_does_not_do(results)) + "\n"
+
+
+def _work_the_floor_does_not_do(results: dict[str, Any]) -> list[str]:
+    """Per cell, what an engine adds beyond S even if its exchange cost nothing (the student's own step and the
+    coordinator's computation, which the floor's processes do not do) against four times what the floor adds."""
+    lines = [
+        "",
+        "## The engine's addition against the work the floor does not do",
+        "",
+        "The engine's step beyond S holds the student's own work (its forward, loss, backward and optimizer step, and "
+        "the sleep's overshoot) and the coordinator's computation; the floor's processes do neither. An engine whose "
+        "exchange (transport, barrier, headers, replies) cost nothing would still add their sum, so where that sum "
+        "passes four times what the floor adds, no exchange could bring the cell within 4× of the floor. "
+        "Left for the exchange: 4 × floor adds − (own + computation); the exchange today: engine adds − (own + computation).",
+        "",
+        "| K | S ms | C | floor adds ms | 4 × floor adds ms | own + computation ms | left for the exchange ms | "
+        "the exchange today ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in results["cells"]:
+        engine, sleep = cell["engine"], cell["sleep_ms"] / 1000
+        floor_adds = cell["floor"]["step_s"] - sleep
+        fixed = engine["student_own_s"] + engine["coordinator_s"]
+        lines.append(
+            f"| {cell['students']} | {cell['sleep_ms']:g} | {cell['classes']} | {1000 * floor_adds:.2f} | "
+            f"{4000 * floor_adds:.2f} | {1000 * fixed:.2f} | {1000 * (4 * floor_adds - fixed):.2f} | "
+            f"{1000 * (engine['step_s'] - sleep - fixed):.2f} |")
+    return lines
 
 
 def render_plot(results: dict[str, Any], path: Path) -> None:
