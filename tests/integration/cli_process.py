@@ -77,10 +77,11 @@ def _fixed_port_range() -> range:
 
 def free_ports(count: int) -> list[int]:
     """``count`` distinct TCP ports on loopback that nothing is bound to right now, drawn at random from
-    :func:`_fixed_port_range` (tests side by side draw apart): held together while they are chosen."""
+    :func:`_fixed_port_range` by the system's randomness (tests side by side usually draw apart, whatever a test
+    seeds ``random`` with): held together while they are chosen."""
     with contextlib.ExitStack() as held:
         chosen: list[int] = []
-        for port in random.sample(_fixed_port_range(), 200):
+        for port in random.SystemRandom().sample(_fixed_port_range(), 200):
             probe = held.enter_context(socket.socket())
             try:
                 probe.bind(("127.0.0.1", port))
