@@ -9,6 +9,8 @@ real driver, actors, frame lane, barrier and coordinator on a simulated multi-no
 - step: each student's compute plus its round trip; efficiency = S / step;
 - its parts: the student's own work beyond S, the coordinator's computation, the wait for the slowest
   peer at the barrier, and the rest (serialisation, transport, thread hops, headers, reply);
+- own + computation: the median over the steps of each step's own work beyond S plus the coordinator's
+  computation, a lower bound of its step beyond S, set against four times what the floor adds (the issue's 4×);
 - where the CPU went meanwhile: every process's CPU time from /proc, per step, by whose work it does (the
   students' actors, the coordinator's, Ray's own processes, this driver), and how busy the machine was.
   Where the students' CPU alone fills the cores, no engine could reach the step a faster machine would.
@@ -282,7 +284,7 @@ def _own_and_computation_against_the_floor(results: dict[str, Any]) -> list[str]
         "step, and the sleep's overshoot, which the floor's senders pay too) and the coordinator's computation, "
         "inside its round trip. Own + computation: the median over the measured steps of their sum, a lower bound "
         "of the median step beyond S that an engine whose exchange (transport, barrier, headers, replies) cost "
-        "nothing would still take; at K ≥ 8 the student's own time includes waiting for a core. Left for the "
+        "nothing would still take; at K ≥ 8 both parts include waiting for a core. Left for the "
         "exchange: 4 × floor adds − (own + computation), negative where no exchange could bring the cell within "
         "4× of the floor. The exchange today: engine adds − (own + computation). From unrounded values.",
         "",
@@ -292,13 +294,18 @@ def _own_and_computation_against_the_floor(results: dict[str, Any]) -> list[str]
     ]
     for cell in results["cells"]:
         engine = cell["engine"]
-        floor_adds, own_and_computation = _beyond_sleep(cell["floor"], cell), engine["own_and_computation_s"]
+        floor_adds = _beyond_sleep(cell["floor"], cell)
+        own_and_computation = engine["own_and_computation_s"]
         lines.append(
-            f"| {cell['students']} | {cell['sleep_ms']:g} | {cell['classes']} | {1000 * floor_adds:.2f} | "
-            f"{1000 * 4 * floor_adds:.2f} | {1000 * own_and_computation:.2f} | "
-            f"{1000 * (4 * floor_adds - own_and_computation):.2f} | "
-            f"{1000 * (_beyond_sleep(engine, cell) - own_and_computation):.2f} |")
+            f"| {cell['students']} | {cell['sleep_ms']:g} | {cell['classes']} | {_ms(floor_adds)} | "
+            f"{_ms(4 * floor_adds)} | {_ms(own_and_computation)} | {_ms(4 * floor_adds - own_and_computation)} | "
+            f"{_ms(_beyond_sleep(engine, cell) - own_and_computation)} |")
     return lines
+
+
+def _ms(seconds: float) -> str:
+    """Seconds as milliseconds to two places, a difference that rounds to zero shown as 0.00, not -0.00."""
+    return f"{round(1000 * seconds, 2) + 0.0:.2f}"
 
 
 def render_plot(results: dict[str, Any], path: Path) -> None:
