@@ -79,9 +79,10 @@ def free_ports(count: int) -> list[int]:
     """``count`` distinct TCP ports on loopback that nothing is bound to right now, drawn at random from
     :func:`_fixed_port_range` by the system's randomness (tests side by side usually draw apart, whatever a test
     seeds ``random`` with): held together while they are chosen."""
+    candidates = _fixed_port_range()
     with contextlib.ExitStack() as held:
         chosen: list[int] = []
-        for port in random.SystemRandom().sample(_fixed_port_range(), 200):
+        for port in random.SystemRandom().sample(candidates, 200):
             probe = held.enter_context(socket.socket())
             try:
                 probe.bind(("127.0.0.1", port))
@@ -90,7 +91,7 @@ def free_ports(count: int) -> list[int]:
             chosen.append(port)
             if len(chosen) == count:
                 return chosen
-    raise RuntimeError(f"no {count} free ports among 200 drawn from {_fixed_port_range()}")
+    raise RuntimeError(f"no {count} free ports among 200 drawn from {candidates}")
 
 
 def processes_mentioning(text: str) -> list[int]:
